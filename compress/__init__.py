@@ -1,0 +1,1 @@
+"""Compression stage: the Table interface, its kinds, and the method registry."""

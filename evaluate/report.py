@@ -1,0 +1,65 @@
+"""Readable tables for results, and deltas against a baseline results file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def primary_accuracy(r: dict[str, Any]) -> dict[str, Any]:
+    acc = r["accuracy"]
+    return acc.get("onnxruntime") or acc.get("torch") or next(iter(acc.values()))
+
+
+def results_table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"{r['artifact']['path']} on {r['data']['path']}"
+                    + (" [SYNTHETIC data]" if r["data"]["synthetic"] else ""))
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for backend, a in r["accuracy"].items():
+        t.add_row(f"AUC ({backend}, test)", f"{a['auc']:.4f}")
+        t.add_row(f"logloss ({backend}, test)", f"{a['logloss']:.4f}")
+    b = r["bytes"]
+    t.add_row("embedding bytes", fmt_bytes(b["embeddings"]))
+    t.add_row("dense bytes", fmt_bytes(b["dense"]))
+    t.add_row("file bytes", fmt_bytes(b["file"]))
+    lat = r.get("latency")
+    if lat:
+        for backend, per in lat["backends"].items():
+            for bs, v in per.items():
+                t.add_row(f"{backend} batch {bs} p50 / p99 ({lat['threads']} threads)",
+                          f"{v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms")
+        for backend, per in lat["speedup_vs_torch"].items():
+            for bs, x in per.items():
+                t.add_row(f"{backend} speed-up vs torch, batch {bs}", f"{x:.2f}x")
+    return t
+
+
+def compare_table(new: dict[str, Any], base: dict[str, Any]) -> Table:
+    """Deltas new - base: accuracy as differences, bytes and latency as ratios."""
+    t = Table(title="compared with baseline")
+    for c in ("metric", "baseline", "new", "change"):
+        t.add_column(c, justify="right" if c != "metric" else "left")
+    a, b = primary_accuracy(new), primary_accuracy(base)
+    for k in ("auc", "logloss"):
+        t.add_row(k, f"{b[k]:.4f}", f"{a[k]:.4f}", f"{a[k] - b[k]:+.4f}")
+    for k in ("embeddings", "file"):
+        x, y = new["bytes"][k], base["bytes"][k]
+        t.add_row(f"{k} bytes", fmt_bytes(y), fmt_bytes(x), f"{x / y:.3f}x" if y else "-")
+    nl, bl = new.get("latency", {}).get("backends", {}), base.get("latency", {}).get("backends", {})
+    for backend in sorted(set(nl) & set(bl)):
+        for bs in sorted(set(nl[backend]) & set(bl[backend]), key=int):
+            x, y = nl[backend][bs]["p50_ms"], bl[backend][bs]["p50_ms"]
+            t.add_row(f"{backend} b={bs} p50", f"{y:.3f} ms", f"{x:.3f} ms", f"{x / y:.2f}x")
+    return t

@@ -1,0 +1,35 @@
+"""``manifest.json``: what an export folder holds, where it came from, and how well it matches torch."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from recompress.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("recompress", "torch", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx"):
+        try:
+            out[pkg] = metadata.version(pkg.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST if folder.is_dir() else None
+    if path is None or not path.is_file():
+        raise UserError(f"{folder} is not an export folder (no {MANIFEST})",
+                        "pass a folder written by 'recompress export'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg})", "re-run the export") from None

@@ -1,0 +1,70 @@
+"""ONNX target: dynamic batch and bag size, lookups as Gather + ReduceSum, no Loop/Sequence ops."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .graph import InferenceDLRM
+from .inputs import INPUT_NAMES, OUTPUT_NAME
+
+NAME = "onnx"
+FILE = "model.onnx"
+OPSET = 18
+FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
+                 "SplitToSequence", "ConcatFromSequence"}
+SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
+
+
+def build(ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
+    scorer = InferenceDLRM(ckpt.model).eval()
+    param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
+    batch, bag = torch.export.Dim("batch", min=1), torch.export.Dim("bag", min=1)
+    example = (inputs["dense"][:2], inputs["sparse"][:2])
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(scorer, example, str(folder / FILE), input_names=list(INPUT_NAMES),
+                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch}, {0: batch, 2: bag}),
+                          opset_version=opts.get("opset", OPSET), dynamo=True, verbose=False,
+                          external_data=param_bytes > SINGLE_FILE_LIMIT)
+    model = onnx.load(str(folder / FILE), load_external_data=False)
+    for node in model.graph.node:  # exporter debug metadata (stack traces): a third of a small file
+        del node.metadata_props[:]
+    onnx.save(model, str(folder / FILE))
+    graph = model.graph
+    ops = sorted({n.op_type for n in graph.node})
+    bad = FORBIDDEN_OPS.intersection(ops)
+    if bad:
+        raise RuntimeError(f"exported graph contains {sorted(bad)}, which TensorRT rejects")
+    return {"file": FILE, "opset": opts.get("opset", OPSET), "ops": ops,
+            "inputs": [{"name": i.name, "dtype": onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower(),
+                        "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
+                       for i in graph.input],
+            "outputs": [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
+                        for o in graph.output]}
+
+
+def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session with all graph optimizations and a fixed thread count."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def run(folder: Path, manifest: dict[str, Any], inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    sess = make_session(folder / manifest["file"])
+    return sess.run([OUTPUT_NAME], {k: v.numpy() for k, v in inputs.items()})[0]

@@ -1,0 +1,65 @@
+"""What every export target shares: atomic output folder, sample inputs, parity against torch, manifest."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from recompress.atomic import atomic_dir
+from recompress.checkpoint import Checkpoint
+from recompress.data.ctr import CTRDataset
+from recompress.errors import UserError
+from recompress.progress import say
+
+from . import onnx as onnx_target
+from .inputs import Scorer, sample_inputs
+from .manifest import MANIFEST, versions
+
+TARGETS: dict[str, ModuleType] = {onnx_target.NAME: onnx_target}
+
+
+def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+    diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
+    allowed = atol + rtol * np.abs(expected)
+    return {"samples": int(len(expected)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "atol": atol, "rtol": rtol, "passed": bool((diff <= allowed).all())}
+
+
+def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: CTRDataset | None = None,
+                      samples: int = 2048, atol: float = 1e-5, rtol: float = 1e-4, source_hash: str | None = None,
+                      overwrite: bool = False, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails."""
+    if target not in TARGETS:
+        raise UserError(f"unknown export target {target!r}", f"choose from {', '.join(TARGETS)}")
+    mod = TARGETS[target]
+    inputs = sample_inputs(ckpt.model, samples, data)
+    with torch.no_grad():
+        expected = Scorer(ckpt.model).eval()(**inputs).numpy()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        t0 = time.perf_counter()
+        say(f"exporting to {target} ...")
+        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, inputs, opts or {})}
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        got = mod.run(tmp, manifest, inputs)
+        manifest["parity"] = {**parity(expected, got, atol, rtol),
+                              "inputs": "test split" if data is not None else "random valid ids"}
+        if not manifest["parity"]["passed"]:
+            p = manifest["parity"]
+            raise UserError(f"{target} output differs from torch by up to {p['max_abs_diff']:.3g} "
+                            f"(allowed {atol} + {rtol}*|y|) on {p['samples']} samples; nothing was written",
+                            "loosen --atol/--rtol if this precision is acceptable")
+        manifest["source"] = {"path": str(ckpt.path) if ckpt.path else None, "sha256": source_hash,
+                              "format": ckpt.spec.provenance.get("source_format", "recompress")}
+        manifest["model_spec"] = json.loads(ckpt.spec.to_json())
+        manifest["table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        manifest["versions"] = versions()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    say(f"parity max |diff| {manifest['parity']['max_abs_diff']:.2e} on {manifest['parity']['samples']} samples -> {out}")
+    return manifest

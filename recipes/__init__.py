@@ -1,0 +1,1 @@
+"""Shipped recipes (TOML files), readable with importlib.resources."""

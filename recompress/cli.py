@@ -1,0 +1,272 @@
+"""The command line: a thin Click layer over the stages (each command = load, call one stage, write)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class Group(click.Group):
+    """Turns UserError into ``error: ...`` on one line and exit status 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"  hint: {e.hint}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial output was kept", err=True)
+            sys.exit(130)
+
+
+def ints(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{text!r} is not a comma-separated list of integers", "e.g. 1,64,512") from None
+
+
+def names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else ()
+
+
+def train_options(f: Any) -> Any:
+    """The shared training / fine-tune budget options."""
+    for opt in reversed([
+        click.option("--epochs", default=1, show_default=True, help="passes over the train split"),
+        click.option("--steps", type=int, default=None, help="cap on optimizer steps (overrides epochs)"),
+        click.option("--lr", default=1e-3, show_default=True, help="learning rate"),
+        click.option("--batch-size", default=256, show_default=True),
+        click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True),
+        click.option("--seed", default=0, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def train_config(kw: dict[str, Any]) -> Any:
+    from .training import TrainConfig
+    return TrainConfig(epochs=kw.pop("epochs"), steps=kw.pop("steps"), lr=kw.pop("lr"),
+                       batch_size=kw.pop("batch_size"), optimizer=kw.pop("optimizer"), seed=kw.pop("seed"))
+
+
+def echo_table(table: Any) -> None:
+    from rich.console import Console
+    Console(width=max(100, Console().width)).print(table)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    from .atomic import atomic_file
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="recompress")
+def main() -> None:
+    """Compress trained recommender checkpoints, export them, and measure accuracy x bytes x latency.
+
+    \b
+    Typical flow:
+      recompress data criteo train.txt -o data/criteo
+      recompress train --data data/criteo --dim 16 -o ckpt/base
+      recompress checkpoint ckpt/base --method mlet --dim 4 --data data/criteo -o ckpt/mlet4
+      recompress export ckpt/mlet4 --target onnx -o export/mlet4
+      recompress evaluate export/mlet4 --data data/criteo
+    """
+
+
+@main.group()
+def data() -> None:
+    """Prepare datasets (a folder of memory-mapped splits that every other command reads)."""
+
+
+@data.command("criteo")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="dataset folder to create")
+@click.option("--min-count", default=2, show_default=True, help="values seen fewer times in train map to the OOV row")
+@click.option("--max-rows", type=int, default=None, help="cap each table at this many rows (most frequent kept)")
+@click.option("--val", default=0.1, show_default=True, help="validation fraction")
+@click.option("--test", default=0.1, show_default=True, help="test fraction")
+@click.option("--seed", default=0, show_default=True, help="split seed")
+@click.option("--limit", type=int, default=None, help="read only the first N rows")
+@click.option("--overwrite", is_flag=True)
+def data_criteo(source: str, out: str, **kw: Any) -> None:
+    """Read a Criteo TSV (train.txt or .gz; label, I1-I13, C1-C26) in bounded memory."""
+    from .data.criteo import prepare_criteo
+    prepare_criteo(source, out, **kw)
+
+
+@data.command("synthetic")
+@click.option("-o", "--out", required=True, type=click.Path(), help="dataset folder to create")
+@click.option("--samples", default=200_000, show_default=True)
+@click.option("--tables", default="100000,20000,5000,1000,200,50", show_default=True, help="rows per table")
+@click.option("--zipf", default=1.05, show_default=True, help="popularity exponent")
+@click.option("--true-dim", default=8, show_default=True, help="width of the planted ground-truth vectors")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def data_synthetic(out: str, tables: str, **kw: Any) -> None:
+    """Generate a SYNTHETIC Criteo-like dataset with a planted ground-truth model."""
+    from .data.synthetic import make_synthetic
+    make_synthetic(out, table_rows=list(ints(tables)), **kw)
+
+
+@main.command()
+@click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset folder")
+@click.option("-o", "--out", required=True, type=click.Path(), help="checkpoint folder to create")
+@click.option("--dim", default=16, show_default=True, help="embedding width d")
+@click.option("--bottom", default="64", show_default=True, help="bottom MLP hidden sizes (d is appended)")
+@click.option("--top", default="64", show_default=True, help="top MLP hidden sizes (1 is appended)")
+@click.option("--mlet-hidden", type=int, default=None, help="train tables as MLET (rows x k)(k x d), k >= d")
+@click.option("--mlet-min-rows", default=0, show_default=True, help="only tables with at least this many rows")
+@click.option("--keep-two-layer", is_flag=True, help="save MLET tables uncollapsed")
+@train_options
+@click.option("--overwrite", is_flag=True)
+def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, **kw: Any) -> None:
+    """Train a DLRM from scratch and write a native checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .data import open_dataset
+    from .training import train_dlrm
+    cfg = train_config(kw)
+    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom), top=ints(top), **kw)
+    save_checkpoint(ckpt, out, overwrite=overwrite)
+    val = ckpt.spec.metrics["train"].get("val")
+    click.echo(f"wrote {out}" + (f"  (val AUC {val['auc']:.4f}, logloss {val['logloss']:.4f})" if val else ""))
+
+
+def method_options(f: Any) -> Any:
+    """One --option per method parameter, straight from the registry."""
+    from .compress.registry import all_params
+    for p in reversed(list(all_params().values())):
+        f = click.option(f"--{p.name.replace('_', '-')}", p.name, type=p.type, default=p.default, help=p.help)(f)
+    return f
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--method", "method", required=True, help="method or composition applied in order, e.g. mlet or mlet,lowrank")
+@method_options
+@click.option("--data", "data_path", type=click.Path(), default=None, help="prepared dataset (for fine-tuning)")
+@click.option("--tables", default=None, help="comma-separated table names (default: all)")
+@click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
+@train_options
+@click.option("-o", "--out", required=True, type=click.Path(), help="checkpoint folder to create")
+@click.option("--overwrite", is_flag=True)
+def checkpoint(source: str, method: str, data_path: str | None, tables: str | None, min_rows: int,
+               out: str, overwrite: bool, **kw: Any) -> None:
+    """Compress a trained checkpoint (any supported format) into a native checkpoint."""
+    from .adapters import load_any
+    from .checkpoint import save_checkpoint
+    from .compress.registry import Context, Selection, compress, parse_methods
+    from .data import open_dataset
+    methods = parse_methods(method)
+    cfg = train_config(kw)
+    ckpt = load_any(source)
+    before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
+    ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
+    if ctx.data is not None:
+        from .training import check_compatible
+        check_compatible(ckpt.model, ctx.data)
+    ckpt = compress(ckpt, methods, kw, ctx)
+    ckpt.spec.provenance.setdefault("compressed_from", str(source))
+    save_checkpoint(ckpt, out, overwrite=overwrite)
+    after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
+    click.echo(f"wrote {out}: embedding bytes {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--target", default="onnx", show_default=True, help="export target")
+@click.option("-o", "--out", required=True, type=click.Path(), help="export folder to create")
+@click.option("--data", "data_path", type=click.Path(), default=None, help="dataset whose test rows drive the parity check")
+@click.option("--samples", default=2048, show_default=True, help="parity samples")
+@click.option("--atol", default=1e-5, show_default=True, help="parity tolerance (absolute)")
+@click.option("--rtol", default=1e-4, show_default=True, help="parity tolerance (relative)")
+@click.option("--overwrite", is_flag=True)
+def export(source: str, target: str, out: str, data_path: str | None, **kw: Any) -> None:
+    """Export a checkpoint; fails (writing nothing) if the artifact disagrees with torch."""
+    from .adapters import load_any
+    from .checkpoint import checkpoint_hash
+    from .data import open_dataset
+    from .export import export_checkpoint
+    ckpt = load_any(source)
+    ckpt.path = Path(source).resolve()
+    m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
+                          source_hash=checkpoint_hash(Path(source)), **kw)
+    click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
+               f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset (its test split is used)")
+@click.option("--batch-sizes", default="1,64,512", show_default=True)
+@click.option("--threads", default=2, show_default=True, help="intra-op threads for every backend")
+@click.option("--repeats", default=200, show_default=True, help="timed calls per backend and batch size")
+@click.option("--no-latency", is_flag=True, help="accuracy and bytes only")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="write results JSON here")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None, help="baseline results JSON")
+def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
+             json_out: str | None, compare: str | None) -> None:
+    """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
+    from .data import open_dataset
+    from .evaluate import evaluate as run_eval
+    from .evaluate.report import compare_table, results_table
+    if threads < 1 or repeats < 1 or any(b < 1 for b in ints(batch_sizes)):
+        raise UserError("--threads, --repeats and batch sizes must be >= 1", "fix the option")
+    base = None
+    if compare:
+        try:
+            base = json.loads(Path(compare).read_text())
+            base["accuracy"], base["bytes"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{compare} is not a results file from 'recompress evaluate --json'",
+                            "pass a results JSON") from None
+    r = run_eval(source, open_dataset(data_path), batch_sizes=list(ints(batch_sizes)), threads=threads,
+                 repeats=repeats, latency=not no_latency)
+    echo_table(results_table(r))
+    if base is not None:
+        echo_table(compare_table(r, base))
+    if json_out:
+        write_json(r, json_out)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect(source: str, as_json: bool) -> None:
+    """Show what a checkpoint or export folder holds: format, architecture, tables and bytes."""
+    from .inspect import describe
+    info = describe(source)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    from .evaluate.report import fmt_bytes
+    click.echo(f"{source}: {info['format']}  family={info['family']}  emb_dim={info['hparams'].get('emb_dim')}")
+    for t in info["tables"]:
+        click.echo(f"  {t['name']:<12} {t['kind']:<11} {t['rows']:>10,} x {t['dim']:<4} {fmt_bytes(t['bytes']):>12}")
+    click.echo(f"  embeddings {fmt_bytes(info['embedding_bytes'])}; history: "
+               f"{', '.join(h['method'] for h in info['history']) or 'none'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), default=None, help="run folder (default: runs/<recipe name>)")
+@click.option("--overwrite", is_flag=True)
+def run(recipe: str, out: str | None, overwrite: bool) -> None:
+    """Run a recipe end to end: data, train, compress, export, evaluate, report."""
+    from .recipe import load_recipe, run_recipe
+    r = load_recipe(recipe)
+    run_recipe(r, Path(out or f"runs/{r['name']}"), overwrite=overwrite)

@@ -1,0 +1,160 @@
+"""Criteo Kaggle/Terabyte TSV reader -> prepared dataset, streaming in bounded memory.
+
+Each line: label, I1..I13 (integers, may be empty), C1..C26 (8-hex-digit hashes, may be empty).
+Dense features become log(1 + max(x, 0)); categorical vocabularies are built from the train split
+only, keeping values seen at least ``min_count`` times (most frequent first); everything else maps
+to row 0, the one out-of-vocabulary row per table. The split is a hash of the row index, so it is
+deterministic and needs no second look at the data. Memory grows with the vocabulary, never with
+the number of rows: the file is read twice, chunk by chunk (count, then encode).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from recompress.atomic import atomic_dir
+from recompress.errors import UserError
+from recompress.progress import progress, say
+
+from .ctr import SPLITS, DatasetWriter, split_of
+
+NUM_DENSE, NUM_CAT = 13, 26
+NUM_FIELDS = 1 + NUM_DENSE + NUM_CAT
+CHUNK_ROWS = 200_000
+MISSING = -1
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedReader | gzip.GzipFile]:
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
+        return raw, gzip.GzipFile(fileobj=raw)
+    raw.seek(0)
+    return raw, raw
+
+
+def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lines -> (label uint8 [n], dense float32 [n, 13], categorical int64 [n, 26] with -1 = missing)."""
+    rows = []
+    for i, line in enumerate(lines):
+        f = line.rstrip(b"\r\n").split(b"\t")
+        if len(f) != NUM_FIELDS:
+            raise UserError(f"{where} line {first_line + i}: {len(f)} tab-separated fields, expected {NUM_FIELDS} "
+                            "(label, I1-I13, C1-C26)", "is this a Criteo train file? Criteo's test.txt has no labels")
+        rows.append(f)
+    arr = np.array(rows, dtype=np.bytes_)
+    try:
+        label = arr[:, 0].astype(np.int64)
+        dense = np.where(arr[:, 1:1 + NUM_DENSE] == b"", b"0", arr[:, 1:1 + NUM_DENSE]).astype(np.int64)
+    except ValueError as e:
+        raise UserError(f"{where} lines {first_line}-{first_line + len(lines) - 1}: a label or I-column is not an "
+                        f"integer ({e})", "Criteo I1-I13 must be integers or empty") from None
+    if ((label != 0) & (label != 1)).any():
+        bad = first_line + int(np.argmax((label != 0) & (label != 1)))
+        raise UserError(f"{where} line {bad}: label is not 0 or 1", "the first column must be the click label")
+    cats = arr[:, 1 + NUM_DENSE:]
+    lengths = np.char.str_len(cats)
+    if ((lengths != 0) & (lengths != 8)).any():
+        r, c = np.argwhere((lengths != 0) & (lengths != 8))[0]
+        raise UserError(f"{where} line {first_line + r}: C{c + 1} value {cats[r, c].decode(errors='replace')!r} is not "
+                        "an 8-hex-digit hash", "Criteo C1-C26 are 8 hex digits or empty")
+    digits = _HEX[np.frombuffer(cats.astype("S8").tobytes(), np.uint8).reshape(len(lines), NUM_CAT, 8)]
+    present = lengths == 8
+    if (digits[present] == 255).any():
+        r, c = np.argwhere(present & (digits == 255).any(-1))[0]
+        raise UserError(f"{where} line {first_line + r}: C{c + 1} value {cats[r, c].decode(errors='replace')!r} is not "
+                        "hexadecimal", "Criteo C1-C26 are 8 hex digits or empty")
+    values = (digits.astype(np.int64) << (4 * np.arange(7, -1, -1))).sum(-1)
+    values[~present] = MISSING
+    return label.astype(np.uint8), np.log1p(np.maximum(dense, 0)).astype(np.float32), values
+
+
+def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row index, label, dense, categorical) per chunk, with a progress bar over the file's bytes."""
+    raw, fh = _open(path)
+    total = path.stat().st_size
+    row = 0
+    with raw, progress(desc, total) as advance:
+        seen = 0
+        while limit is None or row < limit:
+            want = CHUNK_ROWS if limit is None else min(CHUNK_ROWS, limit - row)
+            lines = [ln for ln in (fh.readline() for _ in range(want)) if ln]
+            if not lines:
+                break
+            label, dense, cats = parse_chunk(lines, row + 1, str(path))
+            yield row, label, dense, cats
+            row += len(lines)
+            advance(raw.tell() - seen)
+            seen = raw.tell()
+    if row == 0:
+        raise UserError(f"{path} has no data rows", "pass a Criteo TSV file")
+
+
+def _merge_counts(keys: np.ndarray, counts: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u, c = np.unique(new, return_counts=True)
+    allk, inv = np.unique(np.concatenate([keys, u]), return_inverse=True)
+    return allk, np.bincount(inv, weights=np.concatenate([counts, c]), minlength=len(allk)).astype(np.int64)
+
+
+def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max_rows: int | None = None,
+                   val: float = 0.1, test: float = 0.1, seed: int = 0, limit: int | None = None,
+                   overwrite: bool = False) -> Path:
+    """Read a Criteo TSV (plain or gzip) into a prepared dataset folder ``out``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file", "pass the Criteo train.txt (or .gz)")
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise UserError(f"split fractions val={val}, test={test} are impossible", "each in [0, 1), sum below 1")
+    if min_count < 1 or (max_rows is not None and max_rows < 2):
+        raise UserError("min_count must be >= 1 and max_rows >= 2", "fix the option")
+    keys = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
+    counts = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
+    sizes = dict.fromkeys(SPLITS, 0)
+    for row, _, _, cats in iter_chunks(path, "criteo: counting", limit):
+        split = split_of(np.arange(row, row + len(cats)), seed, val, test)
+        for s, name in enumerate(SPLITS):
+            sizes[name] += int((split == s).sum())
+        train = cats[split == 0]
+        for j in range(NUM_CAT):
+            keys[j], counts[j] = _merge_counts(keys[j], counts[j], train[:, j])
+    lookup = []
+    for j in range(NUM_CAT):
+        keep = counts[j] >= min_count
+        k, c = keys[j][keep], counts[j][keep]
+        order = np.lexsort((k, -c))[: (max_rows - 1) if max_rows else None]
+        vocab = k[order]  # row r + 1 holds vocab[r]
+        srt = np.argsort(vocab)
+        lookup.append((vocab[srt], (srt + 1).astype(np.int32), vocab))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = DatasetWriter(tmp, sizes, NUM_DENSE, NUM_CAT)
+        for row, label, dense, cats in iter_chunks(path, "criteo: encoding", limit):
+            split = split_of(np.arange(row, row + len(cats)), seed, val, test)
+            ids = np.zeros(cats.shape, np.int32)
+            for j, (sk, sidx, _) in enumerate(lookup):
+                if len(sk):
+                    pos = np.minimum(np.searchsorted(sk, cats[:, j]), len(sk) - 1)
+                    ids[:, j] = np.where(sk[pos] == cats[:, j], sidx[pos], 0)
+            for s, name in enumerate(SPLITS):
+                m = split == s
+                if m.any():
+                    writer.append(name, dense[m], ids[m], label[m])
+        np.savez(tmp / "vocab.npz", **{f"C{j + 1}": lk[2] for j, lk in enumerate(lookup)})
+        st = path.stat()
+        writer.finish({"source": "criteo_tsv", "source_path": str(path.resolve()), "source_size": st.st_size,
+                       "source_mtime": int(st.st_mtime), "synthetic": False, "num_dense": NUM_DENSE,
+                       "dense_transform": "log1p(max(x, 0))", "min_count": min_count, "max_rows": max_rows,
+                       "split": {"method": "hash of row index", "seed": seed, "val": val, "test": test},
+                       "row_limit": limit, "oov_row": 0,
+                       "tables": [{"name": f"C{j + 1}", "rows": len(lk[2]) + 1} for j, lk in enumerate(lookup)]})
+    say(f"prepared {sum(sizes.values())} rows ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test) "
+        f"-> {out}")
+    return Path(out)

@@ -1,0 +1,132 @@
+"""A prepared CTR dataset: a folder of memory-mapped arrays per split plus ``meta.json``.
+
+Layout: ``meta.json`` (tables with row counts, dense count, split sizes, source, fingerprint) and,
+per split ``train|val|test``: ``{split}.dense.npy`` float32 [N, num_dense],
+``{split}.sparse.npy`` int32 [N, T] (row ids, 0 = out-of-vocabulary) and ``{split}.label.npy`` uint8 [N].
+Readers and generators write this folder; training and evaluation only read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recompress.errors import UserError
+
+SPLITS = ("train", "val", "test")
+META = "meta.json"
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor   # [B, num_dense] float32
+    sparse: torch.Tensor  # [B, T, 1] int64
+    label: torch.Tensor   # [B] float32
+
+
+class CTRDataset:
+    """Read-only view of a prepared dataset folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta: dict[str, Any] = json.loads((path / META).read_text())
+        self.table_names: list[str] = [t["name"] for t in self.meta["tables"]]
+        self.table_rows: list[int] = [int(t["rows"]) for t in self.meta["tables"]]
+        self.num_dense: int = int(self.meta["num_dense"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def size(self, split: str) -> int:
+        return int(self.meta["splits"].get(split, 0))
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.size(split) == 0:
+            raise UserError(f"dataset {self.path} has no rows in its {split!r} split",
+                            "prepare it with a non-zero split fraction")
+        load = lambda kind: np.load(self.path / f"{split}.{kind}.npy", mmap_mode="r")  # noqa: E731
+        return load("dense"), load("sparse"), load("label")
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                limit: int | None = None) -> Iterator[Batch]:
+        """Batches in file order, or shuffled with ``seed``; ``limit`` caps the rows read."""
+        dense, sparse, label = self.arrays(split)
+        n = min(len(label), limit) if limit else len(label)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else None
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size] if order is not None else slice(start, min(start + batch_size, n))
+            if order is not None:
+                idx = np.sort(idx)  # monotone gathers are much faster on memory maps
+            yield Batch(torch.from_numpy(np.array(dense[idx], dtype=np.float32)),
+                        torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
+                        torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))
+
+    def sample(self, split: str, n: int, seed: int = 0) -> Batch:
+        """``n`` rows drawn without replacement (or all rows), in sorted order."""
+        dense, sparse, label = self.arrays(split)
+        idx = np.sort(np.random.default_rng(seed).choice(len(label), size=min(n, len(label)), replace=False))
+        return Batch(torch.from_numpy(np.asarray(dense[idx], dtype=np.float32)),
+                     torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
+                     torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))
+
+
+class DatasetWriter:
+    """Writes a prepared dataset into ``root`` (a temporary folder the caller renames)."""
+
+    def __init__(self, root: Path, sizes: dict[str, int], num_dense: int, num_tables: int) -> None:
+        self.root, self.sizes = root, sizes
+        self.pos = dict.fromkeys(sizes, 0)
+        self.maps = {}
+        for split, n in sizes.items():
+            if n == 0:
+                continue
+            mk = lambda kind, dtype, shape: np.lib.format.open_memmap(  # noqa: E731
+                root / f"{split}.{kind}.npy", mode="w+", dtype=dtype, shape=shape)
+            self.maps[split] = (mk("dense", np.float32, (n, num_dense)), mk("sparse", np.int32, (n, num_tables)),
+                                mk("label", np.uint8, (n,)))
+
+    def append(self, split: str, dense: np.ndarray, sparse: np.ndarray, label: np.ndarray) -> None:
+        a, n = self.pos[split], len(label)
+        d, s, lab = self.maps[split]
+        d[a:a + n], s[a:a + n], lab[a:a + n] = dense, sparse, label
+        self.pos[split] = a + n
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        for split, n in self.sizes.items():
+            if self.pos[split] != n:
+                raise RuntimeError(f"{split}: wrote {self.pos[split]} rows, expected {n}")
+        for arrays in self.maps.values():
+            for a in arrays:
+                a.flush()
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        meta = {**meta, "splits": self.sizes, "fingerprint": h.hexdigest()[:16]}
+        (self.root / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def split_of(row_index: np.ndarray, seed: int, val: float, test: float) -> np.ndarray:
+    """Deterministic split (0 train, 1 val, 2 test) from a hash of each row's index: streamable."""
+    x = row_index.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    u = (x ^ (x >> np.uint64(31))).astype(np.float64) / 2.0**64
+    return np.where(u < test, 2, np.where(u < test + val, 1, 0)).astype(np.int8)
+
+
+def open_dataset(path: str | Path) -> CTRDataset:
+    """Open a prepared dataset folder (see ``recompress data --help`` to make one)."""
+    path = Path(path)
+    if path.is_dir() and (path / META).is_file():
+        return CTRDataset(path)
+    if path.is_file():
+        raise UserError(f"{path} is a raw file, not a prepared dataset",
+                        f"prepare it first: recompress data criteo {path} -o DATASET_DIR")
+    raise UserError(f"{path} is not a prepared dataset (no {META})",
+                    "make one with 'recompress data criteo' or 'recompress data synthetic'")

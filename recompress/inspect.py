@@ -1,0 +1,27 @@
+"""``inspect``: a description of any checkpoint or export folder, without running it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .adapters import detect_format, load_any
+from .export.manifest import MANIFEST, read_manifest
+
+
+def describe(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if (path / MANIFEST).is_file():
+        m = read_manifest(path)
+        spec = m["model_spec"]
+        tables = [{**t, "bytes": m["table_bytes"].get(t["name"])} for t in spec["tables"]]
+        return {"format": f"{m['target']} export", "family": spec["family"], "hparams": spec["hparams"],
+                "tables": tables, "embedding_bytes": sum(m["table_bytes"].values()), "history": spec["history"],
+                "files": m["files"], "parity": m["parity"], "source": m["source"]}
+    fmt = detect_format(path)
+    ckpt = load_any(path)
+    tables = [{"name": n, "kind": t.kind, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes()}
+              for n, t in ckpt.model.tables.items()]
+    return {"format": fmt, "family": ckpt.spec.family, "hparams": ckpt.spec.hparams, "tables": tables,
+            "embedding_bytes": sum(t["bytes"] for t in tables), "history": ckpt.spec.history,
+            "metrics": ckpt.spec.metrics, "provenance": ckpt.spec.provenance}

@@ -1,0 +1,171 @@
+"""The one training loop: training from scratch and every compression fine-tune go through ``fit``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.ctr import CTRDataset
+from .errors import UserError
+from .metrics import accuracy_metrics
+from .progress import progress
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Budget and optimizer. ``steps`` (if set) caps the number of batches across all epochs."""
+
+    epochs: int = 1
+    steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 256
+    optimizer: str = "adam"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or (self.steps is not None and self.steps < 0):
+            raise UserError("epochs and batch size must be >= 1, lr > 0, steps >= 0", "fix the training options")
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """dlrm's initialization: tables by their own rule; Linear N(0, sqrt(2/(in+out))), bias N(0, sqrt(1/out))."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.tables.values():
+            t.reset_parameters(gen)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                out_f, in_f = m.weight.shape
+                m.weight.normal_(0.0, (2.0 / (in_f + out_f)) ** 0.5, generator=gen)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, (1.0 / out_f) ** 0.5, generator=gen)
+
+
+def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    sparse = [p for t in model.tables.values() for p in t.sparse_parameters()]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    if cfg.optimizer == "adam":
+        return [torch.optim.Adam(dense, lr=cfg.lr), torch.optim.SparseAdam(sparse, lr=cfg.lr)]
+    if cfg.optimizer == "adagrad":
+        return [torch.optim.Adagrad(dense + sparse, lr=cfg.lr)]
+    return [torch.optim.SGD(dense + sparse, lr=cfg.lr)]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: CTRDataset, split: str, batch_size: int = 4096,
+            limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, click probabilities) for a split, in file order."""
+    model.eval()
+    labels, probs = [], []
+    for b in data.batches(split, batch_size, limit=limit):
+        labels.append(b.label.numpy())
+        probs.append(torch.sigmoid(model(b.dense, b.sparse)).numpy())
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def check_compatible(model: nn.Module, data: CTRDataset) -> None:
+    """The dataset's features must fit the model's tables (positional), or ids would run out of range."""
+    tables = list(model.tables.values())
+    if len(tables) != len(data.table_rows) or model.hparams["num_dense"] != data.num_dense:
+        raise UserError(f"the dataset has {data.num_dense} dense and {len(data.table_rows)} sparse features, the "
+                        f"model expects {model.hparams['num_dense']} and {len(tables)}",
+                        "use the dataset the model was trained on")
+    for name, t, rows in zip(model.tables, tables, data.table_rows):
+        if rows > t.rows:
+            raise UserError(f"dataset ids for table {name} go up to {rows - 1} but the table has {t.rows} rows "
+                            "(ids out of range)", "use the dataset (vocabulary) the model was trained on")
+
+
+def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "training") -> dict[str, Any]:
+    """Train ``model`` in place on the train split; returns losses and validation metrics."""
+    cfg.validate()
+    check_compatible(model, data)
+    torch.manual_seed(cfg.seed)
+    opts = _optimizers(model, cfg)
+    loss_fn = nn.BCEWithLogitsLoss()
+    per_epoch = -(-data.size("train") // cfg.batch_size)
+    total = min(cfg.steps, per_epoch * cfg.epochs) if cfg.steps is not None else per_epoch * cfg.epochs
+    step, t0, recent = 0, time.perf_counter(), []
+    with progress(desc, total) as advance:
+        for epoch in range(cfg.epochs):
+            if step >= total:
+                break
+            model.train()
+            for b in data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
+                if step >= total:
+                    break
+                loss = loss_fn(model(b.dense, b.sparse), b.label)
+                if not torch.isfinite(loss):
+                    raise UserError(f"training diverged at step {step} (loss {loss.item()})", "lower the learning rate")
+                for o in opts:
+                    o.zero_grad()
+                loss.backward()
+                for o in opts:
+                    o.step()
+                recent.append(loss.item())
+                step += 1
+                advance(1)
+    seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {"config": asdict(cfg), "steps": step, "seconds": round(seconds, 3),
+                           "train_loss_last100": float(np.mean(recent[-100:])) if recent else None}
+    if data.size("val"):
+        labels, probs = predict(model, data, "val")
+        out["val"] = accuracy_metrics(labels, probs)
+    model.eval()
+    return out
+
+
+def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tuple[int, ...] = (64,),
+               top: tuple[int, ...] = (64,), mlet_hidden: int | None = None, mlet_min_rows: int = 0,
+               keep_two_layer: bool = False) -> Any:
+    """A new DLRM for ``data``'s features, trained from scratch.
+
+    With ``mlet_hidden`` k, tables with at least ``mlet_min_rows`` rows train in MLET's two-layer form
+    (rows x k)(k x dim) and are collapsed to rows x dim afterwards (unless ``keep_two_layer``).
+    """
+    from .checkpoint import Checkpoint, refresh_tables
+    from .compress.tables import DenseTable, FactorizedTable
+    from .models.dlrm import DLRM, default_hparams
+    from .spec import ModelSpec
+
+    if dim < 1 or any(s < 1 for s in (*bottom, *top)):
+        raise UserError("--dim and every layer size must be >= 1", "fix the architecture options")
+    if mlet_hidden is not None and mlet_hidden < dim:
+        raise UserError(f"--mlet-hidden {mlet_hidden} is smaller than --dim {dim}",
+                        "MLET's hidden layer must be at least as wide as the embedding (k >= d)")
+    tables = {}
+    for name, rows in zip(data.table_names, data.table_rows):
+        two_layer = mlet_hidden is not None and rows >= mlet_min_rows
+        tables[name] = FactorizedTable(rows, dim, mlet_hidden) if two_layer else DenseTable(rows, dim)
+    model = DLRM(default_hparams(data.num_dense, dim, [*bottom, dim], [*top, 1]), tables)
+    init_weights(model, cfg.seed)
+    result = fit(model, data, cfg)
+    history = []
+    if mlet_hidden is not None:
+        history.append({"method": "mlet", "params": {"hidden": mlet_hidden, "min_rows": mlet_min_rows},
+                        "from_scratch": True})
+        if not keep_two_layer:
+            for name, t in model.tables.items():
+                if isinstance(t, FactorizedTable):
+                    model.tables[name] = t.collapse()
+            history[-1]["collapsed"] = True
+    spec = ModelSpec(family="dlrm", hparams=model.hparams, tables=[],
+                     vocab={"dataset": str(data.path), "fingerprint": data.fingerprint,
+                            "tables": [{"name": n, "rows": r} for n, r in zip(data.table_names, data.table_rows)],
+                            "min_count": data.meta.get("min_count"), "synthetic": bool(data.meta.get("synthetic"))},
+                     metrics={"train": result},
+                     provenance={"source_format": "recompress", "trained_by": "recompress train",
+                                 "hparam_source": {k: "user" for k in model.hparams}},
+                     history=history)
+    refresh_tables(model, spec)
+    return Checkpoint(model, spec)
