@@ -114,8 +114,8 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     hidden = D if hidden is None else hidden
     entry["params"]["hidden"] = hidden
     if not 1 <= d < D:
-        raise UserError(f"--dim {d} must be between 1 and the current width {D} - 1",
-                        f"post-training MLET only reduces the width; pick --dim below {D}")
+        raise UserError(f"--dim {d} is not below the current embedding width {D}",
+                        f"post-training MLET only reduces the width; pick --dim from 1 to {D - 1}")
     if hidden < d:
         raise UserError(f"--hidden {hidden} is smaller than --dim {d}",
                         "MLET's hidden layer must be at least as wide as the output (k >= d)")

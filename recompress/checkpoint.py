@@ -44,7 +44,7 @@ def save_checkpoint(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) 
     refresh_tables(ckpt.model, ckpt.spec)
     tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.model.state_dict().items()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "recompress", "family": ckpt.spec.family})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "recompress"})  # one key: multi-key order is random
         (tmp / SPEC_FILE).write_text(ckpt.spec.to_json() + "\n")
     return Path(out)
 

@@ -113,10 +113,11 @@ class DatasetWriter:
 
 def split_of(row_index: np.ndarray, seed: int, val: float, test: float) -> np.ndarray:
     """Deterministic split (0 train, 1 val, 2 test) from a hash of each row's index: streamable."""
-    x = row_index.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    u = (x ^ (x >> np.uint64(31))).astype(np.float64) / 2.0**64
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
+        x = row_index.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        u = (x ^ (x >> np.uint64(31))).astype(np.float64) / 2.0**64
     return np.where(u < test, 2, np.where(u < test + val, 1, 0)).astype(np.int8)
 
 

@@ -1,0 +1,125 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recompress.adapters import load_any
+from recompress.checkpoint import load_checkpoint, save_checkpoint
+from recompress.errors import UserError
+
+from .conftest import shared_path
+
+
+def reference_dlrm(sd, dense, ids, pad=0, itself=False):
+    """facebookresearch/dlrm's forward written out from the state_dict (one-hot bags)."""
+    x = dense
+    i = 0
+    while f"bot_l.{i}.weight" in sd:
+        x = torch.relu(x @ sd[f"bot_l.{i}.weight"].T + sd[f"bot_l.{i}.bias"])
+        i += 2
+    embs = [sd[f"emb_l.{t}.weight"][ids[:, t]] for t in range(ids.shape[1])]
+    t = torch.stack([x, *embs], 1)
+    z = t @ t.transpose(1, 2)
+    f = t.shape[1]
+    pairs = [z[:, a, b] for a in range(f) for b in range(a + (1 if itself else 0))]
+    h = torch.cat([x, torch.stack(pairs, 1), torch.zeros(len(x), pad)], 1)
+    j = 0
+    keys = sorted({int(k.split(".")[1]) for k in sd if k.startswith("top_l.")})
+    for n, j in enumerate(keys):
+        h = h @ sd[f"top_l.{j}.weight"].T + sd[f"top_l.{j}.bias"]
+        if n < len(keys) - 1:
+            h = torch.relu(h)
+    return h.squeeze(-1)
+
+
+def dlrm_state(rows=(30, 7, 12), m=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = len(rows) + 1
+    sd = {f"emb_l.{i}.weight": torch.randn(r, m, generator=g) for i, r in enumerate(rows)}
+    for k, (o, i) in {"bot_l.0": (8, 13), "bot_l.2": (m, 8), "top_l.0": (8, m + f * (f - 1) // 2),
+                      "top_l.2": (1, 8)}.items():
+        sd[f"{k}.weight"], sd[f"{k}.bias"] = torch.randn(o, i, generator=g) * 0.3, torch.randn(o, generator=g) * 0.1
+    return sd
+
+
+def test_dlrm_adapter_matches_reference_forward(tmp_path):
+    sd = dlrm_state()
+    path = tmp_path / "dlrm.pt"
+    torch.save({"state_dict": sd, "nepochs": 1, "test_acc": 0.7}, path)
+    ck = load_any(path)
+    dense, ids = torch.rand(9, 13), torch.stack([torch.randint(0, r, (9,)) for r in (30, 7, 12)], 1)
+    assert torch.allclose(ck.model(dense, ids.unsqueeze(-1)), reference_dlrm(sd, dense, ids), atol=1e-5)
+    assert ck.spec.provenance["source_format"] == "dlrm"
+
+
+@pytest.mark.shared_data
+def test_dlrm_fixture_and_nvidia_fixture():
+    path = shared_path("fixtures/checkpoints/dlrm_sample.pt")
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    ck = load_any(path)
+    assert [t.rows for t in ck.model.tables.values()] == [1000, 50, 300]
+    dense, ids = torch.rand(5, 13), torch.stack([torch.randint(0, r, (5,)) for r in (1000, 50, 300)], 1)
+    assert torch.allclose(ck.model(dense, ids.unsqueeze(-1)), reference_dlrm(sd, dense, ids), atol=1e-4)
+    nv = load_any(shared_path("fixtures/checkpoints/nvidia_dlrm"))
+    assert nv.spec.hparams["interaction_pad"] == 2  # cuda_dot pads 22 -> 24
+    assert nv.model.top[0].weight.shape == (64, 24)
+
+
+def test_refuses_arbitrary_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"emb_l.0.weight": torch.zeros(2, 2)}, "obj": Evil()}, path)
+    with pytest.raises(UserError, match="safe loader refuses"):
+        load_any(path)
+
+
+def test_native_round_trip_exact(tiny_ckpt, tmp_path):
+    a = load_checkpoint(tiny_ckpt)
+    save_checkpoint(a, tmp_path / "copy")
+    b = load_checkpoint(tmp_path / "copy")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.spec.to_json() == b.spec.to_json()
+    assert (tmp_path / "copy" / "weights.safetensors").read_bytes() == (tiny_ckpt / "weights.safetensors").read_bytes()
+
+
+def copy_ckpt(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_truncated_weights(tiny_ckpt, tmp_path):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    w = c / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(c)
+
+
+def test_spec_disagrees_with_weights(tiny_ckpt, tmp_path):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    spec = (c / "spec.json").read_text().replace('"rows": 800', '"rows": 801')
+    (c / "spec.json").write_text(spec)
+    with pytest.raises(UserError, match=r"has shape \[800, 8\] but spec.json implies \[801, 8\]"):
+        load_checkpoint(c)
+
+
+def test_nan_weights(tiny_ckpt, tmp_path):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    sd = load_file(c / "weights.safetensors")
+    sd["tables.C2.weight"][3, 1] = float("nan")
+    save_file(sd, c / "weights.safetensors")
+    with pytest.raises(UserError, match="'tables.C2.weight' has 1 NaN/Inf"):
+        load_checkpoint(c)
+
+
+def test_unknown_format(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(UserError, match="not a checkpoint format recompress knows"):
+        load_any(p)

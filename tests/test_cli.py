@@ -1,0 +1,176 @@
+"""The CLI as a user sees it: the flow end to end, and bad input -> one line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from recompress import __version__
+from recompress.cli import main
+from recompress.data.synthetic import make_synthetic
+
+from .conftest import tree_hash
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(res, fragment):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error: ") and fragment in lines[0], res.stderr
+    assert "Traceback" not in res.output and len(lines) <= 2
+
+
+def test_version_and_help():
+    assert cli("--version").output.strip().endswith(__version__)
+    res = cli("--help")
+    for cmd in ("checkpoint", "export", "evaluate", "inspect", "run", "train", "data"):
+        assert cmd in res.output
+
+
+def test_flow_train_mlet_export_evaluate(tiny_data, tmp_path):
+    d = tiny_data.path
+    assert cli("train", "--data", d, "--dim", 8, "--bottom", 16, "--top", 16, "--epochs", 2, "--lr", 3e-3,
+               "--batch-size", 128, "-o", tmp_path / "base").exit_code == 0
+    res = cli("checkpoint", tmp_path / "base", "--method", "mlet", "--dim", 2, "--data", d, "--steps", 30,
+              "-o", tmp_path / "m2")
+    assert res.exit_code == 0 and "4.00x smaller" in res.output
+    assert cli("export", tmp_path / "m2", "--target", "onnx", "--data", d, "-o", tmp_path / "e").exit_code == 0
+    res = cli("evaluate", tmp_path / "e", "--data", d, "--batch-sizes", "1,8", "--repeats", 5, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0 and "AUC (onnxruntime, test)" in res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["model"]["emb_dim"] == 2 and r["model"]["methods"] == ["mlet"]
+    res = cli("evaluate", tmp_path / "base", "--data", d, "--no-latency", "--compare", tmp_path / "r.json")
+    assert res.exit_code == 0 and "compared with baseline" in res.output and "4.000x" in res.output
+    info = json.loads(cli("inspect", tmp_path / "e", "--json").output)
+    assert info["format"] == "onnx export" and info["embedding_bytes"] == sum(tiny_data.table_rows) * 2 * 4
+
+
+@pytest.fixture()
+def workdir(tiny_ckpt, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in tiny_ckpt.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    return ck
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"\x00garbage" * 100)
+    assert_user_error(cli("checkpoint", p, "--method", "lowrank", "--rank", 2, "-o", tmp_path / "o"),
+                      "not a checkpoint format recompress knows")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_safetensors_input_untouched(workdir, tmp_path):
+    w = workdir / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    before = tree_hash(workdir)
+    assert_user_error(cli("export", workdir, "-o", tmp_path / "o"), "not a readable safetensors file")
+    assert tree_hash(workdir) == before and not (tmp_path / "o").exists()
+
+
+def test_spec_mismatch(workdir, tmp_path):
+    s = workdir / "spec.json"
+    s.write_text(s.read_text().replace('"emb_dim": 8', '"emb_dim": 6'))
+    assert_user_error(cli("inspect", workdir), "spec")
+
+
+def test_nan_weights_cli(workdir, tmp_path):
+    sd = load_file(workdir / "weights.safetensors")
+    sd["top.0.weight"][0, 0] = float("inf")
+    save_file(sd, workdir / "weights.safetensors")
+    assert_user_error(cli("export", workdir, "-o", tmp_path / "o"), "NaN/Inf")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--dim", 8], "is not below the current embedding width 8"),
+    (["--dim", 4, "--hidden", 2], "--hidden 2 is smaller than --dim 4"),
+])
+def test_impossible_dims(workdir, tiny_data, tmp_path, args, fragment):
+    before = tree_hash(workdir)
+    res = cli("checkpoint", workdir, "--method", "mlet", *args, "--data", tiny_data.path, "-o", tmp_path / "o")
+    assert_user_error(res, fragment)
+    assert tree_hash(workdir) == before and not (tmp_path / "o").exists()
+
+
+def test_wrong_columns_data_file(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("0\t1\t2\n")
+    assert_user_error(cli("data", "criteo", src, "-o", tmp_path / "d"), "line 1: 3 tab-separated fields")
+    assert not (tmp_path / "d").exists()
+
+
+def test_ids_out_of_range(workdir, tmp_path):
+    bigger = make_synthetic(tmp_path / "big", samples=300, table_rows=[5000, 200, 40, 7], seed=1)
+    assert_user_error(cli("evaluate", workdir, "--data", bigger, "--no-latency"), "ids out of range")
+
+
+def test_existing_output_not_overwritten(workdir, tiny_data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_user_error(cli("export", workdir, "-o", out), "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_recipe_validation(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text('name = "x"\n[data]\nkind = "synthetic"\n[train]\ndimm = 4\n')
+    assert_user_error(cli("run", r), "unknown key train.dimm; did you mean 'dim'?")
+    r.write_text('name = "x"\n[data]\nsamples = "many"\n[train]\ndim = 4\n')
+    assert_user_error(cli("run", r), "data.samples is str 'many', expected int")
+
+
+def test_recipe_end_to_end(tmp_path):
+    r = tmp_path / "tiny.toml"
+    r.write_text("""name = "tiny"
+[data]
+kind = "synthetic"
+samples = 4000
+tables = [600, 100, 20]
+zipf = 1.4
+[train]
+dim = 8
+bottom = [16]
+top = [16]
+epochs = 3
+lr = 0.003
+batch_size = 128
+[[variants]]
+name = "mlet-d2"
+method = "mlet"
+dim = 2
+steps = 20
+[evaluate]
+batch_sizes = [1, 32]
+repeats = 5
+""")
+    res = cli("run", r, "-o", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [x["variant"] for x in results] == ["baseline", "mlet-d2"]
+    assert results[1]["bytes"]["embeddings"] * 4 == results[0]["bytes"]["embeddings"]
+    assert all(x["accuracy"]["onnxruntime"]["auc"] > 0.55 for x in results)
+    assert (tmp_path / "run" / "pareto_auc_vs_bytes.png").stat().st_size > 10_000
+    assert "mlet-d2" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_wheel_contains_stage_packages(tmp_path):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("recompress-*.whl"))).namelist()
+    for mod in ("recompress/compress/mlet.py", "recompress/export/onnx.py", "recompress/evaluate/run.py",
+                "recompress/recipes/quickstart.toml", "recompress/cli.py"):
+        assert mod in names
+    assert not any(n.split("/")[0] in {"compress", "export", "evaluate", "recipes", "tests"} for n in names)

@@ -1,0 +1,93 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from recompress.data import open_dataset
+from recompress.data.criteo import prepare_criteo
+from recompress.data.synthetic import make_synthetic
+from recompress.errors import UserError
+
+from .conftest import shared_path
+
+
+def criteo_line(rng, label=None):
+    dense = [str(rng.integers(-2, 100)) if rng.random() > 0.2 else "" for _ in range(13)]
+    cats = [f"{int(rng.integers(0, 5 + 3 * j)):08x}" if rng.random() > 0.1 else "" for j in range(26)]
+    return "\t".join([str(label if label is not None else rng.integers(0, 2)), *dense, *cats])
+
+
+def write_criteo(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    with gzip.open(path, "wt") as f:
+        for _ in range(n):
+            f.write(criteo_line(rng) + "\n")
+
+
+def test_criteo_reader_vocab_from_train_only(tmp_path):
+    src = tmp_path / "train.txt.gz"
+    write_criteo(src, 3000)
+    a = open_dataset(prepare_criteo(src, tmp_path / "a", min_count=3, seed=1))
+    b = open_dataset(prepare_criteo(src, tmp_path / "b", min_count=3, seed=1))
+    assert sum(a.meta["splits"].values()) == 3000
+    for split in ("train", "val", "test"):
+        for x, y in zip(a.arrays(split), b.arrays(split)):
+            assert np.array_equal(x, y)  # deterministic
+    _, sparse, _ = a.arrays("train")
+    for j, rows in enumerate(a.table_rows):
+        assert sparse[:, j].max() < rows  # ids in range, row 0 = OOV
+    vocab = np.load(tmp_path / "a" / "vocab.npz")
+    # every kept value was seen >= min_count times in train rows (re-count from the raw file)
+    lines = [ln.rstrip("\n").split("\t") for ln in gzip.open(src, "rt")]
+    from recompress.data.ctr import split_of
+    split = split_of(np.arange(len(lines)), 1, 0.1, 0.1)
+    train_c1 = [ln[14] for ln, s in zip(lines, split) if s == 0]
+    for key in vocab["C1"]:
+        token = "" if key == -1 else f"{key:08x}"
+        assert train_c1.count(token) >= 3
+    dense, _, _ = a.arrays("train")
+    assert dense.min() >= 0 and np.isfinite(dense).all()
+
+
+def test_criteo_wrong_columns_names_line(tmp_path):
+    src = tmp_path / "bad.txt"
+    rng = np.random.default_rng(0)
+    src.write_text(criteo_line(rng) + "\n" + "1\t2\t3\n")
+    with pytest.raises(UserError, match="line 2: 3 tab-separated fields, expected 40"):
+        prepare_criteo(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_criteo_bad_hash(tmp_path):
+    src = tmp_path / "bad.txt"
+    fields = criteo_line(np.random.default_rng(0), label=1).split("\t")
+    fields[20] = "zzzzzzzz"
+    src.write_text("\t".join(fields) + "\n")
+    with pytest.raises(UserError, match="not hexadecimal"):
+        prepare_criteo(src, tmp_path / "out")
+
+
+@pytest.mark.shared_data
+def test_real_criteo_head10k(tmp_path):
+    src = shared_path("data/criteo_kaggle_head10k/criteo_train_head10k.txt.gz")
+    d = open_dataset(prepare_criteo(src, tmp_path / "c"))
+    assert sum(d.meta["splits"].values()) == 10_000
+    assert len(d.table_rows) == 26 and d.num_dense == 13
+    labels = np.concatenate([d.arrays(s)[2] for s in ("train", "val", "test")])
+    assert labels.mean() == pytest.approx(0.218, abs=0.01)  # 21.8% positives per PROVENANCE
+
+
+def test_synthetic_rates_and_large_tables(tmp_path):
+    d = open_dataset(make_synthetic(tmp_path / "s", samples=20_000, table_rows=[12_000_000, 1000, 5], ctr=0.3, seed=1))
+    assert d.meta["synthetic"] is True and d.table_rows == [12_000_000, 1000, 5]
+    _, sparse, label = d.arrays("train")
+    assert abs(label.mean() - 0.3) < 0.03
+    assert sparse[:, 0].max() < 12_000_000 and sparse.min() >= 1
+    counts = np.bincount(sparse[:, 1])
+    assert counts.max() > 20 * np.median(counts[counts > 0])  # Zipf: a few hot ids
+
+
+def test_synthetic_deterministic(tmp_path):
+    a = open_dataset(make_synthetic(tmp_path / "a", samples=500, seed=4))
+    b = open_dataset(make_synthetic(tmp_path / "b", samples=500, seed=4))
+    assert all(np.array_equal(x, y) for x, y in zip(a.arrays("train"), b.arrays("train")))

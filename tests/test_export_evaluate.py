@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from recompress.checkpoint import load_checkpoint
+from recompress.compress.registry import Context, compress, parse_methods
+from recompress.errors import UserError
+from recompress.evaluate import evaluate
+from recompress.export import export_checkpoint
+from recompress.export.onnx import FORBIDDEN_OPS, make_session
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "onnx"
+    ck = load_checkpoint(tiny_ckpt)
+    export_checkpoint(ck, "onnx", out, data=tiny_data)
+    return out
+
+
+def test_manifest_and_graph(exported, tiny_ckpt):
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m["parity"]["passed"] and m["parity"]["max_abs_diff"] < 1e-5 and m["parity"]["inputs"] == "test split"
+    assert [i["shape"] for i in m["inputs"]] == [["batch", 13], ["batch", 4, "bag"]]
+    assert m["opset"] == 18 and m["model_spec"]["hparams"]["emb_dim"] == 8
+    assert m["table_bytes"] == {"C1": 800 * 32, "C2": 200 * 32, "C3": 40 * 32, "C4": 7 * 32}
+    ops = {n.op_type for n in onnx.load(str(exported / "model.onnx")).graph.node}
+    assert "Gather" in ops and not ops & FORBIDDEN_OPS
+
+
+@pytest.mark.parametrize("batch,bag", [(1, 1), (7, 1), (5, 3)])
+def test_onnx_equals_torch_with_multi_hot_padding(exported, tiny_ckpt, batch, bag):
+    ck = load_checkpoint(tiny_ckpt)
+    g = torch.Generator().manual_seed(batch)
+    dense = torch.rand(batch, 13, generator=g) * 3
+    sparse = torch.stack([torch.randint(-1, r, (batch, bag), generator=g) for r in (800, 200, 40, 7)], 1)
+    sparse[:, :, 0] = sparse[:, :, 0].clamp(min=0)
+    with torch.no_grad():
+        ref = torch.sigmoid(ck.model(dense, sparse)).numpy()
+    got = make_session(exported / "model.onnx").run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
+    assert np.allclose(got, ref, atol=1e-6)
+
+
+def test_unfused_export_of_factorized_tables(tiny_ckpt, tiny_data, tmp_path):
+    ck = compress(load_checkpoint(tiny_ckpt), parse_methods("lowrank"), {"rank": 3}, Context())
+    m = export_checkpoint(ck, "onnx", tmp_path / "lr", data=tiny_data)
+    assert m["parity"]["passed"] and m["table_bytes"]["C1"] == (800 * 3 + 3 * 8) * 4
+
+
+def test_parity_failure_writes_nothing(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    from recompress.export import onnx as target
+    real = target.run
+    monkeypatch.setattr(target, "run", lambda *a: real(*a) + 1e-3)
+    with pytest.raises(UserError, match="differs from torch by up to 0.001"):
+        export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "bad", data=tiny_data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_export_and_checkpoint(exported, tiny_ckpt, tiny_data):
+    r = evaluate(exported, tiny_data, batch_sizes=[1, 16], repeats=5)
+    ort_acc, torch_acc = r["accuracy"]["onnxruntime"], r["accuracy"]["torch"]
+    assert ort_acc["rows"] == tiny_data.size("test")
+    assert ort_acc["auc"] == pytest.approx(torch_acc["auc"], abs=1e-4) and ort_acc["auc"] > 0.6
+    assert r["bytes"]["embeddings"] == (800 + 200 + 40 + 7) * 8 * 4
+    assert r["bytes"]["file"] >= r["bytes"]["embeddings"]
+    lat = r["latency"]
+    assert set(lat["backends"]) == {"onnxruntime", "torch"} and set(lat["backends"]["torch"]) == {"1", "16"}
+    assert all(v["p99_ms"] >= v["p50_ms"] > 0 for per in lat["backends"].values() for v in per.values())
+    r2 = evaluate(tiny_ckpt, tiny_data, latency=False)
+    assert r2["accuracy"]["torch"]["auc"] == pytest.approx(torch_acc["auc"], abs=1e-9)
