@@ -26,19 +26,9 @@ from recompress.training import fit, predict
 
 from .linalg import principal_basis
 from .registry import Context, Method, Param, register
-from .tables import DenseTable, FactorizedTable
+from .tables import DenseTable, FactorizedTable, collapse_factorized
 
 SAMPLE_ROWS = 20_000
-
-
-def collapse_all(model: DLRM, names: list[str]) -> list[str]:
-    done = []
-    for n in names:
-        t = model.tables[n]
-        if isinstance(t, FactorizedTable):
-            model.tables[n] = t.collapse()
-            done.append(n)
-    return done
 
 
 @torch.no_grad()
@@ -103,7 +93,7 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     if d is None:
         if hidden is not None:
             raise UserError("--hidden without --dim", "pass --dim to reduce the width, or neither to collapse")
-        done = collapse_all(model, ctx.select.pick(ckpt))
+        done = collapse_factorized(model.tables, ctx.select.pick(ckpt))
         if not done:
             raise UserError("no selected table is in two-layer form, so there is nothing to collapse",
                             "pass --dim D to reduce the embedding width with post-training MLET")
@@ -123,7 +113,7 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     entry.update(reduce_width(ckpt, d, hidden, ctx))
     entry["projected"] = accuracy_metrics(*predict(ckpt.model, ctx.data, "val")) if ctx.data.size("val") else None
     entry["finetune"] = fit(ckpt.model, ctx.data, ctx.train, desc=f"mlet d={d} fine-tune")
-    entry["collapsed"] = collapse_all(ckpt.model, list(ckpt.model.tables))
+    entry["collapsed"] = collapse_factorized(ckpt.model.tables, list(ckpt.model.tables))
     ckpt.spec.history.append(entry)
     return ckpt
 

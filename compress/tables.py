@@ -143,6 +143,16 @@ class FactorizedTable(Table):
         return DenseTable(self.rows, self.dim, w)
 
 
+def collapse_factorized(tables: nn.ModuleDict, names: list[str]) -> list[str]:
+    """Replace the named factorized tables by their dense product in place; returns those collapsed."""
+    done = []
+    for n in names:
+        if isinstance(tables[n], FactorizedTable):
+            tables[n] = tables[n].collapse()
+            done.append(n)
+    return done
+
+
 TABLE_KINDS: dict[str, type[Table]] = {cls.kind: cls for cls in (DenseTable, FactorizedTable)}
 
 

@@ -134,7 +134,7 @@ def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tup
     (rows x k)(k x dim) and are collapsed to rows x dim afterwards (unless ``keep_two_layer``).
     """
     from .checkpoint import Checkpoint, refresh_tables
-    from .compress.tables import DenseTable, FactorizedTable
+    from .compress.tables import DenseTable, FactorizedTable, collapse_factorized
     from .models.dlrm import DLRM, default_hparams
     from .spec import ModelSpec
 
@@ -155,10 +155,7 @@ def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tup
         history.append({"method": "mlet", "params": {"hidden": mlet_hidden, "min_rows": mlet_min_rows},
                         "from_scratch": True})
         if not keep_two_layer:
-            for name, t in model.tables.items():
-                if isinstance(t, FactorizedTable):
-                    model.tables[name] = t.collapse()
-            history[-1]["collapsed"] = True
+            history[-1]["collapsed"] = collapse_factorized(model.tables, list(model.tables))
     spec = ModelSpec(family="dlrm", hparams=model.hparams, tables=[],
                      vocab={"dataset": str(data.path), "fingerprint": data.fingerprint,
                             "tables": [{"name": n, "rows": r} for n, r in zip(data.table_names, data.table_rows)],
