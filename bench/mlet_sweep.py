@@ -71,11 +71,11 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             ck = compress(Checkpoint(copy.deepcopy(base_top.model), copy.deepcopy(base_top.spec)),
-                          parse_methods("mlet"), {"dim": d}, Context(data, ft))
+                          parse_methods("mlet", {"dim": d}), Context(data, ft))
             record("mlet_post", d, seed, ck.model, {"seconds": time.perf_counter() - t0,
                                                     "energy_kept": ck.spec.history[-1]["energy_kept"]})
             ck = compress(Checkpoint(copy.deepcopy(base_top.model), copy.deepcopy(base_top.spec)),
-                          parse_methods("lowrank"), {"rank": d}, Context())
+                          parse_methods("lowrank", {"rank": d}), Context())
             record("lowrank", d, seed, ck.model)
     summary = {}
     for kind in ("baseline", "mlet_scratch", "mlet_post", "lowrank"):

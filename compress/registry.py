@@ -21,6 +21,11 @@ class Param:
     type: type
     help: str
     default: Any = None
+    choices: tuple[str, ...] = ()
+
+
+FINETUNE = Param("finetune", bool, "fine-tune the model on --data after compressing (budget: --epochs/--steps/--lr)", False)
+RATIO = Param("ratio", float, "target: this many times fewer bytes per selected table (tt, hash, qr, freqhash)")
 
 
 @dataclass
@@ -51,7 +56,9 @@ class Context:
 class Method:
     """A compression method: ``apply(ckpt, params, ctx)`` returns a new Checkpoint.
 
-    ``accepts`` lists the table kinds it can read; ``needs_data(params)`` says whether it must fine-tune.
+    ``accepts`` lists the table forms (kind, or kind+storage such as ``tt+int8``) it can read;
+    ``needs_data(params)`` says whether it needs a dataset (fine-tuning, id frequencies); ``fresh``, if
+    given, builds a randomly initialized table of the method's kind for training from scratch.
     """
 
     name: str
@@ -60,6 +67,16 @@ class Method:
     accepts: frozenset[str]
     needs_data: Callable[[dict[str, Any]], bool]
     apply: Callable[[Checkpoint, dict[str, Any], Context], Checkpoint]
+    fresh: Callable[..., Any] | None = None  # (name, rows, dim, params, seed, train id counts) -> Table
+
+
+@dataclass
+class Step:
+    """One method in a composition, with its own parameters and (optionally) its own table selection."""
+
+    method: Method
+    params: dict[str, Any] = field(default_factory=dict)
+    select: Selection | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -70,45 +87,69 @@ def register(method: Method) -> Method:
     return method
 
 
-def all_params() -> dict[str, Param]:
-    """Every parameter of every method, by name (a name means the same thing in every method)."""
+def all_params(methods: list[Method] | None = None) -> dict[str, Param]:
+    """Every parameter of every method (or of ``methods``), by name (a name means the same everywhere)."""
     out: dict[str, Param] = {}
-    for m in METHODS.values():
+    for m in METHODS.values() if methods is None else methods:
         for p in m.params:
             out.setdefault(p.name, p)
     return out
 
 
-def parse_methods(text: str) -> list[Method]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        import difflib
+        import re
+        if re.fullmatch(r"(u?int|fp|bf)\d+", name):
+            from .rowwise import FORMATS
+            raise UserError(f"{name} is not a supported row-wise format", f"use one of {', '.join(FORMATS)}")
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        raise UserError(f"unknown method {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                        f"choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def parse_selection(text: str) -> Selection:
+    """``>=N`` (tables with at least N rows) or table names joined by ``+``."""
+    if text.startswith(">="):
+        try:
+            return Selection(min_rows=int(text[2:]))
+        except ValueError:
+            raise UserError(f"bad table selection {text!r}", "write >=ROWS, e.g. tt@>=100000") from None
+    return Selection(names=tuple(n for n in text.split("+") if n))
+
+
+def parse_methods(text: str, params: dict[str, Any] | None = None) -> list[Step]:
+    """``tt@>=100000,int8`` -> steps; ``METHOD@SELECTION`` limits one step to some tables."""
+    parts = [n.strip() for n in text.split(",") if n.strip()]
+    if not parts:
         raise UserError("no compression method given", f"choose from {', '.join(sorted(METHODS))}")
-    out = []
-    for n in names:
-        if n not in METHODS:
-            import difflib
-            close = difflib.get_close_matches(n, METHODS, n=1)
-            raise UserError(f"unknown method {n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                            f"choose from {', '.join(sorted(METHODS))}")
-        out.append(METHODS[n])
-    return out
+    steps = []
+    for part in parts:
+        name, _, sel = part.partition("@")
+        steps.append(Step(get_method(name), dict(params or {}), parse_selection(sel) if sel else None))
+    return steps
 
 
-def compress(ckpt: Checkpoint, methods: list[Method], params: dict[str, Any], ctx: Context) -> Checkpoint:
-    """Apply ``methods`` in order, validating each one's input kinds and data needs first."""
-    for m in methods:
-        mine = {p.name: params.get(p.name, p.default) for p in m.params}
+def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
+    """Apply ``steps`` in order, validating each one's input forms and data needs first."""
+    from dataclasses import replace
+    for step in steps:
+        m = step.method
+        mine = {p.name: step.params.get(p.name, p.default) for p in m.params}
         if m.needs_data(mine) and ctx.data is None:
-            raise UserError(f"method {m.name} with {mine} fine-tunes on data", "pass --data DATASET_DIR")
-        picked = ctx.select.pick(ckpt)
+            raise UserError(f"method {m.name} with {mine} needs a dataset (fine-tuning or id frequencies)",
+                            "pass --data DATASET_DIR")
+        sctx = replace(ctx, select=step.select or ctx.select)
+        picked = sctx.select.pick(ckpt)
         if not picked:
-            raise UserError(f"no table is selected for {m.name}", "relax --tables / --min-rows")
-        kinds = {ckpt.model.tables[n].kind for n in picked}
-        if not kinds <= m.accepts:
-            raise UserError(f"{m.name} cannot read {', '.join(sorted(kinds - m.accepts))} tables "
+            raise UserError(f"no table is selected for {m.name}", "relax the table selection (--tables / --min-rows)")
+        forms = {ckpt.model.tables[n].form for n in picked}
+        if not forms <= m.accepts:
+            raise UserError(f"{m.name} cannot read {', '.join(sorted(forms - m.accepts))} tables "
                             f"(it takes {', '.join(sorted(m.accepts))})", "reorder the methods in the composition")
-        ckpt = m.apply(ckpt, mine, ctx)
+        ckpt = m.apply(ckpt, mine, sctx)
     return ckpt
 
 
-from . import lowrank, mlet  # noqa: E402,F401  (each module registers its method)
+from . import hashing, lowrank, mlet, quantize, tt  # noqa: E402,F401  (each module registers its methods)

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from recompress.spec import TableSpec
 
+from .rowwise import QuantizedRows, units_touched
+
 
 def offsets_to_bags(ids: Tensor, offsets: Tensor) -> Tensor:
     """EmbeddingBag-style (flat ids, bag start offsets) -> padded ``[B, L]`` bags, -1 marking padding."""
@@ -34,13 +36,25 @@ def pool(rows: Tensor, ids: Tensor) -> Tensor:
 
 
 class Table(nn.Module, ABC):
-    """An embedding table with ``rows`` ids and ``dim``-wide output rows."""
+    """An embedding table with ``rows`` ids and ``dim``-wide output rows.
+
+    A kind reads its stored row matrices (named by :meth:`row_matrices`) only through :meth:`gather`,
+    so any of them can be swapped for row-wise quantized storage (:meth:`quantize`) without the kind
+    knowing: that is how ``tt,int8`` or ``qr,int4`` compose.
+    """
 
     kind: ClassVar[str]
+    KINDS: ClassVar[dict[str, type[Table]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "kind" in cls.__dict__:
+            Table.KINDS[cls.kind] = cls
 
     def __init__(self, rows: int, dim: int) -> None:
         super().__init__()
         self.rows, self.dim = rows, dim
+        self.stores = nn.ModuleDict()  # row matrix name -> QuantizedRows, once quantized
 
     @abstractmethod
     def lookup(self, ids: Tensor) -> Tensor:
@@ -51,12 +65,55 @@ class Table(nn.Module, ABC):
         """Kind-specific parameters that, with rows and dim, rebuild an empty table of this shape."""
 
     @abstractmethod
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        """Parameters updated through sparse (row) gradients during training."""
-
-    @abstractmethod
     def reset_parameters(self, gen: torch.Generator) -> None:
         """Fresh random weights for training from scratch (dlrm's U(-1/sqrt(rows), 1/sqrt(rows)) scale)."""
+
+    def row_matrices(self) -> tuple[str, ...]:
+        """Names of the 2-D row matrices that lookups gather from (the quantizable storage)."""
+        return ("weight",)
+
+    def access(self) -> list[tuple[str, float]]:
+        """(stored matrix, rows read from it per looked-up id, on average) for the bytes-read estimate."""
+        return [(n, 1.0) for n in self.row_matrices()]
+
+    def flops(self) -> int:
+        """Arithmetic per looked-up id beyond reading rows (e.g. TT contractions)."""
+        return 0
+
+    def gather(self, name: str, idx: Tensor) -> Tensor:
+        """Float rows ``idx`` of row matrix ``name``, from whichever storage holds it."""
+        if name in self.stores:
+            return self.stores[name](idx)
+        return F.embedding(idx, getattr(self, name), sparse=True)
+
+    def matrix(self, name: str) -> Tensor:
+        """Row matrix ``name`` as float (dequantized if stored quantized)."""
+        if name in self.stores:
+            return self.stores[name].dequantized()
+        return getattr(self, name).detach()
+
+    @property
+    def quant(self) -> dict[str, Any] | None:
+        return next(iter(self.stores.values())).config() if len(self.stores) else None
+
+    @property
+    def form(self) -> str:
+        """The kind plus its storage, e.g. ``tt`` or ``tt+int8``; methods declare which forms they read."""
+        return f"{self.kind}+{self.quant['dtype']}" if self.quant else self.kind
+
+    def quantize(self, fmt: str, align: int = 1, fill: bool = True) -> None:
+        """Replace every row matrix by row-wise ``fmt`` storage (quantizing the current values if ``fill``)."""
+        for name in self.row_matrices():
+            w = getattr(self, name)
+            store = QuantizedRows(w.shape[0], w.shape[1], fmt, align)
+            if fill:
+                store.fill(w.detach())
+            delattr(self, name)
+            self.stores[name] = store
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters updated through sparse (row) gradients during training."""
+        return [getattr(self, n) for n in self.row_matrices() if n not in self.stores]
 
     def forward(self, ids: Tensor, offsets: Tensor | None = None) -> Tensor:
         """Sum-pooled bags: ``ids`` is ``[B, L]`` with -1 padding, or flat ids with bag ``offsets``."""
@@ -67,15 +124,32 @@ class Table(nn.Module, ABC):
     def dense_weight(self) -> Tensor:
         """The full ``rows x dim`` table this kind represents (for tests, export materialization)."""
         with torch.no_grad():
-            return self.lookup(torch.arange(self.rows))
+            return torch.cat([self.lookup(torch.arange(s, min(s + (1 << 16), self.rows)))
+                              for s in range(0, self.rows, 1 << 16)])
 
     def stored_bytes(self) -> int:
-        """Exact bytes of everything stored for this table (all tensors, by dtype)."""
+        """Exact bytes of everything stored for this table (all tensors, by dtype, padding included)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one stored row of matrix ``name`` (FBGEMM fused-row layout when quantized)."""
+        if name in self.stores:
+            return self.stores[name].stored_row_bytes()
+        t = getattr(self, name)
+        return (t.shape[1] if t.dim() > 1 else 1) * t.element_size()
+
+    def lookup_cost(self) -> dict[str, Any]:
+        """Estimated bytes moved and FLOPs per looked-up id: GPU 32-byte sectors, CPU 64-byte lines."""
+        reads = [(self.row_bytes(n), k) for n, k in self.access()]
+        return {"rows_read": sum(k for _, k in reads),
+                "bytes_useful": round(sum(b * k for b, k in reads), 2),
+                "bytes_read_gpu": round(sum(units_touched(b, 32) * 32 * k for b, k in reads), 2),
+                "bytes_read_cpu": round(sum(units_touched(b, 64) * 64 * k for b, k in reads), 2),
+                "flops": self.flops()}
+
     def spec(self, name: str, role: str = "sparse_feature") -> TableSpec:
-        return TableSpec(name=name, rows=self.rows, dim=self.dim, kind=self.kind, role=role,
-                         params=self.config())
+        params = self.config() | ({"quant": self.quant} if self.quant else {})
+        return TableSpec(name=name, rows=self.rows, dim=self.dim, kind=self.kind, role=role, params=params)
 
 
 class DenseTable(Table):
@@ -88,7 +162,7 @@ class DenseTable(Table):
         self.weight = nn.Parameter(torch.empty(rows, dim) if weight is None else weight.detach().clone())
 
     def lookup(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight, sparse=True)
+        return self.gather("weight", ids)
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -98,11 +172,8 @@ class DenseTable(Table):
             bound = self.rows ** -0.5
             self.weight.uniform_(-bound, bound, generator=gen)
 
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        return [self.weight]
-
     def dense_weight(self) -> Tensor:
-        return self.weight.detach()
+        return self.matrix("weight")
 
 
 class FactorizedTable(Table):
@@ -122,7 +193,13 @@ class FactorizedTable(Table):
         self.right = nn.Parameter(torch.empty(inner, dim) if right is None else right.detach().clone())
 
     def lookup(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.left, sparse=True) @ self.right
+        return self.gather("left", ids) @ self.right
+
+    def row_matrices(self) -> tuple[str, ...]:
+        return ("left",)
+
+    def flops(self) -> int:
+        return 2 * self.inner * self.dim
 
     def config(self) -> dict[str, Any]:
         return {"inner": self.inner}
@@ -133,13 +210,10 @@ class FactorizedTable(Table):
             self.left.uniform_(-bound, bound, generator=gen)
             self.right.normal_(0.0, self.inner ** -0.5, generator=gen)
 
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        return [self.left]
-
     def collapse(self) -> DenseTable:
         """The product as one dense table (computed in float64, so exact to float32 rounding)."""
         with torch.no_grad():
-            w = (self.left.double() @ self.right.double()).float()
+            w = (self.matrix("left").double() @ self.right.double()).float()
         return DenseTable(self.rows, self.dim, w)
 
 
@@ -153,13 +227,18 @@ def collapse_factorized(tables: nn.ModuleDict, names: list[str]) -> list[str]:
     return done
 
 
-TABLE_KINDS: dict[str, type[Table]] = {cls.kind: cls for cls in (DenseTable, FactorizedTable)}
-
-
 def empty_table(spec: TableSpec) -> Table:
-    """An uninitialized table with the shapes ``spec`` describes (weights are loaded afterwards)."""
+    """An uninitialized table with the shapes and storage ``spec`` describes (weights are loaded afterwards)."""
     try:
-        cls = TABLE_KINDS[spec.kind]
+        cls = Table.KINDS[spec.kind]
     except KeyError:
         raise ValueError(f"unknown table kind {spec.kind!r}") from None
-    return cls(spec.rows, spec.dim, **spec.params)
+    params = dict(spec.params)
+    quant = params.pop("quant", None)
+    table = cls(spec.rows, spec.dim, **params)
+    if quant:
+        table.quantize(quant["dtype"], quant.get("align", 1), fill=False)
+    return table
+
+
+from . import hashed, tt_table  # noqa: E402,F401  (their kinds register themselves)

@@ -34,6 +34,11 @@ def results_table(r: dict[str, Any]) -> Table:
     t.add_row("embedding bytes", fmt_bytes(b["embeddings"]))
     t.add_row("dense bytes", fmt_bytes(b["dense"]))
     t.add_row("file bytes", fmt_bytes(b["file"]))
+    lk = (r.get("lookup") or {}).get("per_sample")
+    if lk:
+        t.add_row("embedding bytes read / sample (GPU 32 B sectors)", f"{lk['bytes_read_gpu']:,.0f} B")
+        t.add_row("embedding bytes read / sample (CPU 64 B lines)", f"{lk['bytes_read_cpu']:,.0f} B")
+        t.add_row("lookup FLOPs / sample", f"{lk['flops']:,.0f}")
     lat = r.get("latency")
     if lat:
         for backend, per in lat["backends"].items():

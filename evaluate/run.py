@@ -40,6 +40,14 @@ def _accuracy(p: Predictor, data: CTRDataset, batch: int = 4096) -> dict[str, An
     return accuracy_metrics(np.asarray(label), probs)
 
 
+def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any] | None:
+    """Per-table lookup costs and their sum for one sample with one id per table."""
+    if not costs:
+        return None
+    keys = ("bytes_useful", "bytes_read_gpu", "bytes_read_cpu", "flops")
+    return {"per_sample": {k: round(sum(c[k] for c in costs.values()), 2) for k in keys}, "tables": costs}
+
+
 def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
              repeats: int = 200, latency: bool = True) -> dict[str, Any]:
     """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
@@ -57,11 +65,13 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
             ckpt = load_any(src)
         kind, spec_d = "onnx", manifest["model_spec"]
         table_bytes = manifest["table_bytes"]
+        costs = manifest.get("lookup_cost")
         dense_bytes = _dense_bytes(ckpt.model) if ckpt else None
     else:
         ckpt = load_any(path)
         kind, spec_d = "checkpoint", None
         table_bytes = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        costs = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         dense_bytes = _dense_bytes(ckpt.model)
     if ckpt is not None:
         check_compatible(ckpt.model, data)
@@ -84,6 +94,7 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
         "accuracy": {p.name: _accuracy(p, data) for p in predictors},
         "bytes": {"embeddings": int(sum(table_bytes.values())), "dense": dense_bytes, "file": _folder_bytes(path),
                   "tables": table_bytes},
+        "lookup": _lookup_summary(costs),
         "environment": {**versions(), "machine": platform.machine(), "cpus": os.cpu_count()},
     }
     if latency:

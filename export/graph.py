@@ -7,35 +7,63 @@ So, when every table is a plain dense table of one width (the usual case, also a
 all tables become one concatenated table looked up by a single Gather (as FBGEMM's batched tables do)
 with a zero row in front of each table, so a padding id (-1) plus the table's start lands on zeros with
 no comparison or mask; bags are summed by one 2-D GEMM ([B, T, L*d] @ [I_d; ...; I_d]); and the
-interaction's lower triangle is taken with a row gather. Parity with the trained model is
-checked by the export runner, so this rewrite can never change results silently.
+interaction's lower triangle is taken with a row gather. Other table kinds (tt, hashing, quantized
+storage) keep their own lookup, and their bags are summed by the same GEMM. Parity with the trained
+model is checked by the export runner, so this rewrite can never change results silently.
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor, nn
 
+from recompress.compress.rowwise import QuantizedRows
 from recompress.compress.tables import DenseTable
 from recompress.models.dlrm import DLRM
 
 
 class FusedDenseTables(nn.Module):
-    """All tables in one ``[sum(rows + 1), d]`` table, a zero row before each; ``[B, T, L]`` ids -> ``[B, T, d]``."""
+    """All tables in one ``[sum(rows + 1), d]`` table, a zero row before each; ``[B, T, L]`` ids -> ``[B, T, d]``.
+
+    Tables stored row-wise quantized (all in the same format) fuse the same way: their stored rows,
+    scales and biases are concatenated, and the zero row (data, scale and bias 0) still decodes to zeros.
+    """
 
     def __init__(self, tables: list[DenseTable]) -> None:
         super().__init__()
-        zero = tables[0].weight.new_zeros(1, tables[0].dim)
-        self.weight = nn.Parameter(torch.cat([p for t in tables for p in (zero, t.weight.detach())]),
-                                   requires_grad=False)
+        quant = tables[0].quant
+        first = tables[0].stores["weight"] if quant else None
+        self.store = QuantizedRows(sum(t.rows + 1 for t in tables), tables[0].dim, quant["dtype"], quant["align"]) \
+            if quant else None
+        if self.store is not None:
+            self.store.graph_form = first.graph_form
+            for name, buf in self.store.named_buffers():
+                buf.copy_(torch.cat([p for t in tables for p in (torch.zeros_like(buf[:1]),
+                                                                  getattr(t.stores["weight"], name))]))
+        else:
+            zero = tables[0].weight.new_zeros(1, tables[0].dim)
+            self.weight = nn.Parameter(torch.cat([p for t in tables for p in (zero, t.weight.detach())]),
+                                       requires_grad=False)
         starts = torch.tensor([t.rows + 1 for t in tables]).cumsum(0) - torch.tensor([t.rows for t in tables])
         self.register_buffer("starts", starts.view(1, -1, 1))
         self.dim = tables[0].dim
 
+    @staticmethod
+    def fusable(tables: list[nn.Module]) -> bool:
+        return all(type(t) is DenseTable for t in tables) and len({json.dumps(t.quant) for t in tables}) == 1
+
     def forward(self, sparse: Tensor) -> Tensor:
-        rows = nn.functional.embedding(sparse + self.starts, self.weight)  # padding -1 hits the zero row
-        b, t, bag = sparse.shape
-        return rows.reshape(b, t, bag * self.dim) @ torch.eye(self.dim).repeat(bag, 1)
+        ids = sparse + self.starts  # padding -1 hits the zero row
+        rows = self.store(ids) if self.store is not None else nn.functional.embedding(ids, self.weight)
+        return bag_sum(rows)
+
+
+def bag_sum(rows: Tensor) -> Tensor:
+    """``[B, T, L, d]`` -> ``[B, T, d]`` as one 2-D GEMM against L stacked identities (fast in ORT)."""
+    b, t, bag, d = rows.shape
+    return rows.reshape(b, t, bag * d) @ torch.eye(d).repeat(bag, 1)
 
 
 class InferenceDLRM(nn.Module):
@@ -45,14 +73,15 @@ class InferenceDLRM(nn.Module):
         super().__init__()
         self.model = model
         tables = list(model.tables.values())
-        fusable = all(isinstance(t, DenseTable) for t in tables)
-        self.fused = FusedDenseTables(tables) if fusable else None
+        self.fused = FusedDenseTables(tables) if FusedDenseTables.fusable(tables) else None
         self.register_buffer("tri_index", model.tri_index.clone(), persistent=False)
 
     def pooled(self, sparse: Tensor) -> Tensor:
         if self.fused is not None:
             return self.fused(sparse)
-        return self.model.pooled(sparse)
+        ids = sparse.clamp(min=0).unbind(1)
+        rows = torch.stack([t.lookup(i) for t, i in zip(self.model.tables.values(), ids)], dim=1)  # [B, T, L, d]
+        return bag_sum(rows * (sparse >= 0).unsqueeze(-1).float())
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         m = self.model

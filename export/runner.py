@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 from recompress.atomic import atomic_dir
 from recompress.checkpoint import Checkpoint
+from recompress.compress.rowwise import QuantizedRows
+from recompress.compress.tables import DenseTable
 from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
 from recompress.progress import say
@@ -22,6 +25,27 @@ from .inputs import Scorer, sample_inputs
 from .manifest import MANIFEST, versions
 
 TARGETS: dict[str, ModuleType] = {onnx_target.NAME: onnx_target}
+QUANT_GRAPHS = ("gather-dequant", "dequant-gather")
+
+
+def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpoint:
+    """The checkpoint as it will be exported: every table dense if ``materialize``, and quantized rows
+    expressed in ``quant_graph`` form. The original checkpoint is left as it is."""
+    if quant_graph not in QUANT_GRAPHS:
+        raise UserError(f"unknown quantized graph form {quant_graph!r}", f"choose from {', '.join(QUANT_GRAPHS)}")
+    model = ckpt.model
+    if materialize:
+        model = copy.deepcopy(model)
+        for name, t in model.tables.items():
+            if not (type(t) is DenseTable and not t.stores):
+                model.tables[name] = DenseTable(t.rows, t.dim, t.dense_weight())
+    for m in model.modules():
+        if isinstance(m, QuantizedRows):
+            if quant_graph == "dequant-gather" and m.fmt == "int4":
+                raise UserError("the dequant-gather graph form cannot hold int4 rows at opset 18",
+                                "export int4 tables with --quant-graph gather-dequant")
+            m.graph_form = quant_graph
+    return Checkpoint(model, ckpt.spec, ckpt.path)
 
 
 def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
@@ -38,13 +62,16 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
     if target not in TARGETS:
         raise UserError(f"unknown export target {target!r}", f"choose from {', '.join(TARGETS)}")
     mod = TARGETS[target]
+    opts = dict(opts or {})
+    stored = ckpt
+    ckpt = deployable(ckpt, bool(opts.get("materialize")), opts.get("quant_graph") or QUANT_GRAPHS[0])
     inputs = sample_inputs(ckpt.model, samples, data)
     with torch.no_grad():
         expected = Scorer(ckpt.model).eval()(**inputs).numpy()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t0 = time.perf_counter()
         say(f"exporting to {target} ...")
-        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, inputs, opts or {})}
+        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, inputs, opts)}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         got = mod.run(tmp, manifest, inputs)
         manifest["parity"] = {**parity(expected, got, atol, rtol),
@@ -57,7 +84,11 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
         manifest["source"] = {"path": str(ckpt.path) if ckpt.path else None, "sha256": source_hash,
                               "format": ckpt.spec.provenance.get("source_format", "recompress")}
         manifest["model_spec"] = json.loads(ckpt.spec.to_json())
-        manifest["table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}
+        manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
+        manifest["options"] = {"materialize": bool(opts.get("materialize")),
+                               "quant_graph": opts.get("quant_graph") or QUANT_GRAPHS[0]}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -56,6 +56,25 @@ def train_options(f: Any) -> Any:
     return f
 
 
+def method_options(fresh_only: bool = False) -> Any:
+    """One --option per method parameter, straight from the registry (``fresh_only``: methods that can
+    train from scratch)."""
+    from .compress.registry import METHODS, all_params
+
+    def deco(f: Any) -> Any:
+        methods = [m for m in METHODS.values() if m.fresh is not None or not fresh_only]
+        for p in reversed([p for p in all_params(methods).values() if not (fresh_only and p.name == "finetune")]):
+            flag = f"--{p.name.replace('_', '-')}"
+            if p.type is bool:
+                f = click.option(flag, p.name, is_flag=True, help=p.help)(f)
+            else:
+                kind = click.Choice(p.choices) if p.choices else p.type
+                f = click.option(flag, p.name, type=kind, default=p.default, help=p.help,
+                                 show_default=p.default is not None)(f)
+        return f
+    return deco
+
+
 def train_config(kw: dict[str, Any]) -> Any:
     from .training import TrainConfig
     return TrainConfig(epochs=kw.pop("epochs"), steps=kw.pop("steps"), lr=kw.pop("lr"),
@@ -132,32 +151,31 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @click.option("--mlet-hidden", type=int, default=None, help="train tables as MLET (rows x k)(k x d), k >= d")
 @click.option("--mlet-min-rows", default=0, show_default=True, help="only tables with at least this many rows")
 @click.option("--keep-two-layer", is_flag=True, help="save MLET tables uncollapsed")
+@click.option("--method", default=None, help="train tables in this compressed form from scratch (tt, hash, qr, freqhash)")
+@method_options(fresh_only=True)
+@click.option("--min-rows", "method_min_rows", default=0, show_default=True, help="--method only for tables with this many rows")
 @train_options
 @click.option("--overwrite", is_flag=True)
-def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, **kw: Any) -> None:
+def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, mlet_hidden: int | None,
+          mlet_min_rows: int, keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
     """Train a DLRM from scratch and write a native checkpoint."""
     from .checkpoint import save_checkpoint
     from .data import open_dataset
     from .training import train_dlrm
     cfg = train_config(kw)
-    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom), top=ints(top), **kw)
+    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom), top=ints(top),
+                      mlet_hidden=mlet_hidden, mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer,
+                      method=method, method_params=kw, method_min_rows=method_min_rows)
     save_checkpoint(ckpt, out, overwrite=overwrite)
     val = ckpt.spec.metrics["train"].get("val")
     click.echo(f"wrote {out}" + (f"  (val AUC {val['auc']:.4f}, logloss {val['logloss']:.4f})" if val else ""))
 
 
-def method_options(f: Any) -> Any:
-    """One --option per method parameter, straight from the registry."""
-    from .compress.registry import all_params
-    for p in reversed(list(all_params().values())):
-        f = click.option(f"--{p.name.replace('_', '-')}", p.name, type=p.type, default=p.default, help=p.help)(f)
-    return f
-
-
 @main.command()
 @click.argument("source", type=click.Path())
-@click.option("--method", "method", required=True, help="method or composition applied in order, e.g. mlet or mlet,lowrank")
-@method_options
+@click.option("--method", "method", required=True,
+              help="method or composition applied in order, e.g. mlet,int8 or tt@>=100000,int8 (METHOD@>=ROWS or METHOD@T1+T2 limits one step to some tables)")
+@method_options()
 @click.option("--data", "data_path", type=click.Path(), default=None, help="prepared dataset (for fine-tuning)")
 @click.option("--tables", default=None, help="comma-separated table names (default: all)")
 @click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
@@ -171,15 +189,15 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .checkpoint import save_checkpoint
     from .compress.registry import Context, Selection, compress, parse_methods
     from .data import open_dataset
-    methods = parse_methods(method)
     cfg = train_config(kw)
+    steps = parse_methods(method, kw)
     ckpt = load_any(source)
     before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     if ctx.data is not None:
         from .training import check_compatible
         check_compatible(ckpt.model, ctx.data)
-    ckpt = compress(ckpt, methods, kw, ctx)
+    ckpt = compress(ckpt, steps, ctx)
     ckpt.spec.provenance.setdefault("compressed_from", str(source))
     save_checkpoint(ckpt, out, overwrite=overwrite)
     after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
@@ -194,8 +212,13 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
 @click.option("--samples", default=2048, show_default=True, help="parity samples")
 @click.option("--atol", default=1e-5, show_default=True, help="parity tolerance (absolute)")
 @click.option("--rtol", default=1e-4, show_default=True, help="parity tolerance (relative)")
+@click.option("--materialize", is_flag=True, help="export every compressed table as a plain dense table")
+@click.option("--quant-graph", type=click.Choice(["gather-dequant", "dequant-gather"]), default="gather-dequant",
+              show_default=True, help="quantized rows: gather then scale (small runtime memory), or "
+                                      "DequantizeLinear then gather (the form TensorRT takes)")
 @click.option("--overwrite", is_flag=True)
-def export(source: str, target: str, out: str, data_path: str | None, **kw: Any) -> None:
+def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
+           **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with torch."""
     from .adapters import load_any
     from .checkpoint import checkpoint_hash
@@ -204,7 +227,8 @@ def export(source: str, target: str, out: str, data_path: str | None, **kw: Any)
     ckpt = load_any(source)
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
-                          source_hash=checkpoint_hash(Path(source)), **kw)
+                          source_hash=checkpoint_hash(Path(source)),
+                          opts={"materialize": materialize, "quant_graph": quant_graph}, **kw)
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
                f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
 

@@ -14,13 +14,15 @@ def describe(source: str | Path) -> dict[str, Any]:
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
         spec = m["model_spec"]
-        tables = [{**t, "bytes": m["table_bytes"].get(t["name"])} for t in spec["tables"]]
+        tables = [{**t, "kind": t["kind"] + (f"+{t['params']['quant']['dtype']}" if "quant" in t["params"] else ""),
+                   "bytes": m["table_bytes"].get(t["name"])} for t in spec["tables"]]
         return {"format": f"{m['target']} export", "family": spec["family"], "hparams": spec["hparams"],
                 "tables": tables, "embedding_bytes": sum(m["table_bytes"].values()), "history": spec["history"],
                 "files": m["files"], "parity": m["parity"], "source": m["source"]}
     fmt = detect_format(path)
     ckpt = load_any(path)
-    tables = [{"name": n, "kind": t.kind, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes()}
+    tables = [{"name": n, "kind": t.form, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes(),
+               "params": t.config(), "lookup_cost": t.lookup_cost()}
               for n, t in ckpt.model.tables.items()]
     return {"format": fmt, "family": ckpt.spec.family, "hparams": ckpt.spec.hparams, "tables": tables,
             "embedding_bytes": sum(t["bytes"] for t in tables), "history": ckpt.spec.history,

@@ -140,7 +140,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, overwrite: bool = False) -> li
         say(f"[bold]{name}[/bold]: {v['method']}")
         ckpt = load_any(paths["baseline"])
         ctx = Context(data, _train_config(v, cfg), Selection(tuple(v.get("tables", ())), v.get("min_rows", 0)))
-        ckpt = compress(ckpt, parse_methods(v["method"]), {k: v[k] for k in params if k in v}, ctx)
+        ckpt = compress(ckpt, parse_methods(v["method"], {k: v[k] for k in params if k in v}), ctx)
         save_checkpoint(ckpt, ckdir / name, overwrite=True)
         paths[name] = ckdir / name
     ex, ev = recipe.get("export", {}), recipe.get("evaluate", {})

@@ -127,13 +127,17 @@ def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "train
 
 def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tuple[int, ...] = (64,),
                top: tuple[int, ...] = (64,), mlet_hidden: int | None = None, mlet_min_rows: int = 0,
-               keep_two_layer: bool = False) -> Any:
+               keep_two_layer: bool = False, method: str | None = None,
+               method_params: dict[str, Any] | None = None, method_min_rows: int = 0) -> Any:
     """A new DLRM for ``data``'s features, trained from scratch.
 
     With ``mlet_hidden`` k, tables with at least ``mlet_min_rows`` rows train in MLET's two-layer form
     (rows x k)(k x dim) and are collapsed to rows x dim afterwards (unless ``keep_two_layer``).
+    With ``method`` (tt, hash, qr, freqhash), tables with at least ``method_min_rows`` rows train in that
+    method's compressed form from the start, as the published methods do.
     """
     from .checkpoint import Checkpoint, refresh_tables
+    from .compress.posttrain import NoSaving
     from .compress.tables import DenseTable, FactorizedTable, collapse_factorized
     from .models.dlrm import DLRM, default_hparams
     from .spec import ModelSpec
@@ -143,14 +147,35 @@ def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tup
     if mlet_hidden is not None and mlet_hidden < dim:
         raise UserError(f"--mlet-hidden {mlet_hidden} is smaller than --dim {dim}",
                         "MLET's hidden layer must be at least as wide as the embedding (k >= d)")
+    if method is not None and mlet_hidden is not None:
+        raise UserError("--mlet-hidden and --method cannot be combined in one training run",
+                        "train with one, then compress with 'recompress checkpoint'")
+    fresh = None
+    if method is not None:
+        from .compress.registry import get_method
+        m = get_method(method)
+        if m.fresh is None:
+            raise UserError(f"{method} is a post-training method with no from-scratch form",
+                            "train dense, then run 'recompress checkpoint --method " + method + "'")
+        fresh = m.fresh
+    counts = data.id_counts("train") if method == "freqhash" else [None] * len(data.table_rows)
     tables = {}
-    for name, rows in zip(data.table_names, data.table_rows):
+    for (name, rows), c in zip(zip(data.table_names, data.table_rows), counts):
         two_layer = mlet_hidden is not None and rows >= mlet_min_rows
-        tables[name] = FactorizedTable(rows, dim, mlet_hidden) if two_layer else DenseTable(rows, dim)
+        if fresh is not None and rows >= method_min_rows:
+            try:
+                tables[name] = fresh(name, rows, dim, method_params or {}, cfg.seed, c)
+            except NoSaving:  # a --ratio this small table cannot meet: it stays dense
+                tables[name] = DenseTable(rows, dim)
+        else:
+            tables[name] = FactorizedTable(rows, dim, mlet_hidden) if two_layer else DenseTable(rows, dim)
     model = DLRM(default_hparams(data.num_dense, dim, [*bottom, dim], [*top, 1]), tables)
     init_weights(model, cfg.seed)
     result = fit(model, data, cfg)
     history = []
+    if method is not None:
+        history.append({"method": method, "params": {k: v for k, v in (method_params or {}).items() if v is not None},
+                        "min_rows": method_min_rows, "from_scratch": True})
     if mlet_hidden is not None:
         history.append({"method": "mlet", "params": {"hidden": mlet_hidden, "min_rows": mlet_min_rows},
                         "from_scratch": True})

@@ -174,3 +174,30 @@ def test_wheel_contains_stage_packages(tmp_path):
                 "recompress/recipes/quickstart.toml", "recompress/cli.py"):
         assert mod in names
     assert not any(n.split("/")[0] in {"compress", "export", "evaluate", "recipes", "tests"} for n in names)
+
+
+def test_cli_tt_from_scratch_then_int8_export_and_lookup_costs(tiny_data, tmp_path):
+    res = cli("train", "--data", tiny_data.path, "-o", tmp_path / "tt", "--dim", "8", "--method", "tt",
+              "--tt-rank", "4", "--min-rows", "100", "--epochs", "2", "--lr", "0.003", "--batch-size", "128")
+    assert res.exit_code == 0, res.output
+    val = float(res.output.split("val AUC ")[1].split(",")[0])
+    assert val > 0.55  # the planted signal is learnable through TT tables
+    res = cli("checkpoint", tmp_path / "tt", "--method", "int8", "-o", tmp_path / "tt8")
+    assert res.exit_code == 0 and "smaller" in res.output
+    info = json.loads(cli("inspect", tmp_path / "tt8", "--json").output)
+    kinds = {t["name"]: t["kind"] for t in info["tables"]}
+    assert kinds == {"C1": "tt+int8", "C2": "tt+int8", "C3": "dense+int8", "C4": "dense+int8"}
+    res = cli("evaluate", tmp_path / "tt8", "--data", tiny_data.path, "--no-latency", "--json", tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    per_table = r["lookup"]["tables"]
+    assert per_table["C1"]["flops"] > 0 and per_table["C4"]["flops"] == 0
+    assert r["lookup"]["per_sample"]["bytes_read_gpu"] == sum(c["bytes_read_gpu"] for c in per_table.values())
+
+
+def test_cli_bad_compression_parameters(workdir, tmp_path):
+    for args, fragment in [(["--method", "int3"], "int3 is not a supported row-wise format"),
+                           (["--method", "tt", "--tt-rank", "0"], "--tt-rank 0 is impossible"),
+                           (["--method", "qr", "--collisions", "100000"], "--collisions 100000 is impossible")]:
+        res = cli("checkpoint", workdir, *args, "-o", tmp_path / "out")
+        assert_user_error(res, fragment)
+        assert not (tmp_path / "out").exists()

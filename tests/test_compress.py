@@ -33,7 +33,7 @@ def test_mlet_width_cut_is_exact_when_inputs_span_d_dims(tiny_data):
     model.bottom_proj.weight.data = basis @ basis.T @ torch.randn(D, D, generator=g)
     before = probs(model, tiny_data)
     ck = Checkpoint(model, ModelSpec("dlrm", hp, []))
-    ck = compress(ck, parse_methods("mlet"), {"dim": d}, Context(tiny_data, TrainConfig(steps=0)))
+    ck = compress(ck, parse_methods("mlet", {"dim": d}), Context(tiny_data, TrainConfig(steps=0)))
     assert ck.model.hparams["emb_dim"] == d
     assert all(isinstance(t, DenseTable) and t.dim == d for t in ck.model.tables.values())
     assert torch.allclose(probs(ck.model, tiny_data), before, atol=1e-5)
@@ -42,8 +42,7 @@ def test_mlet_width_cut_is_exact_when_inputs_span_d_dims(tiny_data):
 
 def test_post_training_mlet_recovers_accuracy(tiny_ckpt, tiny_data):
     ck = load_checkpoint(tiny_ckpt)
-    ck = compress(ck, parse_methods("mlet"), {"dim": 4, "hidden": 16},
-                  Context(tiny_data, TrainConfig(epochs=1, lr=1e-3, batch_size=128)))
+    ck = compress(ck, parse_methods("mlet", {"dim": 4, "hidden": 16}), Context(tiny_data, TrainConfig(epochs=1, lr=1e-3, batch_size=128)))
     h = ck.spec.history[-1]
     assert h["params"] == {"dim": 4, "hidden": 16}
     assert sum(t.stored_bytes() for t in ck.model.tables.values()) == sum(tiny_data.table_rows) * 4 * 4
@@ -56,7 +55,7 @@ def test_two_layer_checkpoint_collapses_exactly_without_data(tiny_data):
     ck = train_dlrm(tiny_data, TrainConfig(steps=20, batch_size=64), dim=4, mlet_hidden=12, keep_two_layer=True)
     assert all(isinstance(t, FactorizedTable) for t in ck.model.tables.values())
     before = probs(ck.model, tiny_data)
-    ck = compress(ck, parse_methods("mlet"), {}, Context(None))
+    ck = compress(ck, parse_methods("mlet", {}), Context(None))
     assert all(isinstance(t, DenseTable) for t in ck.model.tables.values())
     assert torch.allclose(probs(ck.model, tiny_data), before, atol=1e-6)
 
@@ -64,24 +63,23 @@ def test_two_layer_checkpoint_collapses_exactly_without_data(tiny_data):
 def test_lowrank_selection_bytes_and_errors(tiny_ckpt):
     ck = load_checkpoint(tiny_ckpt)
     base = {n: t.stored_bytes() for n, t in ck.model.tables.items()}
-    out = compress(copy.deepcopy(ck), parse_methods("lowrank"), {"rank": 2}, Context(select=Selection(min_rows=100)))
+    out = compress(copy.deepcopy(ck), parse_methods("lowrank", {"rank": 2}), Context(select=Selection(min_rows=100)))
     kinds = {n: t.kind for n, t in out.model.tables.items()}
     assert kinds == {"C1": "factorized", "C2": "factorized", "C3": "dense", "C4": "dense"}
     assert out.model.tables["C1"].stored_bytes() == (800 * 2 + 2 * 8) * 4 < base["C1"]
     with pytest.raises(UserError, match="not below table C1's width 8"):
-        compress(copy.deepcopy(ck), parse_methods("lowrank"), {"rank": 8}, Context())
+        compress(copy.deepcopy(ck), parse_methods("lowrank", {"rank": 8}), Context())
     with pytest.raises(UserError, match="unknown table"):
-        compress(copy.deepcopy(ck), parse_methods("lowrank"), {"rank": 2}, Context(select=Selection(names=("X",))))
+        compress(copy.deepcopy(ck), parse_methods("lowrank", {"rank": 2}), Context(select=Selection(names=("X",))))
 
 
 def test_composition_applies_in_order_and_validates(tiny_ckpt, tiny_data):
     ck = load_checkpoint(tiny_ckpt)
-    out = compress(ck, parse_methods("mlet,lowrank"), {"dim": 4, "rank": 2},
-                   Context(tiny_data, TrainConfig(steps=5), Selection(min_rows=100)))
+    out = compress(ck, parse_methods("mlet,lowrank", {"dim": 4, "rank": 2}), Context(tiny_data, TrainConfig(steps=5), Selection(min_rows=100)))
     assert [h["method"] for h in out.spec.history] == ["mlet", "lowrank"]
     assert out.model.tables["C1"].kind == "factorized" and out.model.tables["C1"].dim == 4
     with pytest.raises(UserError, match="lowrank cannot read factorized"):
-        compress(out, parse_methods("lowrank"), {"rank": 1}, Context(select=Selection(min_rows=100)))
+        compress(out, parse_methods("lowrank", {"rank": 1}), Context(select=Selection(min_rows=100)))
     with pytest.raises(UserError, match="did you mean 'mlet'"):
         parse_methods("mlte")
 
@@ -92,9 +90,9 @@ def test_composition_applies_in_order_and_validates(tiny_ckpt, tiny_data):
 def test_mlet_bad_parameters(tiny_ckpt, tiny_data, params, msg):
     ck = load_checkpoint(tiny_ckpt)
     with pytest.raises(UserError, match=msg):
-        compress(ck, parse_methods("mlet"), params, Context(tiny_data, TrainConfig(steps=0)))
+        compress(ck, parse_methods("mlet", params), Context(tiny_data, TrainConfig(steps=0)))
 
 
 def test_mlet_needs_data(tiny_ckpt):
     with pytest.raises(UserError, match="pass --data"):
-        compress(load_checkpoint(tiny_ckpt), parse_methods("mlet"), {"dim": 4}, Context(None))
+        compress(load_checkpoint(tiny_ckpt), parse_methods("mlet", {"dim": 4}), Context(None))

@@ -45,7 +45,7 @@ def test_onnx_equals_torch_with_multi_hot_padding(exported, tiny_ckpt, batch, ba
 
 
 def test_unfused_export_of_factorized_tables(tiny_ckpt, tiny_data, tmp_path):
-    ck = compress(load_checkpoint(tiny_ckpt), parse_methods("lowrank"), {"rank": 3}, Context())
+    ck = compress(load_checkpoint(tiny_ckpt), parse_methods("lowrank", {"rank": 3}), Context())
     m = export_checkpoint(ck, "onnx", tmp_path / "lr", data=tiny_data)
     assert m["parity"]["passed"] and m["table_bytes"]["C1"] == (800 * 3 + 3 * 8) * 4
 

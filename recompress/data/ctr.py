@@ -69,6 +69,16 @@ class CTRDataset:
                         torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
                         torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))
 
+    def id_counts(self, split: str = "train", chunk: int = 1 << 20) -> list[np.ndarray]:
+        """How often each id of each table occurs in ``split`` (the frequencies hashing methods use)."""
+        _, sparse, _ = self.arrays(split)
+        counts = [np.zeros(r, dtype=np.int64) for r in self.table_rows]
+        for s in range(0, len(sparse), chunk):
+            block = np.asarray(sparse[s:s + chunk])
+            for t, c in enumerate(counts):
+                c += np.bincount(block[:, t], minlength=len(c))[:len(c)]
+        return counts
+
     def sample(self, split: str, n: int, seed: int = 0) -> Batch:
         """``n`` rows drawn without replacement (or all rows), in sorted order."""
         dense, sparse, label = self.arrays(split)

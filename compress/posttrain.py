@@ -1,0 +1,74 @@
+"""What post-training methods share: id frequencies, reconstruction error, validation metrics, fine-tune."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recompress.checkpoint import Checkpoint
+from recompress.metrics import accuracy_metrics
+from recompress.training import fit, predict
+
+from .tables import Table
+
+if TYPE_CHECKING:
+    from .registry import Context
+
+CHUNK = 1 << 16
+
+
+class NoSaving(Exception):
+    """A --ratio target cannot be met on this (small) table; the method leaves it as it is."""
+
+
+def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None:
+    """Per-table training frequencies + 1 (so unseen ids still count a little), or None without data."""
+    if ctx.data is None:
+        return None
+    counts = ctx.data.id_counts("train")
+    return {name: torch.from_numpy(c + 1).double() for name, c in zip(ckpt.model.tables, counts)}
+
+
+def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor | None = None) -> float:
+    """sqrt(sum w ||W_i - T_i||^2 / sum w ||W_i||^2) over all rows, computed in chunks."""
+    num = den = 0.0
+    for s in range(0, table.rows, CHUNK):
+        ids = torch.arange(s, min(s + CHUNK, table.rows))
+        with torch.no_grad():
+            ref = reference[s:s + CHUNK].double()
+            err = (ref - table.lookup(ids).double()).pow(2).sum(1)
+        w = weights[s:s + CHUNK] if weights is not None else torch.ones_like(err)
+        num += float((w * err).sum())
+        den += float((w * ref.pow(2).sum(1)).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def val_metrics(ckpt: Checkpoint, ctx: Context) -> dict[str, Any] | None:
+    if ctx.data is None or not ctx.data.size("val"):
+        return None
+    return accuracy_metrics(*predict(ckpt.model, ctx.data, "val"))
+
+
+def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[str, Any], before: Any) -> Checkpoint:
+    """Record validation metrics before/after compressing, fine-tune if asked, append to history."""
+    entry["val_before"] = before
+    entry["val_after_init"] = val_metrics(ckpt, ctx)
+    if params.get("finetune"):
+        entry["finetune"] = fit(ckpt.model, ctx.data, ctx.train, desc=f"{entry['method']} fine-tune")
+        entry["val_after_finetune"] = entry["finetune"].get("val")
+    ckpt.spec.history.append(entry)
+    return ckpt
+
+
+def segment_mean(values: torch.Tensor, index: torch.Tensor, segments: int,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of ``values`` rows per ``index`` segment (empty segments get zeros), in float64."""
+    w = torch.ones(len(index), dtype=torch.float64) if weights is None else weights
+    total = torch.zeros(segments, values.shape[1], dtype=torch.float64)
+    mass = torch.zeros(segments, dtype=torch.float64)
+    for s in range(0, len(index), CHUNK):
+        ws = w[s:s + CHUNK]
+        total.index_add_(0, index[s:s + CHUNK], values[s:s + CHUNK].double() * ws.unsqueeze(1))
+        mass.index_add_(0, index[s:s + CHUNK], ws)
+    return total / mass.clamp(min=1e-12).unsqueeze(1)

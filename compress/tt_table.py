@@ -1,0 +1,100 @@
+"""Tensor-train (TT-Rec) tables: an n x d table as a TT-matrix that is never materialized.
+
+Row id i is written in mixed radix (i_1, ..., i_K) over ``row_shape`` (product >= n, padded) and a
+column j as (j_1, ..., j_K) over ``dim_shape`` (product = d). Core k is stored as a row matrix
+``[row_shape[k], ranks[k] * dim_shape[k] * ranks[k+1]]`` so a lookup gathers one row per core by digit
+and contracts them with batched matmuls: only the requested rows are ever computed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .tables import Table
+
+
+def balanced_factors(n: int, k: int) -> list[int]:
+    """``k`` factors with product >= n, as equal as possible (the padding is small)."""
+    out: list[int] = []
+    left = n
+    for i in range(k):
+        f = max(1, math.ceil(left ** (1.0 / (k - i)) - 1e-9))
+        out.append(f)
+        left = math.ceil(left / f)
+    return out
+
+
+def dim_factors(d: int, k: int) -> list[int]:
+    """``k`` factors with product exactly d, as equal as possible (primes go to the smallest factor)."""
+    primes, x, p = [], d, 2
+    while x > 1:
+        while x % p == 0:
+            primes.append(p)
+            x //= p
+        p += 1
+    out = [1] * k
+    for q in sorted(primes, reverse=True):
+        out[out.index(min(out))] *= q
+    return sorted(out)
+
+
+def max_ranks(row_shape: list[int], dim_shape: list[int]) -> list[int]:
+    """Largest useful rank at each of the K-1 inner bonds (the smaller side of each unfolding)."""
+    sizes = [n * d for n, d in zip(row_shape, dim_shape)]
+    return [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
+
+
+class TTTable(Table):
+    """``rows x dim`` table in tensor-train form with bond ``ranks`` (``[1, r_1, ..., r_{K-1}, 1]``)."""
+
+    kind = "tt"
+
+    def __init__(self, rows: int, dim: int, row_shape: list[int], dim_shape: list[int], ranks: list[int]) -> None:
+        super().__init__(rows, dim)
+        if math.prod(row_shape) < rows or math.prod(dim_shape) != dim or len(ranks) != len(row_shape) + 1:
+            raise ValueError(f"TT shapes {row_shape} x {dim_shape} with ranks {ranks} do not fit a {rows} x {dim} table")
+        self.row_shape, self.dim_shape, self.ranks = list(row_shape), list(dim_shape), list(ranks)
+        strides = [math.prod(row_shape[k + 1:]) for k in range(len(row_shape))]
+        self.register_buffer("strides", torch.tensor(strides), persistent=False)
+        self.register_buffer("radix", torch.tensor(row_shape), persistent=False)
+        for k, (n, d) in enumerate(zip(row_shape, dim_shape)):
+            self.register_parameter(f"core{k}", nn.Parameter(torch.empty(n, ranks[k] * d * ranks[k + 1])))
+
+    def row_matrices(self) -> tuple[str, ...]:
+        return tuple(f"core{k}" for k in range(len(self.row_shape)))
+
+    def config(self) -> dict[str, Any]:
+        return {"row_shape": self.row_shape, "dim_shape": self.dim_shape, "ranks": self.ranks}
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        shape = ids.shape
+        flat = ids.reshape(-1)
+        digits = (flat.unsqueeze(1) // self.strides) % self.radix  # [B, K]
+        r, d = self.ranks, self.dim_shape
+        out = self.gather("core0", digits[:, 0]).view(-1, d[0], r[1])
+        width = d[0]
+        for k in range(1, len(self.row_shape)):
+            core = self.gather(f"core{k}", digits[:, k]).view(-1, r[k], d[k] * r[k + 1])
+            width *= d[k]
+            out = torch.bmm(out, core).view(-1, width, r[k + 1])
+        return out.reshape(*shape, self.dim)
+
+    def flops(self) -> int:
+        r, d, width, total = self.ranks, self.dim_shape, self.dim_shape[0], 0
+        for k in range(1, len(d)):
+            total += 2 * width * r[k] * d[k] * r[k + 1]
+            width *= d[k]
+        return total
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        """TT-Rec's sampled-Gaussian init: the product's entries get the dense table's init variance."""
+        target = (self.rows ** -0.5) / math.sqrt(3.0)  # std of U(-1/sqrt(n), 1/sqrt(n))
+        k = len(self.row_shape)
+        sigma = (target ** 2 / math.prod(self.ranks[1:-1])) ** (1.0 / (2 * k))
+        with torch.no_grad():
+            for name in self.row_matrices():
+                getattr(self, name).normal_(0.0, sigma, generator=gen)

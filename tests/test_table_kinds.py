@@ -1,0 +1,268 @@
+"""TT, hashing-family and row-wise quantized tables: lookups, TT-SVD, byte accounting, export, composition."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from recompress.checkpoint import load_checkpoint, save_checkpoint
+from recompress.compress.hashed import PRIME, FreqHashTable, HashedTable, QRTable
+from recompress.compress.registry import Context, Selection, compress, parse_methods
+from recompress.compress.rowwise import QuantizedRows, row_bytes, units_touched
+from recompress.compress.tables import DenseTable
+from recompress.compress.tt import plan, tt_svd
+from recompress.compress.tt_table import TTTable, balanced_factors, dim_factors
+from recompress.errors import UserError
+from recompress.export import export_checkpoint
+from recompress.training import TrainConfig
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _tt_reference(t: TTTable) -> torch.Tensor:
+    """The full TT-matrix by explicit einsum over all cores (independent of the lookup code)."""
+    cores = [getattr(t, f"core{k}").detach().view(n, t.ranks[k], d, t.ranks[k + 1])
+             for k, (n, d) in enumerate(zip(t.row_shape, t.dim_shape))]
+    full = torch.einsum("iajb,kbmc,ncod->iknjmo", *cores)
+    return full.reshape(math.prod(t.row_shape), t.dim)[:t.rows]
+
+
+def test_factorizations_cover_the_table():
+    for rows in (7, 800, 12345, 10_000_000):
+        f = balanced_factors(rows, 3)
+        assert math.prod(f) >= rows and math.prod(f) < rows * 1.2 + 27
+    assert dim_factors(16, 3) == [2, 2, 4] and dim_factors(64, 3) == [4, 4, 4] and dim_factors(13, 3) == [1, 1, 13]
+
+
+def test_tt_lookup_equals_reconstruction_and_svd_recovers_exact_rank():
+    t = TTTable(1000, 16, [10, 10, 10], [2, 2, 4], [1, 3, 3, 1])
+    t.reset_parameters(_gen())
+    ids = torch.randint(0, 1000, (64, 5), generator=_gen(1))
+    ref = _tt_reference(t)
+    assert torch.allclose(t.lookup(ids), ref[ids], atol=1e-6)
+    assert torch.allclose(t.dense_weight(), ref, atol=1e-6)
+    rs, ds, ranks, _ = plan(1000, 16, {"tt_rank": 3})
+    again = tt_svd(ref, rs, ds, ranks, None)
+    assert float((again.dense_weight() - ref).norm() / ref.norm()) < 1e-5
+    low = tt_svd(ref, rs, ds, [1, 2, 2, 1], None)
+    assert float((low.dense_weight() - ref).norm() / ref.norm()) > 0.05  # rank 2 cannot hold a rank-3 train
+
+
+def test_tt_error_budget_and_full_rank():
+    w = torch.randn(3000, 16, generator=_gen(2))
+    rs, ds, _, tol = plan(3000, 16, {"tol": 0.4})
+    t = tt_svd(w, rs, ds, None, tol)
+    err = float((t.dense_weight() - w).norm() / w.norm())
+    assert 0.2 < err <= 0.4
+    rs, ds, ranks, _ = plan(3000, 16, {"tt_rank": 10_000})
+    assert float((tt_svd(w, rs, ds, ranks, None).dense_weight() - w).norm() / w.norm()) < 1e-5
+
+
+def test_tt_ratio_picks_ranks_within_budget():
+    rs, ds, ranks, _ = plan(1_000_000, 64, {"ratio": 100})
+    from recompress.compress.tt import tt_bytes
+    assert tt_bytes(rs, ds, ranks) <= 1_000_000 * 64 * 4 / 100
+    bigger = [1, *[r + 1 for r in ranks[1:-1]], 1]
+    assert tt_bytes(rs, ds, bigger) > 1_000_000 * 64 * 4 / 100
+
+
+def _py_hash(i, a, b, m):
+    return ((a * i + b) % PRIME) % m
+
+
+def test_hash_qr_freqhash_lookups_match_their_definitions():
+    h = HashedTable(5000, 8, 97, a=123456789, b=987654)
+    h.reset_parameters(_gen())
+    ids = torch.randint(0, 5000, (200,), generator=_gen(3))
+    want = h.weight.detach()[[_py_hash(int(i), 123456789, 987654, 97) for i in ids]]
+    assert torch.equal(h.lookup(ids), want)
+    for op in ("mult", "add", "concat"):
+        q = QRTable(5000, 8, 70, op)
+        q.reset_parameters(_gen())
+        qa, ra = q.q.detach()[ids // 70], q.r.detach()[ids % 70]
+        want = {"mult": qa * ra, "add": qa + ra, "concat": torch.cat([qa, ra], 1)}[op]
+        assert torch.equal(q.lookup(ids), want)
+        # not dlrm's all-positive U(sqrt(1/n), 1) start: rows are centred on zero
+        assert 0.3 < float((q.dense_weight() > 0).float().mean()) < 0.7
+    f = FreqHashTable(5000, 8, hot=10, buckets=50, hashes=[[11, 5], [7, 3]])
+    f.reset_parameters(_gen())
+    f.slot[torch.arange(10) * 3] = torch.arange(10, dtype=torch.int32)
+    for i in (0, 3, 27, 1, 4999):
+        got = f.lookup(torch.tensor([i]))[0]
+        if i % 3 == 0 and i < 30:
+            assert torch.equal(got, f.hot.detach()[i // 3])
+        else:
+            assert torch.allclose(got, f.tail.detach()[_py_hash(i, 11, 5, 50)] + f.tail.detach()[_py_hash(i, 7, 3, 50)])
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 255), ("int4", 15)])
+def test_quantized_rows_error_bound_and_bytes(fmt, levels):
+    w = torch.randn(300, 10, generator=_gen(4)) * torch.rand(300, 1, generator=_gen(5)) * 3
+    for align in (1, 16):
+        q = QuantizedRows(300, 10, fmt, align)
+        q.fill(w)
+        got = q.dequantized()
+        step = (w.max(1).values - w.min(1).values) / levels
+        assert ((got - w).abs() <= step.unsqueeze(1) * 0.51 + 1e-3 * w.abs().max(1).values.unsqueeze(1)).all()
+        raw = (10 if fmt == "int8" else 5) + 4
+        assert q.stored_row_bytes() == (raw if align == 1 else 16)
+        assert sum(t.numel() * t.element_size() for t in q.state_dict().values()) == 300 * q.stored_row_bytes()
+
+
+def test_fp16_bf16_rows_and_sector_counts():
+    w = torch.randn(50, 16, generator=_gen(6))
+    for fmt, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        q = QuantizedRows(50, 16, fmt)
+        q.fill(w)
+        assert torch.equal(q.dequantized(), w.to(dt).float())
+    assert row_bytes("int8", 16) == 20 and row_bytes("int8", 16, 16) == 32 and row_bytes("int4", 16) == 12
+    assert units_touched(32, 32) == 1 and units_touched(48, 32) == 2
+    assert units_touched(20, 32) == 1.5  # rows at 0, 20, 40, ...: 1,2,1,2,2,1,2,1 sectors over one period
+
+
+def _ck(tiny_ckpt):
+    return load_checkpoint(tiny_ckpt)
+
+
+CASES = [
+    ("tt", {"tt_rank": 2}, "tt"),
+    ("hash", {"ratio": 4}, "hash"),
+    ("qr", {"collisions": 8, "op": "mult"}, "qr"),
+    ("qr", {"collisions": 8, "op": "concat"}, "qr"),
+    ("freqhash", {"ratio": 3}, "freqhash"),
+    ("int8", {}, "dense+int8"),
+    ("int4", {"align": 16}, "dense+int4"),
+    ("fp16", {}, "dense+fp16"),
+    ("tt,int8", {"tt_rank": 2}, "tt+int8"),
+    ("qr,int4", {"collisions": 8}, "qr+int4"),
+    ("freqhash,int8", {"ratio": 3}, "freqhash+int8"),
+]
+
+
+@pytest.mark.parametrize("methods,params,form", CASES)
+def test_each_kind_round_trips_and_exports_with_parity(tiny_ckpt, tiny_data, tmp_path, methods, params, form):
+    ck = compress(_ck(tiny_ckpt), parse_methods(methods, params), Context(tiny_data, TrainConfig(steps=0),
+                                                                          Selection(names=("C1",))))
+    t = ck.model.tables["C1"]
+    assert t.form == form and [h["method"] for h in ck.spec.history] == methods.split(",")
+    assert t.stored_bytes() < 800 * 8 * 4
+    ids = torch.randint(0, 800, (40, 3), generator=_gen(7))
+    assert torch.allclose(t.lookup(ids), t.dense_weight()[ids], atol=1e-6)
+    path = save_checkpoint(ck, tmp_path / "ck")
+    back = load_checkpoint(path)
+    assert back.model.tables["C1"].form == form
+    for k, v in ck.model.state_dict().items():
+        assert torch.equal(v, back.model.state_dict()[k]), k
+    m = export_checkpoint(back, "onnx", tmp_path / "onnx", data=tiny_data)
+    assert m["parity"]["passed"] and m["parity"]["max_abs_diff"] < 1e-5
+    assert m["table_bytes"]["C1"] == t.stored_bytes() and m["lookup_cost"]["C1"]["bytes_read_gpu"] > 0
+
+
+def test_quantized_onnx_file_really_shrinks_and_both_graph_forms_match(tiny_ckpt, tiny_data, tmp_path):
+    dense = export_checkpoint(_ck(tiny_ckpt), "onnx", tmp_path / "dense", data=tiny_data)
+    q = compress(_ck(tiny_ckpt), parse_methods("int8"), Context())
+    a = export_checkpoint(q, "onnx", tmp_path / "a", data=tiny_data)
+    b = export_checkpoint(q, "onnx", tmp_path / "b", data=tiny_data, opts={"quant_graph": "dequant-gather"})
+    emb = sum(dense["table_bytes"].values())
+    q_emb = sum(a["table_bytes"].values())
+    assert q_emb == (800 + 200 + 40 + 7) * (8 + 4)
+    # the dense fused table is ~emb bytes of the file; the quantized file saves most of it
+    assert dense["files"]["model.onnx"] - a["files"]["model.onnx"] > 0.6 * (emb - q_emb)
+    ops_a = {n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx")).graph.node}
+    ops_b = {n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node}
+    assert "DequantizeLinear" not in ops_a and "DequantizeLinear" in ops_b
+    assert a["parity"]["passed"] and b["parity"]["passed"]
+    with pytest.raises(UserError, match="int4"):
+        export_checkpoint(compress(_ck(tiny_ckpt), parse_methods("int4"), Context()), "onnx", tmp_path / "c",
+                          opts={"quant_graph": "dequant-gather"})
+    assert not (tmp_path / "c").exists()
+
+
+def test_materialize_exports_dense_tables(tiny_ckpt, tiny_data, tmp_path):
+    ck = compress(_ck(tiny_ckpt), parse_methods("tt", {"tt_rank": 2}), Context(select=Selection(names=("C1",))))
+    m = export_checkpoint(ck, "onnx", tmp_path / "m", data=tiny_data, opts={"materialize": True})
+    assert m["parity"]["passed"] and m["options"]["materialize"]
+    assert m["exported_table_bytes"]["C1"] == 800 * 8 * 4 > m["table_bytes"]["C1"]
+    assert isinstance(ck.model.tables["C1"], TTTable)  # the checkpoint itself is untouched
+
+
+def test_post_training_hash_init_is_least_squares(tiny_ckpt, tiny_data):
+    base = _ck(tiny_ckpt)
+    w = base.model.tables["C1"].dense_weight()
+    ck = compress(copy.deepcopy(base), parse_methods("hash", {"buckets": 100}), Context(select=Selection(names=("C1",))))
+    t = ck.model.tables["C1"]
+    b = t.bucket(torch.arange(800))
+    for k in (0, 17, 99):
+        assert torch.allclose(t.weight.detach()[k], w[b == k].mean(0), atol=1e-6)
+    entry = ck.spec.history[-1]["tables"]["C1"]
+    assert 0 < entry["rel_error"] < 1
+
+
+def test_freqhash_keeps_hot_rows_exactly_and_counts_the_slot_map(tiny_ckpt, tiny_data):
+    base = _ck(tiny_ckpt)
+    w = base.model.tables["C1"].dense_weight()
+    ck = compress(base, parse_methods("freqhash", {"hot": 50, "buckets": 100}),
+                  Context(tiny_data, select=Selection(names=("C1",))))
+    t = ck.model.tables["C1"]
+    counts = tiny_data.id_counts("train")[0]
+    hot = np.argsort(-counts, kind="stable")[:50]
+    assert torch.equal(t.lookup(torch.as_tensor(hot)), w[hot])
+    assert t.stored_bytes() == 800 * 4 + (50 + 100) * 8 * 4
+    assert 0 < t.hot_share < 1 and json.loads(json.dumps(t.config()))["hot"] == 50
+
+
+def test_finetune_recovers_accuracy_after_hashing(tiny_ckpt, tiny_data):
+    ck = compress(_ck(tiny_ckpt), parse_methods("hash", {"buckets": 40, "finetune": True}),
+                  Context(tiny_data, TrainConfig(epochs=1, lr=3e-3, batch_size=128), Selection(names=("C1",))))
+    h = ck.spec.history[-1]
+    assert h["val_after_finetune"]["logloss"] < h["val_after_init"]["logloss"]
+
+
+def test_compositions_are_ordered_and_validated(tiny_ckpt):
+    with pytest.raises(UserError, match="tt cannot read dense\\+int8 tables.*reorder"):
+        compress(_ck(tiny_ckpt), parse_methods("int8,tt", {"tt_rank": 2}), Context())
+    with pytest.raises(UserError, match="int8 cannot read dense\\+int8"):
+        compress(_ck(tiny_ckpt), parse_methods("int8,int8"), Context())
+    ck = compress(_ck(tiny_ckpt), parse_methods("tt@>=500,int8@C2+C3", {"tt_rank": 2}), Context())
+    forms = {n: t.form for n, t in ck.model.tables.items()}
+    assert forms == {"C1": "tt", "C2": "dense+int8", "C3": "dense+int8", "C4": "dense"}
+
+
+@pytest.mark.parametrize("methods,params,msg", [
+    ("tt", {"tt_rank": 0}, "--tt-rank 0 is impossible"),
+    ("tt", {}, "exactly one of --tt-rank, --ratio or --tol"),
+    ("qr", {"collisions": 801}, "--collisions 801 is impossible for a table of 800 rows"),
+    ("qr", {"collisions": 4, "op": "concat"}, None),
+    ("hash", {"buckets": 800}, "not below the table's 800 rows"),
+    ("hash", {"ratio": 0.5}, "does not compress"),
+    ("int8", {"align": 3}, "not a power of two"),
+])
+def test_bad_parameters_give_one_line_errors(tiny_ckpt, methods, params, msg):
+    run = lambda: compress(_ck(tiny_ckpt), parse_methods(methods, params), Context(select=Selection(names=("C1",))))  # noqa: E731
+    if msg is None:
+        run()
+        return
+    with pytest.raises(UserError, match=msg) as e:
+        run()
+    assert "\n" not in e.value.message
+
+
+def test_unknown_methods_suggest_the_nearest():
+    with pytest.raises(UserError, match="int3 is not a supported row-wise format") as e:
+        parse_methods("int3")
+    assert "fp16, bf16, int8, int4" in e.value.hint
+    with pytest.raises(UserError, match="unknown method 'ttt'"):
+        parse_methods("ttt")
+
+
+def test_dense_table_is_unchanged_by_the_storage_refactor():
+    t = DenseTable(10, 4, torch.arange(40.).view(10, 4))
+    assert list(t.state_dict()) == ["weight"] and t.form == "dense"
+    assert t.lookup_cost() == {"rows_read": 1.0, "bytes_useful": 16.0, "bytes_read_gpu": 32.0,
+                               "bytes_read_cpu": 64.0, "flops": 0}
