@@ -285,12 +285,77 @@ def inspect(source: str, as_json: bool) -> None:
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
 
 
+def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sweep: tuple[str, ...] = ()) -> tuple[Any, Path]:
+    import shutil
+
+    from .pipeline import parse_sweep, run_pipeline
+    from .recipe import load_recipe
+    from .sweep_report import write_reports
+    r = load_recipe(recipe_arg)
+    extra = [v for s in sweep for v in parse_sweep(s)]
+    folder = Path(out or f"runs/{r['name']}")
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+    summary = run_pipeline(r, folder, extra)
+    files = write_reports(summary, folder)
+    cached = sum(s["cached"] for s in summary["steps"])
+    click.echo(f"{len(summary['rows'])} results ({cached} of {len(summary['steps'])} steps reused from cache) -> "
+               f"{files['md']}, {files['html']}, {files['jsonl']}, {files['csv']}")
+    return summary, folder
+
+
 @main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), default=None, help="run folder (default: runs/<recipe name>)")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="start from scratch instead of reusing finished steps")
 def run(recipe: str, out: str | None, overwrite: bool) -> None:
-    """Run a recipe end to end: data, train, compress, export, evaluate, report."""
-    from .recipe import load_recipe, run_recipe
-    r = load_recipe(recipe)
-    run_recipe(r, Path(out or f"runs/{r['name']}"), overwrite=overwrite)
+    """Run a recipe end to end: data, train, compress, export, evaluate, report.
+
+    Finished steps are cached in the run folder by content hash, so a re-run (or a run after editing
+    one variant) redoes only what changed.
+    """
+    _run_and_report(recipe, out, overwrite)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--sweep", multiple=True, help="extra variants: METHOD or METHOD:PARAM=V1,V2 (repeatable), "
+                                             "e.g. --sweep hash:ratio=4,16,64 --sweep tt,int8:tt_rank=8,16")
+@click.option("-o", "--out", type=click.Path(), default=None, help="run folder (default: runs/<recipe name>)")
+@click.option("--overwrite", is_flag=True, help="start from scratch instead of reusing finished steps")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="summary.json of an earlier run")
+@click.option("--fail-on-regression", is_flag=True, help="exit 1 if any check against --baseline fails")
+@click.option("--save-baseline", type=click.Path(dir_okay=False), default=None, help="also copy summary.json here")
+@click.option("--max-auc-drop", type=float, default=None, help="gate: allowed AUC drop (default: recipe [gate] or 0.002)")
+@click.option("--max-bytes-growth", type=float, default=None, help="gate: allowed embedding-bytes ratio (default 1.01)")
+@click.option("--max-latency-growth", type=float, default=None,
+              help="gate: allowed growth of latency-÷-baseline ratios (default 1.5)")
+def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool, baseline: str | None,
+          fail_on_regression: bool, save_baseline: str | None, max_auc_drop: float | None,
+          max_bytes_growth: float | None, max_latency_growth: float | None) -> None:
+    """Sweep methods x settings x targets of a recipe; JSONL/CSV results, Markdown/HTML report, Pareto plots,
+    and an optional regression gate against a baseline run."""
+    from .gate import Tolerances, compare, diff_table, read_summary
+    if fail_on_regression and not baseline:
+        raise UserError("--fail-on-regression needs --baseline", "pass the summary.json of a trusted run")
+    base = read_summary(baseline) if baseline else None
+    summary, folder = _run_and_report(recipe, out, overwrite, sweep)
+    if save_baseline:
+        write_json(summary, save_baseline)
+    if base is None:
+        return
+    from .recipe import load_recipe
+    g = load_recipe(recipe).get("gate", {})
+    tol = Tolerances(auc_drop=max_auc_drop if max_auc_drop is not None else g.get("auc_drop", Tolerances.auc_drop),
+                     bytes_growth=max_bytes_growth or g.get("bytes_growth", Tolerances.bytes_growth),
+                     latency_growth=max_latency_growth or g.get("latency_growth", Tolerances.latency_growth))
+    checks = compare(summary, base, tol)
+    echo_table(diff_table(checks))
+    bad = [c for c in checks if not c["ok"]]
+    write_json({"tolerances": tol.__dict__, "checks": checks}, folder / "gate.json")
+    if bad:
+        click.echo(f"REGRESSION: {len(bad)} of {len(checks)} checks failed (details: {folder / 'gate.json'})", err=True)
+        if fail_on_regression:
+            sys.exit(1)
+    else:
+        click.echo(f"gate passed: {len(checks)} checks within tolerance")

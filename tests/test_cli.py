@@ -129,9 +129,7 @@ def test_recipe_validation(tmp_path):
     assert_user_error(cli("run", r), "data.samples is str 'many', expected int")
 
 
-def test_recipe_end_to_end(tmp_path):
-    r = tmp_path / "tiny.toml"
-    r.write_text("""name = "tiny"
+TINY_RECIPE = """name = "tiny"
 [data]
 kind = "synthetic"
 samples = 4000
@@ -152,15 +150,62 @@ steps = 20
 [evaluate]
 batch_sizes = [1, 32]
 repeats = 5
-""")
+"""
+
+
+def _rows(folder):
+    return [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def test_recipe_end_to_end_resumes_from_cache(tmp_path):
+    r = tmp_path / "tiny.toml"
+    r.write_text(TINY_RECIPE)
     res = cli("run", r, "-o", tmp_path / "run")
     assert res.exit_code == 0, res.output
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [x["variant"] for x in results] == ["baseline", "mlet-d2"]
-    assert results[1]["bytes"]["embeddings"] * 4 == results[0]["bytes"]["embeddings"]
-    assert all(x["accuracy"]["onnxruntime"]["auc"] > 0.55 for x in results)
-    assert (tmp_path / "run" / "pareto_auc_vs_bytes.png").stat().st_size > 10_000
+    assert "(0 of 7 steps reused from cache)" in res.output
+    rows = _rows(tmp_path / "run")
+    assert [x["variant"] for x in rows] == ["baseline", "mlet-d2"]
+    assert rows[1]["emb_bytes"] * 4 == rows[0]["emb_bytes"]
+    assert all(x["auc"] > 0.55 for x in rows) and rows[0]["latency_ratio"] == {"1": 1.0, "32": 1.0}
+    for f in ("pareto_auc_vs_bytes.png", "pareto_auc_vs_latency.png"):
+        assert (tmp_path / "run" / f).stat().st_size > 10_000
     assert "mlet-d2" in (tmp_path / "run" / "report.md").read_text()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "mlet-d2" in page  # self-contained
+    assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("variant,target,method,auc")
+    # unchanged re-run: everything cached, same accuracy; an edited variant re-runs only its own steps
+    res = cli("run", r, "-o", tmp_path / "run")
+    assert "(7 of 7 steps reused from cache)" in res.output
+    assert [x["auc"] for x in _rows(tmp_path / "run")] == [x["auc"] for x in rows]
+    r.write_text(TINY_RECIPE.replace("steps = 20", "steps = 21"))
+    res = cli("run", r, "-o", tmp_path / "run")
+    assert "(4 of 7 steps reused from cache)" in res.output
+
+
+def test_bench_sweep_and_regression_gate(tmp_path):
+    r = tmp_path / "tiny.toml"
+    r.write_text(TINY_RECIPE.split("[[variants]]")[0] + "[evaluate]\nbatch_sizes = [8]\nrepeats = 5\n")
+    res = cli("bench", r, "-o", tmp_path / "b", "--sweep", "hash:ratio=2,4", "--sweep", "int8",
+              "--save-baseline", tmp_path / "base.json")
+    assert res.exit_code == 0, res.output
+    assert [x["variant"] for x in _rows(tmp_path / "b")] == ["baseline", "hash ratio=2.0", "hash ratio=4.0", "int8"]
+    res = cli("bench", r, "-o", tmp_path / "b", "--sweep", "hash:ratio=2,4", "--sweep", "int8",
+              "--baseline", tmp_path / "base.json", "--fail-on-regression",
+              "--max-latency-growth", "1000")  # 5 timed calls: latency is checked in test_gate_latency_ratio
+    assert res.exit_code == 0 and "gate passed" in res.output
+    base = json.loads((tmp_path / "base.json").read_text())
+    base["rows"][3]["auc"] += 0.01      # the baseline claims int8 was more accurate
+    base["rows"][1]["emb_bytes"] //= 2  # ... and hash 2x smaller than it is
+    (tmp_path / "worse.json").write_text(json.dumps(base))
+    res = cli("bench", r, "-o", tmp_path / "b", "--sweep", "hash:ratio=2,4", "--sweep", "int8",
+              "--baseline", tmp_path / "worse.json", "--fail-on-regression",
+              "--max-latency-growth", "1000")
+    assert res.exit_code == 1 and "REGRESSION: 2 of" in res.stderr
+    gate = json.loads((tmp_path / "b" / "gate.json").read_text())
+    assert {(c["variant"], c["metric"]) for c in gate["checks"] if not c["ok"]} == {("int8", "auc"),
+                                                                                    ("hash ratio=2.0", "emb_bytes")}
+    assert_user_error(cli("bench", r, "--sweep", "hash:ration=2"), "unknown parameter 'ration'; did you mean 'ratio'?")
+    assert_user_error(cli("bench", r, "--fail-on-regression"), "--fail-on-regression needs --baseline")
 
 
 @pytest.mark.slow
@@ -201,3 +246,31 @@ def test_cli_bad_compression_parameters(workdir, tmp_path):
         res = cli("checkpoint", workdir, *args, "-o", tmp_path / "out")
         assert_user_error(res, fragment)
         assert not (tmp_path / "out").exists()
+
+
+def test_gate_latency_ratio_and_missing_variants():
+    from recompress.gate import Tolerances, compare
+    row = lambda v, ratio: {"variant": v, "target": "onnx", "auc": 0.7, "emb_bytes": 100,  # noqa: E731
+                            "latency_ratio": {"512": ratio}}
+    base = {"rows": [row("baseline", 1.0), row("tt", 2.0), row("int8", 1.1)]}
+    new = {"rows": [row("baseline", 1.0), row("tt", 3.1)]}
+    bad = [(c["variant"], c["metric"]) for c in compare(new, base, Tolerances(latency_growth=1.5)) if not c["ok"]]
+    assert bad == [("tt", "latency ratio b=512"), ("int8", "present")]
+    new["rows"][1]["latency_ratio"]["512"] = 2.9
+    assert [c["variant"] for c in compare(new, base, Tolerances(latency_growth=1.5)) if not c["ok"]] == ["int8"]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "dlrm-criteo", "ci-smoke"])
+def test_shipped_recipes_validate(name):
+    from recompress.pipeline import Variant
+    from recompress.recipe import load_recipe
+    r = load_recipe(name)
+    assert r["name"] == name and r["variants"]
+    for v in r["variants"]:
+        Variant.from_recipe(v)  # every variant's keys map to a method parameter or a known setting
+
+
+def test_recipe_with_missing_criteo_file(tmp_path):
+    r = tmp_path / "c.toml"
+    r.write_text(f'name = "c"\n[data]\nkind = "criteo"\npath = "{tmp_path / "nope.txt"}"\n[train]\ndim = 4\n')
+    assert_user_error(cli("run", r, "-o", tmp_path / "run"), "does not exist")

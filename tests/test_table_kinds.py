@@ -266,3 +266,19 @@ def test_dense_table_is_unchanged_by_the_storage_refactor():
     assert list(t.state_dict()) == ["weight"] and t.form == "dense"
     assert t.lookup_cost() == {"rows_read": 1.0, "bytes_useful": 16.0, "bytes_read_gpu": 32.0,
                                "bytes_read_cpu": 64.0, "flops": 0}
+
+
+def test_hashed_and_dense_tables_fuse_into_one_lookup(tiny_ckpt, tiny_data, tmp_path):
+    from recompress.export.graph import InferenceDLRM
+    ck = compress(_ck(tiny_ckpt), parse_methods("hash@C1+C2,int8", {"ratio": 4}), Context())
+    g = InferenceDLRM(ck.model).eval()
+    assert g.fused is not None and g.fused.hashed and g.fused.store is not None
+    gen = _gen(8)
+    sparse = torch.stack([torch.randint(-1, r, (6, 3), generator=gen) for r in (800, 200, 40, 7)], 1)
+    dense = torch.rand(6, 13, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(g(dense, sparse), torch.sigmoid(ck.model(dense, sparse)), atol=1e-6)
+    m = export_checkpoint(ck, "onnx", tmp_path / "h", data=tiny_data)
+    assert m["parity"]["passed"]
+    qr = compress(_ck(tiny_ckpt), parse_methods("qr@C1", {"collisions": 8}), Context())
+    assert InferenceDLRM(qr.model).fused is None

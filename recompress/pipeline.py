@@ -1,0 +1,234 @@
+"""Run a recipe: data -> baseline -> variants -> exports -> accuracy, each step cached by content hash.
+
+A step's key hashes its own settings, the keys of the steps it reads and recompress's version, so a
+re-run skips every finished step and an edited setting re-runs exactly what depends on it. Every step
+writes atomically, so an interrupted run resumes cleanly. Latency is measured afresh on every run, all
+variants in one interleaved pass, and reported as a ratio to the reference variant measured alongside:
+that ratio, not an absolute time, is what reports and the regression gate compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import atomic_file
+from .errors import UserError
+from .progress import say
+from .recipe import TRAIN_KEYS
+
+REFERENCE = "baseline"
+EXPORT_KEYS = ("materialize", "quant_graph")
+
+
+def key(step: str, /, **settings: Any) -> str:
+    blob = json.dumps({"step": step, "recompress": __version__, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Variant:
+    """One row of a sweep: a method composition with its parameters (``method`` None = the baseline)."""
+
+    name: str
+    method: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    tables: tuple[str, ...] = ()
+    min_rows: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+    from_scratch: bool = False
+    export: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, v: dict[str, Any]) -> Variant:
+        from .compress.registry import all_params
+        params = {k: v[k] for k in all_params() if k in v}
+        return cls(name=v.get("name") or v["method"], method=v["method"], params=params,
+                   tables=tuple(v.get("tables", ())), min_rows=v.get("min_rows", 0),
+                   train={k: v[k] for k in TRAIN_KEYS if k in v}, from_scratch=v.get("from_scratch", False),
+                   export={k: v[k] for k in EXPORT_KEYS if k in v})
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "params": self.params, "tables": list(self.tables), "min_rows": self.min_rows,
+                "train": self.train, "from_scratch": self.from_scratch}
+
+
+def parse_sweep(text: str) -> list[Variant]:
+    """``hash:ratio=4,16,64`` -> three variants; ``int8`` -> one; ``tt,int8:tt_rank=8,16`` -> two."""
+    from .compress.registry import all_params, parse_methods
+    method, _, grid = text.partition(":")
+    parse_methods(method)  # validates the names
+    if not grid:
+        return [Variant(name=method, method=method)]
+    pname, _, values = grid.partition("=")
+    params = all_params()
+    if pname not in params:
+        import difflib
+        close = difflib.get_close_matches(pname, params, n=1)
+        raise UserError(f"--sweep {text!r}: unknown parameter {pname!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                        "write METHOD:PARAM=V1,V2,...")
+    p = params[pname]
+    try:
+        vals = [p.type(x) for x in values.split(",") if x]
+    except ValueError:
+        raise UserError(f"--sweep {text!r}: values must be {p.type.__name__}", "e.g. hash:ratio=4,16") from None
+    return [Variant(name=f"{method} {pname}={v}", method=method, params={pname: v}) for v in vals]
+
+
+class Pipeline:
+    """The cached steps of one run folder."""
+
+    def __init__(self, recipe: dict[str, Any], out: Path) -> None:
+        self.recipe, self.out = recipe, out
+        self.cache = out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.log: list[dict[str, Any]] = []
+
+    def _step(self, kind: str, k: str, label: str) -> tuple[Path, bool]:
+        path = self.cache / f"{kind}-{k}"
+        done = path.exists()
+        self.log.append({"step": kind, "label": label, "key": k, "cached": done})
+        say(f"{'[dim]cached[/dim]' if done else '[bold]run[/bold]   '} {kind:<8} {label}")
+        return path, done
+
+    def data(self) -> tuple[Any, str]:
+        from .data import open_dataset
+        d = dict(self.recipe["data"])
+        kind = d.pop("kind", "synthetic")
+        if kind == "prepared":
+            ds = open_dataset(d["path"])
+            return ds, key("data", fingerprint=ds.fingerprint)
+        if kind == "criteo" and not Path(d.get("path", "")).is_file():
+            raise UserError(f"data.path {d.get('path')} does not exist",
+                            "point it at a Criteo TSV (e.g. ../shared/data/criteo_kaggle_head10k/...)")
+        k = key("data", kind=kind, **d)
+        path, done = self._step("data", k, kind)
+        if not done:
+            if kind == "synthetic":
+                from .data.synthetic import make_synthetic
+                if "tables" in d:
+                    d["table_rows"] = d.pop("tables")
+                make_synthetic(path, **d)
+            else:
+                from .data.criteo import prepare_criteo
+                prepare_criteo(d.pop("path"), str(path), **d)
+        return open_dataset(path), k
+
+    def checkpoint(self, v: Variant, data: Any, data_key: str, base_key: str | None) -> tuple[Path, str]:
+        from .adapters import load_any
+        from .checkpoint import save_checkpoint
+        from .compress.registry import Context, Selection, compress, parse_methods
+        from .training import TrainConfig, train_dlrm
+        t = self.recipe["train"]
+        base_cfg = TrainConfig(**{k: t[k] for k in TRAIN_KEYS if k in t})
+        arch = {k: t.get(k) for k in ("dim", "bottom", "top", "mlet_hidden", "mlet_min_rows")}
+        scratch = v.method is None or v.from_scratch
+        k = key("ckpt", data=data_key, train=t, variant=v.describe()) if scratch else \
+            key("ckpt", base=base_key, variant=v.describe())
+        path, done = self._step("ckpt", k, v.name)
+        if done:
+            return path, k
+        arch_kw = dict(dim=arch["dim"] or 16, bottom=tuple(arch["bottom"] or [64]), top=tuple(arch["top"] or [64]))
+        if v.method is None:
+            ckpt = train_dlrm(data, base_cfg, **arch_kw, mlet_hidden=arch["mlet_hidden"],
+                              mlet_min_rows=arch["mlet_min_rows"] or 0)
+        elif v.from_scratch:
+            first, *rest = v.method.split(",")
+            cfg = TrainConfig(**{**base_cfg.__dict__, **v.train})
+            ckpt = train_dlrm(data, cfg, **arch_kw, method=first, method_params=v.params, method_min_rows=v.min_rows)
+            if rest:
+                ckpt = compress(ckpt, parse_methods(",".join(rest), v.params), Context(data, cfg))
+        else:
+            ckpt = load_any(self.cache / f"ckpt-{base_key}")
+            ctx = Context(data, TrainConfig(**{**base_cfg.__dict__, **v.train}), Selection(v.tables, v.min_rows))
+            ckpt = compress(ckpt, parse_methods(v.method, v.params), ctx)
+        save_checkpoint(ckpt, path)
+        return path, k
+
+    def export(self, v: Variant, ckpt_path: Path, ckpt_key: str, target: str, data: Any) -> tuple[Path, str]:
+        from .adapters import load_any
+        from .checkpoint import checkpoint_hash
+        from .export import export_checkpoint
+        ex = self.recipe.get("export", {})
+        opts = {**{k: ex[k] for k in EXPORT_KEYS if k in ex}, **v.export}
+        k = key("export", ckpt=ckpt_key, target=target, atol=ex.get("atol", 1e-5), rtol=ex.get("rtol", 1e-4), opts=opts)
+        path, done = self._step("export", k, f"{v.name} -> {target}")
+        if not done:
+            ckpt = load_any(ckpt_path)
+            ckpt.path = ckpt_path.resolve()
+            export_checkpoint(ckpt, target, path, data=data, source_hash=checkpoint_hash(ckpt_path),
+                              atol=ex.get("atol", 1e-5), rtol=ex.get("rtol", 1e-4), opts=opts)
+        return path, k
+
+    def accuracy(self, v: Variant, export_path: Path, export_key: str, data: Any) -> dict[str, Any]:
+        from .evaluate import evaluate
+        k = key("eval", export=export_key)
+        path, done = self._step("eval", k, v.name)
+        if not done:
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(evaluate(export_path, data, latency=False), default=str))
+        return json.loads(path.read_text())
+
+
+def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -> dict[str, Any]:
+    """Every variant of ``recipe`` (plus ``extra``) through every target; returns the run summary."""
+    from .evaluate.latency import measure, ratios
+    from .evaluate.predictors import OrtPredictor, TorchPredictor
+    from .adapters import load_any
+
+    variants = [Variant(REFERENCE)] + [Variant.from_recipe(v) for v in recipe.get("variants", [])] + list(extra)
+    names = [v.name for v in variants]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UserError(f"variant name(s) {', '.join(sorted(dup))} appear more than once", "give each variant a unique name")
+    pipe = Pipeline(recipe, out)
+    data, data_key = pipe.data()
+    base_path, base_key = pipe.checkpoint(variants[0], data, data_key, None)
+    targets = recipe.get("export", {}).get("targets", ["onnx"])
+    rows: list[dict[str, Any]] = []
+    exports: list[tuple[dict[str, Any], Path, Path]] = []
+    for v in variants:
+        ckpt_path, ckpt_key = (base_path, base_key) if v.method is None else pipe.checkpoint(v, data, data_key, base_key)
+        for target in targets:
+            epath, ekey = pipe.export(v, ckpt_path, ckpt_key, target, data)
+            r = pipe.accuracy(v, epath, ekey, data)
+            row = result_row(v, target, r)
+            rows.append(row)
+            exports.append((row, epath, ckpt_path))
+    ev = recipe.get("evaluate", {})
+    if ev.get("latency", True):
+        threads, batches = ev.get("threads", 2), [int(b) for b in ev.get("batch_sizes", [1, 64, 512])]
+        preds = []
+        for row, epath, ckpt_path in exports:
+            p = OrtPredictor(epath / "model.onnx", threads)
+            p.name = f"{row['variant']}|{row['target']}"
+            t = TorchPredictor(load_any(ckpt_path).model, threads)
+            t.name = f"{row['variant']}|torch"
+            preds += [p, t]
+        say(f"latency: {len(exports)} exports x {len(batches)} batch sizes, {ev.get('repeats', 100)} calls each")
+        lat = measure(preds, data, batches, ev.get("repeats", 100))
+        for row in rows:
+            mine = lat[f"{row['variant']}|{row['target']}"]
+            ref = lat[f"{REFERENCE}|{row['target']}"]
+            row["p50_ms"] = {b: round(x["p50_ms"], 4) for b, x in mine.items()}
+            row["latency_ratio"] = {b: round(mine[b]["p50_ms"] / ref[b]["p50_ms"], 4) for b in mine}
+            torch_lat = {f"{row['target']}": mine, "torch": lat[f"{row['variant']}|torch"]}
+            row["speedup_vs_torch"] = {b: round(x, 3) for b, x in ratios(torch_lat)[row["target"]].items()}
+    summary = {"recipe": recipe["name"], "reference": REFERENCE, "data": str(data.path),
+               "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2),
+               "rows": rows, "steps": pipe.log}
+    return summary
+
+
+def result_row(v: Variant, target: str, r: dict[str, Any]) -> dict[str, Any]:
+    acc = r["accuracy"].get("onnxruntime") or next(iter(r["accuracy"].values()))
+    lk = (r.get("lookup") or {}).get("per_sample", {})
+    return {"variant": v.name, "target": target, "method": v.method or "dense", "params": v.params,
+            "auc": round(acc["auc"], 6), "logloss": round(acc["logloss"], 6),
+            "emb_bytes": r["bytes"]["embeddings"], "file_bytes": r["bytes"]["file"],
+            "bytes_read_gpu": lk.get("bytes_read_gpu"), "lookup_flops": lk.get("flops"),
+            "emb_dim": r["model"]["emb_dim"]}
