@@ -31,14 +31,13 @@ def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None
 
 
 def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor | None = None) -> float:
-    """sqrt(sum w ||W_i - T_i||^2 / sum w ||W_i||^2) over all rows, computed in chunks."""
+    """sqrt(sum w ||W_i - T_i||^2 / sum w ||W_i||^2) over all rows, computed block by block."""
     num = den = 0.0
-    for s in range(0, table.rows, CHUNK):
-        ids = torch.arange(s, min(s + CHUNK, table.rows))
-        with torch.no_grad():
-            ref = reference[s:s + CHUNK].double()
-            err = (ref - table.lookup(ids).double()).pow(2).sum(1)
-        w = weights[s:s + CHUNK] if weights is not None else torch.ones_like(err)
+    for s, block in table.dense_blocks():
+        e = s + len(block)
+        ref = reference[s:e].double()
+        err = (ref - block.double()).pow(2).sum(1)
+        w = weights[s:e] if weights is not None else torch.ones_like(err)
         num += float((w * err).sum())
         den += float((w * ref.pow(2).sum(1)).sum())
     return (num / den) ** 0.5 if den > 0 else 0.0

@@ -8,6 +8,7 @@ parameters/buffers, so ``state_dict`` is the serialization and ``stored_bytes`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -121,11 +122,15 @@ class Table(nn.Module, ABC):
             ids = offsets_to_bags(ids, offsets)
         return pool(self.lookup(ids.clamp(min=0)), ids)
 
+    def dense_blocks(self) -> Iterator[tuple[int, Tensor]]:
+        """``(first row, rows)`` blocks of the full ``rows x dim`` table, in order (bounded memory)."""
+        with torch.no_grad():
+            for s in range(0, self.rows, 1 << 16):
+                yield s, self.lookup(torch.arange(s, min(s + (1 << 16), self.rows)))
+
     def dense_weight(self) -> Tensor:
         """The full ``rows x dim`` table this kind represents (for tests, export materialization)."""
-        with torch.no_grad():
-            return torch.cat([self.lookup(torch.arange(s, min(s + (1 << 16), self.rows)))
-                              for s in range(0, self.rows, 1 << 16)])
+        return torch.cat([b for _, b in self.dense_blocks()])
 
     def stored_bytes(self) -> int:
         """Exact bytes of everything stored for this table (all tensors, by dtype, padding included)."""
