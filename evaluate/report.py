@@ -32,6 +32,8 @@ def results_table(r: dict[str, Any]) -> Table:
         t.add_row(f"logloss ({backend}, test)", f"{a['logloss']:.4f}")
     b = r["bytes"]
     t.add_row("embedding bytes", fmt_bytes(b["embeddings"]))
+    if b.get("embeddings_exported") not in (None, b["embeddings"]):
+        t.add_row("embedding bytes as exported (materialized)", fmt_bytes(b["embeddings_exported"]))
     t.add_row("dense bytes", fmt_bytes(b["dense"]))
     t.add_row("file bytes", fmt_bytes(b["file"]))
     lk = (r.get("lookup") or {}).get("per_sample")

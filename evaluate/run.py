@@ -65,12 +65,14 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
             ckpt = load_any(src)
         kind, spec_d = "onnx", manifest["model_spec"]
         table_bytes = manifest["table_bytes"]
+        exported = manifest.get("exported_table_bytes")
         costs = manifest.get("lookup_cost")
         dense_bytes = _dense_bytes(ckpt.model) if ckpt else None
     else:
         ckpt = load_any(path)
         kind, spec_d = "checkpoint", None
         table_bytes = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        exported = None
         costs = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         dense_bytes = _dense_bytes(ckpt.model)
     if ckpt is not None:
@@ -92,7 +94,8 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
         "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test",
                  "synthetic": bool(data.meta.get("synthetic"))},
         "accuracy": {p.name: _accuracy(p, data) for p in predictors},
-        "bytes": {"embeddings": int(sum(table_bytes.values())), "dense": dense_bytes, "file": _folder_bytes(path),
+        "bytes": {"embeddings": int(sum(table_bytes.values())),
+                  "embeddings_exported": int(sum(exported.values())) if exported else None, "dense": dense_bytes, "file": _folder_bytes(path),
                   "tables": table_bytes},
         "lookup": _lookup_summary(costs),
         "environment": {**versions(), "machine": platform.machine(), "cpus": os.cpu_count()},

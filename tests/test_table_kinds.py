@@ -190,6 +190,10 @@ def test_materialize_exports_dense_tables(tiny_ckpt, tiny_data, tmp_path):
     assert m["parity"]["passed"] and m["options"]["materialize"]
     assert m["exported_table_bytes"]["C1"] == 800 * 8 * 4 > m["table_bytes"]["C1"]
     assert isinstance(ck.model.tables["C1"], TTTable)  # the checkpoint itself is untouched
+    from recompress.evaluate import evaluate
+    r = evaluate(tmp_path / "m", tiny_data, latency=False)
+    assert r["bytes"]["embeddings"] == sum(m["table_bytes"].values())
+    assert r["bytes"]["embeddings_exported"] == sum(m["exported_table_bytes"].values()) > r["bytes"]["embeddings"]
 
 
 def test_post_training_hash_init_is_least_squares(tiny_ckpt, tiny_data):
