@@ -71,11 +71,11 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--min-rows", type=int, default=0, help="tables a scratch variant trains compressed")
     ap.add_argument("--latency-batches", default="1,512")
-    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--only", default=None, help="variant names separated by ;")
     a = ap.parse_args()
     data = open_dataset(a.data)
     seeds = [int(s) for s in a.seeds.split(",")]
-    variants = [v for v in VARIANTS if not a.only or v[0] in a.only.split(",")]
+    variants = [v for v in VARIANTS if not a.only or v[0] in a.only.split(";")]
     cfg = lambda seed: TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed)  # noqa: E731
     runs, lat = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="kinds-"))

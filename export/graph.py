@@ -7,9 +7,10 @@ So, when every table is a plain dense table of one width (the usual case, also a
 all tables become one concatenated table looked up by a single Gather (as FBGEMM's batched tables do)
 with a zero row in front of each table, so a padding id (-1) plus the table's start lands on zeros with
 no comparison or mask; bags are summed by one 2-D GEMM ([B, T, L*d] @ [I_d; ...; I_d]); and the
-interaction's lower triangle is taken with a row gather. Hashing-trick tables and row-wise quantized
-storage fuse the same way (see FusedTables); other kinds (tt, qr, freqhash, factorized) keep their own
-lookup, and their bags are summed by the same GEMM. Parity with the trained
+interaction's lower triangle is taken with a row gather. Other kinds fuse the same way by group:
+hashing-trick tables join the dense group, QR tables with one op share stacked q and r matrices,
+frequency-hashed tables share stacked slot, hot and tail matrices; row-wise quantized storage stacks too.
+TT and factorized tables keep their own lookup. Every group's bags are summed by the same GEMM. Parity with the trained
 model is checked by the export runner, so this rewrite can never change results silently.
 """
 
@@ -20,60 +21,10 @@ import json
 import torch
 from torch import Tensor, nn
 
+from recompress.compress.hashed import PRIME, FreqHashTable, HashedTable, QRTable
 from recompress.compress.rowwise import QuantizedRows
-from recompress.compress.hashed import PRIME, HashedTable
-from recompress.compress.tables import DenseTable
+from recompress.compress.tables import DenseTable, Table
 from recompress.models.dlrm import DLRM
-
-
-class FusedTables(nn.Module):
-    """All tables' rows in one ``[sum(rows + 1), d]`` matrix, a zero row before each; ``[B, T, L]`` -> ``[B, T, d]``.
-
-    Dense tables index it directly, so a padding id (-1) plus the table's start lands on its zero row.
-    Hashing-trick tables join the same matrix: every table's id goes through ``((a*id + b) mod p) mod m``
-    with per-table constants (a dense table is a = 1, b = 0, m = rows), and padding is masked instead.
-    Row-wise quantized storage (all tables in one format) fuses the same way: stored rows, scales and
-    biases are concatenated, and a zero row (data, scale and bias 0) decodes to zeros.
-    """
-
-    def __init__(self, tables: list[DenseTable | HashedTable]) -> None:
-        super().__init__()
-        quant = tables[0].quant
-        sizes = [t.buckets if isinstance(t, HashedTable) else t.rows for t in tables]
-        if quant:
-            self.store: QuantizedRows | None = QuantizedRows(sum(n + 1 for n in sizes), tables[0].dim,
-                                                             quant["dtype"], quant["align"])
-            self.store.graph_form = tables[0].stores["weight"].graph_form
-            for name, buf in self.store.named_buffers():
-                buf.copy_(torch.cat([p for t in tables for p in (torch.zeros_like(buf[:1]),
-                                                                  getattr(t.stores["weight"], name))]))
-        else:
-            self.store = None
-            zero = tables[0].weight.new_zeros(1, tables[0].dim)
-            self.weight = nn.Parameter(torch.cat([p for t in tables for p in (zero, t.weight.detach())]),
-                                       requires_grad=False)
-        starts = torch.tensor([n + 1 for n in sizes]).cumsum(0) - torch.tensor(sizes)
-        self.register_buffer("starts", starts.view(1, -1, 1))
-        self.hashed = any(isinstance(t, HashedTable) for t in tables)
-        if self.hashed:
-            hp = [(t.a, t.b, t.buckets) if isinstance(t, HashedTable) else (1, 0, t.rows) for t in tables]
-            for i, name in enumerate(("mul", "add", "mod")):
-                self.register_buffer(name, torch.tensor([h[i] for h in hp]).view(1, -1, 1))
-        self.dim = tables[0].dim
-
-    @staticmethod
-    def fusable(tables: list[nn.Module]) -> bool:
-        return all(type(t) in (DenseTable, HashedTable) for t in tables) and len({json.dumps(t.quant) for t in tables}) == 1
-
-    def forward(self, sparse: Tensor) -> Tensor:
-        if self.hashed:
-            ids = (sparse.clamp(min=0) * self.mul + self.add) % PRIME % self.mod + self.starts
-        else:
-            ids = sparse + self.starts  # padding -1 hits the zero row
-        rows = self.store(ids) if self.store is not None else nn.functional.embedding(ids, self.weight)
-        if self.hashed:
-            rows = rows * (sparse >= 0).unsqueeze(-1).to(rows.dtype)
-        return bag_sum(rows)
 
 
 def bag_sum(rows: Tensor) -> Tensor:
@@ -82,27 +33,166 @@ def bag_sum(rows: Tensor) -> Tensor:
     return rows.reshape(b, t, bag * d) @ torch.eye(d).repeat(bag, 1)
 
 
+def per_table(values: list[int]) -> Tensor:
+    """A ``[1, T, 1]`` constant that broadcasts one value per table over ``[B, T, L]`` ids."""
+    return torch.tensor(values).view(1, -1, 1)
+
+
+class StackedRows(nn.Module):
+    """Row matrix ``name`` of several tables stacked into one (float or same-format quantized), with an
+    optional zero row before each table; ``forward(local_ids [B, T, L])`` gathers each table's rows."""
+
+    def __init__(self, tables: list[Table], name: str, zero_row: bool = False) -> None:
+        super().__init__()
+        pad = int(zero_row)
+        quant = tables[0].quant
+        parts = [t.stores[name] if quant else getattr(t, name).detach() for t in tables]
+        sizes = [p.data.shape[0] for p in parts]
+        if quant:
+            self.store: QuantizedRows | None = QuantizedRows(sum(sizes) + pad * len(sizes), tables[0].stores[name].cols,
+                                                             quant["dtype"], quant["align"])
+            self.store.graph_form = parts[0].graph_form
+            for key, buf in self.store.named_buffers():
+                buf.copy_(torch.cat([x for p in parts for x in (torch.zeros_like(buf[:pad]), getattr(p, key))]))
+        else:
+            self.store = None
+            self.register_buffer("weight", torch.cat([x for p in parts for x in (p.new_zeros(pad, p.shape[1]), p)]))
+        starts = torch.tensor([n + pad for n in sizes]).cumsum(0) - torch.tensor(sizes)
+        self.register_buffer("starts", starts.view(1, -1, 1))
+
+    def forward(self, local: Tensor) -> Tensor:
+        idx = local + self.starts
+        return self.store(idx) if self.store is not None else nn.functional.embedding(idx, self.weight)
+
+
+class DenseHashGroup(nn.Module):
+    """Dense and hashing-trick tables: one Gather in one stacked matrix.
+
+    All dense: a padding id (-1) lands on the zero row before each table, so no mask is needed. With
+    hashed tables, every id goes through ``((a*id + b) mod p) mod m`` (a dense table is a = 1, b = 0,
+    m = rows) and padding is masked instead.
+    """
+
+    def __init__(self, tables: list[DenseTable | HashedTable]) -> None:
+        super().__init__()
+        self.rows = StackedRows(tables, "weight", zero_row=True)
+        self.hashed = any(isinstance(t, HashedTable) for t in tables)
+        if self.hashed:
+            hp = [(t.a, t.b, t.buckets) if isinstance(t, HashedTable) else (1, 0, t.rows) for t in tables]
+            for i, name in enumerate(("mul", "add", "mod")):
+                self.register_buffer(name, per_table([h[i] for h in hp]))
+
+    def forward(self, sparse: Tensor) -> Tensor:
+        if not self.hashed:
+            return self.rows(sparse)  # -1 + start: the zero row
+        rows = self.rows((sparse.clamp(min=0) * self.mul + self.add) % PRIME % self.mod)
+        return rows * (sparse >= 0).unsqueeze(-1).to(rows.dtype)
+
+
+class QRGroup(nn.Module):
+    """QR tables with one operation: stacked quotient and remainder matrices, per-table collisions."""
+
+    def __init__(self, tables: list[QRTable]) -> None:
+        super().__init__()
+        self.op = tables[0].op
+        self.q, self.r = StackedRows(tables, "q"), StackedRows(tables, "r")
+        self.register_buffer("collisions", per_table([t.collisions for t in tables]))
+
+    def forward(self, sparse: Tensor) -> Tensor:
+        ids = sparse.clamp(min=0)
+        q, r = self.q(ids // self.collisions), self.r(ids % self.collisions)
+        rows = q * r if self.op == "mult" else q + r if self.op == "add" else torch.cat([q, r], dim=-1)
+        return rows * (sparse >= 0).unsqueeze(-1).to(rows.dtype)
+
+
+class FreqHashGroup(nn.Module):
+    """Frequency-hashed tables: stacked slot maps, hot rows and tails; per-table hash constants."""
+
+    def __init__(self, tables: list[FreqHashTable]) -> None:
+        super().__init__()
+        self.hot, self.tail = StackedRows(tables, "hot"), StackedRows(tables, "tail")
+        self.register_buffer("slot", torch.cat([t.slot for t in tables]))
+        self.register_buffer("slot_starts", per_table((torch.tensor([t.rows for t in tables]).cumsum(0)
+                                                       - torch.tensor([t.rows for t in tables])).tolist()))
+        for i, name in enumerate(("a1", "b1", "a2", "b2")):
+            self.register_buffer(name, per_table([t.hashes[i // 2][i % 2] for t in tables]))
+        self.register_buffer("mod", per_table([t.buckets for t in tables]))
+
+    def forward(self, sparse: Tensor) -> Tensor:
+        ids = sparse.clamp(min=0)
+        slot = self.slot[ids + self.slot_starts].long()
+        hot = self.hot(slot.clamp(min=0))
+        tail = self.tail((ids * self.a1 + self.b1) % PRIME % self.mod) + \
+            self.tail((ids * self.a2 + self.b2) % PRIME % self.mod)
+        rows = torch.where((slot >= 0).unsqueeze(-1), hot, tail)
+        return rows * (sparse >= 0).unsqueeze(-1).to(rows.dtype)
+
+
+class SingleTable(nn.Module):
+    """Any other kind (tt, factorized): its own lookup."""
+
+    def __init__(self, table: Table) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, sparse: Tensor) -> Tensor:
+        rows = self.table.lookup(sparse.clamp(min=0))
+        return rows * (sparse >= 0).unsqueeze(-1).to(rows.dtype)
+
+
+def group_key(t: Table) -> str | None:
+    """Tables with the same key fuse into one group (None: looked up on its own)."""
+    storage = json.dumps(t.quant)
+    if type(t) in (DenseTable, HashedTable):
+        return f"densehash|{storage}"
+    if type(t) is QRTable:
+        return f"qr|{t.op}|{storage}"
+    if type(t) is FreqHashTable:
+        return f"freqhash|{storage}"
+    return None
+
+
+GROUPS = {"densehash": DenseHashGroup, "qr": QRGroup, "freqhash": FreqHashGroup}
+
+
+class FusedLookup(nn.Module):
+    """``[B, T, L]`` ids -> ``[B, T, d]`` pooled rows, by groups of fusable tables, in table order."""
+
+    def __init__(self, tables: list[Table]) -> None:
+        super().__init__()
+        keys = [group_key(t) or f"single|{i}" for i, t in enumerate(tables)]
+        order = list(dict.fromkeys(keys))
+        self.members = [[i for i, k in enumerate(keys) if k == g] for g in order]
+        self.groups = nn.ModuleList(
+            GROUPS[g.split("|")[0]]([tables[i] for i in idx]) if not g.startswith("single|") else SingleTable(tables[idx[0]])
+            for g, idx in zip(order, self.members))
+        for g, idx in enumerate(self.members):
+            self.register_buffer(f"features{g}", torch.tensor(idx), persistent=False)
+        flat = [i for idx in self.members for i in idx]
+        self.register_buffer("restore", torch.argsort(torch.tensor(flat)), persistent=False)
+        self.in_order = flat == sorted(flat)
+
+    def forward(self, sparse: Tensor) -> Tensor:
+        if len(self.groups) == 1:
+            return bag_sum(self.groups[0](sparse))
+        rows = torch.cat([g(sparse.index_select(1, getattr(self, f"features{i}")))
+                          for i, g in enumerate(self.groups)], dim=1)
+        return bag_sum(rows if self.in_order else rows.index_select(1, self.restore))
+
+
 class InferenceDLRM(nn.Module):
     """``(dense, sparse) -> probability`` for a trained DLRM, arranged for fast inference graphs."""
 
     def __init__(self, model: DLRM) -> None:
         super().__init__()
         self.model = model
-        tables = list(model.tables.values())
-        self.fused = FusedTables(tables) if FusedTables.fusable(tables) else None
+        self.lookup = FusedLookup(list(model.tables.values()))
         self.register_buffer("tri_index", model.tri_index.clone(), persistent=False)
-
-    def pooled(self, sparse: Tensor) -> Tensor:
-        if self.fused is not None:
-            return self.fused(sparse)
-        ids = sparse.clamp(min=0).unbind(1)
-        rows = torch.stack([t.lookup(i) for t, i in zip(self.model.tables.values(), ids)], dim=1)  # [B, T, L, d]
-        return bag_sum(rows * (sparse >= 0).unsqueeze(-1).float())
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         m = self.model
         x = m.embed_dense(dense)
-        feats = torch.cat([x.unsqueeze(1), self.pooled(sparse)], dim=1)
+        feats = torch.cat([x.unsqueeze(1), self.lookup(sparse)], dim=1)
         z = torch.bmm(feats, feats.transpose(1, 2)).flatten(1).t().index_select(0, self.tri_index).t()
         parts = [x, z]
         if m.pad:

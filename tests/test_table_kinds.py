@@ -276,7 +276,7 @@ def test_hashed_and_dense_tables_fuse_into_one_lookup(tiny_ckpt, tiny_data, tmp_
     from recompress.export.graph import InferenceDLRM
     ck = compress(_ck(tiny_ckpt), parse_methods("hash@C1+C2,int8", {"ratio": 4}), Context())
     g = InferenceDLRM(ck.model).eval()
-    assert g.fused is not None and g.fused.hashed and g.fused.store is not None
+    assert len(g.lookup.groups) == 1 and g.lookup.groups[0].hashed and g.lookup.groups[0].rows.store is not None
     gen = _gen(8)
     sparse = torch.stack([torch.randint(-1, r, (6, 3), generator=gen) for r in (800, 200, 40, 7)], 1)
     dense = torch.rand(6, 13, generator=gen)
@@ -284,5 +284,10 @@ def test_hashed_and_dense_tables_fuse_into_one_lookup(tiny_ckpt, tiny_data, tmp_
         assert torch.allclose(g(dense, sparse), torch.sigmoid(ck.model(dense, sparse)), atol=1e-6)
     m = export_checkpoint(ck, "onnx", tmp_path / "h", data=tiny_data)
     assert m["parity"]["passed"]
-    qr = compress(_ck(tiny_ckpt), parse_methods("qr@C1", {"collisions": 8}), Context())
-    assert InferenceDLRM(qr.model).fused is None
+    for methods, params, n_groups in [("qr@C1+C2,int8", {"collisions": 8}, 2),      # qr(C1, C2) + dense(C3, C4)
+                                      ("freqhash@C2+C1", {"ratio": 3}, 2), ("tt@C2", {"tt_rank": 2}, 2)]:
+        mixed = compress(_ck(tiny_ckpt), parse_methods(methods, params), Context(tiny_data))
+        g = InferenceDLRM(mixed.model).eval()
+        assert len(g.lookup.groups) == n_groups
+        with torch.no_grad():
+            assert torch.allclose(g(dense, sparse), torch.sigmoid(mixed.model(dense, sparse)), atol=1e-6)
