@@ -285,7 +285,8 @@ def inspect(source: str, as_json: bool) -> None:
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
 
 
-def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sweep: tuple[str, ...] = ()) -> tuple[Any, Path]:
+def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool,
+                    sweep: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     import shutil
 
     from .pipeline import parse_sweep, run_pipeline
@@ -301,7 +302,7 @@ def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sweep: tu
     cached = sum(s["cached"] for s in summary["steps"])
     click.echo(f"{len(summary['rows'])} results ({cached} of {len(summary['steps'])} steps reused from cache) -> "
                f"{files['md']}, {files['html']}, {files['jsonl']}, {files['csv']}")
-    return summary, folder
+    return summary, folder, r
 
 
 @main.command()
@@ -339,13 +340,12 @@ def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool,
     if fail_on_regression and not baseline:
         raise UserError("--fail-on-regression needs --baseline", "pass the summary.json of a trusted run")
     base = read_summary(baseline) if baseline else None
-    summary, folder = _run_and_report(recipe, out, overwrite, sweep)
+    summary, folder, r = _run_and_report(recipe, out, overwrite, sweep)
     if save_baseline:
         write_json(summary, save_baseline)
     if base is None:
         return
-    from .recipe import load_recipe
-    g = load_recipe(recipe).get("gate", {})
+    g = r.get("gate", {})
     tol = Tolerances(auc_drop=max_auc_drop if max_auc_drop is not None else g.get("auc_drop", Tolerances.auc_drop),
                      bytes_growth=max_bytes_growth or g.get("bytes_growth", Tolerances.bytes_growth),
                      latency_growth=max_latency_growth or g.get("latency_growth", Tolerances.latency_growth))
