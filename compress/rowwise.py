@@ -53,18 +53,13 @@ def units_touched(row_bytes: int, unit: int) -> float:
 
 
 class QuantizedRows(nn.Module):
-    """``n x cols`` rows stored in ``fmt``; ``forward(idx)`` returns float32 rows ``[*idx.shape, cols]``.
-
-    ``graph_form`` picks how an ONNX export expresses the lookup: ``gather-dequant`` (gather the stored
-    rows, then scale: the table stays quantized in memory) or ``dequant-gather`` (``DequantizeLinear`` on
-    the whole table, then gather: the form TensorRT takes, but ONNX Runtime may fold it to a float table).
-    """
+    """``n x cols`` rows stored in ``fmt``; ``forward(idx)`` gathers stored rows, then scales them, so
+    the table stays quantized in memory (export/graph.py can express it the other way round)."""
 
     def __init__(self, rows: int, cols: int, fmt: str, align: int = 1) -> None:
         super().__init__()
         f = FORMATS[fmt]
         self.fmt, self.cols, self.align = fmt, cols, align
-        self.graph_form = "gather-dequant"
         stored_bytes = row_bytes(fmt, cols, align) - (SCALE_BIAS_BYTES if f.affine else 0)
         width = stored_bytes // (f.bits // 8) if f.bits >= 8 else stored_bytes
         self.register_buffer("data", torch.zeros(rows, width, dtype=f.torch_dtype))
@@ -114,22 +109,10 @@ class QuantizedRows(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         f = FORMATS[self.fmt]
-        if self.graph_form == "dequant-gather" and torch.onnx.is_in_onnx_export():
-            return self._dequant_gather(idx)
         vals = self._values(self.data[idx])
         if not f.affine:
             return vals
         return vals * self.scale[idx].float().unsqueeze(-1) + self.bias[idx].float().unsqueeze(-1)
-
-    def _dequant_gather(self, idx: Tensor) -> Tensor:
-        """ONNX ``DequantizeLinear(axis=0)`` over the table, then Gather (+ the gathered bias)."""
-        if self.fmt == "int4":
-            raise ValueError("the dequant-gather graph form needs int8, fp16 or bf16 rows (int4 needs opset 21)")
-        if not FORMATS[self.fmt].affine:
-            return self.data[:, :self.cols].float()[idx]
-        table = torch.onnx.ops.symbolic("DequantizeLinear", (self.data, self.scale.float()), {"axis": 0},
-                                        dtype=torch.float32, shape=self.data.shape, version=1)
-        return table[:, :self.cols][idx] + self.bias.float()[idx].unsqueeze(-1)
 
     def dequantized(self) -> Tensor:
         return self.forward(torch.arange(self.data.shape[0]))

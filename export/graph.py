@@ -16,6 +16,7 @@ model is checked by the export runner, so this rewrite can never change results 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
@@ -51,7 +52,6 @@ class StackedRows(nn.Module):
         if quant:
             self.store: QuantizedRows | None = QuantizedRows(sum(sizes) + pad * len(sizes), tables[0].stores[name].cols,
                                                              quant["dtype"], quant["align"])
-            self.store.graph_form = parts[0].graph_form
             for key, buf in self.store.named_buffers():
                 buf.copy_(torch.cat([x for p in parts for x in (torch.zeros_like(buf[:pad]), getattr(p, key))]))
         else:
@@ -180,13 +180,48 @@ class FusedLookup(nn.Module):
         return bag_sum(rows if self.in_order else rows.index_select(1, self.restore))
 
 
-class InferenceDLRM(nn.Module):
-    """``(dense, sparse) -> probability`` for a trained DLRM, arranged for fast inference graphs."""
+class DequantizeThenGather(nn.Module):
+    """Quantized rows written as ``DequantizeLinear(axis=0)`` on the whole table, then Gather: the form
+    TensorRT takes (ONNX Runtime folds or re-dequantizes it into a float table; see docs/benchmarks.md).
+    Outside an ONNX export it computes the same rows as the wrapped storage."""
 
-    def __init__(self, model: DLRM) -> None:
+    def __init__(self, rows: QuantizedRows) -> None:
         super().__init__()
-        self.model = model
-        self.lookup = FusedLookup(list(model.tables.values()))
+        self.rows = rows  # int8, fp16 or bf16 (export/runner.py refuses int4, which needs opset 21)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        r = self.rows
+        if not torch.onnx.is_in_onnx_export():
+            return r(idx)
+        if not hasattr(r, "scale"):
+            return r.data[:, :r.cols].float()[idx]
+        table = torch.onnx.ops.symbolic("DequantizeLinear", (r.data, r.scale.float()), {"axis": 0},
+                                        dtype=torch.float32, shape=r.data.shape, version=1)
+        return table[:, :r.cols][idx] + r.bias.float()[idx].unsqueeze(-1)
+
+
+def dequantize_then_gather(module: nn.Module) -> None:
+    """Wrap every QuantizedRows inside ``module`` (in place) in :class:`DequantizeThenGather`."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, QuantizedRows):
+            setattr(module, name, DequantizeThenGather(child))
+        elif not isinstance(child, DequantizeThenGather):
+            dequantize_then_gather(child)
+
+
+class InferenceDLRM(nn.Module):
+    """``(dense, sparse) -> probability`` for a trained DLRM, arranged for fast inference graphs.
+
+    ``quant_graph`` says how quantized rows are written: ``gather-dequant`` (default; the table stays
+    quantized in the runtime's memory) or ``dequant-gather`` (TensorRT's form). The model is not changed.
+    """
+
+    def __init__(self, model: DLRM, quant_graph: str = "gather-dequant") -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model) if quant_graph == "dequant-gather" else model
+        self.lookup = FusedLookup(list(self.model.tables.values()))
+        if quant_graph == "dequant-gather":
+            dequantize_then_gather(self.lookup)
         self.register_buffer("tri_index", model.tri_index.clone(), persistent=False)
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above 
 
 
 def build(ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
-    scorer = InferenceDLRM(ckpt.model).eval()
+    scorer = InferenceDLRM(ckpt.model, opts.get("quant_graph") or "gather-dequant").eval()
     param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
     batch, bag = torch.export.Dim("batch", min=1), torch.export.Dim("bag", min=1)
     example = (inputs["dense"][:2], inputs["sparse"][:2])

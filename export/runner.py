@@ -29,8 +29,8 @@ QUANT_GRAPHS = ("gather-dequant", "dequant-gather")
 
 
 def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpoint:
-    """The checkpoint as it will be exported: every table dense if ``materialize``, and quantized rows
-    expressed in ``quant_graph`` form. The original checkpoint is left as it is."""
+    """The checkpoint as it will be exported (every table dense if ``materialize``), after checking that
+    ``quant_graph`` can express its quantized rows. The original checkpoint is left as it is."""
     if quant_graph not in QUANT_GRAPHS:
         raise UserError(f"unknown quantized graph form {quant_graph!r}", f"choose from {', '.join(QUANT_GRAPHS)}")
     model = ckpt.model
@@ -39,12 +39,9 @@ def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpo
         for name, t in model.tables.items():
             if not (type(t) is DenseTable and not t.stores):
                 model.tables[name] = DenseTable(t.rows, t.dim, t.dense_weight())
-    for m in model.modules():
-        if isinstance(m, QuantizedRows):
-            if quant_graph == "dequant-gather" and m.fmt == "int4":
-                raise UserError("the dequant-gather graph form cannot hold int4 rows at opset 18",
-                                "export int4 tables with --quant-graph gather-dequant")
-            m.graph_form = quant_graph
+    if quant_graph == "dequant-gather" and any(isinstance(m, QuantizedRows) and m.fmt == "int4" for m in model.modules()):
+        raise UserError("the dequant-gather graph form cannot hold int4 rows at opset 18",
+                        "export int4 tables with --quant-graph gather-dequant")
     return Checkpoint(model, ckpt.spec, ckpt.path)
 
 
@@ -64,7 +61,8 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
     mod = TARGETS[target]
     opts = dict(opts or {})
     stored = ckpt
-    ckpt = deployable(ckpt, bool(opts.get("materialize")), opts.get("quant_graph") or QUANT_GRAPHS[0])
+    opts["quant_graph"] = opts.get("quant_graph") or QUANT_GRAPHS[0]
+    ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
     inputs = sample_inputs(ckpt.model, samples, data)
     with torch.no_grad():
         expected = Scorer(ckpt.model).eval()(**inputs).numpy()
@@ -88,7 +86,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
         manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         manifest["options"] = {"materialize": bool(opts.get("materialize")),
-                               "quant_graph": opts.get("quant_graph") or QUANT_GRAPHS[0]}
+                               "quant_graph": opts["quant_graph"]}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
