@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from .tables import Table
 
 PRIME = (1 << 31) - 1  # a * id stays below 2**62 for ids < 2**31, so int64 arithmetic is exact
-QR_OPS = ("mult", "add", "concat")
 
 
 def universal_hash(ids: Tensor, a: int, b: int, buckets: int) -> Tensor:

@@ -10,18 +10,27 @@ cannot be mapped onto it exactly); the fit error is reported, and ``--finetune``
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
+from recompress.lazy import lazy
 
-from .hashed import PRIME, QR_OPS, FreqHashTable, HashedTable, QRTable, universal_hash
-from .posttrain import NoSaving, finish, id_weights, relative_error, segment_mean, val_metrics
-from .registry import FINETUNE, RATIO, Context, Method, Param, register
-from .tables import Table
+from .posttrain import finish, id_weights, relative_error, segment_mean, val_metrics
+from .registry import FINETUNE, RATIO, Context, Method, NoSaving, Param, register
+
+if TYPE_CHECKING:
+    import torch
+
+    from recompress.checkpoint import Checkpoint
+
+    from .hashed import FreqHashTable, HashedTable, QRTable
+    from .tables import Table
+
+torch = lazy("torch")  # noqa: F811
+np = lazy("numpy")
+hashed = lazy("recompress.compress.hashed")
+
+QR_OPS = ("mult", "add", "concat")
 
 ALS_ITERS = 10
 
@@ -29,7 +38,7 @@ ALS_ITERS = 10
 def hash_constants(seed: int, table: str, count: int) -> list[list[int]]:
     """``count`` (a, b) pairs for universal hashing, fixed by the seed and the table's name."""
     rng = np.random.default_rng([seed, zlib.crc32(table.encode())])
-    return [[int(rng.integers(1, PRIME)), int(rng.integers(0, PRIME))] for _ in range(count)]
+    return [[int(rng.integers(1, hashed.PRIME)), int(rng.integers(0, hashed.PRIME))] for _ in range(count)]
 
 
 def _budget_rows(rows: int, params: dict[str, Any], key: str, method: str) -> int:
@@ -53,7 +62,7 @@ def make_hash(rows: int, dim: int, params: dict[str, Any], name: str, seed: int)
     if buckets >= rows:
         raise UserError(f"--buckets {buckets} is not below the table's {rows} rows", "hashing only helps with fewer buckets")
     (a, b), = hash_constants(seed, name, 1)
-    return HashedTable(rows, dim, buckets, a, b)
+    return hashed.HashedTable(rows, dim, buckets, a, b)
 
 
 def make_qr(rows: int, dim: int, params: dict[str, Any]) -> QRTable:
@@ -72,7 +81,7 @@ def make_qr(rows: int, dim: int, params: dict[str, Any]) -> QRTable:
     if c < 2 or c > rows:
         raise UserError(f"--collisions {c} is impossible for a table of {rows} rows",
                         f"pick a number of collisions from 2 to {rows}")
-    return QRTable(rows, dim, c, op)
+    return hashed.QRTable(rows, dim, c, op)
 
 
 def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: int,
@@ -96,7 +105,7 @@ def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: 
                         "lower --hot/--buckets")
     order = torch.argsort(counts, descending=True, stable=True)[:hot]
     share = float(counts[order].sum() / counts.sum()) if counts.sum() > 0 else 0.0
-    table = FreqHashTable(rows, dim, hot, buckets, hash_constants(seed, name, 2), round(share, 6))
+    table = hashed.FreqHashTable(rows, dim, hot, buckets, hash_constants(seed, name, 2), round(share, 6))
     table.slot[order] = torch.arange(hot, dtype=torch.int32)
     return table, order
 

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
+from recompress.lazy import lazy
 
-from .linalg import CHUNK_ROWS, gram, principal_basis
 from .registry import Context, Method, Param, register
-from .tables import FactorizedTable
+
+if TYPE_CHECKING:
+    import torch
+
+    from recompress.checkpoint import Checkpoint
+
+    from .tables import FactorizedTable
+
+torch = lazy("torch")  # noqa: F811
+linalg = lazy("recompress.compress.linalg")
+tables = lazy("recompress.compress.tables")
 
 
 def factorize(weight: torch.Tensor, rank: int) -> tuple[FactorizedTable, float]:
     """Optimal rank-``rank`` factorization (Eckart-Young) and its relative Frobenius error."""
-    basis, vals = principal_basis(gram(weight), rank)
-    left = torch.cat([weight[s:s + CHUNK_ROWS].double() @ basis
-                      for s in range(0, weight.shape[0], CHUNK_ROWS)]).float()
+    basis, vals = linalg.principal_basis(linalg.gram(weight), rank)
+    step = linalg.CHUNK_ROWS
+    left = torch.cat([weight[s:s + step].double() @ basis for s in range(0, weight.shape[0], step)]).float()
     err = math.sqrt(float(vals[rank:].sum() / vals.sum())) if float(vals.sum()) > 0 else 0.0
-    return FactorizedTable(weight.shape[0], weight.shape[1], rank, left, basis.T.float()), err
+    return tables.FactorizedTable(weight.shape[0], weight.shape[1], rank, left, basis.T.float()), err
 
 
 def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
@@ -50,5 +57,6 @@ register(Method(
     params=(Param("rank", int, "inner rank of the factorized table (lowrank)"),),
     accepts=frozenset({"dense"}),
     needs_data=lambda p: False,
+    trains=lambda p: False,
     apply=apply,
 ))

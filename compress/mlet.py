@@ -14,29 +14,37 @@ With ``dim`` d below the current width D, post-training MLET:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
-from recompress.metrics import accuracy_metrics
-from recompress.models.dlrm import DLRM
-from recompress.training import fit, predict
+from recompress.lazy import lazy
 
-from .linalg import principal_basis
 from .registry import Context, Method, Param, register
-from .tables import DenseTable, FactorizedTable, collapse_factorized
+
+if TYPE_CHECKING:
+    import torch
+
+    from recompress.checkpoint import Checkpoint
+    from recompress.models.dlrm import DLRM
+
+    from .tables import FactorizedTable
+
+torch = lazy("torch")  # noqa: F811
+linalg = lazy("recompress.compress.linalg")
+tables = lazy("recompress.compress.tables")
+training = lazy("recompress.training")
+metrics = lazy("recompress.metrics")
+dlrm = lazy("recompress.models.dlrm")
 
 SAMPLE_ROWS = 20_000
 
 
-@torch.no_grad()
 def interaction_basis(model: DLRM, ctx: Context, d: int) -> tuple[torch.Tensor, float]:
     """Q [D, d] spanning most of the energy of the interaction inputs on a training sample."""
     b = ctx.data.sample("train", SAMPLE_ROWS, seed=ctx.train.seed)
-    vecs = torch.cat([model.embed_dense(b.dense), model.pooled(b.sparse).flatten(0, 1)]).double()
-    q, vals = principal_basis(vecs.T @ vecs, d)
+    with torch.no_grad():
+        vecs = torch.cat([model.embed_dense(b.dense), model.pooled(b.sparse).flatten(0, 1)]).double()
+    q, vals = linalg.principal_basis(vecs.T @ vecs, d)
     return q.float(), float(vals[:d].sum() / vals.sum())
 
 
@@ -46,7 +54,7 @@ def two_layer_init(weight: torch.Tensor, q: torch.Tensor, hidden: int, gen: torc
     d = q.shape[1]
     p = torch.eye(D) - q @ q.T
     w64 = weight.double()
-    rest, _ = principal_basis(p.double() @ (w64.T @ w64) @ p.double(), max(0, min(hidden, D) - d))
+    rest, _ = linalg.principal_basis(p.double() @ (w64.T @ w64) @ p.double(), max(0, min(hidden, D) - d))
     basis = torch.cat([q.double(), rest], dim=1)  # [D, min(k, D)], orthonormal, first d columns = Q
     left = (w64 @ basis).float()
     if hidden > D:
@@ -54,7 +62,7 @@ def two_layer_init(weight: torch.Tensor, q: torch.Tensor, hidden: int, gen: torc
         left = torch.cat([left, torch.randn(n, hidden - D, generator=gen) * scale], dim=1)
     right = torch.zeros(hidden, d)
     right[:d] = torch.eye(d)
-    return FactorizedTable(n, d, hidden, left, right)
+    return tables.FactorizedTable(n, d, hidden, left, right)
 
 
 def reduce_width(ckpt: Checkpoint, d: int, hidden: int, ctx: Context) -> dict[str, Any]:
@@ -63,12 +71,12 @@ def reduce_width(ckpt: Checkpoint, d: int, hidden: int, ctx: Context) -> dict[st
     q, kept = interaction_basis(model, ctx, d)
     selected = set(ctx.select.pick(ckpt))
     gen = torch.Generator().manual_seed(ctx.train.seed)
-    tables = {}
+    new_tables = {}
     for name, t in model.tables.items():
         w = t.dense_weight()
-        tables[name] = two_layer_init(w, q, hidden, gen) if name in selected else DenseTable(t.rows, d, w @ q)
+        new_tables[name] = two_layer_init(w, q, hidden, gen) if name in selected else tables.DenseTable(t.rows, d, w @ q)
     hp = {**model.hparams, "emb_dim": d, "bottom_proj": True}
-    new = DLRM(hp, tables)
+    new = dlrm.DLRM(hp, new_tables)
     with torch.no_grad():
         new.bottom.load_state_dict(model.bottom.state_dict())
         old_proj = model.bottom_proj.weight if model.bottom_proj is not None else torch.eye(D)
@@ -87,13 +95,13 @@ def reduce_width(ckpt: Checkpoint, d: int, hidden: int, ctx: Context) -> dict[st
 def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     d, hidden = params["dim"], params["hidden"]
     model = ckpt.model
-    if not isinstance(model, DLRM):
+    if not isinstance(model, dlrm.DLRM):
         raise UserError(f"mlet supports dlrm models, not {ckpt.spec.family}", "use lowrank for this family")
     entry: dict[str, Any] = {"method": "mlet", "params": {"dim": d, "hidden": hidden}}
     if d is None:
         if hidden is not None:
             raise UserError("--hidden without --dim", "pass --dim to reduce the width, or neither to collapse")
-        done = collapse_factorized(model.tables, ctx.select.pick(ckpt))
+        done = tables.collapse_factorized(model.tables, ctx.select.pick(ckpt))
         if not done:
             raise UserError("no selected table is in two-layer form, so there is nothing to collapse",
                             "pass --dim D to reduce the embedding width with post-training MLET")
@@ -103,17 +111,19 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     D = model.hparams["emb_dim"]
     hidden = D if hidden is None else hidden
     entry["params"]["hidden"] = hidden
-    if not 1 <= d < D:
+    if d < 1:
+        raise UserError(f"--dim {d} is impossible", f"an embedding is at least 1 wide; pick --dim from 1 to {D - 1}")
+    if d >= D:
         raise UserError(f"--dim {d} is not below the current embedding width {D}",
                         f"post-training MLET only reduces the width; pick --dim from 1 to {D - 1}")
     if hidden < d:
         raise UserError(f"--hidden {hidden} is smaller than --dim {d}",
                         "MLET's hidden layer must be at least as wide as the output (k >= d)")
-    entry["before"] = accuracy_metrics(*predict(model, ctx.data, "val")) if ctx.data.size("val") else None
+    entry["before"] = metrics.accuracy_metrics(*training.predict(model, ctx.data, "val")) if ctx.data.size("val") else None
     entry.update(reduce_width(ckpt, d, hidden, ctx))
-    entry["projected"] = accuracy_metrics(*predict(ckpt.model, ctx.data, "val")) if ctx.data.size("val") else None
-    entry["finetune"] = fit(ckpt.model, ctx.data, ctx.train, desc=f"mlet d={d} fine-tune")
-    entry["collapsed"] = collapse_factorized(ckpt.model.tables, list(ckpt.model.tables))
+    entry["projected"] = metrics.accuracy_metrics(*training.predict(ckpt.model, ctx.data, "val")) if ctx.data.size("val") else None
+    entry["finetune"] = training.fit(ckpt.model, ctx.data, ctx.train, desc=f"mlet d={d} fine-tune")
+    entry["collapsed"] = tables.collapse_factorized(ckpt.model.tables, list(ckpt.model.tables))
     ckpt.spec.history.append(entry)
     return ckpt
 
@@ -125,5 +135,6 @@ register(Method(
             Param("hidden", int, "MLET hidden width k >= dim (default: the current width)")),
     accepts=frozenset({"dense", "factorized"}),
     needs_data=lambda p: p.get("dim") is not None,
+    trains=lambda p: p.get("dim") is not None,
     apply=apply,
 ))

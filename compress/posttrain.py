@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from recompress.checkpoint import Checkpoint
-from recompress.metrics import accuracy_metrics
-from recompress.training import fit, predict
-
-from .tables import Table
+from recompress.lazy import lazy
 
 if TYPE_CHECKING:
+    import torch
+
+    from recompress.checkpoint import Checkpoint
+
     from .registry import Context
+    from .tables import Table
+
+torch = lazy("torch")  # noqa: F811
+training = lazy("recompress.training")
+metrics = lazy("recompress.metrics")
 
 CHUNK = 1 << 16
-
-
-class NoSaving(Exception):
-    """A --ratio target cannot be met on this (small) table; the method leaves it as it is."""
 
 
 def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None:
@@ -46,7 +45,7 @@ def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor 
 def val_metrics(ckpt: Checkpoint, ctx: Context) -> dict[str, Any] | None:
     if ctx.data is None or not ctx.data.size("val"):
         return None
-    return accuracy_metrics(*predict(ckpt.model, ctx.data, "val"))
+    return metrics.accuracy_metrics(*training.predict(ckpt.model, ctx.data, "val"))
 
 
 def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[str, Any], before: Any) -> Checkpoint:
@@ -54,7 +53,7 @@ def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[s
     entry["val_before"] = before
     entry["val_after_init"] = val_metrics(ckpt, ctx)
     if params.get("finetune"):
-        entry["finetune"] = fit(ckpt.model, ctx.data, ctx.train, desc=f"{entry['method']} fine-tune")
+        entry["finetune"] = training.fit(ckpt.model, ctx.data, ctx.train, desc=f"{entry['method']} fine-tune")
         entry["val_after_finetune"] = entry["finetune"].get("val")
     ckpt.spec.history.append(entry)
     return ckpt

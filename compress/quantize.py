@@ -1,20 +1,23 @@
 """``fp16``, ``bf16``, ``int8``, ``int4``: row-wise quantization of every stored row matrix, no data needed.
 
 Works on any table kind (dense, tt cores, hash/qr/freqhash rows, factorized left), so it composes as the
-last step: ``mlet,int8``, ``tt,int8``, ``qr,int4``. FBGEMM row format (see ``rowwise.py``).
+last step: ``mlet,int8``, ``tt,int8``, ``qr,int4``. PyTorch's FBGEMM row-wise formats (see ``rowformat.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
 from .posttrain import relative_error
-from .registry import Context, Method, Param, register
-from .rowwise import FORMATS
-from .tables import Table
+from .registry import ANY_KIND, Context, Method, Param, register
+from .rowformat import FORMATS
+
+if TYPE_CHECKING:
+    from recompress.checkpoint import Checkpoint
+
+    from .tables import Table
 
 ALIGN = Param("align", int, "quantized rows: pad each row to this many bytes (FBGEMM: 16 on GPU, 1 on CPU)", 1)
 
@@ -42,7 +45,8 @@ for _fmt in FORMATS:
         name=_fmt,
         help=f"row-wise {_fmt} storage of every row matrix" + (" with fp16 scale and bias per row" if FORMATS[_fmt].affine else ""),
         params=(ALIGN,),
-        accepts=frozenset(Table.KINDS),
+        accepts=frozenset({ANY_KIND}),
         needs_data=lambda p: False,
+        trains=lambda p: False,
         apply=lambda ckpt, params, ctx, _f=_fmt: apply(_f, ckpt, params, ctx),
     ))

@@ -1,16 +1,22 @@
 """The one method registry: each compression method declares its parameters once; the CLI options,
-recipe keys and validation all come from that declaration. Methods compose left to right."""
+recipe keys and validation all come from that declaration. Methods compose left to right.
+
+This module and the method modules import torch only when a method runs (``recompress.lazy``), so the
+CLI can build its options from the registry at start-up.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-from recompress.checkpoint import Checkpoint
-from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
-from recompress.training import TrainConfig
+from recompress.trainconfig import TrainConfig
+
+if TYPE_CHECKING:
+    from recompress.checkpoint import Checkpoint
+    from recompress.data.ctr import CTRDataset
 
 
 @dataclass(frozen=True)
@@ -23,9 +29,24 @@ class Param:
     default: Any = None
     choices: tuple[str, ...] = ()
 
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')}"
+
 
 FINETUNE = Param("finetune", bool, "fine-tune the model on --data after compressing (budget: --epochs/--steps/--lr)", False)
 RATIO = Param("ratio", float, "target: this many times fewer bytes per selected table (tt, hash, qr, freqhash)")
+
+
+class NoSaving(Exception):
+    """A --ratio target cannot be met on this (small) table; the method leaves it as it is."""
+
+
+def describe(name: str, params: dict[str, Any]) -> str:
+    """``hash --ratio 16 --finetune``: a method call as the user would have typed it."""
+    flags = [f"{Param(k, object, '').flag}" + ("" if v is True else f" {v}")
+             for k, v in params.items() if v is not None and v is not False]
+    return " ".join([name, *flags])
 
 
 @dataclass
@@ -56,18 +77,21 @@ class Context:
 class Method:
     """A compression method: ``apply(ckpt, params, ctx)`` returns a new Checkpoint.
 
-    ``accepts`` lists the table forms (kind, or kind+storage such as ``tt+int8``) it can read;
-    ``needs_data(params)`` says whether it needs a dataset (fine-tuning, id frequencies); ``fresh``, if
-    given, builds a randomly initialized table of the method's kind for training from scratch.
+    ``accepts`` lists the table forms (kind, or kind+storage such as ``tt+int8``) it can read; ``ANY_KIND``
+    stands for every kind still in float storage, and None for every form;
+    ``needs_data(params)`` says whether it needs a dataset (fine-tuning, id frequencies); ``trains(params)``
+    whether it runs the training loop (reports then show the baseline trained with the same budget);
+    ``fresh``, if given, builds a randomly initialized table of the method's kind for training from scratch.
     """
 
     name: str
     help: str
     params: tuple[Param, ...]
-    accepts: frozenset[str]
+    accepts: frozenset[str] | None
     needs_data: Callable[[dict[str, Any]], bool]
     apply: Callable[[Checkpoint, dict[str, Any], Context], Checkpoint]
     fresh: Callable[..., Any] | None = None  # (name, rows, dim, params, seed, train id counts) -> Table
+    trains: Callable[[dict[str, Any]], bool] = lambda p: bool(p.get("finetune"))
 
 
 @dataclass
@@ -78,8 +102,22 @@ class Step:
     params: dict[str, Any] = field(default_factory=dict)
     select: Selection | None = None
 
+    def own_params(self) -> dict[str, Any]:
+        return {p.name: self.params.get(p.name, p.default) for p in self.method.params}
+
 
 METHODS: dict[str, Method] = {}
+ANY_KIND = "*"  # in ``Method.accepts``: any table kind whose rows are not yet stored row-wise
+
+
+def reads(method: Method, form: str) -> bool:
+    if method.accepts is None:
+        return True
+    return form in method.accepts or (ANY_KIND in method.accepts and "+" not in form)
+
+
+def _accepted(method: Method) -> str:
+    return ", ".join("any kind in float storage" if a == ANY_KIND else a for a in sorted(method.accepts))
 
 
 def register(method: Method) -> Method:
@@ -101,7 +139,7 @@ def get_method(name: str) -> Method:
         import difflib
         import re
         if re.fullmatch(r"(u?int|fp|bf)\d+", name):
-            from .rowwise import FORMATS
+            from .rowformat import FORMATS
             raise UserError(f"{name} is not a supported row-wise format", f"use one of {', '.join(FORMATS)}")
         close = difflib.get_close_matches(name, METHODS, n=1)
         raise UserError(f"unknown method {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
@@ -131,25 +169,30 @@ def parse_methods(text: str, params: dict[str, Any] | None = None) -> list[Step]
     return steps
 
 
+def trains(steps: list[Step]) -> bool:
+    """Whether a composition runs the training loop (and so gets extra training besides compression)."""
+    return any(s.method.trains(s.own_params()) for s in steps)
+
+
 def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
     """Apply ``steps`` in order, validating each one's input forms and data needs first."""
-    from dataclasses import replace
     for step in steps:
         m = step.method
-        mine = {p.name: step.params.get(p.name, p.default) for p in m.params}
+        mine = step.own_params()
         if m.needs_data(mine) and ctx.data is None:
-            raise UserError(f"method {m.name} with {mine} needs a dataset (fine-tuning or id frequencies)",
+            raise UserError(f"{describe(m.name, mine)} needs a dataset (to fine-tune, or for id frequencies)",
                             "pass --data DATASET_DIR")
         sctx = replace(ctx, select=step.select or ctx.select)
         picked = sctx.select.pick(ckpt)
         if not picked:
-            raise UserError(f"no table is selected for {m.name}", "relax the table selection (--tables / --min-rows)")
-        forms = {ckpt.model.tables[n].form for n in picked}
-        if not forms <= m.accepts:
-            raise UserError(f"{m.name} cannot read {', '.join(sorted(forms - m.accepts))} tables "
-                            f"(it takes {', '.join(sorted(m.accepts))})", "reorder the methods in the composition")
+            raise UserError(f"no table is selected for {m.name}", "relax the table selection (--tables / --min-rows "
+                            "or METHOD@>=ROWS); 'recompress inspect' lists the tables and their rows")
+        bad = sorted({f for f in (ckpt.model.tables[n].form for n in picked) if not reads(m, f)})
+        if bad:
+            raise UserError(f"{m.name} cannot read {', '.join(bad)} tables (it takes {_accepted(m)})",
+                            "reorder the methods in the composition")
         ckpt = m.apply(ckpt, mine, sctx)
     return ckpt
 
 
-from . import hashing, lowrank, mlet, quantize, tt  # noqa: E402,F401  (each module registers its methods)
+from . import finetune, hashing, lowrank, mlet, quantize, tt  # noqa: E402,F401  (each module registers its methods)

@@ -1,71 +1,38 @@
-"""Row-wise quantized storage for any table's gathered row matrices, in FBGEMM's row format.
+"""Row-wise quantized storage for any table's gathered row matrices (formats: ``rowformat.py``).
 
-Each stored row holds ``cols`` values at ``bits`` each, then (for int8/int4) an fp16 scale and an fp16
-bias (FBGEMM's ``DEFAULT_SCALE_BIAS_SIZE_IN_BYTES = 4``), padded to ``align`` bytes (FBGEMM: 16 on GPU,
-1 on CPU). Dequantized value = q * scale + bias. int8 keeps q signed (-128..127), which is what ONNX
-``DequantizeLinear`` and TensorRT take; int4 packs two unsigned nibbles (0..15) per byte, low nibble
-first, as FBGEMM does. Scale and bias are kept as separate per-row tensors (ONNX has no bit-cast to read
-them out of a fused byte row); the byte count is the fused row's, padding included.
+Quantization and dequantization reproduce PyTorch's FBGEMM row-wise operators value for value
+(``embedding_bag_byte_prepack`` / ``_4bit_prepack`` and their unpack; checked in the tests), and
+:meth:`QuantizedRows.fused` gives their byte layout. Values, scales and biases are kept as separate
+tensors, because ONNX has no bit-cast to read a scale out of a fused byte row.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .rowformat import FORMATS, row_bytes
+
 CHUNK = 1 << 18  # rows quantized at a time (bounded extra memory on 10M-row tables)
 
 
-@dataclass(frozen=True)
-class RowFormat:
-    bits: int
-    affine: bool              # int formats: per-row fp16 scale + bias
-    torch_dtype: torch.dtype  # dtype of the stored data tensor
-
-    def data_bytes(self, cols: int) -> int:
-        return math.ceil(cols * self.bits / 8)
-
-
-FORMATS: dict[str, RowFormat] = {
-    "fp16": RowFormat(16, False, torch.float16),
-    "bf16": RowFormat(16, False, torch.bfloat16),
-    "int8": RowFormat(8, True, torch.int8),
-    "int4": RowFormat(4, True, torch.uint8),
-}
-SCALE_BIAS_BYTES = 4
-
-
-def row_bytes(fmt: str, cols: int, align: int = 1) -> int:
-    """Bytes of one stored row (data, fp16 scale + bias for int formats), rounded up to ``align``."""
-    f = FORMATS[fmt]
-    raw = f.data_bytes(cols) + (SCALE_BIAS_BYTES if f.affine else 0)
-    return -(-raw // align) * align
-
-
-def units_touched(row_bytes: int, unit: int) -> float:
-    """Mean number of ``unit``-byte sectors/lines a random row read touches (rows packed back to back)."""
-    period = unit // math.gcd(row_bytes, unit)
-    return sum((i * row_bytes + row_bytes - 1) // unit - (i * row_bytes) // unit + 1 for i in range(period)) / period
-
-
 class QuantizedRows(nn.Module):
-    """``n x cols`` rows stored in ``fmt``; ``forward(idx)`` gathers stored rows, then scales them, so
+    """``n x cols`` rows stored in ``fmt``; ``forward(idx)`` gathers stored rows, then dequantizes them, so
     the table stays quantized in memory (export/graph.py can express it the other way round)."""
 
     def __init__(self, rows: int, cols: int, fmt: str, align: int = 1) -> None:
         super().__init__()
         f = FORMATS[fmt]
         self.fmt, self.cols, self.align = fmt, cols, align
-        stored_bytes = row_bytes(fmt, cols, align) - (SCALE_BIAS_BYTES if f.affine else 0)
-        width = stored_bytes // (f.bits // 8) if f.bits >= 8 else stored_bytes
-        self.register_buffer("data", torch.zeros(rows, width, dtype=f.torch_dtype))
+        stored = row_bytes(fmt, cols, align) - f.scale_bias_bytes
+        width = stored // (f.bits // 8) if f.bits >= 8 else stored
+        self.register_buffer("data", torch.zeros(rows, width, dtype=getattr(torch, f.dtype)))
         if f.affine:
-            self.register_buffer("scale", torch.zeros(rows, dtype=torch.float16))
-            self.register_buffer("bias", torch.zeros(rows, dtype=torch.float16))
+            sdt = getattr(torch, f.scale_dtype)
+            self.register_buffer("scale", torch.zeros(rows, dtype=sdt))
+            self.register_buffer("bias", torch.zeros(rows, dtype=sdt))
 
     def config(self) -> dict[str, Any]:
         return {"dtype": self.fmt, "align": self.align}
@@ -77,28 +44,33 @@ class QuantizedRows(nn.Module):
             self._fill(s, weight[s:s + CHUNK].float())
 
     def _fill(self, s: int, w: Tensor) -> None:
-        f, e = FORMATS[self.fmt], s + w.shape[0]
-        if not f.affine:
-            self.data[s:e, :self.cols] = w.to(f.torch_dtype)
+        e = s + w.shape[0]
+        if self.fmt in ("fp16", "bf16"):
+            self.data[s:e, :self.cols] = w.to(self.data.dtype)
             return
-        levels = (1 << f.bits) - 1
         lo, hi = w.min(1).values, w.max(1).values
-        scale = ((hi - lo) / levels).half()
-        scale = torch.where(scale.float() * levels < (hi - lo), torch.nextafter(scale, scale.new_tensor(math.inf)), scale)
-        offset = 128 if self.fmt == "int8" else 0
-        bias = (lo + offset * scale.float()).half()
-        if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
-            raise ValueError("a row's value range overflows fp16 scale/bias; quantize to fp16 or bf16 instead")
-        safe = torch.where(scale > 0, scale.float(), torch.ones_like(lo))
-        q = torch.round((w - bias.float().unsqueeze(1)) / safe.unsqueeze(1)).clamp(-offset, levels - offset)
-        self.scale[s:e], self.bias[s:e] = scale, bias
-        if self.fmt == "int8":
-            self.data[s:e, :self.cols] = q.to(torch.int8)
-        else:
-            q = q.to(torch.uint8)
+        if self.fmt == "int8":  # FBGEMM FloatToFused8BitRowwiseQuantizedSBFloat
+            span = hi - lo
+            scale, bias = span / 255.0, lo
+            q = torch.round((w - lo.unsqueeze(1)) * (255.0 / (span + 1e-8)).unsqueeze(1))
+            self.data[s:e, :self.cols] = q.clamp(0, 255).to(torch.uint8)
+        else:  # int4: FBGEMM FloatToFusedNBitRowwiseQuantizedSBHalf, bit rate 4
+            bias = lo.half().float()
+            span = hi - bias
+            scale = torch.where(span == 0, torch.ones_like(span), span / 15).half().float()
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            inv = 1.0 / scale
+            scale = torch.where(torch.isinf(inv), torch.ones_like(scale), scale)
+            inv = torch.where(torch.isinf(inv), torch.ones_like(inv), inv)
+            q = torch.round((w - bias.unsqueeze(1)) * inv.unsqueeze(1)).clamp(0, 15).to(torch.uint8)
             if self.cols % 2:
                 q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
             self.data[s:e, :q.shape[1] // 2] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scale, bias = scale.to(self.scale.dtype), bias.to(self.bias.dtype)
+        if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
+            raise ValueError(f"a row's values overflow {self.fmt}'s {self.scale.dtype} scale/bias; "
+                             "store it as int8 (fp32 scale) or bf16 instead")
+        self.scale[s:e], self.bias[s:e] = scale, bias
 
     def _values(self, data: Tensor) -> Tensor:
         """Stored data rows -> float values (unscaled for int formats), the first ``cols`` columns."""
@@ -108,14 +80,24 @@ class QuantizedRows(nn.Module):
         return data[..., :self.cols].float()
 
     def forward(self, idx: Tensor) -> Tensor:
-        f = FORMATS[self.fmt]
         vals = self._values(self.data[idx])
-        if not f.affine:
+        if not FORMATS[self.fmt].affine:
             return vals
-        return vals * self.scale[idx].float().unsqueeze(-1) + self.bias[idx].float().unsqueeze(-1)
+        # q * scale + bias in one fused multiply-add, as FBGEMM's unpack computes it
+        return torch.addcmul(self.bias[idx].float().unsqueeze(-1), vals, self.scale[idx].float().unsqueeze(-1))
 
     def dequantized(self) -> Tensor:
         return self.forward(torch.arange(self.data.shape[0]))
+
+    def fused(self) -> Tensor:
+        """Rows in FBGEMM's fused byte layout ``[values | scale | bias]`` (uint8 ``[n, row bytes]``, no padding)."""
+        f = FORMATS[self.fmt]
+        data = self.data[:, :f.data_bytes(self.cols) // (f.bits // 8 if f.bits >= 8 else 1)].contiguous()
+        parts = [data.view(torch.uint8)]
+        if f.affine:
+            parts += [self.scale.unsqueeze(1).contiguous().view(torch.uint8),
+                      self.bias.unsqueeze(1).contiguous().view(torch.uint8)]
+        return torch.cat(parts, dim=1)
 
     def stored_row_bytes(self) -> int:
         return row_bytes(self.fmt, self.cols, self.align)

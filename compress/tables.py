@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from recompress.spec import TableSpec
 
-from .rowwise import QuantizedRows, units_touched
+from .rowformat import units_touched
+from .rowwise import QuantizedRows
 
 
 def offsets_to_bags(ids: Tensor, offsets: Tensor) -> Tensor:

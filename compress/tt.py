@@ -10,20 +10,58 @@ or from ``--tol`` (relative Frobenius error budget, split evenly over the K-1 tr
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
-from recompress.progress import progress
+from recompress.lazy import lazy
 
-from .linalg import principal_basis
-from .posttrain import NoSaving, finish, relative_error, val_metrics
-from .registry import FINETUNE, RATIO, Context, Method, Param, register
-from .tt_table import TTTable, balanced_factors, dim_factors, max_ranks
+from .posttrain import finish, relative_error, val_metrics
+from .registry import FINETUNE, RATIO, Context, Method, NoSaving, Param, register
+
+if TYPE_CHECKING:
+    import torch
+
+    from recompress.checkpoint import Checkpoint
+
+    from .tt_table import TTTable
+
+torch = lazy("torch")  # noqa: F811
+linalg = lazy("recompress.compress.linalg")
+tt_table = lazy("recompress.compress.tt_table")
+progress = lazy("recompress.progress")
 
 GATHER_BYTES = 1 << 26  # bytes of table rows gathered per streaming chunk
+
+
+def balanced_factors(n: int, k: int) -> list[int]:
+    """``k`` factors with product >= n, as equal as possible (the padding is small)."""
+    out: list[int] = []
+    left = n
+    for i in range(k):
+        f = max(1, math.ceil(left ** (1.0 / (k - i)) - 1e-9))
+        out.append(f)
+        left = math.ceil(left / f)
+    return out
+
+
+def dim_factors(d: int, k: int) -> list[int]:
+    """``k`` factors with product exactly d, as equal as possible (primes go to the smallest factor)."""
+    primes, x, p = [], d, 2
+    while x > 1:
+        while x % p == 0:
+            primes.append(p)
+            x //= p
+        p += 1
+    out = [1] * k
+    for q in sorted(primes, reverse=True):
+        out[out.index(min(out))] *= q
+    return sorted(out)
+
+
+def max_ranks(row_shape: list[int], dim_shape: list[int]) -> list[int]:
+    """Largest useful rank at each of the K-1 inner bonds (the smaller side of each unfolding)."""
+    sizes = [n * d for n, d in zip(row_shape, dim_shape)]
+    return [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
 
 
 def tt_bytes(row_shape: list[int], dim_shape: list[int], ranks: list[int]) -> int:
@@ -80,7 +118,6 @@ def _first_unfolding(weight: torch.Tensor, n1: int, d1: int, m_total: int) -> An
         yield m0, rows.view(n1, len(m), d1, d // d1).permute(0, 2, 1, 3).reshape(n1 * d1, -1)
 
 
-@torch.no_grad()
 def tt_svd(weight: torch.Tensor, row_shape: list[int], dim_shape: list[int], ranks: list[int] | None,
            tol: float | None, desc: str = "TT-SVD") -> TTTable:
     """TT-SVD of ``weight`` [rows, dim] with fixed ``ranks`` or a relative-error ``tol``."""
@@ -91,12 +128,13 @@ def tt_svd(weight: torch.Tensor, row_shape: list[int], dim_shape: list[int], ran
     budget_sq = (tol ** 2) * norm_sq / (K - 1) if tol is not None else 0.0
     fixed = (lambda k: ranks[k]) if ranks is not None else (lambda k: None)
     chunks = -(-m_total // max(1, GATHER_BYTES // (n1 * d * 4)))
-    with progress(desc, 2 * chunks) as advance:
+    weight = weight.detach()
+    with progress.progress(desc, 2 * chunks) as advance:
         gram = torch.zeros(n1 * d1, n1 * d1, dtype=torch.float64)
         for _, x in _first_unfolding(weight, n1, d1, m_total):
             gram += (x @ x.T).double()
             advance(1)
-        basis, vals = principal_basis(gram, n1 * d1)
+        basis, vals = linalg.principal_basis(gram, n1 * d1)
         r = _pick_rank(vals.clamp(min=0), fixed(1), budget_sq)
         u = basis[:, :r].float()
         rest = torch.empty(r, m_total, d_rest)
@@ -120,7 +158,7 @@ def tt_svd(weight: torch.Tensor, row_shape: list[int], dim_shape: list[int], ran
     last = cur.reshape(out_ranks[-1], row_shape[-1], dim_shape[-1]).permute(1, 0, 2).reshape(row_shape[-1], -1)
     cores.append(last.float())
     out_ranks.append(1)
-    table = TTTable(n, d, row_shape, dim_shape, out_ranks)
+    table = tt_table.TTTable(n, d, row_shape, dim_shape, out_ranks)
     for k, c in enumerate(cores):
         getattr(table, f"core{k}").data.copy_(c)
     return table
@@ -155,7 +193,7 @@ def fresh(name: str, rows: int, dim: int, params: dict[str, Any], seed: int, cou
     row_shape, dim_shape, ranks, tol = plan(rows, dim, params)
     if ranks is None:
         raise UserError("--tol needs a trained table to measure error against", "train from scratch with --tt-rank or --ratio")
-    return TTTable(rows, dim, row_shape, dim_shape, ranks)
+    return tt_table.TTTable(rows, dim, row_shape, dim_shape, ranks)
 
 
 register(Method(

@@ -18,37 +18,6 @@ from torch import Tensor, nn
 from .tables import Table
 
 
-def balanced_factors(n: int, k: int) -> list[int]:
-    """``k`` factors with product >= n, as equal as possible (the padding is small)."""
-    out: list[int] = []
-    left = n
-    for i in range(k):
-        f = max(1, math.ceil(left ** (1.0 / (k - i)) - 1e-9))
-        out.append(f)
-        left = math.ceil(left / f)
-    return out
-
-
-def dim_factors(d: int, k: int) -> list[int]:
-    """``k`` factors with product exactly d, as equal as possible (primes go to the smallest factor)."""
-    primes, x, p = [], d, 2
-    while x > 1:
-        while x % p == 0:
-            primes.append(p)
-            x //= p
-        p += 1
-    out = [1] * k
-    for q in sorted(primes, reverse=True):
-        out[out.index(min(out))] *= q
-    return sorted(out)
-
-
-def max_ranks(row_shape: list[int], dim_shape: list[int]) -> list[int]:
-    """Largest useful rank at each of the K-1 inner bonds (the smaller side of each unfolding)."""
-    sizes = [n * d for n, d in zip(row_shape, dim_shape)]
-    return [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
-
-
 class TTTable(Table):
     """``rows x dim`` table in tensor-train form with bond ``ranks`` (``[1, r_1, ..., r_{K-1}, 1]``)."""
 

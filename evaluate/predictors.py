@@ -1,4 +1,8 @@
-"""One Predictor interface over torch eager and ONNX Runtime, so accuracy and latency are measured alike."""
+"""One Predictor interface over torch eager and ONNX Runtime, so accuracy and latency are measured alike.
+
+A predictor takes the model's named inputs (numpy arrays, as the export's graph names them) and returns
+its scores.
+"""
 
 from __future__ import annotations
 
@@ -11,36 +15,38 @@ import torch
 from recompress.export.inputs import OUTPUT_NAME, Scorer
 from recompress.export.onnx import make_session
 
+Inputs = dict[str, np.ndarray]
+
 
 class Predictor(Protocol):
     name: str
 
-    def __call__(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray: ...
+    def __call__(self, inputs: Inputs) -> np.ndarray: ...
 
 
 class TorchPredictor:
     """Eager PyTorch on the CPU with ``threads`` intra-op threads."""
 
-    name = "torch"
+    runtime = "torch"
 
-    def __init__(self, model: torch.nn.Module, threads: int) -> None:
+    def __init__(self, model: torch.nn.Module, threads: int, name: str = "torch") -> None:
         self.scorer = Scorer(model).eval()
-        self.threads = threads
+        self.threads, self.name = threads, name
 
-    def __call__(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    def __call__(self, inputs: Inputs) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.scorer(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy()
+            return self.scorer(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
 
 class OrtPredictor:
     """ONNX Runtime CPU session with ``threads`` intra-op threads and all graph optimizations."""
 
-    name = "onnxruntime"
+    runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, name: str = "onnxruntime") -> None:
         self.session = make_session(path, threads)
-        self.threads = threads
+        self.threads, self.name = threads, name
 
-    def __call__(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {"dense": dense, "sparse": sparse})[0]
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], inputs)[0]

@@ -1,10 +1,14 @@
-"""Readable tables for results, and deltas against a baseline results file."""
+"""Readable tables for results, and deltas against a baseline results file (with confidence intervals)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from rich.table import Table
+
+from recompress.errors import UserError
+from recompress.stats import paired_from_records
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -15,6 +19,18 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+def fmt_ratio(r: dict[str, Any], suffix: str = "x") -> str:
+    """``2.31x [2.20, 2.45]``, or the same marked as noisy."""
+    text = f"{r['ratio']:.2f}{suffix} [{r['lo']:.2f}, {r['hi']:.2f}]"
+    return text + " (noisy)" if r.get("noisy") else text
+
+
+def fmt_delta(d: dict[str, Any]) -> str:
+    """``+0.0012 [-0.0008, +0.0031], within noise``."""
+    verdict = "significant" if d["significant"] else "within noise"
+    return f"{d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}], {verdict}"
 
 
 def primary_accuracy(r: dict[str, Any]) -> dict[str, Any]:
@@ -49,18 +65,30 @@ def results_table(r: dict[str, Any]) -> Table:
                           f"{v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms")
         for backend, per in lat["speedup_vs_torch"].items():
             for bs, x in per.items():
-                t.add_row(f"{backend} speed-up vs torch, batch {bs}", f"{x:.2f}x")
+                t.add_row(f"{backend} speed-up vs torch, batch {bs} (95% CI, same run)", fmt_ratio(x))
     return t
 
 
-def compare_table(new: dict[str, Any], base: dict[str, Any]) -> Table:
-    """Deltas new - base: accuracy as differences, bytes and latency as ratios."""
-    t = Table(title="compared with baseline")
+def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
+    """Paired-bootstrap ΔAUC of two results files scored on the same test rows."""
+    for key in ("fingerprint", "rows"):
+        if new["data"].get(key) != base["data"].get(key):
+            raise UserError(f"the baseline was evaluated on other data ({key} {base['data'].get(key)} vs "
+                            f"{new['data'].get(key)})", "compare results computed on the same dataset")
+    if not new.get("predictions") or not base.get("predictions"):
+        raise UserError("the baseline results file holds no predictions, so ΔAUC has no confidence interval",
+                        "re-create it with this version of 'recompress evaluate --json'")
+    return paired_from_records(new["predictions"], base["predictions"], labels)
+
+
+def compare_table(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray) -> Table:
+    """Deltas new - base: AUC with a paired 95% interval, logloss as a difference, bytes and latency as ratios."""
+    t = Table(title="compared with baseline (new - baseline; 95% CI, paired on the same test rows)")
     for c in ("metric", "baseline", "new", "change"):
         t.add_column(c, justify="right" if c != "metric" else "left")
     a, b = primary_accuracy(new), primary_accuracy(base)
-    for k in ("auc", "logloss"):
-        t.add_row(k, f"{b[k]:.4f}", f"{a[k]:.4f}", f"{a[k] - b[k]:+.4f}")
+    t.add_row("auc", f"{b['auc']:.4f}", f"{a['auc']:.4f}", fmt_delta(paired_delta(new, base, labels)))
+    t.add_row("logloss", f"{b['logloss']:.4f}", f"{a['logloss']:.4f}", f"{a['logloss'] - b['logloss']:+.4f}")
     for k in ("embeddings", "file"):
         x, y = new["bytes"][k], base["bytes"][k]
         t.add_row(f"{k} bytes", fmt_bytes(y), fmt_bytes(x), f"{x / y:.3f}x" if y else "-")
@@ -68,5 +96,5 @@ def compare_table(new: dict[str, Any], base: dict[str, Any]) -> Table:
     for backend in sorted(set(nl) & set(bl)):
         for bs in sorted(set(nl[backend]) & set(bl[backend]), key=int):
             x, y = nl[backend][bs]["p50_ms"], bl[backend][bs]["p50_ms"]
-            t.add_row(f"{backend} b={bs} p50", f"{y:.3f} ms", f"{x:.3f} ms", f"{x / y:.2f}x")
+            t.add_row(f"{backend} b={bs} p50 (separate runs)", f"{y:.3f} ms", f"{x:.3f} ms", f"{x / y:.2f}x")
     return t

@@ -16,11 +16,12 @@ from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
 from recompress.export.manifest import MANIFEST, read_manifest, versions
 from recompress.metrics import accuracy_metrics
+from recompress.progress import progress
+from recompress.stats import predictions_record
 from recompress.training import check_compatible
 
-from .latency import measure, ratios
-from .predictors import OrtPredictor, Predictor, TorchPredictor
-
+from .latency import ROTATE, measure
+from .predictors import Inputs, OrtPredictor, Predictor, TorchPredictor
 
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
@@ -32,12 +33,40 @@ def _dense_bytes(model: torch.nn.Module) -> int:
                if not any(k.startswith(p + ".") for p in table_keys))
 
 
-def _accuracy(p: Predictor, data: CTRDataset, batch: int = 4096) -> dict[str, Any]:
+def test_batches(data: CTRDataset, batch: int = 4096):
     dense, sparse, label = data.arrays("test")
-    probs = np.concatenate([p(np.array(dense[s:s + batch], np.float32),
-                              np.array(sparse[s:s + batch], np.int64)[..., None])
-                            for s in range(0, len(label), batch)])
-    return accuracy_metrics(np.asarray(label), probs)
+    for s in range(0, len(label), batch):
+        yield {"dense": np.array(dense[s:s + batch], np.float32),
+               "sparse": np.array(sparse[s:s + batch], np.int64)[..., None]}
+
+
+def predict_test(p: Predictor, data: CTRDataset, batch: int = 4096) -> np.ndarray:
+    n = data.size("test")
+    out = []
+    with progress(f"scoring test rows ({p.name})", n) as advance:
+        for inputs in test_batches(data, batch):
+            out.append(p(inputs))
+            advance(len(out[-1]))
+    return np.concatenate(out)
+
+
+def input_pool(data: CTRDataset, batch: int, seed: int = 0) -> list[Inputs]:
+    """``ROTATE`` batches of real test rows for latency measurements."""
+    dense, sparse, _ = data.arrays("test")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(dense), size=(ROTATE, batch), replace=len(dense) < ROTATE * batch)
+    return [{"dense": np.array(dense[np.sort(i)], np.float32), "sparse": np.array(sparse[np.sort(i)], np.int64)[..., None]}
+            for i in idx]
+
+
+def source_checkpoint(folder: Path, manifest: dict[str, Any]) -> Path | None:
+    """The checkpoint an export came from, if it is still there (found relative to the export first, so a
+    folder moved together with its checkpoint still finds it)."""
+    src = manifest["source"]
+    for p in (folder / src["relative"] if src.get("relative") else None, src.get("path")):
+        if p and Path(p).exists():
+            return Path(p)
+    return None
 
 
 def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any] | None:
@@ -60,8 +89,8 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
             raise UserError(f"{path} is a {manifest['target']} export, which needs a GPU to run",
                             "evaluate it on a GPU machine")
         predictors.append(OrtPredictor(path / manifest["file"], threads))
-        src = manifest["source"].get("path")
-        if src and Path(src).exists():
+        src = source_checkpoint(path, manifest)
+        if src is not None:
             ckpt = load_any(src)
         kind, spec_d = "onnx", manifest["model_spec"]
         table_bytes = manifest["table_bytes"]
@@ -87,21 +116,25 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
             if rows > t["rows"]:
                 raise UserError(f"dataset ids for table {t['name']} go up to {rows - 1} but it has {t['rows']} rows "
                                 "(ids out of range)", "use the dataset the model was trained on")
+    labels = np.asarray(data.arrays("test")[2])
+    probs = {p.name: predict_test(p, data) for p in predictors}
     results: dict[str, Any] = {
         "artifact": {"path": str(path), "kind": kind},
         "model": {"family": spec_d["family"], "emb_dim": spec_d["hparams"].get("emb_dim"),
                   "methods": [h.get("method") for h in spec_d.get("history", [])]},
-        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test",
+        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": int(len(labels)),
                  "synthetic": bool(data.meta.get("synthetic"))},
-        "accuracy": {p.name: _accuracy(p, data) for p in predictors},
+        "accuracy": {name: accuracy_metrics(labels, p) for name, p in probs.items()},
+        "predictions": predictions_record(probs[predictors[0].name], predictors[0].name),
         "bytes": {"embeddings": int(sum(table_bytes.values())),
-                  "embeddings_exported": int(sum(exported.values())) if exported else None, "dense": dense_bytes, "file": _folder_bytes(path),
-                  "tables": table_bytes},
+                  "embeddings_exported": int(sum(exported.values())) if exported else None, "dense": dense_bytes,
+                  "file": _folder_bytes(path), "tables": table_bytes},
         "lookup": _lookup_summary(costs),
         "environment": {**versions(), "machine": platform.machine(), "cpus": os.cpu_count()},
     }
     if latency:
-        lat = measure(predictors, data, list(batch_sizes), repeats)
-        results["latency"] = {"threads": threads, "repeats": repeats, "backends": lat,
-                              "speedup_vs_torch": ratios(lat)}
+        pairs = [("torch", p.name) for p in predictors if p.name != "torch"] if ckpt is not None else []
+        lat = measure(predictors, lambda b: input_pool(data, b), list(batch_sizes), repeats, pairs)
+        results["latency"] = {"threads": threads, "repeats": repeats, "backends": lat["backends"],
+                              "speedup_vs_torch": {k.split("/")[1]: v for k, v in lat["ratios"].items()}}
     return results

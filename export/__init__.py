@@ -1,13 +1,21 @@
 """Export stage: a Checkpoint -> a folder with the artifact and ``manifest.json``.
 
-Targets live in TARGETS (one module each, ``NAME`` and ``build(ckpt, folder, inputs, opts) -> dict``);
-``export_checkpoint`` does what every target shares: the atomic output folder, sample inputs, the
-parity check against torch and the manifest.
+Targets are listed in ``targets.py`` (one module each, ``NAME``, ``build(ckpt, folder, inputs, opts) -> dict``
+and ``run(folder, manifest, inputs)``); ``runner.export_checkpoint`` does what every target shares: the
+output folder, sample inputs, the parity check against the stored checkpoint and the manifest. Names are
+imported on first use, so the CLI can list the targets without importing torch.
 """
 
 from __future__ import annotations
 
-from .manifest import MANIFEST, read_manifest
-from .runner import TARGETS, export_checkpoint
+from importlib import import_module
+from typing import Any
 
-__all__ = ["MANIFEST", "TARGETS", "export_checkpoint", "read_manifest"]
+_LAZY = {"export_checkpoint": "runner", "read_manifest": "manifest", "MANIFEST": "manifest"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
-from recompress.atomic import atomic_dir
 from recompress.checkpoint import Checkpoint
 from recompress.compress.rowwise import QuantizedRows
 from recompress.compress.tables import DenseTable
 from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
+from recompress.outputs import check_output, output_dir
 from recompress.progress import say
 
-from . import onnx as onnx_target
-from .inputs import Scorer, sample_inputs
+from .inputs import Scorer, multi_hot, sample_inputs
 from .manifest import MANIFEST, versions
-
-TARGETS: dict[str, ModuleType] = {onnx_target.NAME: onnx_target}
+from .targets import load_target
 QUANT_GRAPHS = ("gather-dequant", "dequant-gather")
 
 
@@ -45,6 +43,11 @@ def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpo
     return Checkpoint(model, ckpt.spec, ckpt.path)
 
 
+def inputs_of(ckpt: Checkpoint, data: CTRDataset | None) -> list[Path]:
+    """What an export reads (the checkpoint folder and the dataset), which it must never write over."""
+    return [p for p in (ckpt.path, data.path if data is not None else None) if p is not None]
+
+
 def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
     diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
     allowed = atol + rtol * np.abs(expected)
@@ -55,33 +58,44 @@ def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> d
 def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: CTRDataset | None = None,
                       samples: int = 2048, atol: float = 1e-5, rtol: float = 1e-4, source_hash: str | None = None,
                       overwrite: bool = False, opts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails."""
-    if target not in TARGETS:
-        raise UserError(f"unknown export target {target!r}", f"choose from {', '.join(TARGETS)}")
-    mod = TARGETS[target]
+    """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails.
+
+    Parity compares the artifact with the *stored* checkpoint (not a materialized or rewritten copy) on
+    two batches: real rows with one id per bag, and multi-id bags with -1 padding and empty bags.
+    """
+    mod = load_target(target)
+    check_output(out, overwrite=overwrite, inputs=inputs_of(ckpt, data))
     opts = dict(opts or {})
     stored = ckpt
     opts["quant_graph"] = opts.get("quant_graph") or QUANT_GRAPHS[0]
     ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
-    inputs = sample_inputs(ckpt.model, samples, data)
+    single = sample_inputs(stored.model, samples, data)
+    batches = {"one id per bag": single, "multi-id bags with padding": multi_hot(single)}
+    reference = Scorer(stored.model).eval()
     with torch.no_grad():
-        expected = Scorer(ckpt.model).eval()(**inputs).numpy()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+        expected = {k: reference(**b).numpy() for k, b in batches.items()}
+    with output_dir(out, kind="export", overwrite=overwrite, inputs=inputs_of(stored, data)) as tmp:
         t0 = time.perf_counter()
         say(f"exporting to {target} ...")
-        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, inputs, opts)}
+        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, single, opts)}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        got = mod.run(tmp, manifest, inputs)
-        manifest["parity"] = {**parity(expected, got, atol, rtol),
-                              "inputs": "test split" if data is not None else "random valid ids"}
+        checks = {k: parity(expected[k], mod.run(tmp, manifest, b), atol, rtol) for k, b in batches.items()}
+        worst = max(checks.values(), key=lambda c: c["max_abs_diff"])
+        manifest["parity"] = {**worst, "samples": sum(c["samples"] for c in checks.values()),
+                              "passed": all(c["passed"] for c in checks.values()), "batches": checks,
+                              "inputs": "test split" if data is not None else "random valid ids",
+                              "reference": "stored checkpoint (torch)"}
         if not manifest["parity"]["passed"]:
+            bad = [k for k, c in checks.items() if not c["passed"]]
             p = manifest["parity"]
-            raise UserError(f"{target} output differs from torch by up to {p['max_abs_diff']:.3g} "
-                            f"(allowed {atol} + {rtol}*|y|) on {p['samples']} samples; nothing was written",
+            raise UserError(f"{target} output differs from the checkpoint by up to {p['max_abs_diff']:.3g} "
+                            f"(allowed {atol} + {rtol}*|y|) on {', '.join(bad)}; nothing was written",
                             "loosen --atol/--rtol if this precision is acceptable")
-        manifest["source"] = {"path": str(ckpt.path) if ckpt.path else None, "sha256": source_hash,
-                              "format": ckpt.spec.provenance.get("source_format", "recompress")}
-        manifest["model_spec"] = json.loads(ckpt.spec.to_json())
+        manifest["source"] = {"path": str(stored.path) if stored.path else None,
+                              "relative": os.path.relpath(stored.path, Path(out).absolute()) if stored.path else None,
+                              "sha256": source_hash,
+                              "format": stored.spec.provenance.get("source_format", "recompress")}
+        manifest["model_spec"] = json.loads(stored.spec.to_json())
         manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}
         manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}

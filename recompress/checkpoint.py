@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from .outputs import output_dir
 from .errors import UserError
 from .models import build_model
 from .spec import ModelSpec
@@ -39,11 +39,11 @@ def refresh_tables(model: nn.Module, spec: ModelSpec) -> None:
     spec.tables = [t.spec(name, roles.get(name, "sparse_feature")) for name, t in model.tables.items()]
 
 
-def save_checkpoint(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``ckpt`` atomically to the folder ``out``."""
+def save_checkpoint(ckpt: Checkpoint, out: str | Path, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Write ``ckpt`` atomically to the folder ``out`` (never over one of ``inputs``)."""
     refresh_tables(ckpt.model, ckpt.spec)
     tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.model.state_dict().items()}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with output_dir(out, kind="checkpoint", overwrite=overwrite, inputs=inputs) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "recompress"})  # one key: multi-key order is random
         (tmp / SPEC_FILE).write_text(ckpt.spec.to_json() + "\n")
     return Path(out)

@@ -1,4 +1,8 @@
-"""The command line: a thin Click layer over the stages (each command = load, call one stage, write)."""
+"""The command line: a thin Click layer over the stages (each command = check outputs, load, call one stage, write).
+
+Start-up imports no torch (the method registry is declared torch-free), so ``--help`` answers at once.
+Every error a user can cause, ours or Click's, prints one line ``error: ...; hint: ...`` and exits 2.
+"""
 
 from __future__ import annotations
 
@@ -12,45 +16,71 @@ import click
 from . import __version__
 from .errors import UserError
 
+EXIT_USER, EXIT_INTERRUPTED = 2, 130
+
+
+def fail(message: str, hint: str | None = None, code: int = EXIT_USER) -> None:
+    click.echo(f"error: {message}" + (f"; hint: {hint}" if hint else ""), err=True)
+    sys.exit(code)
+
 
 class Group(click.Group):
-    """Turns UserError into ``error: ...`` on one line and exit status 2, with no traceback."""
+    """Runs the command line with one error style: user errors and usage errors on one line, exit 2;
+    Ctrl-C says that nothing partial was kept (exit 130); anything else is a bug (traceback, exit 1)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            msg = " ".join(e.format_message().split())
+            fail(msg[:1].lower() + msg[1:], f"see '{ctx.command_path if ctx else 'recompress'} --help'", e.exit_code)
         except UserError as e:
-            click.echo(f"error: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"  hint: {e.hint}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
+            fail(e.message, e.hint)
+        except (KeyboardInterrupt, click.Abort):
             click.echo("interrupted; no partial output was kept", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-def ints(text: str | None) -> tuple[int, ...]:
+def ints(text: str | None, what: str = "value") -> tuple[int, ...]:
     if not text:
         return ()
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise UserError(f"{text!r} is not a comma-separated list of integers", "e.g. 1,64,512") from None
+        raise UserError(f"{what} {text!r} is not a comma-separated list of integers", "e.g. 1,64,512") from None
 
 
 def names(text: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else ()
 
 
+def out_option(what: str) -> Any:
+    return click.option("-o", "--out", required=True, type=click.Path(), help=f"{what} to create (missing parent "
+                        "folders are created)")
+
+
+OVERWRITE = click.option("--overwrite", is_flag=True, help="replace the output if recompress wrote it (a folder "
+                         "holding anything else is never replaced)")
+
+
 def train_options(f: Any) -> Any:
     """The shared training / fine-tune budget options."""
+    from .trainconfig import OPTIMIZERS
     for opt in reversed([
         click.option("--epochs", default=1, show_default=True, help="passes over the train split"),
         click.option("--steps", type=int, default=None, help="cap on optimizer steps (overrides epochs)"),
         click.option("--lr", default=1e-3, show_default=True, help="learning rate"),
-        click.option("--batch-size", default=256, show_default=True),
-        click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--batch-size", default=256, show_default=True, help="rows per optimizer step"),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
+                     help="adam: Adam for dense layers, SparseAdam for table rows"),
+        click.option("--seed", default=0, show_default=True, help="seed for initialization and shuffling"),
+        click.option("--keep-best", is_flag=True, help="check validation after every epoch and keep the best model"),
     ]):
         f = opt(f)
     return f
@@ -64,45 +94,54 @@ def method_options(fresh_only: bool = False) -> Any:
     def deco(f: Any) -> Any:
         methods = [m for m in METHODS.values() if m.fresh is not None or not fresh_only]
         for p in reversed([p for p in all_params(methods).values() if not (fresh_only and p.name == "finetune")]):
-            flag = f"--{p.name.replace('_', '-')}"
             if p.type is bool:
-                f = click.option(flag, p.name, is_flag=True, help=p.help)(f)
+                f = click.option(p.flag, p.name, is_flag=True, help=p.help)(f)
             else:
                 kind = click.Choice(p.choices) if p.choices else p.type
-                f = click.option(flag, p.name, type=kind, default=p.default, help=p.help,
+                f = click.option(p.flag, p.name, type=kind, default=p.default, help=p.help,
                                  show_default=p.default is not None)(f)
         return f
     return deco
 
 
 def train_config(kw: dict[str, Any]) -> Any:
-    from .training import TrainConfig
+    from .trainconfig import TrainConfig
     return TrainConfig(epochs=kw.pop("epochs"), steps=kw.pop("steps"), lr=kw.pop("lr"),
-                       batch_size=kw.pop("batch_size"), optimizer=kw.pop("optimizer"), seed=kw.pop("seed"))
+                       batch_size=kw.pop("batch_size"), optimizer=kw.pop("optimizer"), seed=kw.pop("seed"),
+                       keep_best=kw.pop("keep_best"))
 
 
 def echo_table(table: Any) -> None:
     from rich.console import Console
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
-def write_json(obj: Any, path: str | Path) -> None:
-    from .atomic import atomic_file
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+def val_story(entries: list[dict[str, Any]]) -> list[str]:
+    """``hash: validation AUC 0.7412 -> 0.7230 compressed -> 0.7398 fine-tuned`` for each history entry."""
+    lines = []
+    for h in entries:
+        chain = [(label, h.get(k)) for label, k in (("before", "val_before"), ("compressed", "val_after_init"),
+                                                    ("fine-tuned", "val_after_finetune"))]
+        if h.get("method") == "mlet" and h.get("before"):
+            chain = [("before", h["before"]), ("projected", h.get("projected")),
+                     ("fine-tuned", (h.get("finetune") or {}).get("val"))]
+        shown = [f"{v['auc']:.4f} {label}" for label, v in chain if v]
+        if len(shown) > 1:
+            lines.append(f"{h['method']}: validation AUC " + " -> ".join(shown))
+    return lines
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("recompress", cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="recompress")
 def main() -> None:
     """Compress trained recommender checkpoints, export them, and measure accuracy x bytes x latency.
 
     \b
     Typical flow:
-      recompress data criteo train.txt -o data/criteo
+      recompress data criteo train.txt.gz -o data/criteo
       recompress train --data data/criteo --dim 16 -o ckpt/base
       recompress checkpoint ckpt/base --method mlet --dim 4 --data data/criteo -o ckpt/mlet4
-      recompress export ckpt/mlet4 --target onnx -o export/mlet4
+      recompress export ckpt/mlet4 --target onnx --data data/criteo -o export/mlet4
       recompress evaluate export/mlet4 --data data/criteo
     """
 
@@ -114,14 +153,14 @@ def data() -> None:
 
 @data.command("criteo")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(), help="dataset folder to create")
+@out_option("dataset folder")
 @click.option("--min-count", default=2, show_default=True, help="values seen fewer times in train map to the OOV row")
 @click.option("--max-rows", type=int, default=None, help="cap each table at this many rows (most frequent kept)")
 @click.option("--val", default=0.1, show_default=True, help="validation fraction")
 @click.option("--test", default=0.1, show_default=True, help="test fraction")
 @click.option("--seed", default=0, show_default=True, help="split seed")
 @click.option("--limit", type=int, default=None, help="read only the first N rows")
-@click.option("--overwrite", is_flag=True)
+@OVERWRITE
 def data_criteo(source: str, out: str, **kw: Any) -> None:
     """Read a Criteo TSV (train.txt or .gz; label, I1-I13, C1-C26) in bounded memory."""
     from .data.criteo import prepare_criteo
@@ -129,22 +168,22 @@ def data_criteo(source: str, out: str, **kw: Any) -> None:
 
 
 @data.command("synthetic")
-@click.option("-o", "--out", required=True, type=click.Path(), help="dataset folder to create")
-@click.option("--samples", default=200_000, show_default=True)
+@out_option("dataset folder")
+@click.option("--samples", default=200_000, show_default=True, help="rows to generate (80/10/10 split)")
 @click.option("--tables", default="100000,20000,5000,1000,200,50", show_default=True, help="rows per table")
 @click.option("--zipf", default=1.05, show_default=True, help="popularity exponent")
 @click.option("--true-dim", default=8, show_default=True, help="width of the planted ground-truth vectors")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@click.option("--seed", default=0, show_default=True, help="generator seed")
+@OVERWRITE
 def data_synthetic(out: str, tables: str, **kw: Any) -> None:
     """Generate a SYNTHETIC Criteo-like dataset with a planted ground-truth model."""
     from .data.synthetic import make_synthetic
-    make_synthetic(out, table_rows=list(ints(tables)), **kw)
+    make_synthetic(out, table_rows=list(ints(tables, "--tables")), **kw)
 
 
 @main.command()
 @click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset folder")
-@click.option("-o", "--out", required=True, type=click.Path(), help="checkpoint folder to create")
+@out_option("checkpoint folder")
 @click.option("--dim", default=16, show_default=True, help="embedding width d")
 @click.option("--bottom", default="64", show_default=True, help="bottom MLP hidden sizes (d is appended)")
 @click.option("--top", default="64", show_default=True, help="top MLP hidden sizes (1 is appended)")
@@ -155,18 +194,20 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @method_options(fresh_only=True)
 @click.option("--min-rows", "method_min_rows", default=0, show_default=True, help="--method only for tables with this many rows")
 @train_options
-@click.option("--overwrite", is_flag=True)
+@OVERWRITE
 def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, mlet_hidden: int | None,
           mlet_min_rows: int, keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
     """Train a DLRM from scratch and write a native checkpoint."""
+    from .outputs import check_output
+    check_output(out, overwrite=overwrite, inputs=[data_path])
     from .checkpoint import save_checkpoint
     from .data import open_dataset
     from .training import train_dlrm
     cfg = train_config(kw)
-    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom), top=ints(top),
+    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom, "--bottom"), top=ints(top, "--top"),
                       mlet_hidden=mlet_hidden, mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer,
                       method=method, method_params=kw, method_min_rows=method_min_rows)
-    save_checkpoint(ckpt, out, overwrite=overwrite)
+    save_checkpoint(ckpt, out, overwrite=overwrite, inputs=[data_path])
     val = ckpt.spec.metrics["train"].get("val")
     click.echo(f"wrote {out}" + (f"  (val AUC {val['auc']:.4f}, logloss {val['logloss']:.4f})" if val else ""))
 
@@ -174,40 +215,53 @@ def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: 
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--method", "method", required=True,
-              help="method or composition applied in order, e.g. mlet,int8 or tt@>=100000,int8 (METHOD@>=ROWS or METHOD@T1+T2 limits one step to some tables)")
+              help="method or composition applied in order, e.g. mlet,int8 or tt@>=100000,int8 (METHOD@>=ROWS or "
+                   "METHOD@T1+T2 limits one step to some tables)")
 @method_options()
 @click.option("--data", "data_path", type=click.Path(), default=None, help="prepared dataset (for fine-tuning)")
 @click.option("--tables", default=None, help="comma-separated table names (default: all)")
 @click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
 @train_options
-@click.option("-o", "--out", required=True, type=click.Path(), help="checkpoint folder to create")
-@click.option("--overwrite", is_flag=True)
+@out_option("checkpoint folder")
+@OVERWRITE
 def checkpoint(source: str, method: str, data_path: str | None, tables: str | None, min_rows: int,
                out: str, overwrite: bool, **kw: Any) -> None:
     """Compress a trained checkpoint (any supported format) into a native checkpoint."""
+    from .outputs import check_output
+    inputs = [source, data_path]
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    from .compress.registry import Context, Selection, compress, parse_methods
+    cfg = train_config(kw)
+    cfg.validate()
+    steps = parse_methods(method, kw)
     from .adapters import load_any
     from .checkpoint import save_checkpoint
-    from .compress.registry import Context, Selection, compress, parse_methods
     from .data import open_dataset
-    cfg = train_config(kw)
-    steps = parse_methods(method, kw)
     ckpt = load_any(source)
     before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     if ctx.data is not None:
         from .training import check_compatible
         check_compatible(ckpt.model, ctx.data)
+    done = len(ckpt.spec.history)
     ckpt = compress(ckpt, steps, ctx)
     ckpt.spec.provenance.setdefault("compressed_from", str(source))
-    save_checkpoint(ckpt, out, overwrite=overwrite)
+    save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)
     after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
+    for line in val_story(ckpt.spec.history[done:]):
+        click.echo(line)
     click.echo(f"wrote {out}: embedding bytes {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+
+
+def _targets() -> list[str]:
+    from .export.targets import TARGETS
+    return list(TARGETS)
 
 
 @main.command()
 @click.argument("source", type=click.Path())
-@click.option("--target", default="onnx", show_default=True, help="export target")
-@click.option("-o", "--out", required=True, type=click.Path(), help="export folder to create")
+@click.option("--target", type=click.Choice(_targets()), default="onnx", show_default=True, help="export target")
+@out_option("export folder")
 @click.option("--data", "data_path", type=click.Path(), default=None, help="dataset whose test rows drive the parity check")
 @click.option("--samples", default=2048, show_default=True, help="parity samples")
 @click.option("--atol", default=1e-5, show_default=True, help="parity tolerance (absolute)")
@@ -216,10 +270,12 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
 @click.option("--quant-graph", type=click.Choice(["gather-dequant", "dequant-gather"]), default="gather-dequant",
               show_default=True, help="quantized rows: gather then scale (small runtime memory), or "
                                       "DequantizeLinear then gather (the form TensorRT takes)")
-@click.option("--overwrite", is_flag=True)
+@OVERWRITE
 def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
-           **kw: Any) -> None:
-    """Export a checkpoint; fails (writing nothing) if the artifact disagrees with torch."""
+           overwrite: bool, **kw: Any) -> None:
+    """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
+    from .outputs import check_output
+    check_output(out, overwrite=overwrite, inputs=[source, data_path])
     from .adapters import load_any
     from .checkpoint import checkpoint_hash
     from .data import open_dataset
@@ -227,7 +283,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     ckpt = load_any(source)
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
-                          source_hash=checkpoint_hash(Path(source)),
+                          source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
                           opts={"materialize": materialize, "quant_graph": quant_graph}, **kw)
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
                f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
@@ -236,35 +292,43 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset (its test split is used)")
-@click.option("--batch-sizes", default="1,64,512", show_default=True)
+@click.option("--batch-sizes", default="1,64,512", show_default=True, help="latency batch sizes")
 @click.option("--threads", default=2, show_default=True, help="intra-op threads for every backend")
-@click.option("--repeats", default=200, show_default=True, help="timed calls per backend and batch size")
+@click.option("--repeats", default=200, show_default=True, help="timed rounds per batch size (every backend once "
+              "per round; up to 4x more while the machine is noisy)")
 @click.option("--no-latency", is_flag=True, help="accuracy and bytes only")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="write results JSON here")
-@click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None, help="baseline results JSON")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="results JSON of the baseline to compare with (this run is 'new')")
 def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
              json_out: str | None, compare: str | None) -> None:
     """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
-    from .data import open_dataset
-    from .evaluate import evaluate as run_eval
-    from .evaluate.report import compare_table, results_table
-    if threads < 1 or repeats < 1 or any(b < 1 for b in ints(batch_sizes)):
+    from .outputs import check_output
+    if json_out:
+        check_output(json_out, kind="file", inputs=[source, data_path, compare])
+    if threads < 1 or repeats < 1 or any(b < 1 for b in ints(batch_sizes, "--batch-sizes")):
         raise UserError("--threads, --repeats and batch sizes must be >= 1", "fix the option")
     base = None
     if compare:
         try:
             base = json.loads(Path(compare).read_text())
-            base["accuracy"], base["bytes"]
+            base["accuracy"], base["bytes"], base["data"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{compare} is not a results file from 'recompress evaluate --json'",
                             "pass a results JSON") from None
-    r = run_eval(source, open_dataset(data_path), batch_sizes=list(ints(batch_sizes)), threads=threads,
-                 repeats=repeats, latency=not no_latency)
+    from .data import open_dataset
+    from .evaluate import evaluate as run_eval
+    from .evaluate.report import compare_table, results_table
+    data = open_dataset(data_path)
+    r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
+                 latency=not no_latency)
     echo_table(results_table(r))
     if base is not None:
-        echo_table(compare_table(r, base))
+        import numpy as np
+        echo_table(compare_table(r, base, np.asarray(data.arrays("test")[2])))
     if json_out:
-        write_json(r, json_out)
+        from .outputs import write_json
+        write_json(r, json_out, "results", inputs=[source, data_path, compare])
 
 
 @main.command()
@@ -285,37 +349,54 @@ def inspect(source: str, as_json: bool) -> None:
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
 
 
-def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool,
-                    sweep: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    import shutil
+def _shipped() -> str:
+    from .recipe import shipped
+    return ", ".join(shipped())
 
+
+def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sets: tuple[str, ...],
+                    sweep: tuple[str, ...] = (), extra_inputs: tuple[str | None, ...] = ()
+                    ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    from .outputs import run_folder
     from .pipeline import parse_sweep, run_pipeline
     from .recipe import load_recipe
     from .sweep_report import write_reports
-    r = load_recipe(recipe_arg)
+    r = load_recipe(recipe_arg, sets)
     extra = [v for s in sweep for v in parse_sweep(s)]
     folder = Path(out or f"runs/{r['name']}")
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    summary = run_pipeline(r, folder, extra)
-    files = write_reports(summary, folder)
+    inputs = [recipe_arg if Path(recipe_arg).exists() else None, r["data"].get("path"), *extra_inputs]
+    with run_folder(folder, overwrite=overwrite, inputs=inputs) as work:
+        summary = run_pipeline(r, work, extra)
+        files = write_reports(summary, work)
     cached = sum(s["cached"] for s in summary["steps"])
     click.echo(f"{len(summary['rows'])} results ({cached} of {len(summary['steps'])} steps reused from cache) -> "
-               f"{files['md']}, {files['html']}, {files['jsonl']}, {files['csv']}")
+               + ", ".join(str(folder / files[k].name) for k in ("md", "html", "jsonl", "csv")))
     return summary, folder, r
+
+
+def _recipe_help(f: Any) -> Any:
+    f.__doc__ = (f.__doc__ or "") + f"\n\nShipped recipes: {_shipped()}."
+    return f
+
+
+SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.path=train.txt.gz --set train.epochs=3 (repeatable)")
 
 
 @main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), default=None, help="run folder (default: runs/<recipe name>)")
-@click.option("--overwrite", is_flag=True, help="start from scratch instead of reusing finished steps")
-def run(recipe: str, out: str | None, overwrite: bool) -> None:
-    """Run a recipe end to end: data, train, compress, export, evaluate, report.
+@click.option("--overwrite", is_flag=True, help="start from scratch instead of reusing finished steps (the old run "
+              "is replaced only once the new one completes)")
+@SET
+@_recipe_help
+def run(recipe: str, out: str | None, overwrite: bool, sets: tuple[str, ...]) -> None:
+    """Run a recipe (a .toml path or a shipped name) end to end: data, train, compress, export, evaluate, report.
 
-    Finished steps are cached in the run folder by content hash, so a re-run (or a run after editing
-    one variant) redoes only what changed.
+    Finished steps are cached in the run folder by content hash (settings and code), so a re-run (or a
+    run after editing one variant) redoes only what changed.
     """
-    _run_and_report(recipe, out, overwrite)
+    _run_and_report(recipe, out, overwrite, sets)
 
 
 @main.command()
@@ -324,38 +405,52 @@ def run(recipe: str, out: str | None, overwrite: bool) -> None:
                                              "e.g. --sweep hash:ratio=4,16,64 --sweep tt,int8:tt_rank=8,16")
 @click.option("-o", "--out", type=click.Path(), default=None, help="run folder (default: runs/<recipe name>)")
 @click.option("--overwrite", is_flag=True, help="start from scratch instead of reusing finished steps")
+@SET
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="summary.json of an earlier run")
-@click.option("--fail-on-regression", is_flag=True, help="exit 1 if any check against --baseline fails")
+@click.option("--fail-on-regression", is_flag=True, help="exit 1 unless every check against --baseline is ok "
+              "(a regression, a missing measurement or one too noisy to decide all fail)")
 @click.option("--save-baseline", type=click.Path(dir_okay=False), default=None, help="also copy summary.json here")
-@click.option("--max-auc-drop", type=float, default=None, help="gate: allowed AUC drop (default: recipe [gate] or 0.002)")
+@click.option("--max-metric-drop", type=float, default=None,
+              help="gate: allowed drop of the primary metric, AUC for DLRM (default: recipe [gate] or 0.002)")
 @click.option("--max-bytes-growth", type=float, default=None, help="gate: allowed embedding-bytes ratio (default 1.01)")
 @click.option("--max-latency-growth", type=float, default=None,
               help="gate: allowed growth of latency-÷-baseline ratios (default 1.5)")
-def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool, baseline: str | None,
-          fail_on_regression: bool, save_baseline: str | None, max_auc_drop: float | None,
+@_recipe_help
+def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool, sets: tuple[str, ...],
+          baseline: str | None, fail_on_regression: bool, save_baseline: str | None, max_metric_drop: float | None,
           max_bytes_growth: float | None, max_latency_growth: float | None) -> None:
     """Sweep methods x settings x targets of a recipe; JSONL/CSV results, Markdown/HTML report, Pareto plots,
     and an optional regression gate against a baseline run."""
     from .gate import Tolerances, compare, diff_table, read_summary
+    from .outputs import check_output, write_json
     if fail_on_regression and not baseline:
         raise UserError("--fail-on-regression needs --baseline", "pass the summary.json of a trusted run")
     base = read_summary(baseline) if baseline else None
-    summary, folder, r = _run_and_report(recipe, out, overwrite, sweep)
     if save_baseline:
-        write_json(summary, save_baseline)
+        check_output(save_baseline, kind="file", inputs=[baseline])
+    from .recipe import load_recipe
+    g = load_recipe(recipe, sets).get("gate", {})
+    tol = Tolerances.resolve({"metric_drop": max_metric_drop, "bytes_growth": max_bytes_growth,
+                              "latency_growth": max_latency_growth}, g)
+    summary, folder, r = _run_and_report(recipe, out, overwrite, sets, sweep, (baseline, save_baseline))
+    if save_baseline:
+        write_json(summary, save_baseline, "summary", inputs=[baseline])
     if base is None:
         return
-    g = r.get("gate", {})
-    tol = Tolerances(auc_drop=max_auc_drop if max_auc_drop is not None else g.get("auc_drop", Tolerances.auc_drop),
-                     bytes_growth=max_bytes_growth or g.get("bytes_growth", Tolerances.bytes_growth),
-                     latency_growth=max_latency_growth or g.get("latency_growth", Tolerances.latency_growth))
-    checks = compare(summary, base, tol)
+    import numpy as np
+
+    from .data import open_dataset
+    labels = np.asarray(open_dataset(folder / summary["data"]).arrays("test")[2])
+    checks = compare(summary, base, tol, labels)
     echo_table(diff_table(checks))
     bad = [c for c in checks if not c["ok"]]
-    write_json({"tolerances": tol.__dict__, "checks": checks}, folder / "gate.json")
+    write_json({"tolerances": tol.__dict__, "checks": checks}, folder / "gate.json", "gate", owner=folder)
     if bad:
-        click.echo(f"REGRESSION: {len(bad)} of {len(checks)} checks failed (details: {folder / 'gate.json'})", err=True)
+        states = {s: sum(c["state"] == s for c in bad) for s in ("regression", "missing", "unchecked")}
+        click.echo(f"GATE FAILED: {len(bad)} of {len(checks)} checks not ok ("
+                   + ", ".join(f"{n} {s}" for s, n in states.items() if n) + f"; details: {folder / 'gate.json'})",
+                   err=True)
         if fail_on_regression:
             sys.exit(1)
     else:
-        click.echo(f"gate passed: {len(checks)} checks within tolerance")
+        click.echo(f"gate passed: all {len(checks)} checks within tolerance")

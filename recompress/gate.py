@@ -1,72 +1,132 @@
 """Regression gate: compare a run's summary with a baseline summary, per variant and target.
 
-Accuracy may drop by at most ``auc_drop``; stored embedding bytes may grow by at most ``bytes_growth``
-(a ratio); latency is compared as the variant's p50 divided by the reference variant's p50 *in the same
-run*, so machine speed and noise cancel, and that ratio may grow by at most ``latency_growth``.
+Every check ends in one of four states, and only ``ok`` passes:
+- ``ok``: measured and within tolerance;
+- ``regression``: measured and outside it;
+- ``missing``: the baseline has the measurement and the new run does not (a variant, its accuracy, its
+  bytes, or its latency at a batch size): a gate never passes on what it did not check;
+- ``unchecked``: measured, but too noisy to decide (a latency ratio whose interval is flagged noisy, or
+  whose 95% interval straddles its limit). A latency ratio is ``ok`` only if its whole interval is within
+  the limit, and a ``regression`` only if its whole interval is above it.
+
+The primary metric (AUC for CTR models) may drop by at most ``metric_drop``; the difference is also given
+with a paired-bootstrap interval when both summaries hold predictions for the same test rows. Stored
+embedding bytes may grow by at most ``bytes_growth`` (a ratio). Latency is compared as the variant's p50
+divided by the reference variant's p50 *in the same run*, so machine speed cancels; that ratio may grow
+by at most ``latency_growth``. Explicit zeros are honoured.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import UserError
+
+STATES = ("ok", "regression", "missing", "unchecked")
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    auc_drop: float = 0.002
+    metric_drop: float = 0.002
     bytes_growth: float = 1.01
     latency_growth: float = 1.5
+
+    @classmethod
+    def resolve(cls, cli: dict[str, float | None], recipe: dict[str, Any]) -> Tolerances:
+        """CLI value if given (0 included), else the recipe's ``[gate]`` value, else the default."""
+        out = {}
+        for name, default in asdict(cls()).items():
+            given = cli.get(name)
+            out[name] = float(given if given is not None else recipe.get(name, default))
+            if out[name] < 0:
+                raise UserError(f"gate tolerance {name} = {out[name]} is negative", "tolerances are >= 0")
+        return cls(**out)
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         s = json.loads(p.read_text())
-        s["rows"][0]["auc"]
+        s["rows"][0]["metrics"]
     except FileNotFoundError:
         raise UserError(f"baseline {p} does not exist", "write one with 'recompress bench ... --save-baseline FILE'") from None
     except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-        raise UserError(f"{p} is not a summary.json written by 'recompress bench'", "pass a bench summary") from None
+        raise UserError(f"{p} is not a summary.json written by this version of 'recompress bench'",
+                        "write a new baseline with 'recompress bench ... --save-baseline FILE'") from None
     return s
 
 
-def compare(new: dict[str, Any], base: dict[str, Any], tol: Tolerances) -> list[dict[str, Any]]:
-    """One check per (variant, target, metric); ``ok`` False marks a regression."""
+def _check(variant: str, target: str, metric: str, base: Any, new: Any, limit: str, state: str,
+           note: str = "") -> dict[str, Any]:
+    return {"variant": variant, "target": target, "metric": metric, "baseline": base, "new": new, "limit": limit,
+            "state": state, "ok": state == "ok", "note": note}
+
+
+def compare(new: dict[str, Any], base: dict[str, Any], tol: Tolerances,
+            labels: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One check per (variant, target, measurement) of the baseline."""
+    from .stats import paired_from_records
+    primary = base.get("primary", "auc")
     checks = []
     index = {(r["variant"], r["target"]): r for r in new["rows"]}
+    same_rows = labels is not None and new.get("fingerprint") == base.get("fingerprint")
     for b in base["rows"]:
-        k = (b["variant"], b["target"])
-        n = index.get(k)
+        v, t = b["variant"], b["target"]
+        n = index.get((v, t))
         if n is None:
-            checks.append({"variant": k[0], "target": k[1], "metric": "present", "baseline": "yes", "new": "missing",
-                           "limit": "present", "ok": False})
+            checks.append(_check(v, t, "present", "yes", "missing", "present", "missing"))
             continue
-        checks.append({"variant": k[0], "target": k[1], "metric": "auc", "baseline": b["auc"], "new": n["auc"],
-                       "limit": f">= {b['auc'] - tol.auc_drop:.4f}", "ok": n["auc"] >= b["auc"] - tol.auc_drop})
-        checks.append({"variant": k[0], "target": k[1], "metric": "emb_bytes", "baseline": b["emb_bytes"],
-                       "new": n["emb_bytes"], "limit": f"<= {b['emb_bytes'] * tol.bytes_growth:,.0f}",
-                       "ok": n["emb_bytes"] <= b["emb_bytes"] * tol.bytes_growth})
-        for batch, ratio in (b.get("latency_ratio") or {}).items():
-            got = (n.get("latency_ratio") or {}).get(batch)
-            if got is None:
+        got = (n.get("metrics") or {}).get(primary)
+        want = b["metrics"][primary]
+        if got is None:
+            checks.append(_check(v, t, primary, want, None, "measured", "missing"))
+        else:
+            note = ""
+            if same_rows and n.get("predictions") and b.get("predictions"):
+                d = paired_from_records(n["predictions"], b["predictions"], labels)
+                note = f"Δ {d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" + ("" if d["significant"] else " (within noise)")
+            floor = want - tol.metric_drop
+            checks.append(_check(v, t, primary, want, got, f">= {floor:.4f}", "ok" if got >= floor else "regression", note))
+        if n.get("emb_bytes") is None:
+            checks.append(_check(v, t, "emb_bytes", b["emb_bytes"], None, "measured", "missing"))
+        else:
+            cap = b["emb_bytes"] * tol.bytes_growth
+            checks.append(_check(v, t, "emb_bytes", b["emb_bytes"], n["emb_bytes"], f"<= {cap:,.0f}",
+                                 "ok" if n["emb_bytes"] <= cap else "regression"))
+        for batch, ref in (b.get("latency_ratio") or {}).items():
+            metric = f"latency ratio b={batch}"
+            r = (n.get("latency_ratio") or {}).get(batch)
+            cap = ref["ratio"] * tol.latency_growth
+            if r is None:
+                checks.append(_check(v, t, metric, ref["ratio"], None, f"<= {cap:.3f}", "missing"))
                 continue
-            checks.append({"variant": k[0], "target": k[1], "metric": f"latency ratio b={batch}", "baseline": ratio,
-                           "new": got, "limit": f"<= {ratio * tol.latency_growth:.3f}",
-                           "ok": got <= ratio * tol.latency_growth})
+            shown = f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+            if r.get("noisy"):
+                state, note = "unchecked", "machine too noisy to measure this ratio"
+            elif r["hi"] <= cap:
+                state, note = "ok", ""
+            elif r["lo"] > cap:
+                state, note = "regression", ""
+            else:
+                state, note = "unchecked", "its 95% interval straddles the limit"
+            checks.append(_check(v, t, metric, ref["ratio"], shown, f"<= {cap:.3f}", state, note))
     return checks
 
 
 def diff_table(checks: list[dict[str, Any]]) -> Any:
     from rich.table import Table
     t = Table(title="regression gate (vs baseline)")
-    for c in ("variant", "target", "metric", "baseline", "new", "limit", "result"):
-        t.add_column(c, justify="left" if c in ("variant", "target", "metric") else "right")
-    fmt = lambda x: f"{x:,.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)  # noqa: E731
+    for c in ("variant", "target", "metric", "baseline", "new", "limit", "result", "note"):
+        t.add_column(c, justify="left" if c in ("variant", "target", "metric", "note") else "right")
+    fmt = lambda x: "-" if x is None else f"{x:,.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)  # noqa: E731
+    style = {"ok": "ok", "regression": "[bold red]REGRESSION[/bold red]", "missing": "[bold red]MISSING[/bold red]",
+             "unchecked": "[bold yellow]UNCHECKED[/bold yellow]"}
     for c in checks:
         t.add_row(c["variant"], c["target"], c["metric"], fmt(c["baseline"]), fmt(c["new"]), c["limit"],
-                  "ok" if c["ok"] else "[bold red]REGRESSION[/bold red]")
+                  style[c["state"]], c["note"])
     return t

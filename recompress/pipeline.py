@@ -1,32 +1,61 @@
 """Run a recipe: data -> baseline -> variants -> exports -> accuracy, each step cached by content hash.
 
-A step's key hashes its own settings, the keys of the steps it reads and recompress's version, so a
-re-run skips every finished step and an edited setting re-runs exactly what depends on it. Every step
-writes atomically, so an interrupted run resumes cleanly. Latency is measured afresh on every run, all
-variants in one interleaved pass, and reported as a ratio to the reference variant measured alongside:
-that ratio, not an absolute time, is what reports and the regression gate compare.
+A step's key hashes its own settings, the keys of the steps it reads, and the code that runs it: every
+source file of recompress and the versions of torch, numpy, onnx and onnxruntime. So a re-run skips
+every finished step, an edited setting re-runs exactly what depends on it, and a code change or an
+upgrade never reuses a stale export or evaluation. Every step writes atomically, so an interrupted run
+resumes cleanly.
+
+Every variant whose methods train (a fine-tune, post-training MLET) is reported next to a control: the
+baseline fine-tuned with the same budget, so compression and extra training are not confused. Accuracy
+differences carry a paired-bootstrap interval on the same test rows. Latency is measured afresh on every
+run, all variants interleaved call by call, and reported as a ratio to the reference variant measured
+alongside, with its interval: that ratio, not an absolute time, is what reports and the gate compare.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .atomic import atomic_file
 from .errors import UserError
+from .outputs import output_file
 from .progress import say
 from .recipe import TRAIN_KEYS
 
 REFERENCE = "baseline"
+PRIMARY = "auc"
 EXPORT_KEYS = ("materialize", "quant_graph")
+CODE_PACKAGES = ("recompress", "recompress.compress", "recompress.export", "recompress.evaluate")
+LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "safetensors")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over every source file of recompress and the versions of the libraries that compute results."""
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for folder in importlib.util.find_spec(pkg).submodule_search_locations:
+            for f in sorted(Path(folder).glob("*.py")) + sorted(Path(folder).glob("*/*.py")):
+                h.update(f"{pkg}:{f.relative_to(folder)}".encode())
+                h.update(f.read_bytes())
+    for lib in LIBRARIES:
+        try:
+            h.update(f"{lib}={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            continue
+    return h.hexdigest()
 
 
 def key(step: str, /, **settings: Any) -> str:
-    blob = json.dumps({"step": step, "recompress": __version__, "settings": settings}, sort_keys=True, default=str)
+    blob = json.dumps({"step": step, "code": code_fingerprint(), "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -42,6 +71,7 @@ class Variant:
     train: dict[str, Any] = field(default_factory=dict)
     from_scratch: bool = False
     export: dict[str, Any] = field(default_factory=dict)
+    control: str | None = None  # the same-budget fine-tuned baseline this variant is compared with
 
     @classmethod
     def from_recipe(cls, v: dict[str, Any]) -> Variant:
@@ -55,6 +85,27 @@ class Variant:
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, "params": self.params, "tables": list(self.tables), "min_rows": self.min_rows,
                 "train": self.train, "from_scratch": self.from_scratch}
+
+    def trains(self) -> bool:
+        """Whether this variant's methods run the training loop on top of the trained baseline."""
+        from .compress.registry import parse_methods, trains
+        return self.method is not None and not self.from_scratch and trains(parse_methods(self.method, self.params))
+
+
+def with_controls(variants: list[Variant]) -> list[Variant]:
+    """``variants`` plus, for each distinct fine-tune budget they use, the baseline fine-tuned with it."""
+    out, controls = list(variants), {}
+    for v in variants:
+        if not v.trains():
+            continue
+        budget = json.dumps(v.train, sort_keys=True)
+        if budget not in controls:
+            label = ", ".join(f"{k}={x}" for k, x in sorted(v.train.items()))
+            name = f"{REFERENCE} +finetune" + (f" ({label})" if label else "")
+            controls[budget] = Variant(name=name, method="finetune", train=dict(v.train))
+            out.append(controls[budget])
+        v.control = controls[budget].name
+    return out
 
 
 def parse_sweep(text: str) -> list[Variant]:
@@ -85,10 +136,10 @@ class Pipeline:
     def __init__(self, recipe: dict[str, Any], out: Path) -> None:
         self.recipe, self.out = recipe, out
         self.cache = out / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
         self.log: list[dict[str, Any]] = []
 
     def _step(self, kind: str, k: str, label: str) -> tuple[Path, bool]:
+        self.cache.mkdir(exist_ok=True)
         path = self.cache / f"{kind}-{k}"
         done = path.exists()
         self.log.append({"step": kind, "label": label, "key": k, "cached": done})
@@ -102,9 +153,6 @@ class Pipeline:
         if kind == "prepared":
             ds = open_dataset(d["path"])
             return ds, key("data", fingerprint=ds.fingerprint)
-        if kind == "criteo" and not Path(d.get("path", "")).is_file():
-            raise UserError(f"data.path {d.get('path')} does not exist",
-                            "point it at a Criteo TSV (e.g. ../shared/data/criteo_kaggle_head10k/...)")
         k = key("data", kind=kind, **d)
         path, done = self._step("data", k, kind)
         if not done:
@@ -169,66 +217,80 @@ class Pipeline:
         k = key("eval", export=export_key)
         path, done = self._step("eval", k, v.name)
         if not done:
-            with atomic_file(path) as tmp:
+            with output_file(path, owner=self.out) as tmp:
                 tmp.write_text(json.dumps(evaluate(export_path, data, latency=False), default=str))
         return json.loads(path.read_text())
 
 
 def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -> dict[str, Any]:
-    """Every variant of ``recipe`` (plus ``extra``) through every target; returns the run summary."""
-    from .evaluate.latency import measure, ratios
-    from .evaluate.predictors import OrtPredictor, TorchPredictor
-    from .adapters import load_any
+    """Every variant of ``recipe`` (plus ``extra`` and the same-budget controls) through every target;
+    returns the run summary."""
+    import numpy as np
 
-    variants = [Variant(REFERENCE)] + [Variant.from_recipe(v) for v in recipe.get("variants", [])] + list(extra)
+    from .adapters import load_any
+    from .evaluate.latency import measure
+    from .evaluate.predictors import OrtPredictor, TorchPredictor
+    from .evaluate.report import paired_delta
+    from .evaluate.run import input_pool
+
+    variants = with_controls([Variant(REFERENCE)] + [Variant.from_recipe(v) for v in recipe.get("variants", [])]
+                             + list(extra))
     names = [v.name for v in variants]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise UserError(f"variant name(s) {', '.join(sorted(dup))} appear more than once", "give each variant a unique name")
     pipe = Pipeline(recipe, out)
     data, data_key = pipe.data()
+    labels = np.asarray(data.arrays("test")[2])
     base_path, base_key = pipe.checkpoint(variants[0], data, data_key, None)
     targets = recipe.get("export", {}).get("targets", ["onnx"])
     rows: list[dict[str, Any]] = []
+    evals: dict[tuple[str, str], dict[str, Any]] = {}
     exports: list[tuple[dict[str, Any], Path, Path]] = []
     for v in variants:
         ckpt_path, ckpt_key = (base_path, base_key) if v.method is None else pipe.checkpoint(v, data, data_key, base_key)
         for target in targets:
             epath, ekey = pipe.export(v, ckpt_path, ckpt_key, target, data)
             r = pipe.accuracy(v, epath, ekey, data)
-            row = result_row(v, target, r)
-            rows.append(row)
-            exports.append((row, epath, ckpt_path))
+            evals[v.name, target] = r
+            rows.append(result_row(v, target, r))
+            exports.append((rows[-1], epath, ckpt_path))
+    for row in rows:
+        ref = evals[REFERENCE, row["target"]]
+        mine = evals[row["variant"], row["target"]]
+        row["delta"] = None if row["variant"] == REFERENCE else paired_delta(mine, ref, labels)
+        row["delta_control"] = (paired_delta(mine, evals[row["control"], row["target"]], labels)
+                                if row["control"] else None)
     ev = recipe.get("evaluate", {})
     if ev.get("latency", True):
         threads, batches = ev.get("threads", 2), [int(b) for b in ev.get("batch_sizes", [1, 64, 512])]
-        preds = []
+        preds, pairs = [], []
         for row, epath, ckpt_path in exports:
-            p = OrtPredictor(epath / "model.onnx", threads)
-            p.name = f"{row['variant']}|{row['target']}"
-            t = TorchPredictor(load_any(ckpt_path).model, threads)
-            t.name = f"{row['variant']}|torch"
-            preds += [p, t]
-        say(f"latency: {len(exports)} exports x {len(batches)} batch sizes, {ev.get('repeats', 100)} calls each")
-        lat = measure(preds, data, batches, ev.get("repeats", 100))
+            tag = f"{row['variant']}|{row['target']}"
+            preds += [OrtPredictor(epath / "model.onnx", threads, tag),
+                      TorchPredictor(load_any(ckpt_path).model, threads, f"{row['variant']}|torch")]
+            pairs += [(tag, f"{REFERENCE}|{row['target']}"), (f"{row['variant']}|torch", tag)]
+        say(f"latency: {len(exports)} exports + torch x {len(batches)} batch sizes, interleaved, "
+            f"{ev.get('repeats', 100)} rounds each")
+        lat = measure(preds, lambda b: input_pool(data, b), batches, ev.get("repeats", 100), pairs)
         for row in rows:
-            mine = lat[f"{row['variant']}|{row['target']}"]
-            ref = lat[f"{REFERENCE}|{row['target']}"]
-            row["p50_ms"] = {b: round(x["p50_ms"], 4) for b, x in mine.items()}
-            row["latency_ratio"] = {b: round(mine[b]["p50_ms"] / ref[b]["p50_ms"], 4) for b in mine}
-            torch_lat = {f"{row['target']}": mine, "torch": lat[f"{row['variant']}|torch"]}
-            row["speedup_vs_torch"] = {b: round(x, 3) for b, x in ratios(torch_lat)[row["target"]].items()}
-    summary = {"recipe": recipe["name"], "reference": REFERENCE, "data": str(data.path),
-               "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2),
-               "rows": rows, "steps": pipe.log}
-    return summary
+            tag = f"{row['variant']}|{row['target']}"
+            row["p50_ms"] = {b: round(x["p50_ms"], 4) for b, x in lat["backends"][tag].items()}
+            row["latency_ratio"] = lat["ratios"][f"{tag}/{REFERENCE}|{row['target']}"]
+            row["speedup_vs_torch"] = lat["ratios"][f"{row['variant']}|torch/{tag}"]
+    shown = Path(os.path.relpath(data.path, out)) if out.resolve() in data.path.resolve().parents else data.path
+    return {"recipe": recipe["name"], "reference": REFERENCE, "primary": PRIMARY, "data": str(shown),
+            "fingerprint": data.fingerprint, "test_rows": int(len(labels)),
+            "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2),
+            "rows": rows, "steps": pipe.log}
 
 
 def result_row(v: Variant, target: str, r: dict[str, Any]) -> dict[str, Any]:
     acc = r["accuracy"].get("onnxruntime") or next(iter(r["accuracy"].values()))
     lk = (r.get("lookup") or {}).get("per_sample", {})
     return {"variant": v.name, "target": target, "method": v.method or "dense", "params": v.params,
-            "auc": round(acc["auc"], 6), "logloss": round(acc["logloss"], 6),
+            "trained": v.trains(), "control": v.control,
+            "metrics": {"auc": round(acc["auc"], 6), "logloss": round(acc["logloss"], 6)},
             "emb_bytes": r["bytes"]["embeddings"], "file_bytes": r["bytes"]["file"],
             "bytes_read_gpu": lk.get("bytes_read_gpu"), "lookup_flops": lk.get("flops"),
-            "emb_dim": r["model"]["emb_dim"]}
+            "emb_dim": r["model"]["emb_dim"], "predictions": r["predictions"]}

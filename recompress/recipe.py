@@ -7,7 +7,6 @@ expected type. ``recompress.pipeline`` runs a recipe; ``recompress.sweep_report`
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -30,7 +29,7 @@ SCHEMA: dict[str, Any] = {
                   "materialize": bool, "quant_graph": str, **TRAIN_KEYS}],
     "export": {"targets": list, "atol": float, "rtol": float, "materialize": bool, "quant_graph": str},
     "evaluate": {"batch_sizes": list, "threads": int, "repeats": int, "latency": bool},
-    "gate": {"auc_drop": float, "bytes_growth": float, "latency_growth": float},
+    "gate": {"metric_drop": float, "bytes_growth": float, "latency_growth": float},
 }
 
 
@@ -62,24 +61,65 @@ def _check(obj: Any, schema: Any, where: str) -> None:
             raise UserError(f"{where} is {type(obj).__name__} {obj!r}, expected {schema.__name__}", "fix the recipe")
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read and validate a recipe; a bare name (``quickstart``) means a recipe shipped with recompress."""
+def shipped() -> list[str]:
+    """Names of the recipes that come with recompress."""
+    return sorted(f.name[:-5] for f in resources.files("recompress.recipes").iterdir() if f.name.endswith(".toml"))
+
+
+def _override(recipe: dict[str, Any], assignment: str) -> None:
+    """``data.path=FILE`` or ``train.epochs=3``: set one value (parsed as TOML, else taken as a string)."""
+    dotted, sep, raw = assignment.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts) or len(parts) > 2:
+        raise UserError(f"--set {assignment!r} is not SECTION.KEY=VALUE", "e.g. --set data.path=train.txt.gz")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node = recipe
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {assignment!r}: {part} is not a table", "set a key inside a [section]")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read and validate a recipe; a bare name (``quickstart``) means a recipe shipped with recompress.
+
+    A relative ``data.path`` is read relative to the recipe file's folder (not the working directory);
+    ``overrides`` (``SECTION.KEY=VALUE``) replace values after reading, relative paths there meaning the cwd.
+    """
     p = Path(path)
-    if not p.exists() and p.suffix == "" and resources.files("recompress.recipes").joinpath(f"{p}.toml").is_file():
-        text = resources.files("recompress.recipes").joinpath(f"{p}.toml").read_text()
+    packaged = resources.files("recompress.recipes").joinpath(f"{p}.toml")
+    if not p.exists() and p.suffix == "" and packaged.is_file():
+        text, folder = packaged.read_text(), Path(str(packaged)).parent
     elif p.is_file():
-        text = p.read_text()
+        text, folder = p.read_text(), p.resolve().parent
     else:
-        raise UserError(f"recipe {path} not found", "pass a .toml path or a shipped recipe name such as quickstart")
+        raise UserError(f"recipe {path} not found",
+                        f"pass a .toml path or a shipped recipe: {', '.join(shipped())}")
     try:
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})", "fix the recipe syntax") from None
+    data = recipe.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
+        data["path"] = str((folder / data["path"]).resolve())
+    for o in overrides:
+        _override(recipe, o)
     _check(recipe, SCHEMA, "")
     for k in ("name", "data", "train"):
         if k not in recipe:
             raise UserError(f"recipe {path} has no {k!r}", "see recipes/quickstart.toml")
     kinds = ("synthetic", "criteo", "prepared")
-    if recipe["data"].get("kind", "synthetic") not in kinds:
-        raise UserError(f"data.kind {recipe['data']['kind']!r} is unknown", f"use one of {', '.join(kinds)}")
+    kind = recipe["data"].get("kind", "synthetic")
+    if kind not in kinds:
+        raise UserError(f"data.kind {kind!r} is unknown", f"use one of {', '.join(kinds)}")
+    if kind != "synthetic":
+        where = recipe["data"].get("path")
+        if not where or not Path(where).exists():
+            raise UserError(f"recipe {recipe['name']}: data.path {where} does not exist",
+                            "point data.path at your data (relative paths are read from the recipe's folder), "
+                            "or pass --set data.path=FILE")
     return recipe

@@ -10,25 +10,62 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_file
+from .outputs import marker, output_file
 
-COLUMNS = ["variant", "target", "AUC", "ΔAUC", "logloss", "emb bytes", "smaller", "GPU B read/sample",
-           "p50 ms by batch", "latency ÷ baseline", "ORT ÷ torch"]
+COLUMNS = ["variant", "target", "AUC", "ΔAUC vs baseline [95% CI]", "ΔAUC vs same-budget control [95% CI]",
+           "logloss", "emb bytes", "smaller", "GPU B read/sample", "p50 ms by batch",
+           "latency ÷ baseline [95% CI]", "ORT ÷ torch [95% CI]"]
+TRAINED = "†"
+
+
+def _delta(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" + ("" if d["significant"] else " ~")
+
+
+def _ratios(per: dict[str, Any] | None, suffix: str = "") -> str:
+    if not per:
+        return "-"
+    return " / ".join(f"{r['ratio']:.2f}{suffix} [{r['lo']:.2f}, {r['hi']:.2f}]" + (" noisy" if r["noisy"] else "")
+                      for r in per.values())
 
 
 def _cells(row: dict[str, Any], ref: dict[str, Any]) -> list[str]:
     from .evaluate.report import fmt_bytes
     lat = row.get("p50_ms") or {}
-    return [row["variant"], row["target"], f"{row['auc']:.4f}", f"{row['auc'] - ref['auc']:+.4f}", f"{row['logloss']:.4f}",
-            fmt_bytes(row["emb_bytes"]), f"{ref['emb_bytes'] / row['emb_bytes']:.1f}x",
+    return [row["variant"] + (f" {TRAINED}" if row["trained"] else ""), row["target"],
+            f"{row['metrics']['auc']:.4f}", _delta(row.get("delta")), _delta(row.get("delta_control")),
+            f"{row['metrics']['logloss']:.4f}", fmt_bytes(row["emb_bytes"]),
+            f"{ref['emb_bytes'] / row['emb_bytes']:.1f}x",
             f"{row['bytes_read_gpu']:,.0f}" if row.get("bytes_read_gpu") is not None else "-",
             " / ".join(f"{v:.3f}" for v in lat.values()) or "-",
-            " / ".join(f"{v:.2f}" for v in (row.get("latency_ratio") or {}).values()) or "-",
-            " / ".join(f"{v:.1f}x" for v in (row.get("speedup_vs_torch") or {}).values()) or "-"]
+            _ratios(row.get("latency_ratio")), _ratios(row.get("speedup_vs_torch"), "x")]
 
 
 def reference_row(summary: dict[str, Any], target: str) -> dict[str, Any]:
     return next(r for r in summary["rows"] if r["variant"] == summary["reference"] and r["target"] == target)
+
+
+def notes(summary: dict[str, Any]) -> list[str]:
+    """The sentences a reader needs to read the table right (plain text, rendered to Markdown and HTML)."""
+    batches = list(summary["rows"][0].get("p50_ms") or {})
+    out = [f"Data: {summary['data']}" + (" (SYNTHETIC)" if summary["synthetic"] else "") +
+           f"; {summary['test_rows']:,} test rows."]
+    if batches:
+        out.append(f"Latency: p50 per batch size ({', '.join(batches)}), {summary['threads']} threads, every backend "
+                   "interleaved call by call in one run; ratios are medians' ratios with a bootstrap 95% interval.")
+    out.append("ΔAUC: paired bootstrap over the same test rows (1,000 resamples); '~' marks a difference inside the "
+               "95% interval of zero (noise).")
+    if any(r["trained"] for r in summary["rows"]):
+        out.append(f"{TRAINED} trains after compressing, so part of its change is extra training: compare it with its "
+                   "same-budget control, the baseline fine-tuned with the same budget (the 'ΔAUC vs same-budget "
+                   "control' column).")
+    noisy = [r["variant"] for r in summary["rows"] for x in (r.get("latency_ratio") or {}).values() if x["noisy"]]
+    if noisy:
+        out.append(f"WARNING: the machine was too noisy to measure some latency ratios ({', '.join(sorted(set(noisy)))});"
+                   " they are shown marked 'noisy' and the regression gate does not pass on them.")
+    return out
 
 
 def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -37,22 +74,31 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
 
     from .evaluate.plots import pareto_plot
     rows = summary["rows"]
-    files = {}
-    with atomic_file(out / "results.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    files["jsonl"] = out / "results.jsonl"
-    flat = ["variant", "target", "method", "auc", "logloss", "emb_bytes", "file_bytes", "bytes_read_gpu", "lookup_flops"]
+    files: dict[str, Path] = {}
+
+    def write(name: str, text: str) -> Path:
+        with output_file(out / name, owner=out) as tmp:
+            tmp.write_text(text)
+        return out / name
+
+    slim = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
+    files["jsonl"] = write("results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in slim))
+    flat = ["variant", "target", "method", "trained", "control", "emb_bytes", "file_bytes", "bytes_read_gpu",
+            "lookup_flops"]
     batches = list(rows[0].get("p50_ms") or {})
-    with atomic_file(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+    with output_file(out / "results.csv", owner=out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(flat + [f"p50_ms_b{b}" for b in batches] + [f"latency_ratio_b{b}" for b in batches] + ["params"])
+        w.writerow(flat + ["auc", "logloss", "d_auc", "d_auc_lo", "d_auc_hi", "d_auc_control"]
+                   + [f"p50_ms_b{b}" for b in batches] + [f"latency_ratio_b{b}" for b in batches] + ["params"])
         for r in rows:
-            w.writerow([r.get(k) for k in flat] + [r.get("p50_ms", {}).get(b) for b in batches]
-                       + [r.get("latency_ratio", {}).get(b) for b in batches] + [json.dumps(r["params"])])
+            d, dc = r.get("delta") or {}, r.get("delta_control") or {}
+            w.writerow([r.get(k) for k in flat] + [r["metrics"]["auc"], r["metrics"]["logloss"], d.get("delta"),
+                        d.get("lo"), d.get("hi"), dc.get("delta")] + [r.get("p50_ms", {}).get(b) for b in batches]
+                       + [(r.get("latency_ratio") or {}).get(b, {}).get("ratio") for b in batches]
+                       + [json.dumps(r["params"])])
     files["csv"] = out / "results.csv"
-    with atomic_file(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    files["summary"] = out / "summary.json"
+    files["summary"] = write("summary.json", json.dumps({"recompress": marker("summary"), **summary}, indent=2,
+                                                        default=str) + "\n")
 
     title = f"{summary['recipe']}: test split" + (" [SYNTHETIC data]" if summary["synthetic"] else "")
     table = Table(title=title)
@@ -61,27 +107,27 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     body = [_cells(r, reference_row(summary, r["target"])) for r in rows]
     for cells in body:
         table.add_row(*cells)
-    Console(width=160).print(table)
+    Console(width=200, stderr=True).print(table)
 
-    labels = [f"{r['variant']} ({r['target']})" if len({x['target'] for x in rows}) > 1 else r["variant"] for r in rows]
-    plots = [pareto_plot(labels, [r["emb_bytes"] for r in rows], [r["auc"] for r in rows],
-                         out / "pareto_auc_vs_bytes.png", xlabel="embedding bytes (stored)",
+    many = len({x["target"] for x in rows}) > 1
+    labels = [f"{r['variant']} ({r['target']})" if many else r["variant"] for r in rows]
+    err = [((r["delta"]["delta"] - r["delta"]["lo"]), (r["delta"]["hi"] - r["delta"]["delta"])) if r.get("delta")
+           else (0.0, 0.0) for r in rows]
+    auc = [r["metrics"]["auc"] for r in rows]
+    plots = [pareto_plot(labels, [r["emb_bytes"] for r in rows], auc, out / "pareto_auc_vs_bytes.png",
+                         xlabel="embedding bytes (stored)", bytes_axis=True, err=err,
                          title=f"{summary['recipe']}: AUC vs embedding bytes")]
     if batches:
         b = batches[-1]
-        plots.append(pareto_plot(labels, [r["latency_ratio"][b] for r in rows], [r["auc"] for r in rows],
-                                 out / "pareto_auc_vs_latency.png", logx=False,
+        plots.append(pareto_plot(labels, [r["latency_ratio"][b]["ratio"] for r in rows], auc,
+                                 out / "pareto_auc_vs_latency.png", logx=False, err=err,
                                  xlabel=f"p50 latency ÷ baseline's, batch {b} (same run)",
                                  title=f"{summary['recipe']}: AUC vs latency"))
     files.update({p.stem: p for p in plots})
-    note = (f"Data: {summary['data']}" + (" (**SYNTHETIC**)" if summary["synthetic"] else "") +
-            f". Latency: p50 per batch size ({', '.join(batches)}), {summary['threads']} threads; "
-            "'latency ÷ baseline' is this variant's p50 over the baseline's, measured in the same run.")
-    md = [f"# {summary['recipe']}", "", note, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+    text = notes(summary)
+    md = [f"# {summary['recipe']}", "", *text, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
           *("| " + " | ".join(c) + " |" for c in body), "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
-    with atomic_file(out / "report.md") as tmp:
-        tmp.write_text("\n".join(md))
-    files["md"] = out / "report.md"
+    files["md"] = write("report.md", "\n".join(md))
     imgs = "".join(f'<p><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></p>'
                    for p in plots)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
@@ -89,9 +135,7 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(summary['recipe'])}</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;border-bottom:1px solid #ddd;"
             "text-align:right}td:first-child,th:first-child{text-align:left}</style>"
-            f"<h1>{html.escape(summary['recipe'])}</h1><p>{html.escape(note)}</p>"
+            f"<h1>{html.escape(summary['recipe'])}</h1>" + "".join(f"<p>{html.escape(t)}</p>" for t in text) +
             f"<table><tr>{head}</tr>{trs}</table>{imgs}")
-    with atomic_file(out / "report.html") as tmp:
-        tmp.write_text(page)
-    files["html"] = out / "report.html"
+    files["html"] = write("report.html", page)
     return files

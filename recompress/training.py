@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -14,26 +14,7 @@ from .data.ctr import CTRDataset
 from .errors import UserError
 from .metrics import accuracy_metrics
 from .progress import progress
-
-OPTIMIZERS = ("adam", "adagrad", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    """Budget and optimizer. ``steps`` (if set) caps the number of batches across all epochs."""
-
-    epochs: int = 1
-    steps: int | None = None
-    lr: float = 1e-3
-    batch_size: int = 256
-    optimizer: str = "adam"
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or (self.steps is not None and self.steps < 0):
-            raise UserError("epochs and batch size must be >= 1, lr > 0, steps >= 0", "fix the training options")
+from .trainconfig import TrainConfig
 
 
 def init_weights(model: nn.Module, seed: int) -> None:
@@ -61,15 +42,15 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
     return [torch.optim.SGD(dense + sparse, lr=cfg.lr)]
 
 
-@torch.no_grad()
 def predict(model: nn.Module, data: CTRDataset, split: str, batch_size: int = 4096,
             limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, click probabilities) for a split, in file order."""
     model.eval()
     labels, probs = [], []
-    for b in data.batches(split, batch_size, limit=limit):
-        labels.append(b.label.numpy())
-        probs.append(torch.sigmoid(model(b.dense, b.sparse)).numpy())
+    with torch.no_grad():
+        for b in data.batches(split, batch_size, limit=limit):
+            labels.append(b.label.numpy())
+            probs.append(torch.sigmoid(model(b.dense, b.sparse)).numpy())
     return np.concatenate(labels), np.concatenate(probs)
 
 
@@ -86,8 +67,32 @@ def check_compatible(model: nn.Module, data: CTRDataset) -> None:
                             "(ids out of range)", "use the dataset (vocabulary) the model was trained on")
 
 
+class BestState:
+    """The validation metric after each epoch, and the weights where it was best (``TrainConfig.keep_best``)."""
+
+    def __init__(self, model: nn.Module, data: CTRDataset) -> None:
+        self.model, self.data = model, data
+        self.curve: list[dict[str, Any]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def check(self, step: int) -> None:
+        auc = accuracy_metrics(*predict(self.model, self.data, "val"))["auc"]
+        self.curve.append({"step": step, "val_auc": auc})
+        if self.best is None or auc > self.best[0]:
+            self.best = (auc, step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        self.model.train()
+
+    def restore(self) -> dict[str, Any]:
+        self.model.load_state_dict(self.best[2])
+        return {"curve": self.curve, "best_step": self.best[1], "best_val_auc": self.best[0]}
+
+
 def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "training") -> dict[str, Any]:
-    """Train ``model`` in place on the train split; returns losses and validation metrics."""
+    """Train ``model`` in place on the train split; returns losses and validation metrics.
+
+    With ``cfg.keep_best`` the validation split is scored before the first step and after every epoch,
+    and the model ends with the weights that scored best (possibly the ones it started with).
+    """
     cfg.validate()
     check_compatible(model, data)
     torch.manual_seed(cfg.seed)
@@ -96,6 +101,9 @@ def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "train
     per_epoch = -(-data.size("train") // cfg.batch_size)
     total = min(cfg.steps, per_epoch * cfg.epochs) if cfg.steps is not None else per_epoch * cfg.epochs
     step, t0, recent = 0, time.perf_counter(), []
+    best = BestState(model, data) if cfg.keep_best and data.size("val") else None
+    if best is not None:
+        best.check(0)
     with progress(desc, total) as advance:
         for epoch in range(cfg.epochs):
             if step >= total:
@@ -115,9 +123,13 @@ def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "train
                 recent.append(loss.item())
                 step += 1
                 advance(1)
+            if best is not None:
+                best.check(step)
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"config": asdict(cfg), "steps": step, "seconds": round(seconds, 3),
                            "train_loss_last100": float(np.mean(recent[-100:])) if recent else None}
+    if best is not None:
+        out["keep_best"] = best.restore()
     if data.size("val"):
         labels, probs = predict(model, data, "val")
         out["val"] = accuracy_metrics(labels, probs)
@@ -137,7 +149,7 @@ def train_dlrm(data: CTRDataset, cfg: TrainConfig, *, dim: int = 16, bottom: tup
     method's compressed form from the start, as the published methods do.
     """
     from .checkpoint import Checkpoint, refresh_tables
-    from .compress.posttrain import NoSaving
+    from .compress.registry import NoSaving
     from .compress.tables import DenseTable, FactorizedTable, collapse_factorized
     from .models.dlrm import DLRM, default_hparams
     from .spec import ModelSpec

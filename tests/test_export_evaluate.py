@@ -54,7 +54,7 @@ def test_parity_failure_writes_nothing(tiny_ckpt, tiny_data, tmp_path, monkeypat
     from recompress.export import onnx as target
     real = target.run
     monkeypatch.setattr(target, "run", lambda *a: real(*a) + 1e-3)
-    with pytest.raises(UserError, match="differs from torch by up to 0.001"):
+    with pytest.raises(UserError, match="differs from the checkpoint by up to 0.001"):
         export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "bad", data=tiny_data)
     assert list(tmp_path.iterdir()) == []
 
@@ -71,3 +71,47 @@ def test_evaluate_export_and_checkpoint(exported, tiny_ckpt, tiny_data):
     assert all(v["p99_ms"] >= v["p50_ms"] > 0 for per in lat["backends"].values() for v in per.values())
     r2 = evaluate(tiny_ckpt, tiny_data, latency=False)
     assert r2["accuracy"]["torch"]["auc"] == pytest.approx(torch_acc["auc"], abs=1e-9)
+
+
+def test_parity_checks_multi_id_bags(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    """An artifact that is right for one id per bag but wrong for longer bags is refused."""
+    from recompress.export import onnx as target
+    real = target.run
+
+    def wrong_on_bags(folder, manifest, inputs):
+        out = real(folder, manifest, inputs)
+        return out + 1e-3 * (inputs["sparse"].shape[-1] > 1)
+    monkeypatch.setattr(target, "run", wrong_on_bags)
+    with pytest.raises(UserError, match="on multi-id bags with padding; nothing was written"):
+        export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "bad", data=tiny_data)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_multi_hot_parity_inputs_have_padding_and_empty_bags(tiny_data):
+    from recompress.export.inputs import MAX_BAG, multi_hot, sample_inputs
+    single = sample_inputs(None, 500, tiny_data)
+    bags = multi_hot(single)["sparse"]
+    assert bags.shape == (500, 4, MAX_BAG)
+    valid = bags >= 0
+    assert (~valid).any() and (valid.sum(-1) == 0).any() and (valid.sum(-1) == MAX_BAG).any()
+    assert set(bags[valid].tolist()) <= set(single["sparse"].flatten().tolist())
+    assert ((bags == -1) | valid).all() and (valid[..., 1:] <= valid[..., :-1]).all()  # ids first, then padding
+
+
+def test_materialized_export_is_checked_against_the_stored_checkpoint(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    from recompress.export import runner
+    ck = compress(load_checkpoint(tiny_ckpt), parse_methods("int8"), Context())
+    m = export_checkpoint(ck, "onnx", tmp_path / "ok", data=tiny_data, opts={"materialize": True})
+    assert m["parity"]["reference"] == "stored checkpoint (torch)" and set(m["parity"]["batches"]) == {
+        "one id per bag", "multi-id bags with padding"}
+    real = runner.deployable
+
+    def drifted(*a, **k):  # a materialization that changes the rows a little
+        out = real(*a, **k)
+        with torch.no_grad():
+            for t in out.model.tables.values():
+                t.weight.add_(1e-2)
+        return out
+    monkeypatch.setattr(runner, "deployable", drifted)
+    with pytest.raises(UserError, match="differs from the checkpoint"):
+        export_checkpoint(ck, "onnx", tmp_path / "bad", data=tiny_data, opts={"materialize": True})

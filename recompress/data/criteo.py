@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recompress.atomic import atomic_dir
+from recompress.outputs import check_output, output_dir
 from recompress.errors import UserError
 from recompress.progress import progress, say
 
@@ -42,6 +42,18 @@ def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedReader | gzip.GzipF
     return raw, raw
 
 
+def _first_non_integer(rows: list[list[bytes]], first_line: int, where: str) -> None:
+    """Raise for the first label or I-column value that is not an integer, naming its line and column."""
+    for i, fields in enumerate(rows):
+        for c, v in enumerate(fields[:1 + NUM_DENSE]):
+            try:
+                int(v or b"0")
+            except ValueError:
+                col = "the label" if c == 0 else f"I{c}"
+                raise UserError(f"{where} line {first_line + i}: {col} {v.decode(errors='replace')!r} is not an "
+                                "integer", "Criteo's label is 0 or 1 and I1-I13 are integers or empty") from None
+
+
 def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lines -> (label uint8 [n], dense float32 [n, 13], categorical int64 [n, 26] with -1 = missing)."""
     rows = []
@@ -55,9 +67,8 @@ def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.nda
     try:
         label = arr[:, 0].astype(np.int64)
         dense = np.where(arr[:, 1:1 + NUM_DENSE] == b"", b"0", arr[:, 1:1 + NUM_DENSE]).astype(np.int64)
-    except ValueError as e:
-        raise UserError(f"{where} lines {first_line}-{first_line + len(lines) - 1}: a label or I-column is not an "
-                        f"integer ({e})", "Criteo I1-I13 must be integers or empty") from None
+    except ValueError:
+        _first_non_integer(rows, first_line, where)
     if ((label != 0) & (label != 1)).any():
         bad = first_line + int(np.argmax((label != 0) & (label != 1)))
         raise UserError(f"{where} line {bad}: label is not 0 or 1", "the first column must be the click label")
@@ -116,6 +127,7 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
         raise UserError(f"split fractions val={val}, test={test} are impossible", "each in [0, 1), sum below 1")
     if min_count < 1 or (max_rows is not None and max_rows < 2):
         raise UserError("min_count must be >= 1 and max_rows >= 2", "fix the option")
+    check_output(out, overwrite=overwrite, inputs=[path])
     keys = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
     counts = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
     sizes = dict.fromkeys(SPLITS, 0)
@@ -134,7 +146,7 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
         vocab = k[order]  # row r + 1 holds vocab[r]
         srt = np.argsort(vocab)
         lookup.append((vocab[srt], (srt + 1).astype(np.int32), vocab))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with output_dir(out, kind="dataset", overwrite=overwrite, inputs=[path]) as tmp:
         writer = DatasetWriter(tmp, sizes, NUM_DENSE, NUM_CAT)
         for row, label, dense, cats in iter_chunks(path, "criteo: encoding", limit):
             split = split_of(np.arange(row, row + len(cats)), seed, val, test)

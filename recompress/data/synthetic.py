@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recompress.atomic import atomic_dir
+from recompress.outputs import output_dir
 from recompress.errors import UserError
 from recompress.progress import progress, say
 
@@ -95,7 +95,7 @@ def make_synthetic(out: str | Path, *, samples: int = 200_000, table_rows: list[
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if (1 / (1 + np.exp(-(probe + mid)))).mean() < ctr else (lo, mid)
     intercept = (lo + hi) / 2
-    with atomic_dir(out, overwrite=overwrite) as tmp, progress("synthetic data", samples) as advance:
+    with output_dir(out, kind="dataset", overwrite=overwrite) as tmp, progress("synthetic data", samples) as advance:
         writer = DatasetWriter(tmp, sizes, num_dense, t)
         for start in range(0, samples, CHUNK):
             n = min(CHUNK, samples - start)

@@ -1,0 +1,270 @@
+"""Every file and folder recompress writes goes through here, so no command can destroy data.
+
+Rules:
+- A folder recompress writes holds a marker file (``.recompress.json``). Only a folder with that marker,
+  or an empty folder, is ever replaced, and only when the caller passes ``overwrite``. A plain file, a
+  symbolic link or a folder holding anything recompress did not write is never replaced or deleted.
+- A file output (a results JSON) replaces only a file recompress wrote: a JSON object with a
+  ``"recompress"`` key.
+- An output may not be, contain or lie inside an input (``inputs``).
+- New content is built in a temporary sibling; it takes the target's place in one atomic exchange
+  (``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames rolled back on failure), and the old content
+  is removed only afterwards. An interrupted command leaves the old state or nothing.
+- Missing parent folders are created, and removed again if the command fails. Permissions follow the umask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+
+MARKER = ".recompress.json"
+PathLike = str | os.PathLike
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def marker(kind: str) -> dict[str, Any]:
+    """The stamp recompress puts in what it writes (folder marker file, or a key of a JSON output)."""
+    return {"written_by": "recompress", "version": __version__, "kind": kind}
+
+
+def is_ours(path: PathLike) -> bool:
+    """True for a folder with recompress's marker, or a JSON file recompress wrote."""
+    p = Path(path)
+    if p.is_symlink():
+        return False
+    if p.is_dir():
+        try:
+            return json.loads((p / MARKER).read_text()).get("written_by") == "recompress"
+        except (OSError, ValueError, AttributeError):
+            return False
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                if f.read(1) != b"{":
+                    return False
+            return json.loads(p.read_text()).get("recompress", {}).get("written_by") == "recompress"
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
+def _real(p: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(p)))
+
+
+def _overlap(target: Path, inputs: Iterable[PathLike]) -> None:
+    t = _real(target)
+    for i in inputs:
+        if i is None:
+            continue
+        s = _real(i)
+        if t == s:
+            raise UserError(f"output {target} is the input {i}", "write the result to a new path")
+        if s in t.parents:
+            raise UserError(f"output {target} lies inside the input {i}", "write the result outside the input")
+        if t in s.parents:
+            raise UserError(f"output {target} contains the input {i}", "write the result to a path that does "
+                            "not hold the input")
+
+
+def check_output(target: PathLike, *, kind: str = "dir", overwrite: bool = False,
+                 inputs: Iterable[PathLike] = ()) -> Path:
+    """Refuse, before any work is done, an output that could not be written or would destroy data."""
+    target = Path(target)
+    _overlap(target, inputs)
+    if target.is_symlink():
+        raise UserError(f"output {target} is a symbolic link", "recompress never replaces links; pass another path")
+    if kind == "dir":
+        if target.exists() and not target.is_dir():
+            raise UserError(f"output {target} is a file, not a folder recompress wrote",
+                            "recompress never replaces it; pass another path")
+        if target.is_dir():
+            empty = not any(target.iterdir())
+            if not (empty or is_ours(target)):
+                raise UserError(f"output {target} holds files recompress did not write",
+                                "recompress never replaces it; pass a new path")
+            if not overwrite:
+                raise UserError(f"output {target} already exists", "choose another path or pass --overwrite")
+    else:
+        if target.is_dir():
+            raise UserError(f"output {target} is a folder", "pass a file path, e.g. results.json")
+        if target.exists() and not is_ours(target):
+            raise UserError(f"output {target} exists and was not written by recompress",
+                            "recompress never replaces it; pass another path")
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output {target}: {parent} is a file, not a folder", "pass another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"output folder {parent} is not writable", "pass a path you can write to")
+            break
+    return target
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create missing parents of ``target``; returns those created, deepest last."""
+    missing = [p for p in reversed(target.absolute().parents) if not p.exists()]
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()  # only if still empty
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap_in(tmp: Path, target: Path) -> Path | None:
+    """Put ``tmp`` at ``target``. Returns where the old content now is (to delete), or None."""
+    if not target.exists() and not target.is_symlink():
+        os.rename(tmp, target)
+        return None
+    if exchange(tmp, target):
+        return tmp  # tmp now holds the old content
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # roll back
+        raise
+    return old
+
+
+def _discard(path: Path) -> None:
+    """Delete a folder or file recompress itself staged or replaced (never called on foreign paths)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def output_dir(target: PathLike, *, kind: str, overwrite: bool = False,
+               inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``target``; on success it becomes ``target`` (marked as ours)."""
+    target = check_output(target, kind="dir", overwrite=overwrite, inputs=inputs)
+    created = _make_parents(target)
+    tmp: Path | None = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps(marker(kind)) + "\n")
+        check_output(target, kind="dir", overwrite=overwrite, inputs=inputs)  # nothing changed meanwhile
+        old = _swap_in(tmp, target)
+        tmp = None
+        if old is not None:
+            _discard(old)
+    except BaseException:
+        if tmp is not None:
+            _discard(tmp)
+        _remove_created(created)
+        raise
+
+
+@contextlib.contextmanager
+def output_file(target: PathLike, *, inputs: Iterable[PathLike] = (), owner: PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary file path next to ``target``; on success it replaces ``target``.
+
+    ``owner``: a folder recompress wrote (marked) that holds ``target``; files inside it may be replaced.
+    """
+    target = Path(target)
+    if owner is not None and is_ours(owner) and _real(owner) in _real(target).parents:
+        _overlap(target, inputs)
+    else:
+        target = check_output(target, kind="file", inputs=inputs)
+    created = _make_parents(target)
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        if owner is None:
+            check_output(target, kind="file", inputs=inputs)
+        os.replace(tmp, target)  # atomic for files
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            _discard(tmp)
+        _remove_created(created)
+        raise
+
+
+def write_json(obj: dict[str, Any], target: PathLike, kind: str, inputs: Iterable[PathLike] = (),
+               owner: PathLike | None = None) -> Path:
+    """Write a JSON object, stamped as recompress's, atomically to ``target``."""
+    with output_file(target, inputs=inputs, owner=owner) as tmp:
+        tmp.write_text(json.dumps({"recompress": marker(kind), **obj}, indent=2, default=str) + "\n")
+    return Path(target)
+
+
+@contextlib.contextmanager
+def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """A run folder, written step by step so that an interrupted run resumes.
+
+    An existing run folder is resumed; with ``overwrite`` a new run is built aside and swapped in only
+    when it completes. A new folder is created (marked); if the run fails before it holds anything but
+    the marker, it is removed again.
+    """
+    target = Path(target)
+    if target.is_dir() and is_ours(target) and not overwrite:
+        _overlap(target, inputs)
+        yield target
+        return
+    if overwrite and target.exists():
+        with output_dir(target, kind="run", overwrite=True, inputs=inputs) as tmp:
+            (tmp / MARKER).write_text(json.dumps(marker("run")) + "\n")
+            yield tmp
+        return
+    check_output(target, kind="dir", overwrite=True, inputs=inputs)  # absent, or an empty folder
+    created = _make_parents(target)
+    existed = target.exists()
+    target.mkdir(exist_ok=True)
+    (target / MARKER).write_text(json.dumps(marker("run")) + "\n")
+    try:
+        yield target
+    except BaseException:
+        if {p.name for p in target.iterdir()} <= {MARKER, "cache"} and not any((target / "cache").glob("*")):
+            _discard(target / "cache")
+            (target / MARKER).unlink()
+            if not existed:
+                target.rmdir()
+            _remove_created(created)
+        raise

@@ -1,0 +1,205 @@
+"""The one output mechanism: never destroy what recompress did not write, swap atomically, roll back."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from recompress import outputs
+from recompress.errors import UserError
+from recompress.outputs import MARKER, check_output, is_ours, output_dir, run_folder, write_json
+
+from .conftest import tree_hash
+
+
+def make(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def ours(path, text="old"):
+    with output_dir(path, kind="test", overwrite=True) as tmp:
+        (tmp / "data.txt").write_text(text)
+    return path
+
+
+def no_temporaries(parent):
+    return not [p.name for p in parent.iterdir() if p.name.startswith(".") and ".tmp" in p.name or ".old-" in p.name]
+
+
+def test_new_folder_is_marked_and_complete(tmp_path):
+    out = ours(tmp_path / "a" / "b" / "out", "new")  # missing parents are created
+    assert (out / "data.txt").read_text() == "new" and is_ours(out)
+    assert json.loads((out / MARKER).read_text())["written_by"] == "recompress"
+    assert no_temporaries(out.parent)
+
+
+def test_refuses_a_folder_with_foreign_content_even_with_overwrite(tmp_path):
+    scratch = make(tmp_path / "scratch", **{"notes.txt": "mine"})
+    before = tree_hash(scratch)
+    with pytest.raises(UserError, match="holds files recompress did not write"):
+        ours(scratch)
+    assert tree_hash(scratch) == before and no_temporaries(tmp_path)
+
+
+def test_refuses_a_folder_we_wrote_once_a_foreign_file_was_added(tmp_path):
+    out = ours(tmp_path / "out")
+    (out / MARKER).unlink()
+    with pytest.raises(UserError, match="did not write"):
+        ours(out)
+
+
+def test_refuses_to_replace_a_plain_file_or_a_link(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    with pytest.raises(UserError, match="is a file"):
+        ours(f)
+    assert f.read_text() == "keep"
+    link = tmp_path / "link"
+    link.symlink_to(ours(tmp_path / "real"))
+    with pytest.raises(UserError, match="symbolic link"):
+        ours(link)
+    assert link.is_symlink()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = ours(tmp_path / "out")
+    with pytest.raises(UserError, match="already exists"):
+        with output_dir(out, kind="test"):
+            pass
+    assert (out / "data.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_overwrite_replaces_our_folder(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+    out = ours(tmp_path / "out", "old")
+    ours(out, "new")
+    assert (out / "data.txt").read_text() == "new" and no_temporaries(tmp_path)
+
+
+def test_empty_folder_may_be_used(tmp_path):
+    (tmp_path / "empty").mkdir()
+    ours(tmp_path / "empty", "new")
+    assert (tmp_path / "empty" / "data.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("rel", ["in", "in/sub", "."], ids=["is the input", "inside the input", "contains the input"])
+def test_output_may_not_overlap_an_input(tmp_path, rel):
+    src = ours(tmp_path / "in")
+    before = tree_hash(src)
+    with pytest.raises(UserError, match="input"):
+        with output_dir(tmp_path / rel, kind="test", overwrite=True, inputs=[src]):
+            pass
+    assert tree_hash(src) == before
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+@pytest.mark.parametrize("stage", ["body", "marker", "swap", "second rename"])
+def test_interruption_at_every_stage_keeps_the_old_output(tmp_path, monkeypatch, stage, exchange):
+    if not exchange:
+        monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+    out = ours(tmp_path / "nest" / "out", "old")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    if stage == "marker":
+        monkeypatch.setattr(outputs, "marker", boom)
+    if stage == "swap":
+        monkeypatch.setattr(outputs, "exchange", boom)
+        monkeypatch.setattr(outputs.os, "rename", boom)
+    if stage == "second rename":
+        if exchange:
+            pytest.skip("an exchange is one step")
+        real, calls = os.rename, []
+
+        def second_fails(a, b):
+            calls.append(a)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(a, b)
+        monkeypatch.setattr(outputs.os, "rename", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        with output_dir(out, kind="test", overwrite=True) as tmp:
+            (tmp / "data.txt").write_text("new")
+            if stage == "body":
+                raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert (out / "data.txt").read_text() == "old" and is_ours(out)
+    assert no_temporaries(out.parent)
+
+
+def test_failure_removes_parents_it_created(tmp_path):
+    with pytest.raises(RuntimeError):
+        with output_dir(tmp_path / "x" / "y" / "out", kind="test"):
+            raise RuntimeError
+    assert not (tmp_path / "x").exists()
+
+
+def test_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = ours(tmp_path / "out")
+        f = write_json({"a": 1}, tmp_path / "r.json", "results")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "data.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+
+
+def test_file_outputs_replace_only_our_json(tmp_path):
+    r = write_json({"a": 1}, tmp_path / "r.json", "results")
+    write_json({"a": 2}, r, "results")
+    assert json.loads(r.read_text())["a"] == 2
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"a": 1}')
+    with pytest.raises(UserError, match="not written by recompress"):
+        write_json({"a": 3}, foreign, "results")
+    assert foreign.read_text() == '{"a": 1}'
+    with pytest.raises(UserError, match="is a folder"):
+        check_output(tmp_path, kind="file")
+
+
+def test_file_output_in_a_missing_folder_is_created(tmp_path):
+    write_json({"a": 1}, tmp_path / "new" / "r.json", "results")
+    assert (tmp_path / "new" / "r.json").exists()
+
+
+def test_run_folder_resumes_ours_and_refuses_foreign(tmp_path):
+    with run_folder(tmp_path / "run") as f:
+        (f / "cache").mkdir()
+        (f / "cache" / "step").write_text("done")
+    with run_folder(tmp_path / "run") as f:  # resume in place
+        assert (f / "cache" / "step").read_text() == "done"
+    foreign = make(tmp_path / "foreign", **{"x.txt": "mine"})
+    with pytest.raises(UserError, match="did not write"):
+        with run_folder(foreign, overwrite=True):
+            pass
+    assert (foreign / "x.txt").read_text() == "mine"
+
+
+def test_run_overwrite_keeps_the_old_run_until_the_new_one_completes(tmp_path):
+    with run_folder(tmp_path / "run") as f:
+        (f / "report.md").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(tmp_path / "run", overwrite=True) as f:
+            assert f != tmp_path / "run"
+            raise KeyboardInterrupt
+    assert (tmp_path / "run" / "report.md").read_text() == "old" and no_temporaries(tmp_path)
+    with run_folder(tmp_path / "run", overwrite=True) as f:
+        (f / "report.md").write_text("new")
+    assert (tmp_path / "run" / "report.md").read_text() == "new"
+
+
+def test_a_run_that_fails_before_any_step_leaves_nothing(tmp_path):
+    with pytest.raises(UserError):
+        with run_folder(tmp_path / "a" / "run") as f:
+            (f / "cache").mkdir()
+            raise UserError("bad recipe")
+    assert not (tmp_path / "a").exists()
