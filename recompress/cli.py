@@ -69,10 +69,10 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="replace the output i
                          "holding anything else is never replaced)")
 
 
-def train_options(f: Any) -> Any:
-    """The shared training / fine-tune budget options."""
+def train_options(keep_best: bool) -> Any:
+    """The shared training / fine-tune budget options (``keep_best``: that flag's default)."""
     from .trainconfig import OPTIMIZERS
-    for opt in reversed([
+    return lambda f: _add(f, [
         click.option("--epochs", default=1, show_default=True, help="passes over the train split"),
         click.option("--steps", type=int, default=None, help="cap on optimizer steps (overrides epochs)"),
         click.option("--lr", default=1e-3, show_default=True, help="learning rate"),
@@ -80,8 +80,13 @@ def train_options(f: Any) -> Any:
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
                      help="adam: Adam for dense layers, SparseAdam for table rows"),
         click.option("--seed", default=0, show_default=True, help="seed for initialization and shuffling"),
-        click.option("--keep-best", is_flag=True, help="check validation after every epoch and keep the best model"),
-    ]):
+        click.option("--keep-best/--no-keep-best", default=keep_best, show_default=True,
+                     help="score validation 4 times per epoch, stop after 2 checks without gain, keep the best model"),
+    ])
+
+
+def _add(f: Any, options: list[Any]) -> Any:
+    for opt in reversed(options):
         f = opt(f)
     return f
 
@@ -193,7 +198,7 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @click.option("--method", default=None, help="train tables in this compressed form from scratch (tt, hash, qr, freqhash)")
 @method_options(fresh_only=True)
 @click.option("--min-rows", "method_min_rows", default=0, show_default=True, help="--method only for tables with this many rows")
-@train_options
+@train_options(keep_best=False)
 @OVERWRITE
 def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, mlet_hidden: int | None,
           mlet_min_rows: int, keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
@@ -221,7 +226,7 @@ def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: 
 @click.option("--data", "data_path", type=click.Path(), default=None, help="prepared dataset (for fine-tuning)")
 @click.option("--tables", default=None, help="comma-separated table names (default: all)")
 @click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
-@train_options
+@train_options(keep_best=True)
 @out_option("checkpoint folder")
 @OVERWRITE
 def checkpoint(source: str, method: str, data_path: str | None, tables: str | None, min_rows: int,

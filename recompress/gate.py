@@ -5,9 +5,10 @@ Every check ends in one of four states, and only ``ok`` passes:
 - ``regression``: measured and outside it;
 - ``missing``: the baseline has the measurement and the new run does not (a variant, its accuracy, its
   bytes, or its latency at a batch size): a gate never passes on what it did not check;
-- ``unchecked``: measured, but too noisy to decide (a latency ratio whose interval is flagged noisy, or
-  whose 95% interval straddles its limit). A latency ratio is ``ok`` only if its whole interval is within
-  the limit, and a ``regression`` only if its whole interval is above it.
+- ``unchecked``: measured, but too noisy to decide: a latency ratio whose 95% interval straddles its
+  limit. A latency ratio is ``ok`` only if its whole interval is within the limit, and a ``regression``
+  only if its whole interval is above it, so noise can neither pass nor fail a check by luck; how wide
+  the interval may be is not fixed, but a ratio wider than ``evaluate.latency.NOISY`` is flagged.
 
 The primary metric (AUC for CTR models) may drop by at most ``metric_drop``; the difference is also given
 with a paired-bootstrap interval when both summaries hold predictions for the same test rows. Stored
@@ -106,14 +107,13 @@ def compare(new: dict[str, Any], base: dict[str, Any], tol: Tolerances,
                 checks.append(_check(v, t, metric, ref["ratio"], None, f"<= {cap:.3f}", "missing"))
                 continue
             shown = f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
-            if r.get("noisy"):
-                state, note = "unchecked", "machine too noisy to measure this ratio"
-            elif r["hi"] <= cap:
-                state, note = "ok", ""
+            noise = " (noisy machine)" if r.get("noisy") else ""
+            if r["hi"] <= cap:
+                state, note = "ok", noise.strip(" ()")
             elif r["lo"] > cap:
-                state, note = "regression", ""
+                state, note = "regression", noise.strip(" ()")
             else:
-                state, note = "unchecked", "its 95% interval straddles the limit"
+                state, note = "unchecked", "its 95% interval straddles the limit" + noise
             checks.append(_check(v, t, metric, ref["ratio"], shown, f"<= {cap:.3f}", state, note))
     return checks
 

@@ -192,7 +192,8 @@ class Pipeline:
                 ckpt = compress(ckpt, parse_methods(",".join(rest), v.params), Context(data, cfg))
         else:
             ckpt = load_any(self.cache / f"ckpt-{base_key}")
-            ctx = Context(data, TrainConfig(**{**base_cfg.__dict__, **v.train}), Selection(v.tables, v.min_rows))
+            tune = TrainConfig(**{**base_cfg.__dict__, "keep_best": True, **v.train})  # fine-tunes keep their best
+            ctx = Context(data, tune, Selection(v.tables, v.min_rows))
             ckpt = compress(ckpt, parse_methods(v.method, v.params), ctx)
         save_checkpoint(ckpt, path)
         return path, k

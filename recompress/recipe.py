@@ -19,7 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TRAIN_KEYS = {"epochs": int, "steps": int, "lr": float, "batch_size": int, "optimizer": str, "seed": int}
+TRAIN_KEYS = {"epochs": int, "steps": int, "lr": float, "batch_size": int, "optimizer": str, "seed": int,
+              "keep_best": bool}
 SCHEMA: dict[str, Any] = {
     "name": str, "description": str,
     "data": {"kind": str, "path": str, "samples": int, "tables": list, "zipf": float, "true_dim": int,

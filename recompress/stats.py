@@ -3,8 +3,8 @@
 - Accuracy: paired bootstrap over test rows (the same resampled rows score both models), with AUC
   computed on bootstrap *weights* in one pass over the rows sorted once, so 1,000 resamples of a
   million rows take seconds.
-- Latency: the ratio of two backends' medians, bootstrapped over interleaved rounds (each round times
-  every backend once on the same input), so machine-wide slowdowns hit both sides of the ratio.
+- Latency: the ratio of two backends' medians, bootstrapped over rounds (in each round every backend
+  takes a short turn), so machine-wide slowdowns hit both sides of the ratio.
 """
 
 from __future__ import annotations
@@ -61,11 +61,22 @@ def paired_auc_delta(labels: np.ndarray, new: np.ndarray, base: np.ndarray, *, r
             "rows": n, "significant": bool(lo > 0 or hi < 0)}
 
 
-def median_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, float]:
-    """median(a) / median(b) for paired rounds (a[i], b[i] timed back to back), with a bootstrap 95% interval."""
+def median_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = BOOTSTRAP, seed: int = 0,
+                 groups: np.ndarray | None = None) -> dict[str, float]:
+    """median(a) / median(b) for paired measurements, with a bootstrap 95% interval.
+
+    ``groups`` (one label per measurement, the same for a and b) makes it a cluster bootstrap: whole
+    rounds are resampled, keeping the calls of one round (timed close together) together.
+    """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ratio = float(np.median(a) / np.median(b))
-    idx = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, len(a), (resamples, len(a)))
+    else:
+        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+        pick = rng.integers(0, len(members), (resamples, len(members)))
+        idx = np.stack([np.concatenate([members[g] for g in row]) for row in pick])
     boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return {"ratio": ratio, "lo": float(lo), "hi": float(hi)}

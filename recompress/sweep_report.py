@@ -63,8 +63,9 @@ def notes(summary: dict[str, Any]) -> list[str]:
                    "control' column).")
     noisy = [r["variant"] for r in summary["rows"] for x in (r.get("latency_ratio") or {}).values() if x["noisy"]]
     if noisy:
-        out.append(f"WARNING: the machine was too noisy to measure some latency ratios ({', '.join(sorted(set(noisy)))});"
-                   " they are shown marked 'noisy' and the regression gate does not pass on them.")
+        out.append(f"WARNING: the machine was noisy while measuring some latency ratios ({', '.join(sorted(set(noisy)))}):"
+                   " their 95% intervals are wider than 1.3x (marked 'noisy'); the regression gate passes or fails"
+                   " a ratio only when all of its interval is on one side of the limit.")
     return out
 
 

@@ -68,19 +68,25 @@ def check_compatible(model: nn.Module, data: CTRDataset) -> None:
 
 
 class BestState:
-    """The validation metric after each epoch, and the weights where it was best (``TrainConfig.keep_best``)."""
+    """Validation checks during training and the weights where the metric was best (``TrainConfig.keep_best``)."""
 
-    def __init__(self, model: nn.Module, data: CTRDataset) -> None:
-        self.model, self.data = model, data
+    def __init__(self, model: nn.Module, data: CTRDataset, patience: int) -> None:
+        self.model, self.data, self.patience = model, data, patience
         self.curve: list[dict[str, Any]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.stale = 0
 
-    def check(self, step: int) -> None:
+    def check(self, step: int) -> bool:
+        """Score the validation split; True when training should stop (``patience`` checks without gain)."""
         auc = accuracy_metrics(*predict(self.model, self.data, "val"))["auc"]
         self.curve.append({"step": step, "val_auc": auc})
         if self.best is None or auc > self.best[0]:
             self.best = (auc, step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+            self.stale = 0
+        else:
+            self.stale += 1
         self.model.train()
+        return self.stale >= self.patience
 
     def restore(self) -> dict[str, Any]:
         self.model.load_state_dict(self.best[2])
@@ -90,8 +96,9 @@ class BestState:
 def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "training") -> dict[str, Any]:
     """Train ``model`` in place on the train split; returns losses and validation metrics.
 
-    With ``cfg.keep_best`` the validation split is scored before the first step and after every epoch,
-    and the model ends with the weights that scored best (possibly the ones it started with).
+    With ``cfg.keep_best`` the validation split is scored before the first step and a few times per
+    epoch; training stops after ``cfg.patience`` checks without improvement, and the model ends with the
+    weights that scored best (possibly the ones it started with).
     """
     cfg.validate()
     check_compatible(model, data)
@@ -101,16 +108,16 @@ def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "train
     per_epoch = -(-data.size("train") // cfg.batch_size)
     total = min(cfg.steps, per_epoch * cfg.epochs) if cfg.steps is not None else per_epoch * cfg.epochs
     step, t0, recent = 0, time.perf_counter(), []
-    best = BestState(model, data) if cfg.keep_best and data.size("val") else None
-    if best is not None:
-        best.check(0)
+    best = BestState(model, data, cfg.patience) if cfg.keep_best and data.size("val") else None
+    every = max(1, per_epoch // cfg.checks_per_epoch)
+    stop = best is not None and best.check(0)
     with progress(desc, total) as advance:
         for epoch in range(cfg.epochs):
-            if step >= total:
+            if step >= total or stop:
                 break
             model.train()
             for b in data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
-                if step >= total:
+                if step >= total or stop:
                     break
                 loss = loss_fn(model(b.dense, b.sparse), b.label)
                 if not torch.isfinite(loss):
@@ -123,8 +130,8 @@ def fit(model: nn.Module, data: CTRDataset, cfg: TrainConfig, desc: str = "train
                 recent.append(loss.item())
                 step += 1
                 advance(1)
-            if best is not None:
-                best.check(step)
+                if best is not None and (step % every == 0 or step == total):
+                    stop = best.check(step)
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {"config": asdict(cfg), "steps": step, "seconds": round(seconds, 3),
                            "train_loss_last100": float(np.mean(recent[-100:])) if recent else None}

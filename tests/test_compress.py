@@ -96,3 +96,21 @@ def test_mlet_bad_parameters(tiny_ckpt, tiny_data, params, msg):
 def test_mlet_needs_data(tiny_ckpt):
     with pytest.raises(UserError, match="pass --data"):
         compress(load_checkpoint(tiny_ckpt), parse_methods("mlet", {"dim": 4}), Context(None))
+
+
+def test_keep_best_never_ends_worse_than_it_started_and_stops_early(tiny_ckpt, tiny_data):
+    from recompress.training import fit, predict
+    from recompress.metrics import auc
+    start = load_checkpoint(tiny_ckpt)
+    start_auc = auc(*predict(start.model, tiny_data, "val"))
+    ruin = dict(epochs=3, lr=0.3, optimizer="adam", batch_size=64, seed=0)
+    plain = load_checkpoint(tiny_ckpt)
+    out = fit(plain.model, tiny_data, TrainConfig(**ruin))
+    assert out["val"]["auc"] < start_auc - 0.02  # this budget really does damage
+    kept = load_checkpoint(tiny_ckpt)
+    out = fit(kept.model, tiny_data, TrainConfig(**ruin, keep_best=True))
+    assert out["keep_best"]["best_step"] == 0 and out["val"]["auc"] == start_auc
+    per_epoch = -(-tiny_data.size("train") // 64)
+    assert out["steps"] < 3 * per_epoch  # stopped after `patience` checks without improvement
+    for k, v in start.model.state_dict().items():
+        assert torch.equal(v, kept.model.state_dict()[k])
