@@ -23,11 +23,12 @@ METHODS = {"tt rank 16": ("tt", {"tt_rank": 16}), "tt rank 32": ("tt", {"tt_rank
 
 
 def one(method: str, rows: int, dim: int) -> dict:
-    from recompress.checkpoint import Checkpoint
     from recompress.compress.registry import Context, compress, parse_methods
-    from recompress.compress.tables import DenseTable
+
+    from recompress.checkpoint import Checkpoint
     from recompress.models.dlrm import DLRM, default_hparams
     from recompress.spec import ModelSpec
+    from recompress.tables import DenseTable
 
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,9 @@
 """Benchmark (not a test): AUC / logloss vs embedding width d for
 (i) baseline trained at d, (ii) MLET from scratch (hidden k), (iii) post-training MLET from the d=64
-checkpoint, and (iv) lowrank (truncated SVD, rank d) from the same d=64 checkpoint; several seeds.
+checkpoint (its fine-tune keeps the best validation checkpoint, as `recompress checkpoint` does), and
+(iv) lowrank (truncated SVD, rank d) from the same d=64 checkpoint; several seeds. At each d, post-training
+MLET (n x d stored) is compared with lowrank (n x d + d x 64 stored, about the same bytes) by a paired
+bootstrap on the same test rows, averaged over seeds.
 
     python bench/mlet_sweep.py --data DATASET_DIR --out bench/results/NAME.json [--seeds 0,1,2]
 
@@ -16,16 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from recompress.compress.registry import Context, compress, parse_methods
 
 from recompress.checkpoint import Checkpoint
-from recompress.compress.registry import Context, compress, parse_methods
 from recompress.data import open_dataset
+from recompress.evaluation import evaluate_model
+from recompress.families import get_family
 from recompress.metrics import accuracy_metrics
-from recompress.training import TrainConfig, predict, train_dlrm
+from recompress.stats import paired_auc_delta
+from recompress.training import TrainConfig, train_model
 
-
-def test_metrics(model, data) -> dict:
-    return accuracy_metrics(*predict(model, data, "test"))
+DLRM = get_family("dlrm")
 
 
 def main() -> None:
@@ -45,9 +49,12 @@ def main() -> None:
     dims = [int(x) for x in a.dims.split(",")]
     top_d = max(dims)
     runs = []
+    labels = np.asarray(data.arrays("test")[2])
+    probs = {}
 
     def record(kind, d, seed, model, extra=None):
-        m = test_metrics(model, data)
+        probs[kind, d, seed] = evaluate_model(model, data).values
+        m = accuracy_metrics(labels, probs[kind, d, seed])
         emb = sum(t.stored_bytes() for t in model.tables.values())
         runs.append({"kind": kind, "dim": d, "seed": seed, "auc": m["auc"], "logloss": m["logloss"],
                      "embedding_bytes": emb, **(extra or {})})
@@ -55,16 +62,16 @@ def main() -> None:
 
     for seed in [int(s) for s in a.seeds.split(",")]:
         cfg = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed)
-        ft = TrainConfig(epochs=a.ft_epochs, lr=a.ft_lr, batch_size=a.batch_size, seed=seed)
+        ft = TrainConfig(epochs=a.ft_epochs, lr=a.ft_lr, batch_size=a.batch_size, seed=seed, keep_best=True)
         base_top = None
         for d in dims:
             t0 = time.perf_counter()
-            ck = train_dlrm(data, cfg, dim=d)
+            ck = train_model(DLRM, data, cfg, {"dim": d})
             record("baseline", d, seed, ck.model, {"seconds": time.perf_counter() - t0})
             if d == top_d:
                 base_top = ck
             t0 = time.perf_counter()
-            ck = train_dlrm(data, cfg, dim=d, mlet_hidden=max(a.hidden, d))
+            ck = train_model(DLRM, data, cfg, {"dim": d}, mlet_hidden=max(a.hidden, d))
             record("mlet_scratch", d, seed, ck.model, {"hidden": max(a.hidden, d), "seconds": time.perf_counter() - t0})
         for d in dims:
             if d == top_d:
@@ -72,8 +79,10 @@ def main() -> None:
             t0 = time.perf_counter()
             ck = compress(Checkpoint(copy.deepcopy(base_top.model), copy.deepcopy(base_top.spec)),
                           parse_methods("mlet", {"dim": d}), Context(data, ft))
+            keep = ck.spec.history[-1]["finetune"].get("keep_best", {})
             record("mlet_post", d, seed, ck.model, {"seconds": time.perf_counter() - t0,
-                                                    "energy_kept": ck.spec.history[-1]["energy_kept"]})
+                                                    "energy_kept": ck.spec.history[-1]["energy_kept"],
+                                                    "best_step": keep.get("best_step"), "val_curve": keep.get("curve")})
             ck = compress(Checkpoint(copy.deepcopy(base_top.model), copy.deepcopy(base_top.spec)),
                           parse_methods("lowrank", {"rank": d}), Context())
             record("lowrank", d, seed, ck.model)
@@ -85,13 +94,22 @@ def main() -> None:
                 summary[f"{kind}/{d}"] = {k: [float(np.mean([r[k] for r in xs])), float(np.std([r[k] for r in xs]))]
                                           for k in ("auc", "logloss")} | {"embedding_bytes": xs[0]["embedding_bytes"],
                                                                            "n": len(xs)}
+    seeds = [int(s) for s in a.seeds.split(",")]
+    for d in dims:
+        if d != top_d:
+            summary[f"mlet_post_minus_lowrank/{d}"] = paired_auc_delta(
+                labels, np.stack([probs["mlet_post", d, s] for s in seeds]),
+                np.stack([probs["lowrank", d, s] for s in seeds]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"data": a.data, "synthetic": bool(data.meta.get("synthetic")), "args": vars(a)}
     out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2) + "\n")
     plot(summary, dims, out.with_suffix(".png"), Path(a.data).name)
     for k, v in summary.items():
-        print(f"{k:>18}: AUC {v['auc'][0]:.4f} ± {v['auc'][1]:.4f}  logloss {v['logloss'][0]:.4f} ± {v['logloss'][1]:.4f}")
+        if "minus" in k:
+            print(f"{k:>28}: {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]")
+        else:
+            print(f"{k:>28}: AUC {v['auc'][0]:.4f} ± {v['auc'][1]:.4f}  logloss {v['logloss'][0]:.4f} ± {v['logloss'][1]:.4f}")
 
 
 def plot(summary: dict, dims: list[int], path: Path, title: str) -> None:

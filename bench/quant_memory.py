@@ -54,13 +54,13 @@ def main() -> None:
         print(json.dumps(measure(a.measure)))
         return
     import torch
+    from recompress.compress.registry import Context, compress, parse_methods
+    from recompress.export import export_checkpoint
 
     from recompress.checkpoint import Checkpoint
-    from recompress.compress.registry import Context, compress, parse_methods
-    from recompress.compress.tables import DenseTable
-    from recompress.export import export_checkpoint
     from recompress.models.dlrm import DLRM, default_hparams
     from recompress.spec import ModelSpec
+    from recompress.tables import DenseTable
 
     table = DenseTable(a.rows, a.dim)
     table.reset_parameters(torch.Generator().manual_seed(0))

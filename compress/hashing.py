@@ -22,13 +22,12 @@ if TYPE_CHECKING:
     import torch
 
     from recompress.checkpoint import Checkpoint
+    from recompress.tables import Table
+    from recompress.tables.hashed import FreqHashTable, HashedTable, QRTable
 
-    from .hashed import FreqHashTable, HashedTable, QRTable
-    from .tables import Table
-
-torch = lazy("torch")  # noqa: F811
+torch = lazy("torch")
 np = lazy("numpy")
-hashed = lazy("recompress.compress.hashed")
+hashed = lazy("recompress.tables.hashed")
 
 QR_OPS = ("mult", "add", "concat")
 
@@ -87,6 +86,9 @@ def make_qr(rows: int, dim: int, params: dict[str, Any]) -> QRTable:
 def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: int,
                   counts: torch.Tensor) -> tuple[FreqHashTable, torch.Tensor]:
     """The table (hot ids = most frequent in training) and the hot ids in slot order."""
+    if counts is None:
+        raise UserError(f"freqhash needs training frequencies of table {name}, and the model's family has none "
+                        "for it", "apply freqhash to the tables whose ids the training data holds (e.g. the item table)")
     budget = _budget_rows(rows, params, "buckets", "freqhash") if params.get("ratio") is not None else None
     hot = params.get("hot")
     if budget is not None:
@@ -168,7 +170,7 @@ def _apply(kind: str, ckpt: Checkpoint, params: dict[str, Any], ctx: Context) ->
     for name in ctx.select.pick(ckpt):
         t = ckpt.model.tables[name]
         w = t.dense_weight()
-        tw = weights[name] if weights is not None else None
+        tw = weights.get(name) if weights is not None else None
         new: Table
         try:
             if kind == "hash":
@@ -201,7 +203,8 @@ def _fresh(kind: str) -> Any:
             return make_hash(rows, dim, params, name, seed)
         if kind == "qr":
             return make_qr(rows, dim, params)
-        return make_freqhash(rows, dim, params, name, seed, torch.as_tensor(counts, dtype=torch.float64))[0]
+        weights = None if counts is None else torch.as_tensor(counts, dtype=torch.float64)
+        return make_freqhash(rows, dim, params, name, seed, weights)[0]
     return fresh
 
 

@@ -14,12 +14,11 @@ if TYPE_CHECKING:
     import torch
 
     from recompress.checkpoint import Checkpoint
+    from recompress.tables import FactorizedTable
 
-    from .tables import FactorizedTable
-
-torch = lazy("torch")  # noqa: F811
-linalg = lazy("recompress.compress.linalg")
-tables = lazy("recompress.compress.tables")
+torch = lazy("torch")
+linalg = lazy("recompress.linalg")
+tables = lazy("recompress.tables")
 
 
 def factorize(weight: torch.Tensor, rank: int) -> tuple[FactorizedTable, float]:

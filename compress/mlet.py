@@ -3,13 +3,13 @@
 Without ``dim``: collapse tables still in two-layer form (``left @ right``) to plain tables; exact, no data.
 With ``dim`` d below the current width D, post-training MLET:
 
-1. Q = the top-d principal directions (D x d) of every vector entering the dot interaction (bottom
-   MLP output and pooled embeddings) on a training sample, so pairwise dots survive the cut.
+1. The model family cuts its width to d along a basis Q (D x d) it chooses (DLRM: the top principal
+   directions of the vectors entering the dot interaction, so pairwise dots survive the cut).
 2. Selected tables become two-layer: ``left`` = the trained table rotated into a basis whose first d
    columns are Q (width ``hidden`` k >= d; k > D adds fresh columns), ``right`` = [I_d; 0], so the
-   product starts at exactly W Q. Other tables become W Q. The bottom MLP gets a projection Q^T and
-   the top MLP's columns that read the bottom vector are multiplied by Q.
-3. Fine-tune everything with the shared training loop, then collapse to n x d tables.
+   product starts at exactly W Q.
+3. Fine-tune everything with the family's loss in the shared training loop (keeping the best validation
+   checkpoint), then collapse to n x d tables.
 """
 
 from __future__ import annotations
@@ -19,33 +19,20 @@ from typing import TYPE_CHECKING, Any
 from recompress.errors import UserError
 from recompress.lazy import lazy
 
+from .posttrain import val_metrics
 from .registry import Context, Method, Param, register
 
 if TYPE_CHECKING:
     import torch
 
     from recompress.checkpoint import Checkpoint
-    from recompress.models.dlrm import DLRM
+    from recompress.tables import FactorizedTable
 
-    from .tables import FactorizedTable
-
-torch = lazy("torch")  # noqa: F811
-linalg = lazy("recompress.compress.linalg")
-tables = lazy("recompress.compress.tables")
+torch = lazy("torch")
+linalg = lazy("recompress.linalg")
+tables = lazy("recompress.tables")
 training = lazy("recompress.training")
-metrics = lazy("recompress.metrics")
-dlrm = lazy("recompress.models.dlrm")
-
-SAMPLE_ROWS = 20_000
-
-
-def interaction_basis(model: DLRM, ctx: Context, d: int) -> tuple[torch.Tensor, float]:
-    """Q [D, d] spanning most of the energy of the interaction inputs on a training sample."""
-    b = ctx.data.sample("train", SAMPLE_ROWS, seed=ctx.train.seed)
-    with torch.no_grad():
-        vecs = torch.cat([model.embed_dense(b.dense), model.pooled(b.sparse).flatten(0, 1)]).double()
-    q, vals = linalg.principal_basis(vecs.T @ vecs, d)
-    return q.float(), float(vals[:d].sum() / vals.sum())
+models = lazy("recompress.models")
 
 
 def two_layer_init(weight: torch.Tensor, q: torch.Tensor, hidden: int, gen: torch.Generator) -> FactorizedTable:
@@ -65,38 +52,9 @@ def two_layer_init(weight: torch.Tensor, q: torch.Tensor, hidden: int, gen: torc
     return tables.FactorizedTable(n, d, hidden, left, right)
 
 
-def reduce_width(ckpt: Checkpoint, d: int, hidden: int, ctx: Context) -> dict[str, Any]:
-    model: DLRM = ckpt.model
-    D = model.hparams["emb_dim"]
-    q, kept = interaction_basis(model, ctx, d)
-    selected = set(ctx.select.pick(ckpt))
-    gen = torch.Generator().manual_seed(ctx.train.seed)
-    new_tables = {}
-    for name, t in model.tables.items():
-        w = t.dense_weight()
-        new_tables[name] = two_layer_init(w, q, hidden, gen) if name in selected else tables.DenseTable(t.rows, d, w @ q)
-    hp = {**model.hparams, "emb_dim": d, "bottom_proj": True}
-    new = dlrm.DLRM(hp, new_tables)
-    with torch.no_grad():
-        new.bottom.load_state_dict(model.bottom.state_dict())
-        old_proj = model.bottom_proj.weight if model.bottom_proj is not None else torch.eye(D)
-        new.bottom_proj.weight.copy_(q.T @ old_proj)
-        old_top, new_top = model.top.state_dict(), new.top.state_dict()
-        for k in old_top:
-            new_top[k] = old_top[k]
-        w0 = old_top["0.weight"]
-        new_top["0.weight"] = torch.cat([w0[:, :D] @ q, w0[:, D:]], dim=1)
-        new.top.load_state_dict(new_top)
-    ckpt.model = new
-    ckpt.spec.hparams = hp
-    return {"energy_kept": round(kept, 6), "two_layer_tables": sorted(selected)}
-
-
 def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     d, hidden = params["dim"], params["hidden"]
     model = ckpt.model
-    if not isinstance(model, dlrm.DLRM):
-        raise UserError(f"mlet supports dlrm models, not {ckpt.spec.family}", "use lowrank for this family")
     entry: dict[str, Any] = {"method": "mlet", "params": {"dim": d, "hidden": hidden}}
     if d is None:
         if hidden is not None:
@@ -108,7 +66,7 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
         entry["collapsed"] = done
         ckpt.spec.history.append(entry)
         return ckpt
-    D = model.hparams["emb_dim"]
+    D = next(iter(model.tables.values())).dim
     hidden = D if hidden is None else hidden
     entry["params"]["hidden"] = hidden
     if d < 1:
@@ -119,10 +77,12 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
     if hidden < d:
         raise UserError(f"--hidden {hidden} is smaller than --dim {d}",
                         "MLET's hidden layer must be at least as wide as the output (k >= d)")
-    entry["before"] = metrics.accuracy_metrics(*training.predict(model, ctx.data, "val")) if ctx.data.size("val") else None
-    entry.update(reduce_width(ckpt, d, hidden, ctx))
-    entry["projected"] = metrics.accuracy_metrics(*training.predict(ckpt.model, ctx.data, "val")) if ctx.data.size("val") else None
-    entry["finetune"] = training.fit(ckpt.model, ctx.data, ctx.train, desc=f"mlet d={d} fine-tune")
+    family = models.family_of(ckpt.spec)
+    entry["before"] = val_metrics(ckpt, ctx)
+    gen = torch.Generator().manual_seed(ctx.train.seed)
+    entry.update(family.reduce_width(ckpt, d, ctx, lambda w, q: two_layer_init(w, q, hidden, gen)))
+    entry["projected"] = val_metrics(ckpt, ctx)
+    entry["finetune"] = training.fit(ckpt.model, ctx.data, ctx.train, family, desc=f"mlet d={d} fine-tune")
     entry["collapsed"] = tables.collapse_factorized(ckpt.model.tables, list(ckpt.model.tables))
     ckpt.spec.history.append(entry)
     return ckpt
@@ -135,6 +95,6 @@ register(Method(
             Param("hidden", int, "MLET hidden width k >= dim (default: the current width)")),
     accepts=frozenset({"dense", "factorized"}),
     needs_data=lambda p: p.get("dim") is not None,
-    trains=lambda p: p.get("dim") is not None,
     apply=apply,
+    trains=lambda p: p.get("dim") is not None,
 ))

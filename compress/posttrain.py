@@ -10,23 +10,23 @@ if TYPE_CHECKING:
     import torch
 
     from recompress.checkpoint import Checkpoint
+    from recompress.tables import Table
 
     from .registry import Context
-    from .tables import Table
 
-torch = lazy("torch")  # noqa: F811
+torch = lazy("torch")
 training = lazy("recompress.training")
-metrics = lazy("recompress.metrics")
 
 CHUNK = 1 << 16
 
 
 def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None:
-    """Per-table training frequencies + 1 (so unseen ids still count a little), or None without data."""
+    """Per-table training frequencies + 1 (so unseen ids still count a little), or None without data; the
+    model's family says how often each id of each table occurs (for a sequential model, its item table)."""
     if ctx.data is None:
         return None
-    counts = ctx.data.id_counts("train")
-    return {name: torch.from_numpy(c + 1).double() for name, c in zip(ckpt.model.tables, counts)}
+    counts = training.family_of_model(ckpt.model).table_counts(ckpt.spec, ctx.data)
+    return {name: torch.from_numpy(c + 1).double() for name, c in counts.items()}
 
 
 def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor | None = None) -> float:
@@ -43,9 +43,8 @@ def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor 
 
 
 def val_metrics(ckpt: Checkpoint, ctx: Context) -> dict[str, Any] | None:
-    if ctx.data is None or not ctx.data.size("val"):
-        return None
-    return metrics.accuracy_metrics(*training.predict(ckpt.model, ctx.data, "val"))
+    """The family's validation metrics, or None without data."""
+    return None if ctx.data is None else training.validate(ckpt.model, ctx.data)
 
 
 def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[str, Any], before: Any) -> Checkpoint:

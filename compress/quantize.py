@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from recompress.errors import UserError
+from recompress.tables.rowformat import FORMATS
 
 from .posttrain import relative_error
 from .registry import ANY_KIND, Context, Method, Param, register
-from .rowformat import FORMATS
 
 if TYPE_CHECKING:
     from recompress.checkpoint import Checkpoint
-
-    from .tables import Table
+    from recompress.tables import Table
 
 ALIGN = Param("align", int, "quantized rows: pad each row to this many bytes (FBGEMM: 16 on GPU, 1 on CPU)", 1)
 

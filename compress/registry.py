@@ -12,26 +12,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from recompress.errors import UserError
+from recompress.params import Param
 from recompress.trainconfig import TrainConfig
 
 if TYPE_CHECKING:
     from recompress.checkpoint import Checkpoint
     from recompress.data.ctr import CTRDataset
-
-
-@dataclass(frozen=True)
-class Param:
-    """One typed method parameter (becomes ``--name`` on the CLI and ``name`` in recipes)."""
-
-    name: str
-    type: type
-    help: str
-    default: Any = None
-    choices: tuple[str, ...] = ()
-
-    @property
-    def flag(self) -> str:
-        return f"--{self.name.replace('_', '-')}"
 
 
 FINETUNE = Param("finetune", bool, "fine-tune the model on --data after compressing (budget: --epochs/--steps/--lr)", False)
@@ -51,17 +37,23 @@ def describe(name: str, params: dict[str, Any]) -> str:
 
 @dataclass
 class Selection:
-    """Which tables a method touches: named ones (all if none named) with at least ``min_rows`` rows."""
+    """Which tables a method touches: the named ones, or (none named) every table of a role the model's
+    family compresses (a DLRM's sparse features; a sequential model's item table, not its positions),
+    with at least ``min_rows`` rows."""
 
     names: tuple[str, ...] = ()
     min_rows: int = 0
 
     def pick(self, ckpt: Checkpoint) -> list[str]:
+        from recompress.models import family_of
         tables = ckpt.model.tables
         unknown = [n for n in self.names if n not in tables]
         if unknown:
             raise UserError(f"unknown table(s) {', '.join(unknown)}", f"tables are: {', '.join(tables)}")
-        return [n for n, t in tables.items() if (not self.names or n in self.names) and t.rows >= self.min_rows]
+        roles = {t.name: t.role for t in ckpt.spec.tables}
+        wanted = family_of(ckpt.spec).compressible
+        return [n for n, t in tables.items()
+                if (n in self.names if self.names else roles.get(n, "sparse_feature") in wanted) and t.rows >= self.min_rows]
 
 
 @dataclass
@@ -139,7 +131,7 @@ def get_method(name: str) -> Method:
         import difflib
         import re
         if re.fullmatch(r"(u?int|fp|bf)\d+", name):
-            from .rowformat import FORMATS
+            from recompress.tables.rowformat import FORMATS
             raise UserError(f"{name} is not a supported row-wise format", f"use one of {', '.join(FORMATS)}")
         close = difflib.get_close_matches(name, METHODS, n=1)
         raise UserError(f"unknown method {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
@@ -169,6 +161,25 @@ def parse_methods(text: str, params: dict[str, Any] | None = None) -> list[Step]
     return steps
 
 
+def fresh_tables(method: str, params: dict[str, Any], min_rows: int, seed: int) -> Callable[..., Any]:
+    """The table factory ``train_model`` calls to train tables in ``method``'s form from scratch: it builds
+    tables with at least ``min_rows`` rows of a compressible role; others (and those too small for a
+    ``--ratio``) stay dense."""
+    m = get_method(method)
+    if m.fresh is None:
+        raise UserError(f"{method} is a post-training method with no from-scratch form",
+                        f"train dense, then run 'recompress checkpoint --method {method}'")
+
+    def make(table: Any, counts: Any, compressible: tuple[str, ...]) -> Any:
+        if table.role not in compressible or table.rows < min_rows:
+            return None
+        try:
+            return m.fresh(table.name, table.rows, table.dim, params, seed, counts)
+        except NoSaving:
+            return None
+    return make
+
+
 def trains(steps: list[Step]) -> bool:
     """Whether a composition runs the training loop (and so gets extra training besides compression)."""
     return any(s.method.trains(s.own_params()) for s in steps)
@@ -195,4 +206,4 @@ def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
     return ckpt
 
 
-from . import finetune, hashing, lowrank, mlet, quantize, tt  # noqa: E402,F401  (each module registers its methods)
+from . import finetune, hashing, lowrank, mlet, quantize, tt  # noqa: F401  (each module registers its methods)

@@ -22,12 +22,11 @@ if TYPE_CHECKING:
     import torch
 
     from recompress.checkpoint import Checkpoint
+    from recompress.tables.tt import TTTable
 
-    from .tt_table import TTTable
-
-torch = lazy("torch")  # noqa: F811
-linalg = lazy("recompress.compress.linalg")
-tt_table = lazy("recompress.compress.tt_table")
+torch = lazy("torch")
+linalg = lazy("recompress.linalg")
+tt_table = lazy("recompress.tables.tt")
 progress = lazy("recompress.progress")
 
 GATHER_BYTES = 1 << 26  # bytes of table rows gathered per streaming chunk
@@ -190,7 +189,7 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
 
 
 def fresh(name: str, rows: int, dim: int, params: dict[str, Any], seed: int, counts: Any) -> TTTable:
-    row_shape, dim_shape, ranks, tol = plan(rows, dim, params)
+    row_shape, dim_shape, ranks, _ = plan(rows, dim, params)
     if ranks is None:
         raise UserError("--tol needs a trained table to measure error against", "train from scratch with --tt-rank or --ratio")
     return tt_table.TTTable(rows, dim, row_shape, dim_shape, ranks)

@@ -33,6 +33,7 @@ ROTATE = 16       # distinct input batches cycled through
 SETTLE_MS = 3.0   # untimed calls start each backend's turn until this long has passed (the previous
                   # backend's worker threads spin down meanwhile)
 PER_ROUND = 8     # timed calls per backend per round
+MIN_ROUNDS = 25   # at least this many rounds, so the bootstrap over rounds has something to resample
 NOISY = 1.3       # a ratio whose 95% interval spans more than this factor is too noisy to trust
 EXTEND = 4        # extend to this many times the requested rounds while some ratio is noisy ...
 MIN_SECONDS = 3.0  # ... or until this much time was spent on the batch size ...
@@ -43,13 +44,14 @@ def measure(predictors: list[Predictor], pool: Callable[[int], list[Inputs]], ba
             repeats: int, pairs: list[tuple[str, str]] = (), warmup: int = 20) -> dict[str, Any]:
     """``{"backends": {name: {batch: {p50_ms, p99_ms, mean_ms, calls}}}, "ratios": {"a/b": {batch: {...}}}}``.
 
-    ``repeats`` is the number of timed calls per backend and batch size (at least); ``pool(batch)`` gives
+    ``repeats`` is the number of timed calls per backend and batch size (at least; never fewer than
+    ``MIN_ROUNDS`` rounds of ``PER_ROUND`` calls); ``pool(batch)`` gives
     the rotating input batches; ``pairs`` are the (numerator, denominator) backends whose p50 ratios are
     wanted, each with ``lo``/``hi`` (95%) and ``noisy``.
     """
     names = [p.name for p in predictors]
     out: dict[str, Any] = {"backends": {n: {} for n in names}, "ratios": {f"{a}/{c}": {} for a, c in pairs}}
-    wanted = max(1, math.ceil(repeats / PER_ROUND))
+    wanted = max(MIN_ROUNDS, math.ceil(repeats / PER_ROUND))
     with progress("latency", len(batch_sizes) * wanted) as advance:
         for b in batch_sizes:
             inputs = pool(b)

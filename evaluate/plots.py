@@ -14,8 +14,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 TIE = 1e-4  # accuracy differences below this are ties (a 1e-6 better point is not a frontier point)
 OFFSETS = [(6, 6), (6, -12), (-6, 6), (-6, -12), (10, -3), (-10, -3), (0, 12), (0, -16),
@@ -42,11 +42,11 @@ def _bytes_label(x: float, _pos: float = 0) -> str:
     return str(x)
 
 
-def _overlaps(a, b) -> bool:  # noqa: ANN001  (matplotlib Bbox)
+def _overlaps(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
-def _place_labels(fig, ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> list:  # noqa: ANN001
+def _place_labels(fig, ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str]) -> list:
     """Each label at the first offset that overlaps nothing placed so far (else the least overlapping one);
     returns the labels' boxes."""
     renderer = fig.canvas.get_renderer()

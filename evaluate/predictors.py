@@ -1,18 +1,16 @@
 """One Predictor interface over torch eager and ONNX Runtime, so accuracy and latency are measured alike.
 
-A predictor takes the model's named inputs (numpy arrays, as the export's graph names them) and returns
-its scores.
+A predictor takes the model's named inputs (numpy arrays, named as the family's serving inputs) and
+returns its output; ``runtime`` groups predictors for the latency turns.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-from recompress.export.inputs import OUTPUT_NAME, Scorer
 from recompress.export.onnx import make_session
 
 Inputs = dict[str, np.ndarray]
@@ -20,17 +18,19 @@ Inputs = dict[str, np.ndarray]
 
 class Predictor(Protocol):
     name: str
+    runtime: str
 
     def __call__(self, inputs: Inputs) -> np.ndarray: ...
 
 
 class TorchPredictor:
-    """Eager PyTorch on the CPU with ``threads`` intra-op threads."""
+    """Eager PyTorch on the CPU with ``threads`` intra-op threads: the family's serving module."""
 
     runtime = "torch"
 
-    def __init__(self, model: torch.nn.Module, threads: int, name: str = "torch") -> None:
-        self.scorer = Scorer(model).eval()
+    def __init__(self, model: torch.nn.Module, threads: int, name: str = "torch", family: Any = None) -> None:
+        from recompress.training import family_of_model
+        self.scorer = (family or family_of_model(model)).scorer(model).eval()
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
@@ -46,7 +46,8 @@ class OrtPredictor:
 
     def __init__(self, path: Path, threads: int, name: str = "onnxruntime") -> None:
         self.session = make_session(path, threads)
+        self.output = self.session.get_outputs()[0].name
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], inputs)[0]
+        return self.session.run([self.output], inputs)[0]

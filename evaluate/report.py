@@ -8,6 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from recompress.errors import UserError
+from recompress.metrics import METRICS
 from recompress.stats import paired_from_records
 
 
@@ -39,13 +40,18 @@ def primary_accuracy(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def results_table(r: dict[str, Any]) -> Table:
-    t = Table(title=f"{r['artifact']['path']} on {r['data']['path']}"
-                    + (" [SYNTHETIC data]" if r["data"]["synthetic"] else ""))
+    d = r["data"]
+    t = Table(title=f"{r['artifact']['path']} on {d['path']}" + (" [SYNTHETIC data]" if d["synthetic"] else ""))
     t.add_column("metric")
     t.add_column("value", justify="right")
+    where = "test" if d.get("protocol") in (None, "pointwise") else \
+        f"test, {d['protocol']} ranking" + (f" vs {d['negatives']} negatives" if d.get("negatives") else "")
     for backend, a in r["accuracy"].items():
-        t.add_row(f"AUC ({backend}, test)", f"{a['auc']:.4f}")
-        t.add_row(f"logloss ({backend}, test)", f"{a['logloss']:.4f}")
+        for name, v in a.items():
+            if name in METRICS:
+                t.add_row(f"{name} ({backend}, {where})", f"{v:.4f}")
+    if r.get("export_vs_checkpoint"):
+        t.add_row(f"{r['primary']}, export - checkpoint (paired 95% CI)", fmt_delta(r["export_vs_checkpoint"]))
     b = r["bytes"]
     t.add_row("embedding bytes", fmt_bytes(b["embeddings"]))
     if b.get("embeddings_exported") not in (None, b["embeddings"]):
@@ -54,9 +60,9 @@ def results_table(r: dict[str, Any]) -> Table:
     t.add_row("file bytes", fmt_bytes(b["file"]))
     lk = (r.get("lookup") or {}).get("per_sample")
     if lk:
-        t.add_row("embedding bytes read / sample (GPU 32 B sectors)", f"{lk['bytes_read_gpu']:,.0f} B")
-        t.add_row("embedding bytes read / sample (CPU 64 B lines)", f"{lk['bytes_read_cpu']:,.0f} B")
-        t.add_row("lookup FLOPs / sample", f"{lk['flops']:,.0f}")
+        t.add_row("embedding bytes read / lookup (GPU 32 B sectors)", f"{lk['bytes_read_gpu']:,.0f} B")
+        t.add_row("embedding bytes read / lookup (CPU 64 B lines)", f"{lk['bytes_read_cpu']:,.0f} B")
+        t.add_row("lookup FLOPs / lookup", f"{lk['flops']:,.0f}")
     lat = r.get("latency")
     if lat:
         for backend, per in lat["backends"].items():
@@ -69,26 +75,31 @@ def results_table(r: dict[str, Any]) -> Table:
     return t
 
 
-def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
-    """Paired-bootstrap ΔAUC of two results files scored on the same test rows."""
-    for key in ("fingerprint", "rows"):
+def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None,
+                 metric: str | None = None) -> dict[str, Any]:
+    """Paired-bootstrap Δ of the primary metric (or ``metric``) of two results files on the same test rows."""
+    for key in ("fingerprint", "rows", "protocol", "negatives", "users"):
         if new["data"].get(key) != base["data"].get(key):
-            raise UserError(f"the baseline was evaluated on other data ({key} {base['data'].get(key)} vs "
-                            f"{new['data'].get(key)})", "compare results computed on the same dataset")
+            raise UserError(f"the baseline was evaluated on other rows ({key} {base['data'].get(key)} vs "
+                            f"{new['data'].get(key)})", "compare results computed on the same dataset and protocol")
     if not new.get("predictions") or not base.get("predictions"):
-        raise UserError("the baseline results file holds no predictions, so ΔAUC has no confidence interval",
+        raise UserError("the baseline results file holds no predictions, so the difference has no confidence interval",
                         "re-create it with this version of 'recompress evaluate --json'")
-    return paired_from_records(new["predictions"], base["predictions"], labels)
+    return paired_from_records(metric or new.get("primary", "auc"), new["predictions"], base["predictions"], labels)
 
 
-def compare_table(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray) -> Table:
-    """Deltas new - base: AUC with a paired 95% interval, logloss as a difference, bytes and latency as ratios."""
+def compare_table(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None) -> Table:
+    """Deltas new - base: the primary metric with a paired 95% interval, other metrics as differences, bytes
+    and latency as ratios."""
     t = Table(title="compared with baseline (new - baseline; 95% CI, paired on the same test rows)")
     for c in ("metric", "baseline", "new", "change"):
         t.add_column(c, justify="right" if c != "metric" else "left")
     a, b = primary_accuracy(new), primary_accuracy(base)
-    t.add_row("auc", f"{b['auc']:.4f}", f"{a['auc']:.4f}", fmt_delta(paired_delta(new, base, labels)))
-    t.add_row("logloss", f"{b['logloss']:.4f}", f"{a['logloss']:.4f}", f"{a['logloss'] - b['logloss']:+.4f}")
+    primary = new.get("primary", "auc")
+    for k in a:
+        if k in METRICS and k in b:
+            change = fmt_delta(paired_delta(new, base, labels, k)) if k == primary else f"{a[k] - b[k]:+.4f}"
+            t.add_row(k, f"{b[k]:.4f}", f"{a[k]:.4f}", change)
     for k in ("embeddings", "file"):
         x, y = new["bytes"][k], base["bytes"][k]
         t.add_row(f"{k} bytes", fmt_bytes(y), fmt_bytes(x), f"{x / y:.3f}x" if y else "-")

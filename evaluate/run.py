@@ -1,7 +1,12 @@
-"""``evaluate``: one checkpoint or export folder + a prepared dataset -> a results dict (JSON-ready)."""
+"""``evaluate``: one checkpoint or export folder + a prepared dataset -> a results dict (JSON-ready).
+
+Everything model-specific comes from the family: how the test split is laid out (and under which
+protocol), its metrics, its latency inputs. Accuracy is computed for every backend on the same rows.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -9,19 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from recompress.export.manifest import MANIFEST, read_manifest, versions
 
 from recompress.adapters import load_any
 from recompress.checkpoint import Checkpoint
-from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
-from recompress.export.manifest import MANIFEST, read_manifest, versions
-from recompress.metrics import accuracy_metrics
-from recompress.progress import progress
-from recompress.stats import predictions_record
-from recompress.training import check_compatible
+from recompress.evaluation import Scored, score
+from recompress.models import family_of
+from recompress.spec import ModelSpec
+from recompress.stats import paired_delta, predictions_record
 
 from .latency import ROTATE, measure
-from .predictors import Inputs, OrtPredictor, Predictor, TorchPredictor
+from .predictors import OrtPredictor, Predictor, TorchPredictor
+
 
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
@@ -31,32 +36,6 @@ def _dense_bytes(model: torch.nn.Module) -> int:
     table_keys = {f"tables.{k}" for k in model.tables}
     return sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
                if not any(k.startswith(p + ".") for p in table_keys))
-
-
-def test_batches(data: CTRDataset, batch: int = 4096):
-    dense, sparse, label = data.arrays("test")
-    for s in range(0, len(label), batch):
-        yield {"dense": np.array(dense[s:s + batch], np.float32),
-               "sparse": np.array(sparse[s:s + batch], np.int64)[..., None]}
-
-
-def predict_test(p: Predictor, data: CTRDataset, batch: int = 4096) -> np.ndarray:
-    n = data.size("test")
-    out = []
-    with progress(f"scoring test rows ({p.name})", n) as advance:
-        for inputs in test_batches(data, batch):
-            out.append(p(inputs))
-            advance(len(out[-1]))
-    return np.concatenate(out)
-
-
-def input_pool(data: CTRDataset, batch: int, seed: int = 0) -> list[Inputs]:
-    """``ROTATE`` batches of real test rows for latency measurements."""
-    dense, sparse, _ = data.arrays("test")
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(dense), size=(ROTATE, batch), replace=len(dense) < ROTATE * batch)
-    return [{"dense": np.array(dense[np.sort(i)], np.float32), "sparse": np.array(sparse[np.sort(i)], np.int64)[..., None]}
-            for i in idx]
 
 
 def source_checkpoint(folder: Path, manifest: dict[str, Any]) -> Path | None:
@@ -77,8 +56,9 @@ def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any]
     return {"per_sample": {k: round(sum(c[k] for c in costs.values()), 2) for k in keys}, "tables": costs}
 
 
-def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
-             repeats: int = 200, latency: bool = True) -> dict[str, Any]:
+def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
+             repeats: int = 200, latency: bool = True, protocol: str | None = None, negatives: int = 100,
+             users: int | None = None) -> dict[str, Any]:
     """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
     path = Path(path)
     predictors: list[Predictor] = []
@@ -92,49 +72,54 @@ def evaluate(path: str | Path, data: CTRDataset, *, batch_sizes: list[int] = (1,
         src = source_checkpoint(path, manifest)
         if src is not None:
             ckpt = load_any(src)
-        kind, spec_d = "onnx", manifest["model_spec"]
+        kind = "onnx"
+        spec = ModelSpec.from_json(json.dumps(manifest["model_spec"]), str(path / MANIFEST))
         table_bytes = manifest["table_bytes"]
         exported = manifest.get("exported_table_bytes")
         costs = manifest.get("lookup_cost")
-        dense_bytes = _dense_bytes(ckpt.model) if ckpt else None
     else:
         ckpt = load_any(path)
-        kind, spec_d = "checkpoint", None
+        kind, spec = "checkpoint", ckpt.spec
         table_bytes = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         exported = None
         costs = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
-        dense_bytes = _dense_bytes(ckpt.model)
+    family = family_of(spec)
+    family.check(spec, data)
     if ckpt is not None:
-        check_compatible(ckpt.model, data)
-        predictors.append(TorchPredictor(ckpt.model, threads))
-        spec_d = spec_d or {"family": ckpt.spec.family, "hparams": ckpt.spec.hparams, "history": ckpt.spec.history}
-    elif len(data.table_rows) != len(table_bytes):
-        raise UserError(f"the dataset has {len(data.table_rows)} sparse features, the model {len(table_bytes)}",
-                        "use the dataset the model was trained on")
-    else:
-        for t, rows in zip(spec_d["tables"], data.table_rows):
-            if rows > t["rows"]:
-                raise UserError(f"dataset ids for table {t['name']} go up to {rows - 1} but it has {t['rows']} rows "
-                                "(ids out of range)", "use the dataset the model was trained on")
-    labels = np.asarray(data.arrays("test")[2])
-    probs = {p.name: predict_test(p, data) for p in predictors}
+        predictors.append(TorchPredictor(ckpt.model, threads, family=family))
+    protocol = protocol or family.protocols[0]
+    scored: dict[str, Scored] = {p.name: score(family, p, spec.hparams, data, "test", protocol, negatives=negatives,
+                                              users=users, desc=f"scoring test ({p.name}, {protocol})")
+                                 for p in predictors}
+    first = scored[predictors[0].name]
     results: dict[str, Any] = {
         "artifact": {"path": str(path), "kind": kind},
-        "model": {"family": spec_d["family"], "emb_dim": spec_d["hparams"].get("emb_dim"),
-                  "methods": [h.get("method") for h in spec_d.get("history", [])]},
-        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": int(len(labels)),
+        "model": {"family": spec.family, "emb_dim": spec.hparams.get("emb_dim", spec.hparams.get("dim")),
+                  "methods": [h.get("method") for h in spec.history]},
+        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": int(len(first.values)),
+                 "protocol": protocol, "negatives": negatives if protocol == "sampled" else None, "users": users,
                  "synthetic": bool(data.meta.get("synthetic"))},
-        "accuracy": {name: accuracy_metrics(labels, p) for name, p in probs.items()},
-        "predictions": predictions_record(probs[predictors[0].name], predictors[0].name),
+        "primary": family.primary,
+        "accuracy": {name: s.metrics(family.metrics) for name, s in scored.items()},
+        "predictions": predictions_record(first.values, first.kind, predictors[0].name, first.truth),
+        "export_vs_checkpoint": (paired_delta(family.primary, first.truth, first.values, scored["torch"].values)
+                                 if len(scored) > 1 and "torch" in scored else None),
         "bytes": {"embeddings": int(sum(table_bytes.values())),
-                  "embeddings_exported": int(sum(exported.values())) if exported else None, "dense": dense_bytes,
+                  "embeddings_exported": int(sum(exported.values())) if exported else None,
+                  "dense": _dense_bytes(ckpt.model) if ckpt is not None else None,
                   "file": _folder_bytes(path), "tables": table_bytes},
         "lookup": _lookup_summary(costs),
         "environment": {**versions(), "machine": platform.machine(), "cpus": os.cpu_count()},
     }
     if latency:
         pairs = [("torch", p.name) for p in predictors if p.name != "torch"] if ckpt is not None else []
-        lat = measure(predictors, lambda b: input_pool(data, b), list(batch_sizes), repeats, pairs)
+        pool = lambda b: family.latency_inputs(spec.hparams, data, b, ROTATE)
+        lat = measure(predictors, pool, list(batch_sizes), repeats, pairs)
         results["latency"] = {"threads": threads, "repeats": repeats, "backends": lat["backends"],
                               "speedup_vs_torch": {k.split("/")[1]: v for k, v in lat["ratios"].items()}}
     return results
+
+
+def test_truth(results: dict[str, Any], data: Any) -> np.ndarray | None:
+    """The labels a ``scores`` record is paired on (ranks records carry their own truth)."""
+    return np.asarray(data.arrays("test")[2]) if results["predictions"]["kind"] == "scores" else None

@@ -1,9 +1,8 @@
 """The deployment graph: the same function as the trained model, re-expressed for inference runtimes.
 
-Measured on ONNX Runtime CPU (docs/benchmarks.md): a ReduceSum over a middle axis with a small inner
-size is ~13x slower than over the last axis, and Gather along axis 1 ~3x slower than along axis 0.
-ORT also rewrites a Transpose + reduction back into that slow form, and int64 comparisons are slow.
-So, when every table is a plain dense table of one width (the usual case, also after MLET collapses),
+Measured on ONNX Runtime CPU (``bench/ort_ops.py``): a ReduceSum over the bag axis of [B, T, L, d] is
+~20x slower than one MatMul with stacked identities, and a Gather on axis 1 ~6x slower than Transpose,
+Gather on axis 0, Transpose. So, when every table is a plain dense table of one width (the usual case, also after MLET collapses),
 all tables become one concatenated table looked up by a single Gather (as FBGEMM's batched tables do)
 with a zero row in front of each table, so a padding id (-1) plus the table's start lands on zeros with
 no comparison or mask; bags are summed by one 2-D GEMM ([B, T, L*d] @ [I_d; ...; I_d]); and the
@@ -22,10 +21,9 @@ import json
 import torch
 from torch import Tensor, nn
 
-from recompress.compress.hashed import PRIME, FreqHashTable, HashedTable, QRTable
-from recompress.compress.rowwise import QuantizedRows
-from recompress.compress.tables import DenseTable, Table
-from recompress.models.dlrm import DLRM
+from recompress.tables import DenseTable, Table
+from recompress.tables.hashed import PRIME, FreqHashTable, HashedTable, QRTable
+from recompress.tables.rowwise import QuantizedRows
 
 
 def bag_sum(rows: Tensor) -> Tensor:
@@ -209,27 +207,15 @@ def dequantize_then_gather(module: nn.Module) -> None:
             dequantize_then_gather(child)
 
 
-class InferenceDLRM(nn.Module):
-    """``(dense, sparse) -> probability`` for a trained DLRM, arranged for fast inference graphs.
-
-    ``quant_graph`` says how quantized rows are written: ``gather-dequant`` (default; the table stays
-    quantized in the runtime's memory) or ``dequant-gather`` (TensorRT's form). The model is not changed.
-    """
-
-    def __init__(self, model: DLRM, quant_graph: str = "gather-dequant") -> None:
-        super().__init__()
-        self.model = copy.deepcopy(model) if quant_graph == "dequant-gather" else model
-        self.lookup = FusedLookup(list(self.model.tables.values()))
-        if quant_graph == "dequant-gather":
-            dequantize_then_gather(self.lookup)
-        self.register_buffer("tri_index", model.tri_index.clone(), persistent=False)
-
-    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
-        m = self.model
-        x = m.embed_dense(dense)
-        feats = torch.cat([x.unsqueeze(1), self.lookup(sparse)], dim=1)
-        z = torch.bmm(feats, feats.transpose(1, 2)).flatten(1).t().index_select(0, self.tri_index).t()
-        parts = [x, z]
-        if m.pad:
-            parts.append(x.new_zeros(x.shape[0], m.pad))
-        return torch.sigmoid(m.top(torch.cat(parts, dim=1)).squeeze(-1))
+def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant") -> nn.Module:
+    """The serving module rearranged for inference runtimes, the trained model left as it is: every module
+    that offers a ``fused`` lookup slot (a model looking up several tables at once) gets one
+    :class:`FusedLookup` over its tables, and with ``dequant-gather`` quantized rows are written
+    DequantizeLinear-then-Gather."""
+    scorer = copy.deepcopy(scorer)
+    for m in scorer.modules():
+        if hasattr(m, "fused") and hasattr(m, "tables"):
+            m.fused = FusedLookup(list(m.tables.values()))
+    if quant_graph == "dequant-gather":
+        dequantize_then_gather(scorer)
+    return scorer

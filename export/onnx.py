@@ -1,10 +1,12 @@
-"""ONNX target: dynamic batch and bag size, lookups as Gather + ReduceSum, no Loop/Sequence ops."""
+"""ONNX target: the family's serving inputs with their dynamic axes, the deployment graph (fused lookups),
+no Loop/Sequence ops."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from .graph import InferenceDLRM
-from .inputs import INPUT_NAMES, OUTPUT_NAME
+from .graph import deploy
 
 NAME = "onnx"
 FILE = "model.onnx"
@@ -24,33 +25,50 @@ FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "Seque
 SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
 
 
-def build(ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
-    scorer = InferenceDLRM(ckpt.model, opts.get("quant_graph") or "gather-dequant").eval()
+def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
+    scorer = deploy(family.scorer(ckpt.model), opts.get("quant_graph") or "gather-dequant").eval()
     param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
-    batch, bag = torch.export.Dim("batch", min=1), torch.export.Dim("bag", min=1)
-    example = (inputs["dense"][:2], inputs["sparse"][:2])
+    names = list(family.inputs)
+    dims: dict[str, Any] = {}
+    shapes = tuple({axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in family.inputs[n].items()}
+                   for n in names)
+    example = tuple(inputs[n][:2] for n in names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(scorer, example, str(folder / FILE), input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch}, {0: batch, 2: bag}),
+        torch.onnx.export(scorer, example, str(folder / FILE), input_names=names,
+                          output_names=[family.output], dynamic_shapes=shapes,
                           opset_version=opts.get("opset", OPSET), dynamo=True, verbose=False,
                           external_data=param_bytes > SINGLE_FILE_LIMIT)
     model = onnx.load(str(folder / FILE), load_external_data=False)
     for node in model.graph.node:  # exporter debug metadata (stack traces): a third of a small file
         del node.metadata_props[:]
     onnx.save(model, str(folder / FILE))
+    if opts.get("dense", "fp32") == "int8":
+        model = quantize_dense(folder / FILE)
     graph = model.graph
     ops = sorted({n.op_type for n in graph.node})
     bad = FORBIDDEN_OPS.intersection(ops)
     if bad:
         raise RuntimeError(f"exported graph contains {sorted(bad)}, which TensorRT rejects")
-    return {"file": FILE, "opset": opts.get("opset", OPSET), "ops": ops,
+    return {"file": FILE, "opset": opts.get("opset", OPSET), "ops": ops, "dense": opts.get("dense", "fp32"),
             "inputs": [{"name": i.name, "dtype": onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower(),
                         "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
                        for i in graph.input],
             "outputs": [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
                         for o in graph.output]}
+
+
+def quantize_dense(path: Path) -> Any:
+    """Dense layers (MatMul/Gemm with constant weights) to int8 with ONNX Runtime's dynamic quantization:
+    int8 weights per tensor, activations quantized per batch at run time (u8 x s8, the VNNI path). The
+    embedding tables and the interaction are left alone; ``evaluate`` reports the accuracy this costs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process goes to the root logger
+    out = path.with_name("dense-int8.onnx")
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    os.replace(out, path)
+    return onnx.load(str(path), load_external_data=False)
 
 
 def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:
@@ -67,4 +85,4 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
 
 def run(folder: Path, manifest: dict[str, Any], inputs: dict[str, torch.Tensor]) -> np.ndarray:
     sess = make_session(folder / manifest["file"])
-    return sess.run([OUTPUT_NAME], {k: v.numpy() for k, v in inputs.items()})[0]
+    return sess.run([manifest["outputs"][0]["name"]], {k: v.numpy() for k, v in inputs.items()})[0]

@@ -1,10 +1,14 @@
-"""What every export target shares: atomic output folder, sample inputs, parity against torch, manifest."""
+"""What every export target shares: atomic output folder, sample inputs, parity against torch, manifest.
+
+Everything model-specific comes from the model's family: its serving module (the parity reference),
+its input names and dynamic axes, and the batches parity runs on.
+"""
 
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,17 +17,18 @@ import numpy as np
 import torch
 
 from recompress.checkpoint import Checkpoint
-from recompress.compress.rowwise import QuantizedRows
-from recompress.compress.tables import DenseTable
-from recompress.data.ctr import CTRDataset
 from recompress.errors import UserError
+from recompress.models import family_of
 from recompress.outputs import check_output, output_dir
 from recompress.progress import say
+from recompress.tables import DenseTable
+from recompress.tables.rowwise import QuantizedRows
 
-from .inputs import Scorer, multi_hot, sample_inputs
 from .manifest import MANIFEST, versions
 from .targets import load_target
+
 QUANT_GRAPHS = ("gather-dequant", "dequant-gather")
+DENSE_FORMS = {"fp32": (1e-5, 1e-4), "int8": (0.1, 0.0)}  # dense-layer form -> default parity (atol, rtol)
 
 
 def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpoint:
@@ -43,7 +48,7 @@ def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpo
     return Checkpoint(model, ckpt.spec, ckpt.path)
 
 
-def inputs_of(ckpt: Checkpoint, data: CTRDataset | None) -> list[Path]:
+def inputs_of(ckpt: Checkpoint, data: Any | None) -> list[Path]:
     """What an export reads (the checkpoint folder and the dataset), which it must never write over."""
     return [p for p in (ckpt.path, data.path if data is not None else None) if p is not None]
 
@@ -55,8 +60,9 @@ def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> d
             "atol": atol, "rtol": rtol, "passed": bool((diff <= allowed).all())}
 
 
-def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: CTRDataset | None = None,
-                      samples: int = 2048, atol: float = 1e-5, rtol: float = 1e-4, source_hash: str | None = None,
+def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: Any | None = None,
+                      samples: int = 2048, atol: float | None = None, rtol: float | None = None,
+                      source_hash: str | None = None,
                       overwrite: bool = False, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails.
 
@@ -64,20 +70,32 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
     two batches: real rows with one id per bag, and multi-id bags with -1 padding and empty bags.
     """
     mod = load_target(target)
+    family = family_of(ckpt.spec)
+    if not family.exportable:
+        raise UserError(f"{target} export of {family.name} models is not available yet (the sequential export "
+                        "with fused attention is separate work)", "evaluate the checkpoint itself: recompress "
+                                                                  "evaluate CKPT --data DIR")
+    if data is not None:
+        family.check(ckpt.spec, data)
     check_output(out, overwrite=overwrite, inputs=inputs_of(ckpt, data))
     opts = dict(opts or {})
+    opts["dense"] = opts.get("dense") or "fp32"
+    if opts["dense"] not in DENSE_FORMS:
+        raise UserError(f"unknown dense-layer form {opts['dense']!r}", f"choose from {', '.join(DENSE_FORMS)}")
+    atol = DENSE_FORMS[opts["dense"]][0] if atol is None else atol
+    rtol = DENSE_FORMS[opts["dense"]][1] if rtol is None else rtol
     stored = ckpt
     opts["quant_graph"] = opts.get("quant_graph") or QUANT_GRAPHS[0]
     ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
-    single = sample_inputs(stored.model, samples, data)
-    batches = {"one id per bag": single, "multi-id bags with padding": multi_hot(single)}
-    reference = Scorer(stored.model).eval()
+    batches = family.parity_batches(stored.model, samples, data)
+    single = next(iter(batches.values()))
+    reference = family.scorer(stored.model).eval()
     with torch.no_grad():
         expected = {k: reference(**b).numpy() for k, b in batches.items()}
     with output_dir(out, kind="export", overwrite=overwrite, inputs=inputs_of(stored, data)) as tmp:
         t0 = time.perf_counter()
         say(f"exporting to {target} ...")
-        manifest: dict[str, Any] = {"target": target, **mod.build(ckpt, tmp, single, opts)}
+        manifest: dict[str, Any] = {"target": target, "family": family.name, **mod.build(family, ckpt, tmp, single, opts)}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         checks = {k: parity(expected[k], mod.run(tmp, manifest, b), atol, rtol) for k, b in batches.items()}
         worst = max(checks.values(), key=lambda c: c["max_abs_diff"])
@@ -100,7 +118,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: C
         manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         manifest["options"] = {"materialize": bool(opts.get("materialize")),
-                               "quant_graph": opts["quant_graph"]}
+                               "quant_graph": opts["quant_graph"], "dense": opts["dense"]}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -15,9 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .outputs import output_dir
 from .errors import UserError
 from .models import build_model
+from .outputs import output_dir
 from .spec import ModelSpec
 
 SPEC_FILE = "spec.json"

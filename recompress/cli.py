@@ -109,6 +109,21 @@ def method_options(fresh_only: bool = False) -> Any:
     return deco
 
 
+def family_options(f: Any) -> Any:
+    """One --option per family hyper-parameter (declared in recompress/families.py); None = the family's default."""
+    from .families import all_hparams
+    for name, owners in reversed(list(all_hparams().items())):
+        p = owners[0][1]
+        defaults = ", ".join(f"{fam} {q.default}" for fam, q in owners)
+        text = f"{p.help} (default: {defaults})"
+        if p.type is bool:
+            f = click.option(f"{p.flag}/--no-{p.flag[2:]}", p.name, default=None, help=text)(f)
+        else:
+            kind = click.Choice(p.choices) if p.choices else p.type
+            f = click.option(p.flag, p.name, type=kind, default=None, help=text)(f)
+    return f
+
+
 def train_config(kw: dict[str, Any]) -> Any:
     from .trainconfig import TrainConfig
     return TrainConfig(epochs=kw.pop("epochs"), steps=kw.pop("steps"), lr=kw.pop("lr"),
@@ -186,12 +201,48 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
     make_synthetic(out, table_rows=list(ints(tables, "--tables")), **kw)
 
 
+@data.command("sequences")
+@click.argument("source", type=click.Path(dir_okay=False))
+@out_option("dataset folder")
+@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens"]), default=None,
+              help="lines: 'u i1 i2 ...'; pairs: 'u i' per line in time order; recbole: an atomic .inter file; "
+                   "movielens: ratings.csv (default: detected from the first lines)")
+@click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
+@click.option("--min-items", default=3, show_default=True, help="drop users with fewer interactions (3 is what "
+              "leave-one-out needs)")
+@OVERWRITE
+def data_sequences(source: str, out: str, fmt: str | None, **kw: Any) -> None:
+    """Read item sequences (one per user) into a leave-one-out dataset: the last item is the test target,
+    the second to last the validation target."""
+    from .data.sequences import prepare_sequences
+    prepare_sequences(source, out, fmt=fmt, **kw)
+
+
+@data.command("synthetic-sequences")
+@out_option("dataset folder")
+@click.option("--users", default=5000, show_default=True, help="users to generate")
+@click.option("--items", default=2000, show_default=True, help="items")
+@click.option("--mean-len", default=20, show_default=True, help="mean sequence length")
+@click.option("--clusters", default=40, show_default=True, help="item clusters whose cycles users follow")
+@click.option("--seed", default=0, show_default=True, help="generator seed")
+@OVERWRITE
+def data_synthetic_sequences(out: str, **kw: Any) -> None:
+    """Generate SYNTHETIC item sequences with a planted, learnable next-item structure (and timestamps)."""
+    from .data.synthetic_sequences import make_synthetic_sequences
+    make_synthetic_sequences(out, **kw)
+
+
+def _model_choices() -> list[str]:
+    from .families import FAMILIES
+    return list(FAMILIES)
+
+
 @main.command()
 @click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset folder")
 @out_option("checkpoint folder")
-@click.option("--dim", default=16, show_default=True, help="embedding width d")
-@click.option("--bottom", default="64", show_default=True, help="bottom MLP hidden sizes (d is appended)")
-@click.option("--top", default="64", show_default=True, help="top MLP hidden sizes (1 is appended)")
+@click.option("--model", "family_name", type=click.Choice(_model_choices()), default="dlrm", show_default=True,
+              help="model family (sasrec, hstu and ranker train on sequence datasets)")
+@family_options
 @click.option("--mlet-hidden", type=int, default=None, help="train tables as MLET (rows x k)(k x d), k >= d")
 @click.option("--mlet-min-rows", default=0, show_default=True, help="only tables with at least this many rows")
 @click.option("--keep-two-layer", is_flag=True, help="save MLET tables uncollapsed")
@@ -200,21 +251,40 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @click.option("--min-rows", "method_min_rows", default=0, show_default=True, help="--method only for tables with this many rows")
 @train_options(keep_best=False)
 @OVERWRITE
-def train(data_path: str, out: str, dim: int, bottom: str, top: str, overwrite: bool, mlet_hidden: int | None,
-          mlet_min_rows: int, keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
-    """Train a DLRM from scratch and write a native checkpoint."""
+def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidden: int | None, mlet_min_rows: int,
+          keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
+    """Train a model from scratch and write a native checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[data_path])
+    from .families import all_hparams
+    hparams = {k: kw.pop(k) for k in list(kw) if k in all_hparams()}
+    cfg = train_config(kw)
+    cfg.validate()
     from .checkpoint import save_checkpoint
     from .data import open_dataset
-    from .training import train_dlrm
-    cfg = train_config(kw)
-    ckpt = train_dlrm(open_dataset(data_path), cfg, dim=dim, bottom=ints(bottom, "--bottom"), top=ints(top, "--top"),
-                      mlet_hidden=mlet_hidden, mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer,
-                      method=method, method_params=kw, method_min_rows=method_min_rows)
+    from .families import get_family
+    from .training import train_model
+    family = get_family(family_name)
+    given = {k for k, v in hparams.items() if v is not None}
+    foreign = sorted(given - {p.name for p in family.info.hparams})
+    if foreign:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} does not apply to {family_name}",
+                        f"{family_name} takes {', '.join(p.flag for p in family.info.hparams)}")
+    if method is not None and mlet_hidden is not None:
+        raise UserError("--mlet-hidden and --method cannot be combined in one training run",
+                        "train with one, then compress with 'recompress checkpoint'")
+    make_table, history = None, []
+    if method is not None:
+        from .compress.registry import fresh_tables
+        params = {k: v for k, v in kw.items() if v is not None}
+        make_table = fresh_tables(method, params, method_min_rows, cfg.seed)
+        history = [{"method": method, "params": params, "min_rows": method_min_rows, "from_scratch": True}]
+    ckpt = train_model(family, open_dataset(data_path), cfg, hparams, make_table=make_table, mlet_hidden=mlet_hidden,
+                       mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer, history=history)
     save_checkpoint(ckpt, out, overwrite=overwrite, inputs=[data_path])
     val = ckpt.spec.metrics["train"].get("val")
-    click.echo(f"wrote {out}" + (f"  (val AUC {val['auc']:.4f}, logloss {val['logloss']:.4f})" if val else ""))
+    shown = ", ".join(f"{m} {val[m]:.4f}" for m in family.metrics[:2]) if val else ""
+    click.echo(f"wrote {out}" + (f"  (validation {shown})" if val else ""))
 
 
 @main.command()
@@ -246,8 +316,8 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     if ctx.data is not None:
-        from .training import check_compatible
-        check_compatible(ckpt.model, ctx.data)
+        from .models import family_of
+        family_of(ckpt.spec).check(ckpt.spec, ctx.data)
     done = len(ckpt.spec.history)
     ckpt = compress(ckpt, steps, ctx)
     ckpt.spec.provenance.setdefault("compressed_from", str(source))
@@ -269,15 +339,18 @@ def _targets() -> list[str]:
 @out_option("export folder")
 @click.option("--data", "data_path", type=click.Path(), default=None, help="dataset whose test rows drive the parity check")
 @click.option("--samples", default=2048, show_default=True, help="parity samples")
-@click.option("--atol", default=1e-5, show_default=True, help="parity tolerance (absolute)")
-@click.option("--rtol", default=1e-4, show_default=True, help="parity tolerance (relative)")
+@click.option("--atol", type=float, default=None, help="parity tolerance, absolute (default 1e-5; 0.1 with --dense int8, whose cost evaluate reports)")
+@click.option("--rtol", type=float, default=None, help="parity tolerance, relative (default 1e-4; 0 with --dense int8)")
 @click.option("--materialize", is_flag=True, help="export every compressed table as a plain dense table")
 @click.option("--quant-graph", type=click.Choice(["gather-dequant", "dequant-gather"]), default="gather-dequant",
               show_default=True, help="quantized rows: gather then scale (small runtime memory), or "
                                       "DequantizeLinear then gather (the form TensorRT takes)")
+@click.option("--dense", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="dense layers in float, or int8 by ONNX Runtime's dynamic quantization (faster on CPUs with "
+                   "VNNI; 'evaluate' reports the accuracy it costs)")
 @OVERWRITE
 def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
-           overwrite: bool, **kw: Any) -> None:
+           dense: str, overwrite: bool, **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
@@ -289,7 +362,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
-                          opts={"materialize": materialize, "quant_graph": quant_graph}, **kw)
+                          opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense}, **kw)
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
                f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
 
@@ -302,11 +375,17 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @click.option("--repeats", default=200, show_default=True, help="timed rounds per batch size (every backend once "
               "per round; up to 4x more while the machine is noisy)")
 @click.option("--no-latency", is_flag=True, help="accuracy and bytes only")
+@click.option("--protocol", type=click.Choice(["full", "sampled", "pointwise"]), default=None,
+              help="sequential models: rank the next item among all items (full) or among --negatives sampled ones "
+                   "(default: the family's; sasrec/hstu full, ranker sampled)")
+@click.option("--negatives", default=100, show_default=True, help="sampled protocol: negatives per test user")
+@click.option("--users", type=int, default=None, help="sequential models: evaluate a fixed random sample of this "
+              "many test users (default: all)")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="write results JSON here")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
               help="results JSON of the baseline to compare with (this run is 'new')")
 def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
-             json_out: str | None, compare: str | None) -> None:
+             protocol: str | None, negatives: int, users: int | None, json_out: str | None, compare: str | None) -> None:
     """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
     from .outputs import check_output
     if json_out:
@@ -325,12 +404,14 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
     from .evaluate import evaluate as run_eval
     from .evaluate.report import compare_table, results_table
     data = open_dataset(data_path)
+    if negatives < 1 or (users is not None and users < 1):
+        raise UserError("--negatives and --users must be >= 1", "fix the option")
+    from .evaluate.run import test_truth
     r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
-                 latency=not no_latency)
+                 latency=not no_latency, protocol=protocol, negatives=negatives, users=users)
     echo_table(results_table(r))
     if base is not None:
-        import numpy as np
-        echo_table(compare_table(r, base, np.asarray(data.arrays("test")[2])))
+        echo_table(compare_table(r, base, test_truth(r, data)))
     if json_out:
         from .outputs import write_json
         write_json(r, json_out, "results", inputs=[source, data_path, compare])
@@ -347,9 +428,11 @@ def inspect(source: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     from .evaluate.report import fmt_bytes
-    click.echo(f"{source}: {info['format']}  family={info['family']}  emb_dim={info['hparams'].get('emb_dim')}")
+    hp = ", ".join(f"{k}={v}" for k, v in info["hparams"].items() if not isinstance(v, (list, dict)))
+    click.echo(f"{source}: {info['format']}  family={info['family']}  ({hp})")
     for t in info["tables"]:
-        click.echo(f"  {t['name']:<12} {t['kind']:<11} {t['rows']:>10,} x {t['dim']:<4} {fmt_bytes(t['bytes']):>12}")
+        click.echo(f"  {t['name']:<12} {t.get('role', ''):<15} {t['kind']:<11} {t['rows']:>10,} x {t['dim']:<4} "
+                   f"{fmt_bytes(t['bytes']):>12}")
     click.echo(f"  embeddings {fmt_bytes(info['embedding_bytes'])}; history: "
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
 
@@ -363,15 +446,16 @@ def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sets: tup
                     sweep: tuple[str, ...] = (), extra_inputs: tuple[str | None, ...] = ()
                     ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     from .outputs import run_folder
-    from .pipeline import parse_sweep, run_pipeline
+    from .pipeline import parse_sweep, run_recipe
     from .recipe import load_recipe
     from .sweep_report import write_reports
     r = load_recipe(recipe_arg, sets)
     extra = [v for s in sweep for v in parse_sweep(s)]
     folder = Path(out or f"runs/{r['name']}")
-    inputs = [recipe_arg if Path(recipe_arg).exists() else None, r["data"].get("path"), *extra_inputs]
+    parts = r.get("parts", [r])
+    inputs = [recipe_arg if Path(recipe_arg).exists() else None, *[p["data"].get("path") for p in parts], *extra_inputs]
     with run_folder(folder, overwrite=overwrite, inputs=inputs) as work:
-        summary = run_pipeline(r, work, extra)
+        summary = run_recipe(r, work, extra)
         files = write_reports(summary, work)
     cached = sum(s["cached"] for s in summary["steps"])
     click.echo(f"{len(summary['rows'])} results ({cached} of {len(summary['steps'])} steps reused from cache) -> "
@@ -380,7 +464,8 @@ def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sets: tup
 
 
 def _recipe_help(f: Any) -> Any:
-    f.__doc__ = (f.__doc__ or "") + f"\n\nShipped recipes: {_shipped()}."
+    import inspect as pyinspect
+    f.__doc__ = pyinspect.cleandoc(f.__doc__ or "") + f"\n\nShipped recipes: {_shipped()}."
     return f
 
 
@@ -434,18 +519,20 @@ def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool,
     if save_baseline:
         check_output(save_baseline, kind="file", inputs=[baseline])
     from .recipe import load_recipe
-    g = load_recipe(recipe, sets).get("gate", {})
+    g = load_recipe(recipe, sets).get("gate", {})  # a recipe with parts gates with its own [gate] table
     tol = Tolerances.resolve({"metric_drop": max_metric_drop, "bytes_growth": max_bytes_growth,
                               "latency_growth": max_latency_growth}, g)
-    summary, folder, r = _run_and_report(recipe, out, overwrite, sets, sweep, (baseline, save_baseline))
+    summary, folder, _ = _run_and_report(recipe, out, overwrite, sets, sweep, (baseline, save_baseline))
     if save_baseline:
         write_json(summary, save_baseline, "summary", inputs=[baseline])
     if base is None:
         return
-    import numpy as np
-
     from .data import open_dataset
-    labels = np.asarray(open_dataset(folder / summary["data"]).arrays("test")[2])
+    from .gate import studies
+    labels = {}
+    for name, s in studies(summary).items():
+        ds = open_dataset(folder / s["data"])
+        labels[name] = ds.arrays("test")[2] if ds.kind == "ctr" else None
     checks = compare(summary, base, tol, labels)
     echo_table(diff_table(checks))
     bad = [c for c in checks if not c["ok"]]

@@ -10,7 +10,7 @@ Every check ends in one of four states, and only ``ok`` passes:
   only if its whole interval is above it, so noise can neither pass nor fail a check by luck; how wide
   the interval may be is not fixed, but a ratio wider than ``evaluate.latency.NOISY`` is flagged.
 
-The primary metric (AUC for CTR models) may drop by at most ``metric_drop``; the difference is also given
+The family's primary metric (AUC for CTR models, NDCG@10 for sequential ones) may drop by at most ``metric_drop``; the difference is also given
 with a paired-bootstrap interval when both summaries hold predictions for the same test rows. Stored
 embedding bytes may grow by at most ``bytes_growth`` (a ratio). Latency is compared as the variant's p50
 divided by the reference variant's p50 *in the same run*, so machine speed cancels; that ratio may grow
@@ -53,7 +53,7 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         s = json.loads(p.read_text())
-        s["rows"][0]["metrics"]
+        s["rows"][0]["metrics"], s["rows"][0]["primary"]
     except FileNotFoundError:
         raise UserError(f"baseline {p} does not exist", "write one with 'recompress bench ... --save-baseline FILE'") from None
     except (json.JSONDecodeError, KeyError, IndexError, TypeError):
@@ -68,28 +68,36 @@ def _check(variant: str, target: str, metric: str, base: Any, new: Any, limit: s
             "state": state, "ok": state == "ok", "note": note}
 
 
+def studies(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's studies by name (a one-recipe run is its own single study)."""
+    return {s.get("study"): s for s in summary.get("studies", [summary])}
+
+
 def compare(new: dict[str, Any], base: dict[str, Any], tol: Tolerances,
-            labels: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """One check per (variant, target, measurement) of the baseline."""
+            labels: dict[str, np.ndarray | None] | None = None) -> list[dict[str, Any]]:
+    """One check per (study, variant, target, measurement) of the baseline; ``labels`` by study, for the
+    paired interval of click models' AUC (ranking records carry their own truth)."""
     from .stats import paired_from_records
-    primary = base.get("primary", "auc")
     checks = []
-    index = {(r["variant"], r["target"]): r for r in new["rows"]}
-    same_rows = labels is not None and new.get("fingerprint") == base.get("fingerprint")
+    index = {(r.get("study"), r["variant"], r["target"]): r for r in new["rows"]}
+    new_studies, base_studies = studies(new), studies(base)
     for b in base["rows"]:
-        v, t = b["variant"], b["target"]
-        n = index.get((v, t))
+        study, t = b.get("study"), b["target"]
+        v = b["variant"] if len(base_studies) == 1 else f"{study}: {b['variant']}"
+        n = index.get((study, b["variant"], t))
         if n is None:
             checks.append(_check(v, t, "present", "yes", "missing", "present", "missing"))
             continue
+        primary = b.get("primary", "auc")
         got = (n.get("metrics") or {}).get(primary)
         want = b["metrics"][primary]
         if got is None:
             checks.append(_check(v, t, primary, want, None, "measured", "missing"))
         else:
             note = ""
-            if same_rows and n.get("predictions") and b.get("predictions"):
-                d = paired_from_records(n["predictions"], b["predictions"], labels)
+            same = study in new_studies and new_studies[study].get("fingerprint") == base_studies[study].get("fingerprint")
+            if same and labels is not None and n.get("predictions") and b.get("predictions"):
+                d = paired_from_records(primary, n["predictions"], b["predictions"], labels.get(study))
                 note = f"Δ {d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" + ("" if d["significant"] else " (within noise)")
             floor = want - tol.metric_drop
             checks.append(_check(v, t, primary, want, got, f">= {floor:.4f}", "ok" if got >= floor else "regression", note))
@@ -123,7 +131,7 @@ def diff_table(checks: list[dict[str, Any]]) -> Any:
     t = Table(title="regression gate (vs baseline)")
     for c in ("variant", "target", "metric", "baseline", "new", "limit", "result", "note"):
         t.add_column(c, justify="left" if c in ("variant", "target", "metric", "note") else "right")
-    fmt = lambda x: "-" if x is None else f"{x:,.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)  # noqa: E731
+    fmt = lambda x: "-" if x is None else f"{x:,.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
     style = {"ok": "ok", "regression": "[bold red]REGRESSION[/bold red]", "missing": "[bold red]MISSING[/bold red]",
              "unchecked": "[bold yellow]UNCHECKED[/bold yellow]"}
     for c in checks:

@@ -21,7 +21,8 @@ def describe(source: str | Path) -> dict[str, Any]:
                 "files": m["files"], "parity": m["parity"], "source": m["source"]}
     fmt = detect_format(path)
     ckpt = load_any(path)
-    tables = [{"name": n, "kind": t.form, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes(),
+    roles = {t.name: t.role for t in ckpt.spec.tables}
+    tables = [{"name": n, "role": roles.get(n), "kind": t.form, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes(),
                "params": t.config(), "lookup_cost": t.lookup_cost()}
               for n, t in ckpt.model.tables.items()]
     return {"format": fmt, "family": ckpt.spec.family, "hparams": ckpt.spec.hparams, "tables": tables,

@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 
-class lazy:  # noqa: N801  (reads like the import it replaces)
+class lazy:
     """A module imported on first attribute access."""
 
     def __init__(self, name: str) -> None:

@@ -31,8 +31,8 @@ from .progress import say
 from .recipe import TRAIN_KEYS
 
 REFERENCE = "baseline"
-PRIMARY = "auc"
-EXPORT_KEYS = ("materialize", "quant_graph")
+TORCH = "torch"  # the target of a run that evaluates checkpoints as they are (no export)
+EXPORT_KEYS = ("materialize", "quant_graph", "dense")
 CODE_PACKAGES = ("recompress", "recompress.compress", "recompress.export", "recompress.evaluate")
 LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "safetensors")
 
@@ -134,9 +134,11 @@ class Pipeline:
     """The cached steps of one run folder."""
 
     def __init__(self, recipe: dict[str, Any], out: Path) -> None:
+        from .families import get_family
         self.recipe, self.out = recipe, out
         self.cache = out / "cache"
         self.log: list[dict[str, Any]] = []
+        self.family = get_family(recipe["train"].get("model", "dlrm"))
 
     def _step(self, kind: str, k: str, label: str) -> tuple[Path, bool]:
         self.cache.mkdir(exist_ok=True)
@@ -161,33 +163,46 @@ class Pipeline:
                 if "tables" in d:
                     d["table_rows"] = d.pop("tables")
                 make_synthetic(path, **d)
-            else:
+            elif kind == "criteo":
                 from .data.criteo import prepare_criteo
                 prepare_criteo(d.pop("path"), str(path), **d)
+            elif kind == "sequences":
+                from .data.sequences import prepare_sequences
+                prepare_sequences(d.pop("path"), path, fmt=d.pop("format", None), **d)
+            else:
+                from .data.synthetic_sequences import make_synthetic_sequences
+                make_synthetic_sequences(path, **d)
         return open_dataset(path), k
 
     def checkpoint(self, v: Variant, data: Any, data_key: str, base_key: str | None) -> tuple[Path, str]:
         from .adapters import load_any
         from .checkpoint import save_checkpoint
-        from .compress.registry import Context, Selection, compress, parse_methods
-        from .training import TrainConfig, train_dlrm
+        from .compress.registry import (
+            Context,
+            Selection,
+            compress,
+            fresh_tables,
+            parse_methods,
+        )
+        from .training import TrainConfig, train_model
         t = self.recipe["train"]
         base_cfg = TrainConfig(**{k: t[k] for k in TRAIN_KEYS if k in t})
-        arch = {k: t.get(k) for k in ("dim", "bottom", "top", "mlet_hidden", "mlet_min_rows")}
+        hparams = {p.name: t[p.name] for p in self.family.info.hparams if p.name in t}
         scratch = v.method is None or v.from_scratch
         k = key("ckpt", data=data_key, train=t, variant=v.describe()) if scratch else \
             key("ckpt", base=base_key, variant=v.describe())
         path, done = self._step("ckpt", k, v.name)
         if done:
             return path, k
-        arch_kw = dict(dim=arch["dim"] or 16, bottom=tuple(arch["bottom"] or [64]), top=tuple(arch["top"] or [64]))
         if v.method is None:
-            ckpt = train_dlrm(data, base_cfg, **arch_kw, mlet_hidden=arch["mlet_hidden"],
-                              mlet_min_rows=arch["mlet_min_rows"] or 0)
+            ckpt = train_model(self.family, data, base_cfg, hparams, mlet_hidden=t.get("mlet_hidden"),
+                               mlet_min_rows=t.get("mlet_min_rows", 0))
         elif v.from_scratch:
             first, *rest = v.method.split(",")
             cfg = TrainConfig(**{**base_cfg.__dict__, **v.train})
-            ckpt = train_dlrm(data, cfg, **arch_kw, method=first, method_params=v.params, method_min_rows=v.min_rows)
+            history = [{"method": first, "params": v.params, "min_rows": v.min_rows, "from_scratch": True}]
+            ckpt = train_model(self.family, data, cfg, hparams, history=history,
+                               make_table=fresh_tables(first, v.params, v.min_rows, cfg.seed))
             if rest:
                 ckpt = compress(ckpt, parse_methods(",".join(rest), v.params), Context(data, cfg))
         else:
@@ -202,37 +217,65 @@ class Pipeline:
         from .adapters import load_any
         from .checkpoint import checkpoint_hash
         from .export import export_checkpoint
+        if target == TORCH:
+            return ckpt_path, ckpt_key
         ex = self.recipe.get("export", {})
         opts = {**{k: ex[k] for k in EXPORT_KEYS if k in ex}, **v.export}
-        k = key("export", ckpt=ckpt_key, target=target, atol=ex.get("atol", 1e-5), rtol=ex.get("rtol", 1e-4), opts=opts)
+        k = key("export", ckpt=ckpt_key, target=target, atol=ex.get("atol"), rtol=ex.get("rtol"), opts=opts)
         path, done = self._step("export", k, f"{v.name} -> {target}")
         if not done:
             ckpt = load_any(ckpt_path)
             ckpt.path = ckpt_path.resolve()
             export_checkpoint(ckpt, target, path, data=data, source_hash=checkpoint_hash(ckpt_path),
-                              atol=ex.get("atol", 1e-5), rtol=ex.get("rtol", 1e-4), opts=opts)
+                              atol=ex.get("atol"), rtol=ex.get("rtol"), opts=opts)
         return path, k
 
-    def accuracy(self, v: Variant, export_path: Path, export_key: str, data: Any) -> dict[str, Any]:
+    def accuracy(self, v: Variant, artifact: Path, artifact_key: str, data: Any) -> dict[str, Any]:
         from .evaluate import evaluate
-        k = key("eval", export=export_key)
+        ev = {k: self.recipe.get("evaluate", {}).get(k) for k in EVAL_KEYS}
+        k = key("eval", artifact=artifact_key, **ev)
         path, done = self._step("eval", k, v.name)
         if not done:
             with output_file(path, owner=self.out) as tmp:
-                tmp.write_text(json.dumps(evaluate(export_path, data, latency=False), default=str))
+                r = evaluate(artifact, data, latency=False, **{k: x for k, x in ev.items() if x is not None})
+                tmp.write_text(json.dumps(r, default=str))
         return json.loads(path.read_text())
+
+    def targets(self) -> list[str]:
+        default = ["onnx"] if self.family.exportable else []
+        return self.recipe.get("export", {}).get("targets", default) or [TORCH]
+
+
+EVAL_KEYS = ("protocol", "negatives", "users")
+
+
+def run_recipe(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -> dict[str, Any]:
+    """A recipe's run summary; a recipe with ``parts`` runs each part as a study in ``out/<part name>``."""
+    if "parts" not in recipe:
+        return run_pipeline(recipe, out, extra)
+    names = [p["name"] for p in recipe["parts"]]
+    if len(set(names)) != len(names):
+        raise UserError(f"recipe {recipe['name']} has parts with the same name", "give each part a unique name")
+    studies = []
+    for part in recipe["parts"]:
+        sub = out / part["name"]
+        sub.mkdir(exist_ok=True)
+        studies.append(run_pipeline(part, sub, extra))
+    for s in studies:
+        s["data"] = str(Path(s["study"]) / s["data"]) if not Path(s["data"]).is_absolute() else s["data"]
+    return {"recipe": recipe["name"], "reference": REFERENCE, "studies": studies,
+            "rows": [r for s in studies for r in s["rows"]], "steps": [x for s in studies for x in s["steps"]],
+            "synthetic": all(s["synthetic"] for s in studies), "threads": studies[0]["threads"]}
 
 
 def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -> dict[str, Any]:
     """Every variant of ``recipe`` (plus ``extra`` and the same-budget controls) through every target;
     returns the run summary."""
-    import numpy as np
-
     from .adapters import load_any
-    from .evaluate.latency import measure
+    from .evaluate.latency import ROTATE, measure
     from .evaluate.predictors import OrtPredictor, TorchPredictor
     from .evaluate.report import paired_delta
-    from .evaluate.run import input_pool
+    from .evaluate.run import test_truth
 
     variants = with_controls([Variant(REFERENCE)] + [Variant.from_recipe(v) for v in recipe.get("variants", [])]
                              + list(extra))
@@ -241,57 +284,68 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
     if dup:
         raise UserError(f"variant name(s) {', '.join(sorted(dup))} appear more than once", "give each variant a unique name")
     pipe = Pipeline(recipe, out)
+    family = pipe.family
     data, data_key = pipe.data()
-    labels = np.asarray(data.arrays("test")[2])
     base_path, base_key = pipe.checkpoint(variants[0], data, data_key, None)
-    targets = recipe.get("export", {}).get("targets", ["onnx"])
+    targets = pipe.targets()
     rows: list[dict[str, Any]] = []
     evals: dict[tuple[str, str], dict[str, Any]] = {}
-    exports: list[tuple[dict[str, Any], Path, Path]] = []
+    artifacts: list[tuple[dict[str, Any], Path, Path]] = []
     for v in variants:
         ckpt_path, ckpt_key = (base_path, base_key) if v.method is None else pipe.checkpoint(v, data, data_key, base_key)
         for target in targets:
-            epath, ekey = pipe.export(v, ckpt_path, ckpt_key, target, data)
-            r = pipe.accuracy(v, epath, ekey, data)
+            path, akey = pipe.export(v, ckpt_path, ckpt_key, target, data)
+            r = pipe.accuracy(v, path, akey, data)
             evals[v.name, target] = r
-            rows.append(result_row(v, target, r))
-            exports.append((rows[-1], epath, ckpt_path))
+            rows.append(result_row(recipe["name"], v, target, r))
+            artifacts.append((rows[-1], path, ckpt_path))
+    truth = test_truth(evals[REFERENCE, targets[0]], data)
     for row in rows:
-        ref = evals[REFERENCE, row["target"]]
         mine = evals[row["variant"], row["target"]]
-        row["delta"] = None if row["variant"] == REFERENCE else paired_delta(mine, ref, labels)
-        row["delta_control"] = (paired_delta(mine, evals[row["control"], row["target"]], labels)
+        row["delta"] = (None if row["variant"] == REFERENCE else
+                        paired_delta(mine, evals[REFERENCE, row["target"]], truth))
+        row["delta_control"] = (paired_delta(mine, evals[row["control"], row["target"]], truth)
                                 if row["control"] else None)
     ev = recipe.get("evaluate", {})
     if ev.get("latency", True):
         threads, batches = ev.get("threads", 2), [int(b) for b in ev.get("batch_sizes", [1, 64, 512])]
-        preds, pairs = [], []
-        for row, epath, ckpt_path in exports:
+        preds: dict[str, Any] = {}
+        pairs = []
+        for row, path, ckpt_path in artifacts:
             tag = f"{row['variant']}|{row['target']}"
-            preds += [OrtPredictor(epath / "model.onnx", threads, tag),
-                      TorchPredictor(load_any(ckpt_path).model, threads, f"{row['variant']}|torch")]
-            pairs += [(tag, f"{REFERENCE}|{row['target']}"), (f"{row['variant']}|torch", tag)]
-        say(f"latency: {len(exports)} exports + torch x {len(batches)} batch sizes, interleaved, "
-            f"{ev.get('repeats', 100)} rounds each")
-        lat = measure(preds, lambda b: input_pool(data, b), batches, ev.get("repeats", 100), pairs)
+            torch_tag = f"{row['variant']}|{TORCH}"
+            if row["target"] != TORCH:
+                preds[tag] = OrtPredictor(path / "model.onnx", threads, tag)
+                pairs.append((torch_tag, tag))
+            if torch_tag not in preds:
+                preds[torch_tag] = TorchPredictor(load_any(ckpt_path).model, threads, torch_tag, family=family)
+            pairs.append((tag, f"{REFERENCE}|{row['target']}"))
+        say(f"latency: {len(preds)} backends x {len(batches)} batch sizes, in turns, {ev.get('repeats', 100)} calls each")
+        hp = load_any(base_path).spec.hparams
+        lat = measure(list(preds.values()), lambda b: family.latency_inputs(hp, data, b, ROTATE), batches, ev.get("repeats", 100),
+                      [p for p in pairs if p[0] != p[1]])
         for row in rows:
             tag = f"{row['variant']}|{row['target']}"
             row["p50_ms"] = {b: round(x["p50_ms"], 4) for b, x in lat["backends"][tag].items()}
-            row["latency_ratio"] = lat["ratios"][f"{tag}/{REFERENCE}|{row['target']}"]
-            row["speedup_vs_torch"] = lat["ratios"][f"{row['variant']}|torch/{tag}"]
+            ref = f"{tag}/{REFERENCE}|{row['target']}"
+            row["latency_ratio"] = lat["ratios"].get(ref) or {b: {"ratio": 1.0, "lo": 1.0, "hi": 1.0, "noisy": False}
+                                                              for b in row["p50_ms"]}
+            row["speedup_vs_torch"] = lat["ratios"].get(f"{row['variant']}|{TORCH}/{tag}")
     shown = Path(os.path.relpath(data.path, out)) if out.resolve() in data.path.resolve().parents else data.path
-    return {"recipe": recipe["name"], "reference": REFERENCE, "primary": PRIMARY, "data": str(shown),
-            "fingerprint": data.fingerprint, "test_rows": int(len(labels)),
-            "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2),
-            "rows": rows, "steps": pipe.log}
+    return {"recipe": recipe["name"], "study": recipe["name"], "family": family.name, "reference": REFERENCE,
+            "primary": family.primary, "data": str(shown), "fingerprint": data.fingerprint,
+            "test_rows": int(evals[REFERENCE, targets[0]]["data"]["rows"]),
+            "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2), "rows": rows,
+            "steps": pipe.log}
 
 
-def result_row(v: Variant, target: str, r: dict[str, Any]) -> dict[str, Any]:
+def result_row(study: str, v: Variant, target: str, r: dict[str, Any]) -> dict[str, Any]:
+    from .metrics import METRICS
     acc = r["accuracy"].get("onnxruntime") or next(iter(r["accuracy"].values()))
     lk = (r.get("lookup") or {}).get("per_sample", {})
-    return {"variant": v.name, "target": target, "method": v.method or "dense", "params": v.params,
-            "trained": v.trains(), "control": v.control,
-            "metrics": {"auc": round(acc["auc"], 6), "logloss": round(acc["logloss"], 6)},
+    return {"study": study, "variant": v.name, "target": target, "method": v.method or "dense", "params": v.params,
+            "trained": v.trains(), "control": v.control, "primary": r["primary"],
+            "metrics": {k: round(x, 6) for k, x in acc.items() if k in METRICS},
             "emb_bytes": r["bytes"]["embeddings"], "file_bytes": r["bytes"]["file"],
             "bytes_read_gpu": lk.get("bytes_read_gpu"), "lookup_flops": lk.get("flops"),
             "emb_dim": r["model"]["emb_dim"], "predictions": r["predictions"]}

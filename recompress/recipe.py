@@ -1,7 +1,9 @@
 """Recipes: a TOML file describing data, a baseline, compressed variants, export and evaluation.
 
 Validation is strict and helpful: an unknown key names the nearest valid one, a wrong type names the
-expected type. ``recompress.pipeline`` runs a recipe; ``recompress.sweep_report`` writes its report.
+expected type. ``[train] model`` names the family (default dlrm) and takes its hyper-parameters. A recipe
+with ``parts = [...]`` instead runs several recipes (shipped names, or paths relative to it) as the
+studies of one run. ``recompress.pipeline`` runs a recipe; ``recompress.sweep_report`` writes its report.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ else:  # pragma: no cover
 
 TRAIN_KEYS = {"epochs": int, "steps": int, "lr": float, "batch_size": int, "optimizer": str, "seed": int,
               "keep_best": bool}
+DATA_KINDS = ("synthetic", "criteo", "prepared", "sequences", "synthetic-sequences")
 SCHEMA: dict[str, Any] = {
-    "name": str, "description": str,
+    "name": str, "description": str, "parts": list,
     "data": {"kind": str, "path": str, "samples": int, "tables": list, "zipf": float, "true_dim": int,
-             "seed": int, "min_count": int, "max_rows": int, "limit": int},
-    "train": {"dim": int, "bottom": list, "top": list, "mlet_hidden": int, "mlet_min_rows": int, **TRAIN_KEYS},
+             "seed": int, "min_count": int, "max_rows": int, "limit": int, "format": str, "max_len": int,
+             "min_items": int, "users": int, "items": int, "mean_len": int, "clusters": int},
+    "train": {"model": str, "mlet_hidden": int, "mlet_min_rows": int, **TRAIN_KEYS},
     "variants": [{"name": str, "method": str, "tables": list, "min_rows": int, "from_scratch": bool,
-                  "materialize": bool, "quant_graph": str, **TRAIN_KEYS}],
-    "export": {"targets": list, "atol": float, "rtol": float, "materialize": bool, "quant_graph": str},
-    "evaluate": {"batch_sizes": list, "threads": int, "repeats": int, "latency": bool},
+                  "materialize": bool, "quant_graph": str, "dense": str, **TRAIN_KEYS}],
+    "export": {"targets": list, "atol": float, "rtol": float, "materialize": bool, "quant_graph": str, "dense": str},
+    "evaluate": {"batch_sizes": list, "threads": int, "repeats": int, "latency": bool, "protocol": str,
+                 "negatives": int, "users": int},
     "gate": {"metric_drop": float, "bytes_growth": float, "latency_growth": float},
 }
 
@@ -39,10 +44,20 @@ def _variant_schema() -> dict[str, Any]:
     return {**SCHEMA["variants"][0], **{p.name: p.type for p in all_params().values()}}
 
 
+def _train_schema() -> dict[str, Any]:
+    """[train]: the family, its hyper-parameters (comma lists may be TOML arrays) and the budget."""
+    from .families import all_hparams
+    fam = {name: (owners[0][1].type, list) if owners[0][1].type is str else owners[0][1].type
+           for name, owners in all_hparams().items()}
+    return {**fam, **SCHEMA["train"]}
+
+
 def _check(obj: Any, schema: Any, where: str) -> None:
     if isinstance(schema, dict):
         if not isinstance(obj, dict):
             raise UserError(f"{where} must be a table", f"write [{where}]")
+        if where == "train":
+            schema = _train_schema()
         for k, v in obj.items():
             if k not in schema:
                 close = difflib.get_close_matches(k, schema, n=1)
@@ -57,9 +72,11 @@ def _check(obj: Any, schema: Any, where: str) -> None:
         for i, o in enumerate(obj):
             _check(o, item, f"{where}[{i}]")
     else:
-        ok = isinstance(obj, schema) or (schema is float and isinstance(obj, int) and not isinstance(obj, bool))
-        if not ok or (schema is int and isinstance(obj, bool)):
-            raise UserError(f"{where} is {type(obj).__name__} {obj!r}, expected {schema.__name__}", "fix the recipe")
+        types = schema if isinstance(schema, tuple) else (schema,)
+        ok = isinstance(obj, types) or (float in types and isinstance(obj, int) and not isinstance(obj, bool))
+        if not ok or (int in types and bool not in types and isinstance(obj, bool)):
+            raise UserError(f"{where} is {type(obj).__name__} {obj!r}, expected "
+                            f"{' or '.join(t.__name__ for t in types)}", "fix the recipe")
 
 
 def shipped() -> list[str]:
@@ -85,21 +102,26 @@ def _override(recipe: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def _locate(path: str | Path, base: Path | None = None) -> tuple[str, Path]:
+    """(text, folder) of a recipe path or shipped name (relative paths first against ``base``)."""
+    p = Path(path)
+    packaged = resources.files("recompress.recipes").joinpath(f"{p}.toml")
+    if base is not None and not p.is_absolute() and (base / p).is_file():
+        p = base / p
+    if not p.exists() and p.suffix == "" and packaged.is_file():
+        return packaged.read_text(), Path(str(packaged)).parent
+    if p.is_file():
+        return p.read_text(), p.resolve().parent
+    raise UserError(f"recipe {path} not found", f"pass a .toml path or a shipped recipe: {', '.join(shipped())}")
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] = (), base: Path | None = None) -> dict[str, Any]:
     """Read and validate a recipe; a bare name (``quickstart``) means a recipe shipped with recompress.
 
     A relative ``data.path`` is read relative to the recipe file's folder (not the working directory);
     ``overrides`` (``SECTION.KEY=VALUE``) replace values after reading, relative paths there meaning the cwd.
     """
-    p = Path(path)
-    packaged = resources.files("recompress.recipes").joinpath(f"{p}.toml")
-    if not p.exists() and p.suffix == "" and packaged.is_file():
-        text, folder = packaged.read_text(), Path(str(packaged)).parent
-    elif p.is_file():
-        text, folder = p.read_text(), p.resolve().parent
-    else:
-        raise UserError(f"recipe {path} not found",
-                        f"pass a .toml path or a shipped recipe: {', '.join(shipped())}")
+    text, folder = _locate(path, base)
     try:
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -110,14 +132,22 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> dict[str, 
     for o in overrides:
         _override(recipe, o)
     _check(recipe, SCHEMA, "")
+    if "parts" in recipe:
+        if "name" not in recipe or not recipe["parts"]:
+            raise UserError(f"recipe {path} has parts but no name (or an empty parts list)", "see recipes/ci-smoke.toml")
+        recipe["parts"] = [load_recipe(part, overrides, folder) for part in recipe["parts"]]
+        return recipe
     for k in ("name", "data", "train"):
         if k not in recipe:
             raise UserError(f"recipe {path} has no {k!r}", "see recipes/quickstart.toml")
-    kinds = ("synthetic", "criteo", "prepared")
+    from .families import FAMILIES
+    model = recipe["train"].get("model", "dlrm")
+    if model not in FAMILIES:
+        raise UserError(f"train.model {model!r} is unknown", f"use one of {', '.join(FAMILIES)}")
     kind = recipe["data"].get("kind", "synthetic")
-    if kind not in kinds:
-        raise UserError(f"data.kind {kind!r} is unknown", f"use one of {', '.join(kinds)}")
-    if kind != "synthetic":
+    if kind not in DATA_KINDS:
+        raise UserError(f"data.kind {kind!r} is unknown", f"use one of {', '.join(DATA_KINDS)}")
+    if kind not in ("synthetic", "synthetic-sequences"):
         where = recipe["data"].get("path")
         if not where or not Path(where).exists():
             raise UserError(f"recipe {recipe['name']}: data.path {where} does not exist",

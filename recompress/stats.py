@@ -1,8 +1,8 @@
 """Confidence intervals for the differences recompress reports, so a difference inside the noise says so.
 
-- Accuracy: paired bootstrap over test rows (the same resampled rows score both models), with AUC
-  computed on bootstrap *weights* in one pass over the rows sorted once, so 1,000 resamples of a
-  million rows take seconds.
+- Accuracy: paired bootstrap over test rows (the same resampled rows score both models), for any metric
+  of ``recompress.metrics``; AUC is computed on bootstrap *weights* in one pass over rows sorted once, so
+  1,000 resamples of a million rows take seconds.
 - Latency: the ratio of two backends' medians, bootstrapped over rounds (in each round every backend
   takes a short turn), so machine-wide slowdowns hit both sides of the ratio.
 """
@@ -14,24 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import METRICS
+
 BOOTSTRAP = 1000
 LEVEL = 0.95
-
-
-def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC (ties count one half) for each row of ``weights`` [R, n] (row multiplicities) at once."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(scores, kind="mergesort")
-    s, y = np.asarray(scores)[order], labels[order]
-    w = np.atleast_2d(weights)[:, order].astype(np.float64)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first index of each tie group
-    pos = np.add.reduceat(w * y, starts, axis=1)
-    neg = np.add.reduceat(w * ~y, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each group
-    num = (pos * (below + 0.5 * neg)).sum(1)
-    den = pos.sum(1) * neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
+KEEP_PREDICTIONS = 1_000_000  # test rows whose predictions a results file keeps for paired comparisons
 
 
 def _resample_weights(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
@@ -39,26 +26,38 @@ def _resample_weights(rng: np.random.Generator, n: int, count: int) -> np.ndarra
     return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(count)])
 
 
-def paired_auc_delta(labels: np.ndarray, new: np.ndarray, base: np.ndarray, *, resamples: int = BOOTSTRAP,
-                     seed: int = 0) -> dict[str, Any]:
-    """AUC(new) - AUC(base) on the same rows, with a paired-bootstrap 95% interval."""
-    labels, new, base = np.asarray(labels), np.asarray(new), np.asarray(base)
-    if not (len(labels) == len(new) == len(base)):
+def paired_delta(metric: str, truth: np.ndarray, new: np.ndarray, base: np.ndarray, *,
+                 resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """metric(new) - metric(base) on the same rows, with a paired-bootstrap 95% interval.
+
+    ``new`` and ``base`` may be ``[k, n]`` (k pairs, e.g. training seeds scored on the same test rows):
+    then the delta is the mean over pairs, and every resample reweights the rows of all pairs alike.
+    ``significant`` means the interval excludes zero.
+    """
+    m = METRICS[metric]
+    truth, new, base = np.asarray(truth), np.atleast_2d(new), np.atleast_2d(base)
+    if not (len(truth) == new.shape[1] == base.shape[1]) or new.shape[0] != base.shape[0]:
         raise ValueError("paired comparison needs predictions for the same rows")
-    n = len(labels)
-    ones = np.ones((1, n))
-    delta = float(weighted_auc(labels, new, ones)[0] - weighted_auc(labels, base, ones)[0])
+    n = len(truth)
+
+    def mean_delta(w: np.ndarray) -> np.ndarray:
+        return np.mean([m.resampled(truth, a, w) - m.resampled(truth, b, w) for a, b in zip(new, base)], axis=0)
+
+    delta = float(mean_delta(np.ones((1, n)))[0])
     rng = np.random.default_rng(seed)
     chunk = max(1, min(resamples, int(5e6 // max(n, 1))))
     draws = []
     for start in range(0, resamples, chunk):
-        w = _resample_weights(rng, n, min(chunk, resamples - start))
-        draws.append(weighted_auc(labels, new, w) - weighted_auc(labels, base, w))
+        draws.append(mean_delta(_resample_weights(rng, n, min(chunk, resamples - start))))
     d = np.concatenate(draws)
     d = d[np.isfinite(d)]
     lo, hi = np.quantile(d, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"delta": delta, "lo": float(lo), "hi": float(hi), "level": LEVEL, "resamples": int(len(d)),
-            "rows": n, "significant": bool(lo > 0 or hi < 0)}
+    return {"metric": metric, "delta": delta, "lo": float(lo), "hi": float(hi), "level": LEVEL,
+            "resamples": int(len(d)), "rows": n, "significant": bool(lo > 0 or hi < 0)}
+
+
+def paired_auc_delta(labels: np.ndarray, new: np.ndarray, base: np.ndarray, **kw: Any) -> dict[str, Any]:
+    return paired_delta("auc", labels, new, base, **kw)
 
 
 def median_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = BOOTSTRAP, seed: int = 0,
@@ -82,9 +81,6 @@ def median_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = BOOTSTRAP, se
     return {"ratio": ratio, "lo": float(lo), "hi": float(hi)}
 
 
-KEEP_PREDICTIONS = 1_000_000  # test rows whose predictions a results file keeps for paired comparisons
-
-
 def kept_rows(n: int) -> np.ndarray | None:
     """Which of ``n`` test rows a results file keeps predictions for (all, or a fixed sample of large splits)."""
     if n <= KEEP_PREDICTIONS:
@@ -92,26 +88,36 @@ def kept_rows(n: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(0).choice(n, KEEP_PREDICTIONS, replace=False))
 
 
-def predictions_record(probs: np.ndarray, backend: str) -> dict[str, Any]:
-    """What a results file stores of a model's test predictions, for later paired comparisons."""
-    keep = kept_rows(len(probs))
-    return {"backend": backend, "rows": int(len(probs)), "sampled": keep is not None,
-            "float32_base64": encode_floats(probs if keep is None else probs[keep])}
+def predictions_record(values: np.ndarray, kind: str, backend: str, truth: np.ndarray | None = None) -> dict[str, Any]:
+    """What a results file stores of a model's test output, for later paired comparisons: click
+    probabilities (``scores``; truth = the labels, read from the dataset) or each user's ``ranks``
+    (truth = candidates per user, stored alongside)."""
+    keep = kept_rows(len(values))
+    pick = (lambda x: x) if keep is None else (lambda x: x[keep])
+    rec = {"kind": kind, "backend": backend, "rows": int(len(values)), "sampled": keep is not None,
+           "base64": encode(pick(values), "<f4" if kind == "scores" else "<i4")}
+    if kind == "ranks":
+        rec["truth_base64"] = encode(pick(truth), "<i4")
+    return rec
 
 
-def paired_from_records(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
-    """Paired ΔAUC of two stored prediction records of the same test rows (``labels``: all test labels)."""
-    if new["rows"] != base["rows"] or new["rows"] != len(labels):
+def paired_from_records(metric: str, new: dict[str, Any], base: dict[str, Any],
+                        labels: np.ndarray | None) -> dict[str, Any]:
+    """Paired Δmetric of two stored records of the same test rows (``labels``: every test label, for scores)."""
+    if new["rows"] != base["rows"] or new["kind"] != base["kind"]:
         raise ValueError("prediction records cover different test rows")
-    keep = kept_rows(new["rows"])
-    return paired_auc_delta(labels if keep is None else labels[keep], decode_floats(new["float32_base64"]),
-                            decode_floats(base["float32_base64"]))
+    dtype = "<f4" if new["kind"] == "scores" else "<i4"
+    if new["kind"] == "scores":
+        keep = kept_rows(new["rows"])
+        truth = labels if keep is None else labels[keep]
+    else:
+        truth = decode(new["truth_base64"], "<i4")
+    return paired_delta(metric, truth, decode(new["base64"], dtype), decode(base["base64"], dtype))
 
 
-def encode_floats(x: np.ndarray) -> str:
-    """float32 values as base64 text (4 bytes a value; what results JSON stores for paired comparisons)."""
-    return base64.b64encode(np.asarray(x, dtype="<f4").tobytes()).decode("ascii")
+def encode(x: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.asarray(x, dtype=dtype).tobytes()).decode("ascii")
 
 
-def decode_floats(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
+def decode(text: str, dtype: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(np.float64 if dtype == "<f4" else np.int64)

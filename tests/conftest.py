@@ -11,9 +11,15 @@ import torch
 from recompress.checkpoint import save_checkpoint
 from recompress.data import open_dataset
 from recompress.data.synthetic import make_synthetic
-from recompress.training import TrainConfig, train_dlrm
+from recompress.families import get_family
+from recompress.training import TrainConfig, train_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def train_dlrm(data, cfg, mlet_hidden=None, keep_two_layer=False, **hparams):
+    """A DLRM trained from scratch (the CLI's ``train --model dlrm``)."""
+    return train_model(get_family("dlrm"), data, cfg, hparams, mlet_hidden=mlet_hidden, keep_two_layer=keep_two_layer)
 
 
 def shared_path(rel: str) -> Path:
@@ -42,5 +48,5 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    ckpt = train_dlrm(tiny_data, TrainConfig(epochs=2, lr=3e-3, batch_size=128), dim=8, bottom=(16,), top=(16,))
+    ckpt = train_dlrm(tiny_data, TrainConfig(epochs=2, lr=3e-3, batch_size=128), dim=8, bottom="16", top="16")
     return save_checkpoint(ckpt, tmp_path_factory.mktemp("ckpt") / "base")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -13,7 +14,7 @@ from recompress import __version__
 from recompress.cli import main
 from recompress.data.synthetic import make_synthetic
 
-from .conftest import tree_hash
+from .conftest import shared_path, tree_hash
 
 
 def cli(*args):
@@ -46,7 +47,7 @@ def test_flow_train_mlet_export_evaluate(tiny_data, tmp_path):
     assert res.exit_code == 0 and "4.00x smaller" in res.output
     assert cli("export", tmp_path / "m2", "--target", "onnx", "--data", d, "-o", tmp_path / "e").exit_code == 0
     res = cli("evaluate", tmp_path / "e", "--data", d, "--batch-sizes", "1,8", "--repeats", 5, "--json", tmp_path / "r.json")
-    assert res.exit_code == 0 and "AUC (onnxruntime, test)" in res.output
+    assert res.exit_code == 0 and "auc (onnxruntime, test)" in res.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["model"]["emb_dim"] == 2 and r["model"]["methods"] == ["mlet"]
     res = cli("evaluate", tmp_path / "base", "--data", d, "--no-latency", "--compare", tmp_path / "r.json")
@@ -148,9 +149,12 @@ def test_wheel_contains_stage_packages(tmp_path):
                     str(tmp_path), str(src)], check=True)
     assert (root / "build").exists() == had_build
     names = zipfile.ZipFile(next(tmp_path.glob("recompress-*.whl"))).namelist()
-    for mod in ("recompress/compress/mlet.py", "recompress/export/onnx.py", "recompress/evaluate/run.py",
-                "recompress/recipes/quickstart.toml", "recompress/cli.py"):
-        assert mod in names
+    stages = {"recompress": "recompress", "compress": "recompress/compress", "export": "recompress/export",
+              "evaluate": "recompress/evaluate", "recipes": "recompress/recipes"}
+    expected = {f"{dest}/{f.relative_to(root / folder).as_posix()}" for folder, dest in stages.items()
+                for f in (root / folder).rglob("*") if f.suffix in {".py", ".toml"} and "__pycache__" not in f.parts}
+    assert "recompress/tables/rowwise.py" in expected and "recompress/recipes/quickstart.toml" in expected
+    assert sorted(expected - set(names)) == []  # every module and recipe ships, subpackages included
     assert not any(n.split("/")[0] in {"compress", "export", "evaluate", "recipes", "tests"} for n in names)
 
 
@@ -158,7 +162,7 @@ def test_cli_tt_from_scratch_then_int8_export_and_lookup_costs(tiny_data, tmp_pa
     res = cli("train", "--data", tiny_data.path, "-o", tmp_path / "tt", "--dim", "8", "--method", "tt",
               "--tt-rank", "4", "--min-rows", "100", "--epochs", "2", "--lr", "0.003", "--batch-size", "128")
     assert res.exit_code == 0, res.output
-    val = float(res.output.split("val AUC ")[1].split(",")[0])
+    val = float(res.output.split("validation auc ")[1].split(",")[0])
     assert val > 0.55  # the planted signal is learnable through TT tables
     res = cli("checkpoint", tmp_path / "tt", "--method", "int8", "-o", tmp_path / "tt8")
     assert res.exit_code == 0 and "smaller" in res.output
@@ -181,14 +185,20 @@ def test_cli_bad_compression_parameters(workdir, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "dlrm-criteo", "ci-smoke"])
+@pytest.mark.parametrize("name", ["quickstart", "ci-smoke", "ci-smoke-dlrm", "ci-smoke-sasrec", "dlrm-criteo",
+                                  "sasrec-beauty", "hstu-beauty"])
 def test_shipped_recipes_validate(name):
     from recompress.pipeline import Variant
-    from recompress.recipe import load_recipe
+    from recompress.recipe import load_recipe, shipped
+    assert name in shipped()
+    if name in ("dlrm-criteo", "sasrec-beauty", "hstu-beauty"):
+        shared_path("data")  # they read real data from ../shared
     r = load_recipe(name)
-    assert r["name"] == name and r["variants"]
-    for v in r["variants"]:
-        Variant.from_recipe(v)  # every variant's keys map to a method parameter or a known setting
+    assert r["name"] == name
+    for part in r.get("parts", [r]):
+        assert part["variants"]
+        for v in part["variants"]:
+            Variant.from_recipe(v)  # every variant's keys map to a method parameter or a known setting
 
 
 def test_recipe_with_missing_criteo_file(tmp_path):
@@ -266,6 +276,7 @@ def test_dim_zero_is_impossible_not_not_below(workdir, tiny_data, tmp_path):
 
 def test_bad_label_names_its_line(tmp_path):
     import numpy as np
+
     from .test_data import criteo_line
     rng = np.random.default_rng(0)
     lines = [criteo_line(rng) for _ in range(5)]
@@ -291,7 +302,8 @@ def test_every_option_has_help_and_target_lists_choices():
     assert not missing, missing
     assert "[onnx]" in cli("export", "--help").output
     from recompress.recipe import shipped
-    assert all(name in cli("run", "--help").output.replace("\n", " ") for name in shipped())
+    listed = "".join(cli("run", "--help").output.split())  # (help text wraps at hyphens)
+    assert all(name in listed for name in shipped())
 
 
 def test_help_imports_no_torch():
@@ -333,3 +345,51 @@ def test_finetune_shows_validation_before_and_after(workdir, tiny_data, tmp_path
 def test_long_steps_report_progress_outside_a_terminal(tiny_data, tmp_path):
     res = cli("train", "--data", tiny_data.path, "-o", tmp_path / "t", "--dim", 4, "--steps", 5)
     assert "training: started" in res.stderr and "training: 100% (5/5)" in res.stderr
+
+
+# --- sequential families through the CLI ---------------------------------------------------------------
+
+def test_sequential_flow_end_to_end(tmp_path):
+    src = tmp_path / "seqs.txt"
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(300):  # each user walks a cycle of 40 items: the next item is predictable
+        start = int(rng.integers(40))
+        lines.append(f"user{u} " + " ".join(f"item{(start + k) % 40}" for k in range(int(rng.integers(5, 15)))))
+    src.write_text("\n".join(lines) + "\n")
+    res = cli("data", "sequences", src, "-o", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    res = cli("train", "--model", "sasrec", "--data", tmp_path / "d", "-o", tmp_path / "s", "--dim", 16,
+              "--max-len", 10, "--heads", 2, "--epochs", 15, "--lr", 0.005, "--batch-size", 64)
+    assert res.exit_code == 0 and "validation ndcg@10" in res.output, res.output
+    assert float(res.output.split("validation ndcg@10 ")[1].split(",")[0]) > 0.3  # random is about 0.1 here
+    res = cli("checkpoint", tmp_path / "s", "--method", "int8", "-o", tmp_path / "s8")
+    assert res.exit_code == 0, res.output
+    info = json.loads(cli("inspect", tmp_path / "s8", "--json").output)
+    assert {t["name"]: (t["role"], t["kind"]) for t in info["tables"]} == {"item": ("item", "dense+int8"),
+                                                                           "position": ("position", "dense")}
+    for name in ("s", "s8"):
+        res = cli("evaluate", tmp_path / name, "--data", tmp_path / "d", "--protocol", "sampled", "--negatives", 20,
+                  "--batch-sizes", "1,4", "--repeats", 5, "--json", tmp_path / f"{name}.json")
+        assert res.exit_code == 0 and "ndcg@10 (torch, test, sampled ranking vs 20 negatives)" in res.output, res.output
+    res = cli("evaluate", tmp_path / "s8", "--data", tmp_path / "d", "--protocol", "sampled", "--negatives", 20,
+              "--no-latency", "--compare", tmp_path / "s.json")
+    assert res.exit_code == 0 and "compared with baseline" in res.output
+    r = json.loads((tmp_path / "s8.json").read_text())
+    assert r["primary"] == "ndcg@10" and r["predictions"]["kind"] == "ranks" and r["data"]["rows"] == 300
+    res = cli("evaluate", tmp_path / "s8", "--data", tmp_path / "d", "--no-latency", "--compare", tmp_path / "s.json")
+    assert_user_error(res, "the baseline was evaluated on other rows (protocol sampled vs full)")
+
+
+def test_sequential_bad_input(tmp_path, tiny_data, tiny_ckpt):
+    from recompress.data.synthetic_sequences import make_synthetic_sequences
+    seq = make_synthetic_sequences(tmp_path / "d", users=100, items=50, clusters=5)
+    assert_user_error(cli("train", "--model", "sasrec", "--data", seq, "-o", tmp_path / "x", "--bottom", "64"),
+                      "--bottom does not apply to sasrec")
+    assert_user_error(cli("train", "--model", "sasrec", "--data", tiny_data.path, "-o", tmp_path / "x"),
+                      "a sasrec model needs a sequences dataset")
+    assert_user_error(cli("evaluate", tiny_ckpt, "--data", seq, "--no-latency"), "a dlrm model needs a ctr dataset")
+    assert_user_error(cli("train", "--model", "sasrec", "--data", seq, "-o", tmp_path / "x", "--max-len", 0),
+                      "--max-len 0 is impossible for sasrec")
+    assert_user_error(cli("data", "sequences", tmp_path / "nope.txt", "-o", tmp_path / "y"), "does not exist")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -2,14 +2,17 @@ import copy
 
 import pytest
 import torch
+from recompress.compress.registry import Context, Selection, compress, parse_methods
 
 from recompress.checkpoint import Checkpoint, load_checkpoint
-from recompress.compress.registry import Context, Selection, compress, parse_methods
-from recompress.compress.tables import DenseTable, FactorizedTable
 from recompress.errors import UserError
+from recompress.families import get_family
 from recompress.models.dlrm import DLRM, default_hparams
 from recompress.spec import ModelSpec
-from recompress.training import TrainConfig, init_weights, train_dlrm
+from recompress.tables import DenseTable, FactorizedTable
+from recompress.training import TrainConfig
+
+from .conftest import train_dlrm
 
 
 def probs(model, data, n=500):
@@ -27,7 +30,7 @@ def test_mlet_width_cut_is_exact_when_inputs_span_d_dims(tiny_data):
     tables = {n: DenseTable(r, D, torch.randn(r, d, generator=g) @ basis.T)
               for n, r in zip(tiny_data.table_names, tiny_data.table_rows)}
     model = DLRM(hp, tables)
-    init_weights(model, 0)
+    get_family("dlrm").init(model, 0)
     for n, r in zip(tiny_data.table_names, tiny_data.table_rows):
         model.tables[n].weight.data = torch.randn(r, d, generator=g) @ basis.T
     model.bottom_proj.weight.data = basis @ basis.T @ torch.randn(D, D, generator=g)
@@ -99,10 +102,9 @@ def test_mlet_needs_data(tiny_ckpt):
 
 
 def test_keep_best_never_ends_worse_than_it_started_and_stops_early(tiny_ckpt, tiny_data):
-    from recompress.training import fit, predict
-    from recompress.metrics import auc
+    from recompress.training import fit, validate
     start = load_checkpoint(tiny_ckpt)
-    start_auc = auc(*predict(start.model, tiny_data, "val"))
+    start_auc = validate(start.model, tiny_data)["auc"]
     ruin = dict(epochs=3, lr=0.3, optimizer="adam", batch_size=64, seed=0)
     plain = load_checkpoint(tiny_ckpt)
     out = fit(plain.model, tiny_data, TrainConfig(**ruin))

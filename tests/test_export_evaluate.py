@@ -4,13 +4,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from recompress.checkpoint import load_checkpoint
 from recompress.compress.registry import Context, compress, parse_methods
-from recompress.errors import UserError
 from recompress.evaluate import evaluate
 from recompress.export import export_checkpoint
 from recompress.export.onnx import FORBIDDEN_OPS, make_session
+
+from recompress.checkpoint import load_checkpoint
+from recompress.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,9 @@ def test_parity_checks_multi_id_bags(tiny_ckpt, tiny_data, tmp_path, monkeypatch
 
 
 def test_multi_hot_parity_inputs_have_padding_and_empty_bags(tiny_data):
-    from recompress.export.inputs import MAX_BAG, multi_hot, sample_inputs
-    single = sample_inputs(None, 500, tiny_data)
+    from recompress.families import get_family
+    from recompress.models.dlrm import MAX_BAG, multi_hot
+    single = get_family("dlrm").example_inputs(None, 500, tiny_data)
     bags = multi_hot(single)["sparse"]
     assert bags.shape == (500, 4, MAX_BAG)
     valid = bags >= 0

@@ -8,7 +8,14 @@ import pytest
 
 from recompress import outputs
 from recompress.errors import UserError
-from recompress.outputs import MARKER, check_output, is_ours, output_dir, run_folder, write_json
+from recompress.outputs import (
+    MARKER,
+    check_output,
+    is_ours,
+    output_dir,
+    run_folder,
+    write_json,
+)
 
 from .conftest import tree_hash
 

@@ -66,7 +66,7 @@ def test_recipe_end_to_end_with_same_budget_control_and_cache(tmp_path):
     assert "same-budget control" in md and "mlet-d2 †" in md
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "mlet-d2" in page and "**" not in page
-    assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("variant,target,method")
+    assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("study,variant,target,method")
     # unchanged re-run: everything cached; an edited budget re-runs the variant and its control only
     res = cli("run", r, "-o", tmp_path / "run")
     assert "(10 of 10 steps reused from cache)" in res.output
@@ -191,7 +191,8 @@ def test_shipped_ci_baseline_is_current():
     """The committed CI baseline was written by this version's summary format (gate refuses old ones)."""
     from pathlib import Path
 
-    from recompress.gate import read_summary
+    from recompress.gate import read_summary, studies
     s = read_summary(Path(__file__).resolve().parents[1] / ".ci" / "baseline-smoke.json")
-    assert s["primary"] == "auc" and all("predictions" in r for r in s["rows"])
+    assert {n: st["primary"] for n, st in studies(s).items()} == {"ci-smoke-dlrm": "auc", "ci-smoke-sasrec": "ndcg@10"}
+    assert all("predictions" in r and r["primary"] for r in s["rows"])
     assert np.isclose(s["rows"][0]["latency_ratio"]["1"]["ratio"], 1.0)

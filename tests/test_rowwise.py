@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from recompress.compress.rowformat import row_bytes
-from recompress.compress.rowwise import QuantizedRows
+from recompress.tables.rowformat import row_bytes
+from recompress.tables.rowwise import QuantizedRows
 
 PREPACK = {"int8": torch.ops.quantized.embedding_bag_byte_prepack,
            "int4": torch.ops.quantized.embedding_bag_4bit_prepack}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from recompress.metrics import auc
-from recompress.stats import median_ratio, paired_auc_delta, weighted_auc
+from recompress.metrics import auc, weighted_auc
+from recompress.stats import median_ratio, paired_auc_delta
 
 
 def test_weighted_auc_equals_auc_of_the_replicated_rows():
@@ -71,7 +71,7 @@ def test_pareto_plot_labels_never_overlap_points_or_each_other(tmp_path):
     labels = [f"variant number {i}" for i in range(14)]
     boxes = []
     real = plots._place_labels
-    plots_place = lambda *a: boxes.extend(real(*a))  # noqa: E731
+    plots_place = lambda *a: boxes.extend(real(*a))
     try:
         plots._place_labels = plots_place
         plots.pareto_plot(labels, cost, acc, tmp_path / "p.png", xlabel="bytes", bytes_axis=True)

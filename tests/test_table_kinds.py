@@ -8,17 +8,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from recompress.compress.registry import Context, Selection, compress, parse_methods
+from recompress.compress.tt import balanced_factors, dim_factors, plan, tt_svd
+from recompress.export import export_checkpoint
 
 from recompress.checkpoint import load_checkpoint, save_checkpoint
-from recompress.compress.hashed import PRIME, FreqHashTable, HashedTable, QRTable
-from recompress.compress.registry import Context, Selection, compress, parse_methods
-from recompress.compress.rowformat import row_bytes, units_touched
-from recompress.compress.rowwise import QuantizedRows
-from recompress.compress.tables import DenseTable
-from recompress.compress.tt import balanced_factors, dim_factors, plan, tt_svd
-from recompress.compress.tt_table import TTTable
 from recompress.errors import UserError
-from recompress.export import export_checkpoint
+from recompress.tables import DenseTable
+from recompress.tables.hashed import PRIME, FreqHashTable, HashedTable, QRTable
+from recompress.tables.rowformat import row_bytes, units_touched
+from recompress.tables.rowwise import QuantizedRows
+from recompress.tables.tt import TTTable
 from recompress.training import TrainConfig
 
 
@@ -131,7 +131,7 @@ def stored_matrix(t, name: str) -> torch.Tensor:
 
 def reference_rows(t, ids: torch.Tensor) -> torch.Tensor:
     """Each kind's rows from its definition and stored tensors (never through the kind's own lookup)."""
-    m = lambda name: stored_matrix(t, name)  # noqa: E731
+    m = lambda name: stored_matrix(t, name)
     if t.kind == "dense":
         return m("weight")[ids]
     if t.kind == "hash":
@@ -315,21 +315,25 @@ def test_dense_table_is_unchanged_by_the_storage_refactor():
 
 
 def test_hashed_and_dense_tables_fuse_into_one_lookup(tiny_ckpt, tiny_data, tmp_path):
-    from recompress.export.graph import InferenceDLRM
+    from recompress.export.graph import deploy
+
+    from recompress.models.dlrm import Scorer
     ck = compress(_ck(tiny_ckpt), parse_methods("hash@C1+C2,int8", {"ratio": 4}), Context())
-    g = InferenceDLRM(ck.model).eval()
-    assert len(g.lookup.groups) == 1 and g.lookup.groups[0].hashed and g.lookup.groups[0].rows.store is not None
+    g = deploy(Scorer(ck.model)).eval()
+    groups = g.model.fused.groups
+    assert len(groups) == 1 and groups[0].hashed and groups[0].rows.store is not None
     gen = _gen(8)
     sparse = torch.stack([torch.randint(-1, r, (6, 3), generator=gen) for r in (800, 200, 40, 7)], 1)
     dense = torch.rand(6, 13, generator=gen)
     with torch.no_grad():
         assert torch.allclose(g(dense, sparse), torch.sigmoid(ck.model(dense, sparse)), atol=1e-6)
+    assert ck.model.fused is None  # the checkpoint's own model is untouched
     m = export_checkpoint(ck, "onnx", tmp_path / "h", data=tiny_data)
     assert m["parity"]["passed"]
     for methods, params, n_groups in [("qr@C1+C2,int8", {"collisions": 8}, 2),      # qr(C1, C2) + dense(C3, C4)
                                       ("freqhash@C2+C1", {"ratio": 3}, 2), ("tt@C2", {"tt_rank": 2}, 2)]:
         mixed = compress(_ck(tiny_ckpt), parse_methods(methods, params), Context(tiny_data))
-        g = InferenceDLRM(mixed.model).eval()
-        assert len(g.lookup.groups) == n_groups
+        g = deploy(Scorer(mixed.model)).eval()
+        assert len(g.model.fused.groups) == n_groups
         with torch.no_grad():
             assert torch.allclose(g(dense, sparse), torch.sigmoid(mixed.model(dense, sparse)), atol=1e-6)

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from recompress.compress.lowrank import factorize
-from recompress.compress.tables import DenseTable, FactorizedTable, offsets_to_bags
+
 from recompress.metrics import auc, logloss
+from recompress.tables import DenseTable, FactorizedTable, offsets_to_bags
 
 
 def test_offsets_pooling_equals_embedding_bag():

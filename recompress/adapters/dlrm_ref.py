@@ -42,7 +42,7 @@ def read(path: Path) -> Checkpoint:
     tables = indexed("emb_l", ".weight")
     if not tables:
         raise UserError(f"{path} has no emb_l.N.weight tables", "expected a facebookresearch/dlrm checkpoint")
-    pairs = lambda pre: list(zip(indexed(pre, ".weight"), indexed(pre, ".bias")))  # noqa: E731
+    pairs = lambda pre: list(zip(indexed(pre, ".weight"), indexed(pre, ".bias")))
     extra = {k: obj[k] for k in ("nepochs", "epoch", "iter", "test_acc", "train_loss")
              if isinstance(obj, dict) and isinstance(obj.get(k), (int, float))}
     return dlrm_from_tensors(tables, pairs("bot_l"), pairs("top_l"), pad=0, source=NAME,

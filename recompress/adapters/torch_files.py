@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from recompress.checkpoint import Checkpoint, check_finite
-from recompress.compress.tables import DenseTable
 from recompress.errors import UserError
 from recompress.models.dlrm import DLRM, default_hparams
 from recompress.spec import ModelSpec
+from recompress.tables import DenseTable
 
 
 def safe_torch_load(path: Path) -> Any:

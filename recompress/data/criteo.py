@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recompress.outputs import check_output, output_dir
 from recompress.errors import UserError
+from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
 from .ctr import SPLITS, DatasetWriter, split_of

@@ -34,6 +34,8 @@ class Batch:
 class CTRDataset:
     """Read-only view of a prepared dataset folder."""
 
+    kind = "ctr"
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.meta: dict[str, Any] = json.loads((path / META).read_text())
@@ -52,7 +54,7 @@ class CTRDataset:
         if self.size(split) == 0:
             raise UserError(f"dataset {self.path} has no rows in its {split!r} split",
                             "prepare it with a non-zero split fraction")
-        load = lambda kind: np.load(self.path / f"{split}.{kind}.npy", mmap_mode="r")  # noqa: E731
+        load = lambda kind: np.load(self.path / f"{split}.{kind}.npy", mmap_mode="r")
         return load("dense"), load("sparse"), load("label")
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -98,7 +100,7 @@ class DatasetWriter:
         for split, n in sizes.items():
             if n == 0:
                 continue
-            mk = lambda kind, dtype, shape: np.lib.format.open_memmap(  # noqa: E731
+            mk = lambda kind, dtype, shape: np.lib.format.open_memmap(
                 root / f"{split}.{kind}.npy", mode="w+", dtype=dtype, shape=shape)
             self.maps[split] = (mk("dense", np.float32, (n, num_dense)), mk("sparse", np.int32, (n, num_tables)),
                                 mk("label", np.uint8, (n,)))
@@ -129,15 +131,3 @@ def split_of(row_index: np.ndarray, seed: int, val: float, test: float) -> np.nd
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         u = (x ^ (x >> np.uint64(31))).astype(np.float64) / 2.0**64
     return np.where(u < test, 2, np.where(u < test + val, 1, 0)).astype(np.int8)
-
-
-def open_dataset(path: str | Path) -> CTRDataset:
-    """Open a prepared dataset folder (see ``recompress data --help`` to make one)."""
-    path = Path(path)
-    if path.is_dir() and (path / META).is_file():
-        return CTRDataset(path)
-    if path.is_file():
-        raise UserError(f"{path} is a raw file, not a prepared dataset",
-                        f"prepare it first: recompress data criteo {path} -o DATASET_DIR")
-    raise UserError(f"{path} is not a prepared dataset (no {META})",
-                    "make one with 'recompress data criteo' or 'recompress data synthetic'")

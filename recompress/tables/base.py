@@ -1,4 +1,4 @@
-"""The one embedding-table interface and its stored forms.
+"""The one embedding-table interface, its dense and factorized kinds, and rebuilding any kind from a spec.
 
 Every kind maps ids to rows with :meth:`Table.lookup`; pooling (sum over a bag) is shared, so a
 model only ever sees ``table(ids, offsets)``. A table's stored tensors are its registered
@@ -235,6 +235,7 @@ def collapse_factorized(tables: nn.ModuleDict, names: list[str]) -> list[str]:
 
 def empty_table(spec: TableSpec) -> Table:
     """An uninitialized table with the shapes and storage ``spec`` describes (weights are loaded afterwards)."""
+    from . import hashed, tt  # noqa: F401  (their kinds register themselves)
     try:
         cls = Table.KINDS[spec.kind]
     except KeyError:
@@ -246,5 +247,3 @@ def empty_table(spec: TableSpec) -> Table:
         table.quantize(quant["dtype"], quant.get("align", 1), fill=False)
     return table
 
-
-from . import hashed, tt_table  # noqa: E402,F401  (their kinds register themselves)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .tables import Table
+from .base import Table
 
 PRIME = (1 << 31) - 1  # a * id stays below 2**62 for ids < 2**31, so int64 arithmetic is exact
 

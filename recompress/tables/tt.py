@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .tables import Table
+from .base import Table
 
 
 class TTTable(Table):

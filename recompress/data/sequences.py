@@ -1,0 +1,253 @@
+"""Sequence datasets: one item sequence per user, split leave-one-out, memory-mapped.
+
+Readers (``--format``, detected from the first lines when not given):
+- ``lines``: one user per line, ``u i1 i2 ...`` in time order (the S3-Rec 5-core files);
+- ``pairs``: ``u i`` per line, a user's lines in time order (SASRec's and BERT4Rec's files);
+- ``recbole``: RecBole atomic ``.inter`` files (typed header, e.g. ``user_id:token item_id:token
+  timestamp:float``); each user's rows sorted by timestamp (file order breaks ties);
+- ``movielens``: MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``), sorted the same way.
+
+Users with fewer than ``min_items`` (3) interactions are dropped (and counted): leave-one-out needs a
+training item, a validation item (the second to last) and a test item (the last). Item ids are remapped
+to 1..N in order of first appearance (0 is padding) and the original ids are stored. Layout:
+``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
+start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
+``user_ids.npy`` (original ids). Splits are views of these arrays, never copies.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recompress.errors import UserError
+from recompress.outputs import check_output, output_dir
+from recompress.progress import progress, say
+
+META = "meta.json"
+FORMATS = ("lines", "pairs", "recbole", "movielens")
+SPLITS = ("train", "val", "test")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = open(path, "rb")
+    head = raw.read(2)
+    raw.seek(0)
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw, encoding="utf-8",
+                            errors="strict")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with _open_text(path) as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield number, line.rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a text file of interactions (not UTF-8)",
+                            f"pass a sequence file in one of the formats {', '.join(FORMATS)}") from None
+
+
+def detect_format(path: Path) -> str:
+    """The format of a sequence file from its first lines."""
+    first = []
+    for _, line in _lines(path):
+        first.append(line)
+        if len(first) == 200:
+            break
+    if not first:
+        raise UserError(f"{path} is empty", "pass a file with one interaction (or one user) per line")
+    head = first[0]
+    if ":token" in head or ":float" in head:
+        return "recbole"
+    if head.replace(" ", "").lower().startswith("userid,movieid"):
+        return "movielens"
+    widths = {len(x.split()) for x in first}
+    if widths == {2}:
+        return "pairs"
+    if min(widths) >= 2:
+        return "lines"
+    raise UserError(f"{path}: cannot tell the format from the first lines (line 1: {head[:60]!r})",
+                    f"name it with --format ({', '.join(FORMATS)})")
+
+
+def _events(path: Path, fmt: str) -> tuple[list[str], list[list[str]], list[list[float]] | None]:
+    """(users in order of first appearance, their item lists, their timestamps or None), in time order."""
+    seqs: dict[str, list[tuple[float, int, str]]] = {}
+    has_time = fmt in ("recbole", "movielens")
+    where = str(path)
+    lines = _lines(path)
+    cols: dict[str, int] = {}
+    if fmt in ("recbole", "movielens"):
+        try:
+            number, header = next(lines)
+        except StopIteration:
+            raise UserError(f"{path} is empty", "pass an interaction file") from None
+        sep = "\t" if fmt == "recbole" else ","
+        names = [c.split(":")[0].strip() for c in header.split(sep)]
+        want = ("user_id", "item_id", "timestamp") if fmt == "recbole" else ("userId", "movieId", "timestamp")
+        missing = [w for w in want[:2] if w not in names]
+        if missing:
+            raise UserError(f"{where} line {number}: header {header[:80]!r} has no {', '.join(missing)} column",
+                            f"a {fmt} file starts with a header naming {', '.join(want)}")
+        cols = {k: names.index(w) for k, w in zip(("user", "item", "time"), want) if w in names}
+        has_time = "time" in cols
+    order = 0
+    for number, line in lines:
+        if fmt == "lines":
+            tok = line.split()
+            if len(tok) < 2:
+                raise UserError(f"{where} line {number}: {len(tok)} field(s), expected a user and at least one item",
+                                "each line is 'user item1 item2 ...'")
+            seqs.setdefault(tok[0], []).extend((order + k, 0, it) for k, it in enumerate(tok[1:]))
+            order += len(tok)
+            continue
+        if fmt == "pairs":
+            tok = line.split()
+            if len(tok) != 2:
+                raise UserError(f"{where} line {number}: {len(tok)} fields, expected 'user item'",
+                                "each line is one interaction: 'user item'")
+            user, item, t = tok[0], tok[1], float(order)
+        else:
+            tok = line.split("\t" if fmt == "recbole" else ",")
+            if len(tok) < len(names):
+                raise UserError(f"{where} line {number}: {len(tok)} fields, the header has {len(names)}",
+                                "every row needs a value for every header column")
+            user, item = tok[cols["user"]].strip(), tok[cols["item"]].strip()
+            try:
+                t = float(tok[cols["time"]]) if has_time else float(order)
+            except ValueError:
+                raise UserError(f"{where} line {number}: timestamp {tok[cols['time']]!r} is not a number",
+                                "timestamps are seconds since the epoch") from None
+        if not user or not item:
+            raise UserError(f"{where} line {number}: empty user or item id", "every interaction names a user and an item")
+        seqs.setdefault(user, []).append((t, order, item))
+        order += 1
+    users = list(seqs)
+    items, times = [], []
+    for u in users:
+        ev = sorted(seqs[u]) if has_time else seqs[u]
+        items.append([e[2] for e in ev])
+        times.append([e[0] for e in ev])
+    return users, items, times if has_time else None
+
+
+def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
+                      min_items: int = 3, overwrite: bool = False) -> Path:
+    """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out``."""
+    source = Path(source)
+    if not source.is_file():
+        raise UserError(f"{source} does not exist or is not a file", "pass a sequence file (see --format)")
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"unknown sequence format {fmt!r}", f"choose from {', '.join(FORMATS)}")
+    if max_len is not None and max_len < 1:
+        raise UserError(f"--max-len {max_len} is impossible", "keep at least 1 interaction per user (3 for a split)")
+    if max_len is not None and max_len < min_items:
+        raise UserError(f"--max-len {max_len} leaves no user with the {min_items} items leave-one-out needs",
+                        f"pass --max-len {min_items} or more")
+    check_output(out, overwrite=overwrite, inputs=[source])
+    fmt = fmt or detect_format(source)
+    say(f"reading {source} as {fmt}")
+    users, item_lists, time_lists = _events(source, fmt)
+    write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source],
+                    meta={"source": str(source.resolve()), "format": fmt, "synthetic": False},
+                    max_len=max_len, min_items=min_items)
+    return Path(out)
+
+
+def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any]], time_lists: list[list[float]] | None,
+                    *, meta: dict[str, Any], max_len: int | None = None, min_items: int = 3, overwrite: bool = False,
+                    inputs: tuple = ()) -> Path:
+    """Remap ids, drop short users, and write the dataset folder (used by the readers and the generator)."""
+    if max_len is not None:
+        item_lists = [s[-max_len:] for s in item_lists]
+        time_lists = [t[-max_len:] for t in time_lists] if time_lists is not None else None
+    keep = [i for i, s in enumerate(item_lists) if len(s) >= min_items]
+    dropped = len(item_lists) - len(keep)
+    if not keep:
+        raise UserError(f"no user has the {min_items} interactions leave-one-out needs ({dropped} users dropped)",
+                        "pass a longer history per user")
+    item_index: dict[Any, int] = {}
+    with progress("remapping ids", len(keep)) as advance:
+        flat = []
+        for i in keep:
+            for it in item_lists[i]:
+                flat.append(item_index.setdefault(it, len(item_index) + 1))
+            advance(1)
+    lengths = np.array([len(item_lists[i]) for i in keep], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    items = np.asarray(flat, dtype=np.int32)
+    body = {**meta, "kind": "sequences", "num_users": len(keep), "num_items": len(item_index),
+            "interactions": int(len(items)), "dropped_users": dropped, "min_items": min_items, "max_len": max_len,
+            "has_times": time_lists is not None, "split": "leave-one-out (test: last item, val: second to last)"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    h.update(items.tobytes())
+    h.update(offsets.tobytes())
+    body["fingerprint"] = h.hexdigest()[:16]
+    with output_dir(out, kind="dataset", overwrite=overwrite, inputs=inputs) as tmp:
+        np.save(tmp / "items.npy", items)
+        np.save(tmp / "offsets.npy", offsets)
+        if time_lists is not None:
+            np.save(tmp / "times.npy", np.asarray([t for i in keep for t in time_lists[i]], dtype=np.int64))
+        np.save(tmp / "item_ids.npy", np.asarray([""] + [str(k) for k in item_index]))
+        np.save(tmp / "user_ids.npy", np.asarray([str(users[i]) for i in keep]))
+        (tmp / META).write_text(json.dumps(body, indent=2) + "\n")
+    say(f"{len(keep):,} users, {len(item_index):,} items, {len(items):,} interactions"
+        + (f"; dropped {dropped:,} users with fewer than {min_items} interactions" if dropped else "") + f" -> {out}")
+    return Path(out)
+
+
+class SequenceDataset:
+    """Read-only view of a prepared sequence dataset folder (leave-one-out splits)."""
+
+    kind = "sequences"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta: dict[str, Any] = json.loads((path / META).read_text())
+        self.num_items: int = int(self.meta["num_items"])
+        self.num_users: int = int(self.meta["num_users"])
+        self.items = np.load(path / "items.npy", mmap_mode="r")
+        self.offsets = np.load(path / "offsets.npy")
+        self.times = np.load(path / "times.npy", mmap_mode="r") if self.meta.get("has_times") else None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def size(self, split: str) -> int:
+        return self.num_users
+
+    def history_end(self, split: str) -> np.ndarray:
+        """Per user, where the history of ``split`` ends (exclusive): its target is the item there.
+
+        ``train``: the history is everything before the validation item (training targets are its own
+        items from the second on); ``val``: the same history, target the second to last item; ``test``:
+        everything but the last item, target the last.
+        """
+        ends = self.offsets[1:]
+        return {"train": ends - 2, "val": ends - 2, "test": ends - 1}[split]
+
+    def windows(self, users: np.ndarray, ends: np.ndarray, length: int, source: np.ndarray | None = None) -> np.ndarray:
+        """``[len(users), length]``: each user's last ``length`` entries before ``ends``, left-padded with 0."""
+        src = self.items if source is None else source
+        starts = np.maximum(self.offsets[users], ends - length)
+        out = np.zeros((len(users), length), dtype=np.int64)
+        for r, (s, e) in enumerate(zip(starts, ends)):
+            if e > s:
+                out[r, length - (e - s):] = src[s:e]
+        return out
+
+    def id_counts(self, split: str = "train") -> np.ndarray:
+        """How often each item id (0..N) occurs in the training part of every sequence."""
+        train = np.ones(len(self.items), dtype=bool)
+        train[self.offsets[1:] - 1] = False
+        train[self.offsets[1:] - 2] = False
+        return np.bincount(np.asarray(self.items)[train], minlength=self.num_items + 1)

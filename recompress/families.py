@@ -1,0 +1,86 @@
+"""Model families: each declares here its name, the dataset kind it trains on and its hyper-parameters
+(torch-free, so ``train --help`` answers at once); its implementation, the ``nn.Module`` and the
+``Family`` object that knows its batch, loss, metrics, inputs and item tables, lives in its model file
+(``module``). Adding a family = one model file + one ``declare`` here. No stage branches on a family's
+name: training, compression, export, evaluation, recipes and the gate ask the family object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+from .params import Param
+
+if TYPE_CHECKING:
+    from .models.family import Family
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    name: str
+    help: str
+    data: str  # the dataset kind it trains on: "ctr" | "sequences"
+    module: str  # holds FAMILY, the implementation
+    hparams: tuple[Param, ...]
+
+
+FAMILIES: dict[str, FamilyInfo] = {}
+
+
+def declare(info: FamilyInfo) -> FamilyInfo:
+    FAMILIES[info.name] = info
+    return info
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}", f"known families: {', '.join(FAMILIES)}")
+    return import_module(FAMILIES[name].module).FAMILY
+
+
+def all_hparams() -> dict[str, list[tuple[str, Param]]]:
+    """Every family hyper-parameter by name, with the families that declare it (a name means one thing)."""
+    out: dict[str, list[tuple[str, Param]]] = {}
+    for f in FAMILIES.values():
+        for p in f.hparams:
+            out.setdefault(p.name, []).append((f.name, p))
+    return out
+
+
+DIM = "embedding width d"
+SEQUENTIAL = (
+    Param("max_len", int, "history length L the model reads (the most recent items)", 50),
+    Param("blocks", int, "transformer blocks", 2),
+    Param("heads", int, "attention heads", 1),
+    Param("dropout", float, "dropout rate", 0.2),
+    Param("loss", str, "bce: one sampled negative per position (SASRec); sampled-softmax: softmax over the positive "
+                       "and --negatives sampled items (HSTU)", "bce", ("bce", "sampled-softmax")),
+    Param("negatives", int, "sampled negatives per position", 1),
+    Param("temperature", float, "sampled-softmax temperature", 1.0),
+)
+
+
+def _seq(defaults: dict[str, object], *extra: Param) -> tuple[Param, ...]:
+    base = [Param(p.name, p.type, p.help, defaults.get(p.name, p.default), p.choices) for p in SEQUENTIAL]
+    return (Param("dim", int, DIM, defaults.get("dim", 50)), *base, *extra)
+
+
+declare(FamilyInfo("dlrm", "DLRM: bottom MLP, one pooled table per sparse feature, dot interaction, top MLP", "ctr",
+                   "recompress.models.dlrm",
+                   (Param("dim", int, DIM, 16), Param("bottom", str, "bottom MLP hidden sizes (d is appended)", "64"),
+                    Param("top", str, "top MLP hidden sizes (1 is appended)", "64"))))
+declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the history, scored by the tied item table",
+                   "sequences", "recompress.models.sasrec",
+                   _seq({}, Param("norm_first", bool, "sasrec: layer norm before attention/FFN (pre-LN) instead of "
+                                                      "after (SASRec.pytorch's default)", False))))
+declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
+                   "sequences", "recompress.models.hstu",
+                   _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},
+                        Param("time_bias", bool, "hstu: add the bucketed time bias when the data has timestamps", True))))
+declare(FamilyInfo("ranker", "appended-candidate ranker: each candidate is appended to the history and attends to "
+                   "it; a CTR head scores it", "sequences", "recompress.models.ranker",
+                   _seq({"dim": 64, "heads": 2, "negatives": 4},
+                        Param("head", str, "ranker: hidden sizes of the CTR head MLP", "128"))))

@@ -1,0 +1,140 @@
+"""HSTU (Zhai et al. 2024, "Actions Speak Louder than Words") as generative-recommenders' research HSTU builds it.
+
+Input: item rows times sqrt(d) plus learned positions, dropout. Each block (a sequential transduction
+unit): x' = layer_norm(x) (no affine); [u, v, q, k] = SiLU(x' W) with one matrix W (normal std 0.02);
+attention A = SiLU(q k^T + rab) / L per head, masked causally (and to real keys), where rab is a learned
+relative-position bias w[L-1 + j - i] plus, when the data has timestamps, a learned bias of the bucketed
+time gap bucket(t_{i+1} - t_j) = floor(ln |gap| / 0.301) (128 buckets, the next timestamp of the last
+position is its own); y = A v; out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized,
+and scored against L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax
+loss divides it by the temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recompress.families import FAMILIES
+from recompress.spec import ModelSpec
+from recompress.tables import Table
+
+from .sequential import (
+    SequentialFamily,
+    causal_mask,
+    dot_negatives,
+    item_embed,
+    positions,
+)
+
+TIME_BUCKETS = 128
+
+
+def time_buckets(timestamps: Tensor) -> Tensor:
+    """``[B, L, L]`` bucket of t_{i+1} - t_j (the last position's next timestamp is its own)."""
+    nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)
+    gap = (nxt.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
+    return (torch.log(gap) / 0.301).long().clamp(0, TIME_BUCKETS)
+
+
+class STU(nn.Module):
+    """One HSTU block."""
+
+    def __init__(self, d: int, heads: int, attn_dim: int, linear_dim: int, max_len: int, dropout: float,
+                 time_bias: bool) -> None:
+        super().__init__()
+        self.d, self.heads, self.attn_dim, self.linear_dim = d, heads, attn_dim, linear_dim
+        self.uvqk = nn.Parameter(torch.empty(d, 2 * heads * (linear_dim + attn_dim)))
+        self.o = nn.Linear(heads * linear_dim, d)
+        self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1))
+        self.ts_w = nn.Parameter(torch.empty(TIME_BUCKETS + 1)) if time_bias else None
+        self.dropout = nn.Dropout(dropout)
+        self.max_len = max_len
+
+    def rel_bias(self, length: int, timestamps: Tensor | None) -> Tensor:
+        i = torch.arange(length).unsqueeze(1)
+        j = torch.arange(length).unsqueeze(0)
+        bias = self.pos_w[(self.max_len - 1 + j - i).clamp(0, 2 * self.max_len - 2)].unsqueeze(0)  # [1, L, L]
+        if self.ts_w is not None and timestamps is not None:
+            bias = bias + self.ts_w[time_buckets(timestamps)]
+        return bias
+
+    def forward(self, x: Tensor, allowed: Tensor, timestamps: Tensor | None) -> Tensor:
+        b, length, _ = x.shape
+        h, a, v_dim = self.heads, self.attn_dim, self.linear_dim
+        u, v, q, k = torch.split(F.silu(F.layer_norm(x, [self.d], eps=1e-6) @ self.uvqk),
+                                 [h * v_dim, h * v_dim, h * a, h * a], dim=-1)
+        qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(b, length, h, a), k.reshape(b, length, h, a))
+        qk = qk + self.rel_bias(length, timestamps).unsqueeze(1)
+        attn = F.silu(qk) / length * allowed.unsqueeze(1).to(x.dtype)
+        y = torch.einsum("bhnm,bmhd->bnhd", attn, v.reshape(b, length, h, v_dim)).reshape(b, length, h * v_dim)
+        return x + self.o(self.dropout(u * F.layer_norm(y, [h * v_dim], eps=1e-6)))
+
+
+class HSTU(nn.Module):
+    family = "hstu"
+
+    def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
+        super().__init__()
+        self.hparams = dict(hparams)
+        d, heads = hparams["dim"], hparams["heads"]
+        self.tables = nn.ModuleDict(tables)
+        self.emb_dropout = nn.Dropout(hparams["dropout"])
+        uses_time = bool(hparams["time_bias"] and hparams["has_times"])
+        self.blocks = nn.ModuleList(STU(d, heads, d // heads, d // heads, hparams["max_len"], hparams["dropout"],
+                                        uses_time) for _ in range(hparams["blocks"]))
+
+    def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        real = (history > 0).unsqueeze(-1).to(torch.float32)
+        x = item_embed(self, history) * math.sqrt(self.hparams["dim"]) + self.tables["position"].lookup(positions(history))
+        x = self.emb_dropout(x) * real
+        allowed = causal_mask(history)
+        for block in self.blocks:
+            x = block(x, allowed, timestamps) * real
+        return F.normalize(x, dim=-1, eps=1e-6)
+
+    def items(self, ids: Tensor) -> Tensor:
+        return F.normalize(item_embed(self, ids), dim=-1, eps=1e-6)
+
+    def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """Cosine similarities ``[B, M]`` of ``candidates`` (``[B, M]`` or ``[1, M]``) after ``history``."""
+        h = self.encode(history, timestamps)[:, -1]
+        cand = self.items(candidates)
+        if candidates.shape[0] == 1:
+            return h @ cand[0].T
+        return (cand * h.unsqueeze(1)).sum(-1)
+
+    def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
+                     timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.encode(history, timestamps)
+        return (h * self.items(targets)).sum(-1), dot_negatives(h, self.items(negatives), negatives.dim() == 1)
+
+
+class HSTUFamily(SequentialFamily):
+    info = FAMILIES["hstu"]
+
+    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> HSTU:
+        return HSTU(spec.hparams, tables)
+
+    def uses_times(self, hparams: dict[str, Any]) -> bool:
+        return bool(hparams.get("time_bias") and hparams.get("has_times"))
+
+    def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
+        """generative-recommenders' rule: uvqk and the relative biases N(0, 0.02), the output projection
+        xavier-uniform (bias zero)."""
+        for block in model.blocks:
+            block.uvqk.normal_(0.0, 0.02, generator=gen)
+            block.pos_w.normal_(0.0, 0.02, generator=gen)
+            if block.ts_w is not None:
+                block.ts_w.normal_(0.0, 0.02, generator=gen)
+            fan_out, fan_in = block.o.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            block.o.weight.uniform_(-bound, bound, generator=gen)
+            block.o.bias.zero_()
+
+
+FAMILY = HSTUFamily()

@@ -1,0 +1,102 @@
+"""SASRec (Kang & McAuley 2018) as pmixer/SASRec.pytorch builds it.
+
+Item rows times sqrt(d) plus learned positions (slot 1..L, 0 for padding), dropout, then ``blocks`` of
+causal softmax self-attention (``nn.MultiheadAttention``) and a point-wise feed-forward (two width-d
+layers with ReLU and dropout), each with a residual and layer norm (eps 1e-8) after it, or before it with
+``norm_first``; a final layer norm. The item table scores the output (tied): score(c) = h_L . e_c.
+Padded positions are masked out as keys and zeroed after every block, so the padding row's content never
+matters (it would for hashed or quantized item tables).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from recompress.families import FAMILIES
+from recompress.spec import ModelSpec
+from recompress.tables import Table
+
+from .sequential import (
+    SequentialFamily,
+    causal_mask,
+    dot_negatives,
+    item_embed,
+    positions,
+)
+
+
+class FeedForward(nn.Module):
+    """SASRec's point-wise feed-forward (its 1x1 convolutions are these two linear layers)."""
+
+    def __init__(self, d: int, dropout: float) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.conv2(torch.relu(self.drop1(self.conv1(x)))))
+
+
+class SASRec(nn.Module):
+    family = "sasrec"
+
+    def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
+        super().__init__()
+        self.hparams = dict(hparams)
+        d, blocks, p = hparams["dim"], hparams["blocks"], hparams["dropout"]
+        self.tables = nn.ModuleDict(tables)
+        self.emb_dropout = nn.Dropout(p)
+        self.attention_layernorms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(blocks))
+        self.attention_layers = nn.ModuleList(nn.MultiheadAttention(d, hparams["heads"], dropout=p, batch_first=True)
+                                              for _ in range(blocks))
+        self.forward_layernorms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(blocks))
+        self.forward_layers = nn.ModuleList(FeedForward(d, p) for _ in range(blocks))
+        self.last_layernorm = nn.LayerNorm(d, eps=1e-8)
+
+    def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """``[B, L]`` item ids (0 = padding) -> ``[B, L, d]``: position i has read items up to i."""
+        d = self.hparams["dim"]
+        real = (history > 0).unsqueeze(-1).to(torch.float32)
+        x = item_embed(self, history) * math.sqrt(d) + self.tables["position"].lookup(positions(history))
+        x = self.emb_dropout(x) * real
+        heads = self.hparams["heads"]
+        blocked = ~causal_mask(history).repeat_interleave(heads, dim=0)  # True = may not attend
+        for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
+                                         self.forward_layers):
+            if self.hparams["norm_first"]:
+                q = ln_a(x)
+                x = x + attn(q, q, q, attn_mask=blocked, need_weights=False)[0]
+                x = x + ffn(ln_f(x))
+            else:
+                x = ln_a(x + attn(x, x, x, attn_mask=blocked, need_weights=False)[0])
+                x = ln_f(x + ffn(x))
+            x = x * real
+        return self.last_layernorm(x)
+
+    def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """Scores ``[B, M]`` of ``candidates`` (``[B, M]``, or ``[1, M]`` for every user) after ``history``."""
+        h = self.encode(history)[:, -1]
+        cand = item_embed(self, candidates)
+        if candidates.shape[0] == 1:
+            return h @ cand[0].T
+        return (cand * h.unsqueeze(1)).sum(-1)
+
+    def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
+                     timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = self.encode(history)
+        pos = (h * item_embed(self, targets)).sum(-1)
+        return pos, dot_negatives(h, item_embed(self, negatives), negatives.dim() == 1)
+
+
+class SASRecFamily(SequentialFamily):
+    info = FAMILIES["sasrec"]
+
+    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> SASRec:
+        return SASRec(spec.hparams, tables)
+
+
+FAMILY = SASRecFamily()

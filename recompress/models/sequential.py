@@ -1,0 +1,247 @@
+"""What the sequential families share: batches, negatives, losses and leave-one-out ranking evaluation.
+
+Layout, as in SASRec.pytorch: a history is the user's last ``max_len`` items, left-padded with 0; in
+training, position i's target is the item after position i. Losses: ``bce`` (SASRec: each position's
+target against its own negatives, drawn uniformly and redrawn while they hit an item of the user's
+window) or ``sampled-softmax`` (HSTU: softmax over the target and ``negatives`` items at a temperature;
+the negatives are drawn uniformly once per batch and shared by every position, which keeps 128 of them
+affordable on a CPU, and a negative that is the position's own target is masked out).
+
+Evaluation (RecBole's two protocols): ``full`` ranks the target among all items, skipping items the user
+already has; ``sampled`` ranks it among ``negatives`` (100) items the user never had, drawn once per
+split with a fixed seed, so every model sees the same candidates (SASRec.pytorch's protocol). Ties
+count against the target (``recompress.metrics.ranks``).
+
+A sequential model is an ``nn.Module`` with ``tables`` (``item``, ``position``), ``hparams`` and
+``forward(history, candidates, timestamps=None) -> scores [B, M]`` (candidates ``[B, M]``, or ``[1, M]``
+shared by the batch), plus ``train_logits(history, targets, negatives, timestamps) -> (pos [B, L],
+neg [B, L, K])`` with negatives ``[B, L, K]`` or ``[K]`` (shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from recompress.errors import UserError
+from recompress.metrics import ranks
+from recompress.spec import ModelSpec
+
+from .family import Family, Inputs
+
+
+def item_embed(model: nn.Module, ids: Tensor) -> Tensor:
+    """Item rows for ``ids`` with padding (0) forced to zero, whatever the table's kind."""
+    return model.tables["item"].lookup(ids.clamp(min=0)) * (ids > 0).unsqueeze(-1).to(torch.float32)
+
+
+def dot_negatives(h: Tensor, neg: Tensor, shared: bool) -> Tensor:
+    """``[B, L, K]`` dot products of states ``h`` [B, L, d] with negative rows ``neg`` ([K, d] shared, or [B, L, K, d])."""
+    return h @ neg.T if shared else (h.unsqueeze(2) * neg).sum(-1)
+
+
+def positions(history: Tensor) -> Tensor:
+    """SASRec.pytorch's positions: slot index 1..L for real items, 0 for padding."""
+    slots = torch.arange(1, history.shape[1] + 1, device=history.device).expand_as(history)
+    return slots * (history > 0)
+
+
+def causal_mask(history: Tensor) -> Tensor:
+    """``[B, L, L]`` True where query i may attend key j: j <= i and j real (a padded query sees only itself)."""
+    length = history.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=history.device).tril()
+    real = (history > 0).unsqueeze(1)
+    return causal & (real | torch.eye(length, dtype=torch.bool, device=history.device))
+
+
+class SequentialFamily(Family):
+    metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "uauc")
+    record = "ranks"
+    protocols = ("full", "sampled")
+    inputs = {"history": {0: "batch", 1: "length"}, "candidates": {0: "cbatch", 1: "candidates"}}
+    output = "scores"
+    compressible = ("item",)
+    adam_betas = (0.9, 0.98)  # SASRec.pytorch's Adam
+    extra_positions = 0  # position rows beyond 1..max_len (the ranker's candidate slot)
+    eval_batch = {"full": 512, "sampled": 2048}  # users per evaluation batch
+
+    # --- model -----------------------------------------------------------------------------------------
+    def new_spec(self, data: Any, hparams: dict[str, Any]) -> ModelSpec:
+        self.check_data(data)
+        hp = self.hparams(hparams)
+        checks = [("--dim", hp["dim"], hp["dim"] >= 1), ("--blocks", hp["blocks"], hp["blocks"] >= 1),
+                  ("--heads", hp["heads"], hp["heads"] >= 1 and hp["dim"] % hp["heads"] == 0),
+                  ("--max-len", hp["max_len"], hp["max_len"] >= 1), ("--dropout", hp["dropout"], 0 <= hp["dropout"] < 1),
+                  ("--negatives", hp["negatives"], hp["negatives"] >= 1),
+                  ("--temperature", hp["temperature"], hp["temperature"] > 0)]
+        for flag, value, ok in checks:
+            if not ok:
+                raise UserError(f"{flag} {value} is impossible for {self.name}",
+                                "dim, blocks, heads and max-len are >= 1, heads divide dim, 0 <= dropout < 1, "
+                                "negatives >= 1, temperature > 0")
+        hp = {**hp, "num_items": data.num_items, "has_times": bool(data.meta.get("has_times")), "tied_output": True}
+        tables = self.spec_tables({"item": (data.num_items + 1, hp["dim"], "item"),
+                                   "position": (hp["max_len"] + 1 + self.extra_positions, hp["dim"], "position")})
+        return ModelSpec(family=self.name, hparams=hp, tables=tables,
+                         vocab={"dataset": str(data.path), "fingerprint": data.fingerprint, "num_items": data.num_items,
+                                "synthetic": bool(data.meta.get("synthetic"))})
+
+    def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
+        """SASRec.pytorch's rule: xavier-normal for every matrix, then zero padding rows."""
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and not name.startswith("tables."):
+                fan_in, fan_out = p.shape[1], p.shape[0]
+                p.normal_(0.0, (2.0 / (fan_in + fan_out)) ** 0.5, generator=gen)
+
+    def check(self, spec: ModelSpec, data: Any) -> None:
+        self.check_data(data)
+        rows = next(t.rows for t in spec.tables if t.name == "item")
+        if data.num_items + 1 > rows:
+            raise UserError(f"the dataset has {data.num_items:,} items but the model's item table has {rows - 1:,} "
+                            "(ids out of range)", "use the dataset the model was trained on")
+        if self.uses_times(spec.hparams) and not data.meta.get("has_times"):
+            raise UserError(f"this {self.name} model was trained with timestamps and {data.path} has none",
+                            "use the dataset the model was trained on")
+
+    def uses_times(self, hparams: dict[str, Any]) -> bool:
+        return False
+
+    def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
+        return {"item": data.id_counts("train")}
+
+    # --- training ---------------------------------------------------------------------------------------
+    def steps_per_epoch(self, data: Any, batch_size: int) -> int:
+        return -(-data.num_users // batch_size)
+
+    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+        hp = model.hparams
+        length, k = hp["max_len"], hp["negatives"]
+        rng = np.random.default_rng(seed)
+        ends = data.history_end("train")
+        for users in np.array_split(rng.permutation(data.num_users), self.steps_per_epoch(data, batch_size)):
+            history = data.windows(users, ends[users] - 1, length)
+            targets = data.windows(users, ends[users], length)
+            if hp["loss"] == "sampled-softmax":
+                negatives = rng.integers(1, data.num_items + 1, k)
+            else:
+                window = np.concatenate([history, targets[:, -1:]], axis=1)
+                negatives = sample_negatives(rng, data.num_items, (len(users), length, k), window)
+            batch = {"history": torch.from_numpy(history), "targets": torch.from_numpy(targets),
+                     "negatives": torch.from_numpy(negatives)}
+            if self.uses_times(hp):
+                batch["timestamps"] = torch.from_numpy(data.windows(users, ends[users] - 1, length, data.times))
+            yield batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        hp = model.hparams
+        pos, neg = model.train_logits(batch["history"], batch["targets"], batch["negatives"], batch.get("timestamps"))
+        valid = (batch["targets"] > 0) & (batch["history"] > 0)
+        if hp["loss"] == "bce":
+            bce = nn.functional.binary_cross_entropy_with_logits
+            return bce(pos[valid], torch.ones_like(pos[valid])) + bce(neg[valid], torch.zeros_like(neg[valid]))
+        neg = neg.masked_fill(batch["negatives"] == batch["targets"].unsqueeze(-1), float("-inf"))  # accidental hits
+        logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)[valid] / hp["temperature"]
+        return nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+
+    # --- evaluation -------------------------------------------------------------------------------------
+    def eval_rows(self, data: Any, split: str, protocol: str, users: int | None) -> int:
+        return data.num_users if users is None else min(users, data.num_users)
+
+    def eval_users(self, data: Any, users: int | None, seed: int) -> np.ndarray:
+        if users is None or users >= data.num_users:
+            return np.arange(data.num_users)
+        return np.sort(np.random.default_rng([seed, 7]).choice(data.num_users, users, replace=False))
+
+    def eval_batches(self, hparams: dict[str, Any], data: Any, split: str, protocol: str, *, batch_size: int | None = None,
+                     negatives: int = 100, seed: int = 0, users: int | None = None) -> Iterator[tuple[Inputs, Any]]:
+        length = hparams["max_len"]
+        who = self.eval_users(data, users, seed)
+        ends = data.history_end(split)
+        targets = np.asarray(data.items)[ends[who]].astype(np.int64)
+        batch_size = batch_size or self.eval_batch[protocol]
+        rng = np.random.default_rng([seed, {"val": 1, "test": 2}.get(split, 3)])  # same candidates for every model
+        for s in range(0, len(who), batch_size):
+            u = who[s:s + batch_size]
+            seen = self.seen(data, u, ends[u] + 1)  # history and target
+            inputs = {"history": data.windows(u, ends[u], length)}
+            if self.uses_times(hparams):
+                inputs["timestamps"] = data.windows(u, ends[u], length, data.times)
+            if protocol == "full":
+                inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
+                exclude = seen.copy()
+                exclude[np.arange(len(u)), targets[s:s + len(u)]] = False
+                exclude[:, 0] = True
+                yield inputs, (targets[s:s + len(u)], exclude)
+            else:
+                neg = sample_negatives(rng, data.num_items, (len(u), negatives), seen=seen)
+                inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
+                yield inputs, (np.zeros(len(u), dtype=np.int64), None)
+
+    @staticmethod
+    def seen(data: Any, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """``[len(users), N + 1]`` True for every item in each user's sequence before ``ends``."""
+        out = np.zeros((len(users), data.num_items + 1), dtype=bool)
+        starts = data.offsets[users]
+        lengths = ends - starts
+        rows = np.repeat(np.arange(len(users)), lengths)
+        cols = np.concatenate([np.asarray(data.items[s:e]) for s, e in zip(starts, ends)]) if len(users) else []
+        out[rows, cols] = True
+        return out
+
+    def reduce(self, output: np.ndarray, truth: Any) -> tuple[np.ndarray, np.ndarray]:
+        target, exclude = truth
+        scores = np.asarray(output)
+        if scores.shape[0] != len(target):  # candidates shared by the batch
+            scores = np.broadcast_to(scores, (len(target), scores.shape[1]))
+        count = (~exclude).sum(1) if exclude is not None else np.full(len(target), scores.shape[1])
+        return ranks(scores, target, exclude), count
+
+    # --- serving ----------------------------------------------------------------------------------------
+    def scorer(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
+        hp = model.hparams
+        gen = torch.Generator().manual_seed(seed)
+        if data is not None:
+            users = np.random.default_rng(seed).choice(data.num_users, min(n, data.num_users), replace=False)
+            history = torch.from_numpy(data.windows(users, data.history_end("test")[users], hp["max_len"]))
+        else:
+            history = torch.randint(1, hp["num_items"] + 1, (n, hp["max_len"]), generator=gen)
+            history[:, : hp["max_len"] // 3] = 0  # some padding
+        out = {"history": history, "candidates": torch.randint(1, hp["num_items"] + 1, (len(history), 101), generator=gen)}
+        if self.uses_times(hp):
+            out["timestamps"] = torch.cumsum(torch.randint(0, 86_400, history.shape, generator=gen), dim=1)
+        return out
+
+    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0) -> list[Inputs]:
+        protocol = self.protocols[0]
+        batches = self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed)
+        out = []
+        for inputs, _ in batches:
+            if len(inputs["history"]) == batch:
+                out.append(inputs)
+            if len(out) == count:
+                break
+        return out or [next(self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed))[0]]
+
+
+def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int, ...], window: np.ndarray | None = None,
+                     seen: np.ndarray | None = None) -> np.ndarray:
+    """Uniform item ids in 1..num_items of ``shape`` [B, ...], redrawn while one hits the row's ``window``
+    items (or ``seen`` [B, N+1] mask); after 20 redraws a hit is kept (only when a user has almost every item)."""
+    neg = rng.integers(1, num_items + 1, shape)
+    rows = np.arange(shape[0]).reshape(-1, *([1] * (len(shape) - 1)))
+    for _ in range(20):
+        if seen is not None:
+            hit = seen[rows, neg]
+        else:
+            hit = (neg[..., None] == window.reshape(shape[0], *([1] * (len(shape) - 1)), -1)).any(-1)
+        if not hit.any():
+            break
+        neg = np.where(hit, rng.integers(1, num_items + 1, shape), neg)
+    return neg

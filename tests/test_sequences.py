@@ -1,0 +1,139 @@
+"""Sequence datasets: every reader, the leave-one-out split, bad input; ranking metrics."""
+
+import gzip
+import re
+
+import numpy as np
+import pytest
+
+from recompress.data import open_dataset
+from recompress.data.sequences import detect_format, prepare_sequences
+from recompress.data.synthetic_sequences import make_synthetic_sequences
+from recompress.errors import UserError
+from recompress.metrics import METRICS, ranks
+
+from .conftest import shared_path
+
+USERS = {"u1": ["a", "b", "c", "d"], "u2": ["b", "c", "e"], "u3": ["a", "e"], "u4": ["d", "a", "b", "c", "e"]}
+
+
+def write(tmp_path, fmt):
+    """The same interactions in each format (timestamped formats get shuffled rows to test the sorting)."""
+    if fmt == "lines":
+        text = "".join(f"{u} {' '.join(items)}\n" for u, items in USERS.items())
+        (tmp_path / "x.txt").write_text(text)
+        return tmp_path / "x.txt"
+    if fmt == "pairs":
+        text = "".join(f"{u} {i}\n" for u, items in USERS.items() for i in items)
+        with gzip.open(tmp_path / "x.txt.gz", "wt") as f:
+            f.write(text)
+        return tmp_path / "x.txt.gz"
+    rows = [(u, i, 1000 + 10 * k) for u, items in USERS.items() for k, i in enumerate(items)]
+    rows = rows[::-1]  # file order is not time order
+    if fmt == "recbole":
+        text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+            f"{u}\t{i}\t5\t{t}\n" for u, i, t in rows)
+        (tmp_path / "x.inter").write_text(text)
+        return tmp_path / "x.inter"
+    text = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},4.0,{t}\n" for u, i, t in rows)
+    (tmp_path / "ratings.csv").write_text(text)
+    return tmp_path / "ratings.csv"
+
+
+def sequences(d):
+    ids = np.load(d.path / "item_ids.npy")
+    users = np.load(d.path / "user_ids.npy")
+    return {u: [ids[i] for i in d.items[d.offsets[k]:d.offsets[k + 1]]] for k, u in enumerate(users)}
+
+
+@pytest.mark.parametrize("fmt", ["lines", "pairs", "recbole", "movielens"])
+def test_every_format_gives_the_same_time_ordered_sequences(tmp_path, fmt):
+    src = write(tmp_path, fmt)
+    assert detect_format(src) == fmt
+    d = open_dataset(prepare_sequences(src, tmp_path / "d"))
+    assert sequences(d) == {u: s for u, s in USERS.items() if len(s) >= 3}  # u3 has 2 items: dropped
+    assert d.meta["dropped_users"] == 1 and d.num_items == 5 and d.meta["has_times"] == (fmt in ("recbole", "movielens"))
+    assert d.kind == "sequences" and d.meta["format"] == fmt
+
+
+def test_leave_one_out_split(tmp_path):
+    d = open_dataset(prepare_sequences(write(tmp_path, "lines"), tmp_path / "d"))
+    ids = list(np.load(d.path / "item_ids.npy"))
+    u1 = 0  # "a b c d": train a b, val target c, test target d
+    assert ids[d.items[d.history_end("val")[u1]]] == "c" and ids[d.items[d.history_end("test")[u1]]] == "d"
+    hist = d.windows(np.array([u1]), d.history_end("test")[[u1]], 5)[0]
+    assert [ids[i] for i in hist if i] == ["a", "b", "c"] and list(hist[:2]) == [0, 0]  # left-padded
+    counts = d.id_counts()
+    assert counts[ids.index("a")] == 2 and counts[ids.index("d")] == 1 and counts[ids.index("e")] == 0  # a b|b|d a b
+    assert counts.sum() == 2 + 1 + 3
+
+
+def test_max_len_keeps_the_most_recent(tmp_path):
+    d = open_dataset(prepare_sequences(write(tmp_path, "lines"), tmp_path / "d", max_len=3))
+    assert sequences(d)["u4"] == ["b", "c", "e"]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("u1 a b c\nu2\nu3 a b c\n", "line 2: 1 field(s), expected a user and at least one item"),
+    ("userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3\n", "line 3: 3 fields, the header has 4"),
+    ("userId,movieId,rating,timestamp\n1,2,3,soon\n", "line 2: timestamp 'soon' is not a number"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, text, fragment):
+    src = tmp_path / "bad.txt"
+    src.write_text(text)
+    with pytest.raises(UserError, match=re.escape(fragment)) as e:
+        prepare_sequences(src, tmp_path / "d", fmt="movielens" if "userId" in text else "lines")
+    assert str(src) in e.value.message and not (tmp_path / "d").exists()
+
+
+def test_bad_options_and_files(tmp_path):
+    src = write(tmp_path, "lines")
+    with pytest.raises(UserError, match="--max-len 0 is impossible"):
+        prepare_sequences(src, tmp_path / "d", max_len=0)
+    with pytest.raises(UserError, match="--max-len 2 leaves no user"):
+        prepare_sequences(src, tmp_path / "d", max_len=2)
+    short = tmp_path / "short.txt"
+    short.write_text("u1 a b\nu2 c\n")
+    with pytest.raises(UserError, match="no user has the 3 interactions leave-one-out needs \\(2 users dropped\\)"):
+        prepare_sequences(short, tmp_path / "d", fmt="lines")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x01" * 100)
+    with pytest.raises(UserError, match="not a text file"):
+        prepare_sequences(binary, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_synthetic_sequences_have_a_learnable_structure(tmp_path):
+    d = open_dataset(make_synthetic_sequences(tmp_path / "s", users=400, items=200, clusters=10, seed=1))
+    assert d.meta["synthetic"] and d.meta["has_times"] and d.num_users == 400
+    a, b = np.asarray(d.items[:-1]), np.asarray(d.items[1:])
+    inside = np.ones(len(a), bool)
+    inside[d.offsets[1:-1] - 1] = False  # pairs that cross users
+    pairs = np.stack([a[inside], b[inside]], 1)
+    _, counts = np.unique(pairs, axis=0, return_counts=True)
+    # the planted successor makes a few (item, next item) pairs very common: far from uniform
+    assert counts.max() > 10 * np.median(counts)
+    assert (np.diff(np.asarray(d.times)[d.offsets[0]:d.offsets[1]]) >= 0).all()
+
+
+@pytest.mark.shared_data
+def test_real_s3rec_beauty(tmp_path):
+    d = open_dataset(prepare_sequences(shared_path("data/seq_s3rec_amazon_yelp_lastfm/Beauty.txt.gz"), tmp_path / "b"))
+    assert d.meta["format"] == "lines" and d.num_users == 22_363 and d.num_items == 12_101
+    assert d.meta["interactions"] == 198_502
+
+
+def test_ranks_count_ties_against_the_target():
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    assert list(ranks(scores, np.array([1, 0]))) == [2, 3]  # a constant scorer ranks last, never first
+    exclude = np.array([[True, False, False, False], [False] * 4])
+    assert list(ranks(scores, np.array([1, 0]), exclude)) == [1, 3]
+
+
+def test_ranking_metrics_against_their_definitions():
+    r = np.array([0, 3, 9, 10, 50])
+    n = np.full(5, 101)
+    assert METRICS["hr@10"].value(n, r) == pytest.approx(3 / 5)
+    assert METRICS["ndcg@10"].value(n, r) == pytest.approx((1 + 1 / np.log2(5) + 1 / np.log2(11)) / 5)
+    assert METRICS["mrr"].value(n, r) == pytest.approx(np.mean(1 / (r + 1)))
+    assert METRICS["uauc"].value(n, r) == pytest.approx(np.mean(1 - r / 100))

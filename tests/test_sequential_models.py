@@ -1,0 +1,268 @@
+"""SASRec, HSTU and the ranker against independent references written from their papers' code; training,
+evaluation protocols, compressed item tables and checkpoints."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from recompress.compress.registry import Context, compress, parse_methods
+
+from recompress.checkpoint import load_checkpoint, save_checkpoint
+from recompress.data import open_dataset
+from recompress.data.synthetic_sequences import make_synthetic_sequences
+from recompress.errors import UserError
+from recompress.evaluation import score, torch_predict
+from recompress.families import get_family
+from recompress.tables import DenseTable
+from recompress.training import TrainConfig, train_model, validate
+
+
+@pytest.fixture(scope="module")
+def seq_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq") / "syn"
+    return open_dataset(make_synthetic_sequences(out, users=600, items=150, clusters=8, mean_len=15, seed=2))
+
+
+def fresh(name, data, **hp):
+    fam = get_family(name)
+    spec = fam.new_spec(data, {"dim": 16, "heads": 2, "max_len": 12, **hp})
+    model = fam.build(spec, {t.name: DenseTable(t.rows, t.dim) for t in spec.tables})
+    fam.init(model, 0)
+    with torch.no_grad():  # make the tables matter: no tiny init, nothing left at zero
+        for t in model.tables.values():
+            t.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    return fam, model.eval()
+
+
+def full_history(data, n=6, length=12):
+    users = np.flatnonzero(np.diff(data.offsets) > length + 2)[:n]
+    return torch.from_numpy(data.windows(users, data.history_end("test")[users], length))
+
+
+def attention(x, w_in, b_in, w_out, b_out, heads, mask):
+    """Multi-head softmax attention written out (the computation nn.MultiheadAttention performs)."""
+    b, n, d = x.shape
+    q, k, v = (x @ w_in.T + b_in).chunk(3, -1)
+    split = lambda t: t.view(b, n, heads, d // heads).transpose(1, 2)
+    s = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // heads)
+    out = (s.masked_fill(~mask, float("-inf")).softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
+    return out @ w_out.T + b_out
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_sasrec_equals_the_pmixer_forward(seq_data, norm_first):
+    fam, m = fresh("sasrec", seq_data, norm_first=norm_first)
+    seq = full_history(seq_data)  # no padding, so masking choices cannot differ
+    emb, pos = m.tables["item"].weight.detach(), m.tables["position"].weight.detach()
+    x = emb[seq] * math.sqrt(16) + pos[torch.arange(1, 13)]
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    for ln_a, attn, ln_f, ffn in zip(m.attention_layernorms, m.attention_layers, m.forward_layernorms, m.forward_layers):
+        def mha(y):
+            return attention(y, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias, 2, causal)
+
+        def ff(y):
+            return torch.relu(y @ ffn.conv1.weight.T + ffn.conv1.bias) @ ffn.conv2.weight.T + ffn.conv2.bias
+        if norm_first:
+            q = ln_a(x)
+            x = x + mha(q)
+            x = x + ff(ln_f(x))
+        else:
+            x = ln_a(x + mha(x))
+            x = ln_f(x + ff(x))
+    h = m.last_layernorm(x)[:, -1]
+    cand = torch.tensor([[3, 7, 150]]).expand(len(seq), -1)
+    with torch.no_grad():
+        assert torch.allclose(m(seq, cand), (emb[cand] * h.unsqueeze(1)).sum(-1), atol=1e-5)
+        full = m(seq, torch.arange(151)[None])  # the tied output; id 0 (padding) scores 0
+        assert torch.allclose(full[:, 1:], h @ emb[1:].T, atol=1e-5) and (full[:, 0] == 0).all()
+
+
+def gr_relative_bias(w, n):
+    """generative-recommenders' pad-and-repeat construction of the relative position bias, verbatim in math."""
+    t = F.pad(w[: 2 * n - 1], [0, n]).repeat(n)
+    t = t[..., :-n].reshape(1, n, 3 * n - 2)
+    r = (2 * n - 1) // 2
+    return t[..., r:-r]
+
+
+def test_hstu_equals_the_paper_formulas(seq_data):
+    fam, m = fresh("hstu", seq_data, heads=2, time_bias=True)
+    seq = full_history(seq_data)
+    users = np.flatnonzero(np.diff(seq_data.offsets) > 14)[:6]
+    ts = torch.from_numpy(seq_data.windows(users, seq_data.history_end("test")[users], 12, seq_data.times))
+    emb, pos = m.tables["item"].weight.detach(), m.tables["position"].weight.detach()
+    x = emb[seq] * math.sqrt(16) + pos[torch.arange(1, 13)]
+    n, h, a = 12, 2, 8
+    causal = torch.ones(n, n).tril()
+    for blk in m.blocks:
+        u, v, q, k = F.silu(F.layer_norm(x, [16], eps=1e-6) @ blk.uvqk).split([h * a] * 4, -1)
+        qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(-1, n, h, a), k.reshape(-1, n, h, a))
+        nxt = torch.cat([ts[:, 1:], ts[:, -1:]], 1)
+        bucket = (torch.log((nxt[:, :, None] - ts[:, None, :]).abs().clamp(min=1).float()) / 0.301).long().clamp(0, 128)
+        qk = qk + (gr_relative_bias(blk.pos_w, n) + blk.ts_w[bucket]).unsqueeze(1)
+        y = torch.einsum("bhnm,bmhd->bnhd", F.silu(qk) / n * causal, v.reshape(-1, n, h, a)).reshape(-1, n, h * a)
+        x = x + blk.o(u * F.layer_norm(y, [h * a], eps=1e-6))
+    out = F.normalize(x[:, -1], dim=-1)
+    with torch.no_grad():
+        got = m(seq, torch.arange(1, 151)[None], ts)
+    assert torch.allclose(got, out @ F.normalize(emb[1:], dim=-1).T, atol=1e-5)
+    assert got.abs().max() <= 1 + 1e-5  # cosine similarities
+
+
+def test_ranker_scores_each_candidate_as_if_it_were_alone(seq_data):
+    fam, m = fresh("ranker", seq_data)
+    hist = full_history(seq_data, n=3)
+    hist[0, :4] = 0  # one padded history
+    cands = torch.tensor([[5, 9, 2, 77], [1, 1, 3, 150], [60, 61, 62, 63]])
+    with torch.no_grad():
+        together = m(hist, cands)
+        alone = torch.stack([m(hist, cands[:, j:j + 1])[:, 0] for j in range(4)], 1)
+        swapped = m(hist, cands.flip(1)).flip(1)
+        shared = m(hist, cands[:1])  # one candidate list for every history
+    assert torch.allclose(together, alone, atol=1e-5) and torch.allclose(together, swapped, atol=1e-5)
+    assert torch.allclose(shared[0], together[0], atol=1e-5)
+    with torch.no_grad():  # the history matters, and padding does not leak into scores
+        other = hist.clone()
+        other[0, -1] = 140
+        assert not torch.allclose(m(other, cands)[0], together[0])
+        more_pad = hist.clone()
+        more_pad[0, :4] = 0
+        assert torch.allclose(m(more_pad, cands), together, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hstu"])
+def test_padding_rows_and_left_padding_never_matter(seq_data, name):
+    fam, m = fresh(name, seq_data)
+    hist = full_history(seq_data, n=2)
+    hist[:, :5] = 0
+    with torch.no_grad():
+        before = m(hist, torch.arange(151)[None], None)
+        m.tables["item"].weight[0] = 123.0  # the padding row's content
+        after = m(hist, torch.arange(151)[None], None)
+    assert torch.allclose(before[:, 1:], after[:, 1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name,floor", [("sasrec", 0.15), ("hstu", 0.15), ("ranker", 0.15)])
+def test_each_family_learns_the_planted_structure(seq_data, name, floor):
+    torch.manual_seed(0)
+    fam = get_family(name)
+    epochs = {"sasrec": 25, "hstu": 12, "ranker": 8}[name]
+    ck = train_model(fam, seq_data, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64),
+                     {"dim": 16, "max_len": 12, "heads": 2, "dropout": 0.1})
+    val = ck.spec.metrics["train"]["val"]
+    # random ranking: NDCG@10 about 0.03 among 150 items (full) or 0.05 among 101 candidates (sampled)
+    assert val["ndcg@10"] > floor, val
+    assert val["protocol"] == fam.protocols[0]
+
+
+@pytest.fixture(scope="module")
+def sasrec_ckpt(seq_data, tmp_path_factory):
+    ck = train_model(get_family("sasrec"), seq_data, TrainConfig(epochs=8, lr=3e-3, batch_size=64),
+                     {"dim": 16, "max_len": 12, "heads": 2})
+    return save_checkpoint(ck, tmp_path_factory.mktemp("sasrec") / "ck")
+
+
+def test_native_checkpoint_holds_the_architecture(sasrec_ckpt):
+    ck = load_checkpoint(sasrec_ckpt)
+    hp = ck.spec.hparams
+    assert (hp["max_len"], hp["heads"], hp["blocks"], hp["dropout"], hp["tied_output"], hp["num_items"]) == \
+        (12, 2, 2, 0.2, True, 150)
+    roles = {t.name: (t.role, t.rows) for t in ck.spec.tables}
+    assert roles == {"item": ("item", 151), "position": ("position", 13)}
+
+
+def test_protocols_rank_against_the_right_candidates(seq_data, sasrec_ckpt):
+    ck = load_checkpoint(sasrec_ckpt)
+    fam = get_family("sasrec")
+    hp = ck.model.hparams
+    (inputs, (target, exclude)), = list(fam.eval_batches(hp, seq_data, "test", "full", batch_size=600))[:1]
+    users = np.arange(seq_data.num_users)
+    ends = seq_data.history_end("test")
+    for u in (0, 17, 300):
+        seen = set(seq_data.items[seq_data.offsets[u]:ends[u]])
+        assert exclude[u, 0] and not exclude[u, target[u]]
+        assert {i for i in range(1, 151) if exclude[u, i]} == seen - {target[u]}
+    sampled = list(fam.eval_batches(hp, seq_data, "test", "sampled", negatives=100))
+    again = list(fam.eval_batches(hp, seq_data, "test", "sampled", negatives=100))
+    cands = np.concatenate([b[0]["candidates"] for b in sampled])
+    assert np.array_equal(cands, np.concatenate([b[0]["candidates"] for b in again]))  # the same for every model
+    assert (cands[:, 0] == np.asarray(seq_data.items)[ends]).all()
+    for u in (0, 17, 300):
+        assert not set(cands[u, 1:]) & set(seq_data.items[seq_data.offsets[u]:ends[u] + 1])
+    assert len(users) == len(cands)
+
+
+def test_full_ranking_metrics_equal_a_brute_force_ranking(seq_data, sasrec_ckpt):
+    ck = load_checkpoint(sasrec_ckpt)
+    fam = get_family("sasrec")
+    s = score(fam, torch_predict(fam, ck.model), ck.model.hparams, seq_data, "test", "full")
+    ends = seq_data.history_end("test")
+    for u in (3, 99, 501):
+        hist = torch.from_numpy(seq_data.windows(np.array([u]), ends[[u]], 12))
+        with torch.no_grad():
+            sc = ck.model(hist, torch.arange(151)[None])[0].numpy()
+        target = seq_data.items[ends[u]]
+        others = [i for i in range(1, 151) if i not in set(seq_data.items[seq_data.offsets[u]:ends[u]]) or i == target]
+        rank = sum(sc[i] >= sc[target] for i in others if i != target)
+        assert s.values[u] == rank
+
+
+def test_item_table_methods_apply_to_the_tied_table(seq_data, sasrec_ckpt, tmp_path):
+    for methods, params, form in [("int8", {}, "dense+int8"), ("hash", {"ratio": 4}, "hash"),
+                                  ("lowrank", {"rank": 4}, "factorized"), ("tt,int8", {"tt_rank": 4}, "tt+int8"),
+                                  ("freqhash", {"ratio": 2}, "freqhash"), ("qr,int4", {"collisions": 8}, "qr+int4")]:
+        ck = compress(load_checkpoint(sasrec_ckpt), parse_methods(methods, params), Context(seq_data, TrainConfig(steps=0)))
+        forms = {n: t.form for n, t in ck.model.tables.items()}
+        assert forms == {"item": form, "position": "dense"}, methods  # positions are not compressed by default
+        # the tied output scores with the compressed rows: a dense copy of them scores the same
+        dense = load_checkpoint(sasrec_ckpt).model
+        dense.tables["item"] = DenseTable(151, 16, ck.model.tables["item"].dense_weight())
+        hist = full_history(seq_data, n=4)
+        with torch.no_grad():
+            assert torch.allclose(ck.model(hist, torch.arange(151)[None]), dense(hist, torch.arange(151)[None]),
+                                  atol=1e-5)
+        path = save_checkpoint(ck, tmp_path / methods.replace(",", "-"))
+        assert load_checkpoint(path).model.tables["item"].form == form
+
+
+def test_freqhash_uses_item_frequencies_and_finetune_uses_the_family_loss(seq_data, sasrec_ckpt):
+    base = load_checkpoint(sasrec_ckpt)
+    ck = compress(base, parse_methods("freqhash", {"hot": 20, "buckets": 30, "finetune": True}),
+                  Context(seq_data, TrainConfig(epochs=1, lr=1e-3, batch_size=64)))
+    t = ck.model.tables["item"]
+    counts = seq_data.id_counts()
+    hot = set(np.argsort(-counts, kind="stable")[:20].tolist())
+    assert {i for i in range(151) if t.slot[i] >= 0} == hot
+    h = ck.spec.history[-1]
+    assert "ndcg@10" in h["val_after_finetune"] and h["finetune"]["steps"] == 10
+
+
+def test_mlet_width_cut_is_refused_with_a_hint(seq_data, sasrec_ckpt):
+    with pytest.raises(UserError, match="sasrec does not support") as e:
+        compress(load_checkpoint(sasrec_ckpt), parse_methods("mlet", {"dim": 8}), Context(seq_data))
+    assert "lowrank" in e.value.hint
+
+
+def test_bad_pairings_of_models_and_data(seq_data, sasrec_ckpt, tiny_data, tiny_ckpt, tmp_path):
+    fam = get_family("sasrec")
+    with pytest.raises(UserError, match="needs a sequences dataset"):
+        fam.check(load_checkpoint(sasrec_ckpt).spec, tiny_data)
+    with pytest.raises(UserError, match="needs a ctr dataset"):
+        get_family("dlrm").check(load_checkpoint(tiny_ckpt).spec, seq_data)
+    bigger = open_dataset(make_synthetic_sequences(tmp_path / "big", users=50, items=400, clusters=4, seed=3))
+    with pytest.raises(UserError, match=r"the dataset has \d\d\d items but the model's item table has 150"):
+        fam.check(load_checkpoint(sasrec_ckpt).spec, bigger)
+    with pytest.raises(UserError, match="--heads 3 is impossible"):
+        fam.new_spec(seq_data, {"dim": 16, "heads": 3})
+    with pytest.raises(UserError, match="--max-len 0 is impossible"):
+        fam.new_spec(seq_data, {"max_len": 0})
+
+
+def test_validation_metric_drives_keep_best(seq_data, sasrec_ckpt):
+    ck = load_checkpoint(sasrec_ckpt)
+    start = validate(ck.model, seq_data)["ndcg@10"]
+    from recompress.training import fit
+    out = fit(ck.model, seq_data, TrainConfig(epochs=2, lr=1.0, batch_size=64, keep_best=True))  # a ruinous lr
+    assert out["keep_best"]["best_step"] == 0 and out["val"]["ndcg@10"] == start
