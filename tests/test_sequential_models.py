@@ -266,3 +266,19 @@ def test_validation_metric_drives_keep_best(seq_data, sasrec_ckpt):
     from recompress.training import fit
     out = fit(ck.model, seq_data, TrainConfig(epochs=2, lr=1.0, batch_size=64, keep_best=True))  # a ruinous lr
     assert out["keep_best"]["best_step"] == 0 and out["val"]["ndcg@10"] == start
+
+
+def test_dropout_is_inverted_dropout_and_identity_in_eval():
+    from recompress.models.sequential import Dropout
+
+    x = torch.full((200, 500), 3.0, requires_grad=True)
+    drop = Dropout(0.3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01  # 100k draws: std of the rate is 0.0015
+    assert torch.allclose(y[kept], torch.tensor(3.0 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.tensor(1 / 0.7))
+    assert torch.equal(drop.eval()(x), x)
+    with pytest.raises(ValueError):
+        Dropout(1.0)

@@ -24,6 +24,7 @@ from recompress.spec import ModelSpec
 from recompress.tables import Table
 
 from .sequential import (
+    Dropout,
     SequentialFamily,
     causal_mask,
     dot_negatives,
@@ -52,7 +53,7 @@ class STU(nn.Module):
         self.o = nn.Linear(heads * linear_dim, d)
         self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1))
         self.ts_w = nn.Parameter(torch.empty(TIME_BUCKETS + 1)) if time_bias else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.max_len = max_len
 
     def rel_bias(self, length: int, timestamps: Tensor | None) -> Tensor:
@@ -83,7 +84,7 @@ class HSTU(nn.Module):
         self.hparams = dict(hparams)
         d, heads = hparams["dim"], hparams["heads"]
         self.tables = nn.ModuleDict(tables)
-        self.emb_dropout = nn.Dropout(hparams["dropout"])
+        self.emb_dropout = Dropout(hparams["dropout"])
         uses_time = bool(hparams["time_bias"] and hparams["has_times"])
         self.blocks = nn.ModuleList(STU(d, heads, d // heads, d // heads, hparams["max_len"], hparams["dropout"],
                                         uses_time) for _ in range(hparams["blocks"]))

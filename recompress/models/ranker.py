@@ -22,7 +22,7 @@ from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
-from .sequential import SequentialFamily, causal_mask, item_embed, positions
+from .sequential import Dropout, SequentialFamily, causal_mask, item_embed, positions
 
 
 class Block(nn.Module):
@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-8), nn.LayerNorm(d, eps=1e-8)
         self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff1, self.ff2 = nn.Linear(d, d), nn.Linear(d, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
@@ -72,7 +72,7 @@ class Ranker(nn.Module):
         self.hparams = dict(hparams)
         d = hparams["dim"]
         self.tables = nn.ModuleDict(tables)
-        self.emb_dropout = nn.Dropout(hparams["dropout"])
+        self.emb_dropout = Dropout(hparams["dropout"])
         self.blocks = nn.ModuleList(Block(d, hparams["heads"], hparams["dropout"]) for _ in range(hparams["blocks"]))
         self.last_layernorm = nn.LayerNorm(d, eps=1e-8)
         sizes = [3 * d, *[int(x) for x in str(hparams["head"]).split(",") if x.strip()], 1]

@@ -21,6 +21,7 @@ from recompress.spec import ModelSpec
 from recompress.tables import Table
 
 from .sequential import (
+    Dropout,
     SequentialFamily,
     causal_mask,
     dot_negatives,
@@ -35,7 +36,7 @@ class FeedForward(nn.Module):
     def __init__(self, d: int, dropout: float) -> None:
         super().__init__()
         self.conv1, self.conv2 = nn.Linear(d, d), nn.Linear(d, d)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop2(self.conv2(torch.relu(self.drop1(self.conv1(x)))))
@@ -49,7 +50,7 @@ class SASRec(nn.Module):
         self.hparams = dict(hparams)
         d, blocks, p = hparams["dim"], hparams["blocks"], hparams["dropout"]
         self.tables = nn.ModuleDict(tables)
-        self.emb_dropout = nn.Dropout(p)
+        self.emb_dropout = Dropout(p)
         self.attention_layernorms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(blocks))
         self.attention_layers = nn.ModuleList(nn.MultiheadAttention(d, hparams["heads"], dropout=p, batch_first=True)
                                               for _ in range(blocks))

@@ -44,6 +44,26 @@ def dot_negatives(h: Tensor, neg: Tensor, shared: bool) -> Tensor:
     return h @ neg.T if shared else (h.unsqueeze(2) * neg).sum(-1)
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout`` (inverted: kept values scaled by 1 / (1 - p)) with its mask drawn by ``torch.rand``,
+    which on CPU is about 2x faster than the ``bernoulli_`` that ``nn.Dropout`` uses (dropout was 30% of
+    a SASRec training step)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout {p} is not in [0, 1)")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def positions(history: Tensor) -> Tensor:
     """SASRec.pytorch's positions: slot index 1..L for real items, 0 for padding."""
     slots = torch.arange(1, history.shape[1] + 1, device=history.device).expand_as(history)
