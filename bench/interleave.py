@@ -2,10 +2,11 @@
 
     python bench/interleave.py --export EXPORT_DIR --ckpt CKPT_DIR --data DATASET --out bench/results/interleave.json
 
-Times two ONNX Runtime sessions of the same model, and an ORT session against torch eager, three ways
-at batch 1 and 512 (2 threads each): in blocks (all calls of one backend, then the other), strictly call
-by call, and in short alternating turns with settle calls (what ``evaluate/latency.py`` does). Two
-sessions of one model should take the same time; the order that distorts that least is the one to trust.
+Times two ONNX Runtime sessions of the same model, and an ORT session against torch eager, at batch 1
+and 512 (2 threads each), in several orders: in blocks (all calls of one backend, then the other; again
+at the end to show drift), strictly call by call, and in alternating turns with settle calls of several
+lengths (``evaluate/latency.py``'s setting among them). Two sessions of one model should take the same
+time, and a torch/ORT ratio should agree with the blocks'; the order that distorts least is the one to trust.
 """
 
 from __future__ import annotations
@@ -42,17 +43,24 @@ def call_by_call(a, b, pool, n):
     return ta, tb
 
 
-def turns(a, b, pool, n):
+def turns(a, b, pool, n, settle_ms=SETTLE_MS, per_round=PER_ROUND):
     out = ([], [])
-    for r in range(-(-n // PER_ROUND)):
+    for r in range(-(-n // per_round)):
         for j, p in enumerate((a, b) if r % 2 == 0 else (b, a)):
             k = j if r % 2 == 0 else 1 - j
-            until = time.perf_counter_ns() + SETTLE_MS * 1e6
+            until = time.perf_counter_ns() + settle_ms * 1e6
             p(pool[r % 16])
             while time.perf_counter_ns() < until:
                 p(pool[r % 16])
-            out[k].extend(timed(p, pool[(r * PER_ROUND + i) % 16]) for i in range(PER_ROUND))
+            out[k].extend(timed(p, pool[(r * per_round + i) % 16]) for i in range(per_round))
     return out
+
+
+ORDERS = [("blocks", blocks), ("call by call", call_by_call),
+          (f"turns (recompress: settle {SETTLE_MS:g} ms, {PER_ROUND} calls)", turns),
+          *[(f"turns (settle {s:g} ms, {k} calls)", lambda a, b, pool, n, s=s, k=k: turns(a, b, pool, n, s, k))
+            for s, k in ((20, 8), (20, 32), (100, 64)) if (s, k) != (SETTLE_MS, PER_ROUND)],
+          ("blocks again (drift check)", blocks)]
 
 
 def main() -> None:
@@ -75,7 +83,7 @@ def main() -> None:
         for label, (x, y) in pairs.items():
             for _ in range(20):
                 x(pool[0]), y(pool[0])
-            for order, fn in (("blocks", blocks), ("call by call", call_by_call), ("turns (recompress)", turns)):
+            for order, fn in ORDERS:
                 tx, ty = fn(x, y, pool, a.calls)
                 row = {"pair": label, "batch": batch, "order": order, "p50_ms_first": float(np.median(tx)),
                        "p50_ms_second": float(np.median(ty)), "ratio": float(np.median(tx) / np.median(ty))}

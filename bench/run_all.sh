@@ -2,7 +2,7 @@
 # Every number in docs/benchmarks.md comes from one of these commands (run from the repository root, with
 # ../shared/data present). Each writes JSON (and PNG/Markdown) into bench/results/.
 #   bash bench/run_all.sh [SECTION...]     sections: kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency
-#                                          interleave ort-ops quant-memory compress-10m quickstart
+#                                          latency-repeat interleave ort-ops quant-memory compress-10m quickstart
 # The last three time whole commands in seconds: run them on an otherwise idle machine.
 set -euo pipefail
 w=${BENCH_WORK:-/tmp/recompress-bench}
@@ -18,7 +18,7 @@ data() {  # $1 = name
               --tables 5000000,3000000,1500000,400000,100000,10000,1000,100 ;;
   esac
 }
-sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency interleave ort-ops quant-memory compress-10m quickstart}
+sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart}
 for s in $sections; do
   echo "== $s ($(date +%H:%M:%S))"
   case $s in
@@ -28,6 +28,10 @@ for s in $sections; do
     kinds-syn10m) data syn10m; python bench/table_kinds.py --data "$w/syn10m" --out $r/kinds_synthetic10m.json --seeds 0,1,2 \
                     --epochs 1 --batch-size 512 --lr 0.003 --min-rows 10000 ;;
     latency) bash bench/latency_criteo.sh "$w/latency" $r ;;
+    latency-repeat) [ -d "$w/latency/base.onnx" ] || bash bench/latency_criteo.sh "$w/latency" $r
+                    for i in 1 2 3; do for m in base base_dense_int8; do  # the same exports, three more runs
+                      recompress evaluate "$w/latency/$m.onnx" --data "$w/latency/criteo10k" --threads 2 --repeats 1000 \
+                        --batch-sizes 1,512 --json $r/latency_repeat${i}_$m.json; done; done ;;
     interleave) [ -d "$w/latency/base.onnx" ] || bash bench/latency_criteo.sh "$w/latency" $r
                 python bench/interleave.py --export "$w/latency/base.onnx" --ckpt "$w/latency/base" \
                   --data "$w/latency/criteo10k" --out $r/interleave.json ;;
