@@ -136,8 +136,9 @@ def echo_table(table: Any) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
-def val_story(entries: list[dict[str, Any]]) -> list[str]:
-    """``hash: validation AUC 0.7412 -> 0.7230 compressed -> 0.7398 fine-tuned`` for each history entry."""
+def val_story(entries: list[dict[str, Any]], metric: str) -> list[str]:
+    """``hash: validation auc 0.7412 -> 0.7230 compressed -> 0.7398 fine-tuned`` for each history entry
+    (``metric``: the family's primary metric)."""
     lines = []
     for h in entries:
         chain = [(label, h.get(k)) for label, k in (("before", "val_before"), ("compressed", "val_after_init"),
@@ -145,9 +146,9 @@ def val_story(entries: list[dict[str, Any]]) -> list[str]:
         if h.get("method") == "mlet" and h.get("before"):
             chain = [("before", h["before"]), ("projected", h.get("projected")),
                      ("fine-tuned", (h.get("finetune") or {}).get("val"))]
-        shown = [f"{v['auc']:.4f} {label}" for label, v in chain if v]
+        shown = [f"{v[metric]:.4f} {label}" for label, v in chain if v and metric in v]
         if len(shown) > 1:
-            lines.append(f"{h['method']}: validation AUC " + " -> ".join(shown))
+            lines.append(f"{h['method']}: validation {metric} " + " -> ".join(shown))
     return lines
 
 
@@ -315,15 +316,15 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     ckpt = load_any(source)
     before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
+    from .models import family_of
     if ctx.data is not None:
-        from .models import family_of
         family_of(ckpt.spec).check(ckpt.spec, ctx.data)
     done = len(ckpt.spec.history)
     ckpt = compress(ckpt, steps, ctx)
     ckpt.spec.provenance.setdefault("compressed_from", str(source))
     save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)
     after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
-    for line in val_story(ckpt.spec.history[done:]):
+    for line in val_story(ckpt.spec.history[done:], family_of(ckpt.spec).primary):
         click.echo(line)
     click.echo(f"wrote {out}: embedding bytes {before:,} -> {after:,} ({before / after:.2f}x smaller)")
 

@@ -338,7 +338,7 @@ def test_finetune_shows_validation_before_and_after(workdir, tiny_data, tmp_path
     res = cli("checkpoint", workdir, "--method", "hash", "--ratio", 4, "--finetune", "--data", tiny_data.path,
               "--steps", 10, "-o", tmp_path / "h")
     assert res.exit_code == 0, res.output
-    line = next(ln for ln in res.output.splitlines() if ln.startswith("hash: validation AUC"))
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("hash: validation auc"))
     assert "before" in line and "compressed" in line and "fine-tuned" in line
 
 
@@ -368,6 +368,13 @@ def test_sequential_flow_end_to_end(tmp_path):
     info = json.loads(cli("inspect", tmp_path / "s8", "--json").output)
     assert {t["name"]: (t["role"], t["kind"]) for t in info["tables"]} == {"item": ("item", "dense+int8"),
                                                                            "position": ("position", "dense")}
+    res = cli("checkpoint", tmp_path / "s", "--method", "hash", "--ratio", 4, "--finetune", "--data", tmp_path / "d",
+              "--steps", 5, "-o", tmp_path / "sh")  # the fine-tune story is told in the family's metric
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("hash: validation ndcg@10"))
+    assert "before" in line and "compressed" in line and "fine-tuned" in line
+    res = cli("evaluate", tmp_path / "sh", "--data", tmp_path / "d", "--repeats", 5)  # default batches up to 512 > 300 users
+    assert res.exit_code == 0 and "512" in res.output, res.output
     for name in ("s", "s8"):
         res = cli("evaluate", tmp_path / name, "--data", tmp_path / "d", "--protocol", "sampled", "--negatives", 20,
                   "--batch-sizes", "1,4", "--repeats", 5, "--json", tmp_path / f"{name}.json")

@@ -282,3 +282,16 @@ def test_dropout_is_inverted_dropout_and_identity_in_eval():
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "ranker"])  # full-ranking (shared candidates) and sampled defaults
+def test_latency_inputs_are_full_batches_of_real_users_even_on_small_data(seq_data, name):
+    fam = get_family(name)
+    hp = fam.new_spec(seq_data, {"dim": 8, "max_len": 12}).hparams
+    batches = fam.latency_inputs(hp, seq_data, 256, 16)  # 16 x 256 rows > 600 users: must cycle
+    assert len(batches) == 16 and all(len(b["history"]) == 256 for b in batches)
+    ends = seq_data.history_end("test")
+    real = {tuple(seq_data.windows(np.array([u]), ends[[u]], 12)[0]) for u in range(seq_data.num_users)}
+    assert all(tuple(h) in real for b in batches for h in b["history"])
+    cands = batches[0]["candidates"]
+    assert cands.shape == ((1, seq_data.num_items + 1) if name == "sasrec" else (256, 101))

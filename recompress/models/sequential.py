@@ -239,15 +239,21 @@ class SequentialFamily(Family):
         return out
 
     def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0) -> list[Inputs]:
+        """``count`` batches of exactly ``batch`` test users (cycling through the users when there are fewer
+        than ``count * batch``), with the candidates of the family's default protocol."""
         protocol = self.protocols[0]
-        batches = self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed)
-        out = []
-        for inputs, _ in batches:
-            if len(inputs["history"]) == batch:
-                out.append(inputs)
-            if len(out) == count:
-                break
-        return out or [next(self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed))[0]]
+        shared = {"candidates"} if protocol == "full" else set()  # [1, N + 1]: every item, for every row
+        parts: list[Inputs] = []
+        rows = 0
+        while rows < count * batch:
+            for inputs, _ in self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed):
+                parts.append(inputs)
+                rows += len(inputs["history"])
+                if rows >= count * batch:
+                    break
+            seed += 1
+        joined = {k: v if k in shared else np.concatenate([p[k] for p in parts]) for k, v in parts[0].items()}
+        return [{k: v if k in shared else v[i * batch:(i + 1) * batch] for k, v in joined.items()} for i in range(count)]
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int, ...], window: np.ndarray | None = None,
