@@ -2,6 +2,7 @@
 # Benchmark (not a test): wall time and peak memory of the README's quickstart on this machine, from a
 # fresh run folder, then of a re-run that reuses every cached step.
 #   bash bench/quickstart_time.sh [RESULTS_JSON]      -> bench/results/quickstart_time.json
+#                                                        and the fresh run's report as quickstart_report.md
 set -euo pipefail
 out=${1:-bench/results/quickstart_time.json}
 w=$(mktemp -d)
@@ -17,6 +18,6 @@ print(json.dumps({"run": sys.argv[1], "wall_seconds": round(seconds, 1), "peak_r
                   "summary": open(sys.argv[3]).read().strip().splitlines()[-1]}))
 PY
 }
-{ measure fresh; measure rerun; } | python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin], indent=2))" > "$out"
+{ measure fresh; cp "$w/run/report.md" "$(dirname "$out")/quickstart_report.md"; measure rerun; } | python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin], indent=2))" > "$out"
 cat "$out"
 rm -rf "$w"

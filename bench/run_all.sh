@@ -3,7 +3,10 @@
 # ../shared/data present). Each writes JSON (and PNG/Markdown) into bench/results/.
 #   bash bench/run_all.sh [SECTION...]     sections: kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency
 #                                          latency-repeat interleave ort-ops quant-memory compress-10m quickstart
-# The last three time whole commands in seconds: run them on an otherwise idle machine.
+#                                          seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling
+# latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart and seq-speed time things: run each
+# on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
+# (their accuracy does not depend on timing); their epochs are cut to fit a 2-core machine in about 1.5 h.
 set -euo pipefail
 w=${BENCH_WORK:-/tmp/recompress-bench}
 r=bench/results
@@ -16,9 +19,18 @@ data() {  # $1 = name
              --tables 2000000,1000000,200000,50000,10000,1000,100,10 ;;
     syn10m) [ -d "$w/syn10m" ] || recompress data synthetic -o "$w/syn10m" --samples 300000 --zipf 1.2 \
               --tables 5000000,3000000,1500000,400000,100000,10000,1000,100 ;;
+    seq-*) [ -d "$w/${1#seq-}" ] || recompress data sequences "$(seqsrc "${1#seq-}")" -o "$w/${1#seq-}" ;;
   esac
 }
-sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart}
+seqsrc() {  # real sequence files in ../shared/data (research-only terms: never copied into the repository)
+  case $1 in
+    Beauty|Sports_and_Outdoors) echo "../shared/data/seq_s3rec_amazon_yelp_lastfm/$1.txt.gz" ;;
+    bert4rec_beauty) echo ../shared/data/seq_bert4rec_amazon_beauty/beauty.txt.gz ;;
+  esac
+}
+sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling}
+frontier_sweeps="--sweep fp16 --sweep bf16 --sweep freqhash:ratio=8 --sweep hash:ratio=4,16,64 --sweep qr:ratio=32
+  --sweep lowrank:rank=8,32 --sweep tt:tt_rank=16,32 --sweep tt,int8:tt_rank=16 --sweep hash,int8:ratio=8"
 for s in $sections; do
   echo "== $s ($(date +%H:%M:%S))"
   case $s in
@@ -39,6 +51,21 @@ for s in $sections; do
     quant-memory) python bench/quant_memory.py --out $r/quant_memory.json ;;
     compress-10m) python bench/compress_10m.py --out $r/compress_10m.json ;;
     quickstart) bash bench/quickstart_time.sh $r/quickstart_time.json ;;
+    seq-speed) data seq-Beauty; python bench/sequential.py --data "$w/Beauty" --models sasrec,hstu --seeds 0 --epochs 1 \
+                 --threads 2 --out $r/sequential_speed.json ;;
+    seq-accuracy) data seq-Beauty; data seq-Sports_and_Outdoors
+                  python bench/sequential.py --data "$w/Beauty" --data "$w/Sports_and_Outdoors" --models sasrec,hstu \
+                    --seeds 0,1,2 --epochs 6 --threads 1 --out $r/sequential_accuracy.json ;;
+    seq-ranker) data seq-Beauty; data seq-Sports_and_Outdoors
+                python bench/sequential.py --data "$w/Beauty" --data "$w/Sports_and_Outdoors" --models ranker \
+                  --seeds 0,1,2 --epochs 1 --full-users 500 --threads 1 --out $r/sequential_ranker.json ;;
+    seq-frontier) OMP_NUM_THREADS=1 recompress bench sasrec-beauty -o "$w/sasrec-beauty" --set train.epochs=6 \
+                    --set evaluate.threads=1 --set evaluate.repeats=30 $frontier_sweeps
+                  mkdir -p $r/frontier_sasrec_beauty
+                  cp "$w/sasrec-beauty"/{summary.json,report.md,results.csv,*.png} $r/frontier_sasrec_beauty/ ;;
+    seq-scaling) data seq-bert4rec_beauty
+                 python bench/scaling.py --data "$w/bert4rec_beauty" --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 \
+                   --seeds 0,1,2 --epochs 3 --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

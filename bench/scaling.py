@@ -121,13 +121,19 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--variants-model", default="sasrec", help="the family whose curve is repeated compressed")
+    ap.add_argument("--sizes", default=",".join("/".join(map(str, s)) for s in SIZES),
+                    help="model sizes as DIM/BLOCKS/HEADS, comma-separated")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    sizes = [tuple(int(x) for x in s.split("/")) for s in a.sizes.split(",")]
     data = open_dataset(a.data)
     out = Path(a.out)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     done = {(r["model"], tuple(r["size"]), r["seed"], r["variant"]) for r in runs}
-    plan = [(m, s, seed, "dense") for m in a.models.split(",") for s in SIZES for seed in map(int, a.seeds.split(","))]
-    plan += [(a.variants_model, s, seed, "hash16x") for s in SIZES for seed in map(int, a.seeds.split(","))]
+    # seed-major, so that a sweep cut short still has every curve (with fewer seeds)
+    plan = [(m, s, seed, v) for seed in map(int, a.seeds.split(",")) for s in sizes
+            for m, v in [*((m, "dense") for m in a.models.split(",")), (a.variants_model, "hash16x")]]
     for name, size, seed, variant in plan:
         if (name, size, seed, variant) in done:
             continue

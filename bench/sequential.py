@@ -42,8 +42,10 @@ def run(data, name: str, seed: int, epochs: int, lr: float, batch_size: int, dro
     out = {"dataset": data.path.name, "model": name, "seed": seed, "train_seconds": round(seconds, 1),
            "steps": train["steps"], "best_step": train["keep_best"]["best_step"],
            "best_epoch": round(train["keep_best"]["best_step"] / family.steps_per_epoch(data, batch_size), 2),
-           "seconds_per_epoch": round(train["seconds"] / max(train["steps"], 1)
-                                      * family.steps_per_epoch(data, batch_size), 2)}
+           "seconds_per_epoch": round((train["seconds"] - train["keep_best"]["validation_seconds"])
+                                      / max(train["steps"], 1) * family.steps_per_epoch(data, batch_size), 2),
+           "validation_seconds_per_check": round(train["keep_best"]["validation_seconds"]
+                                                 / len(train["keep_best"]["curve"]), 2)}
     out["full_users"] = full_users or data.num_users
     for protocol in ("full", "sampled"):
         t0 = time.perf_counter()
@@ -72,10 +74,10 @@ def main() -> None:
     out = Path(a.out)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in runs}
-    for path in a.data:
-        data = open_dataset(path)
-        for name in a.models.split(","):
-            for seed in [int(s) for s in a.seeds.split(",")]:
+    sets = [open_dataset(p) for p in a.data]
+    for seed in [int(s) for s in a.seeds.split(",")]:  # seed-major: a run cut short still covers every pair
+        for data in sets:
+            for name in a.models.split(","):
                 if (data.path.name, name, seed) in done:
                     continue
                 runs.append(run(data, name, seed, a.epochs, a.lr, a.batch_size, a.dropout, a.full_users))
@@ -93,6 +95,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if (r["dataset"], r["model"]) == key]
         row = {"dataset": key[0], "model": key[1], "seeds": len(rs),
                "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in rs])),
+               "validation_seconds_per_check": float(np.mean([r["validation_seconds_per_check"] for r in rs])),
                "full_eval_seconds": float(np.mean([r["full_eval_seconds"] for r in rs])),
                "peak_rss_gb": max(r["peak_rss_gb"] for r in rs), "full_users": rs[0].get("full_users"),
                "best_epoch": float(np.mean([r["best_epoch"] for r in rs]))}
@@ -106,13 +109,14 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     head = ["dataset", "model", "seeds", "NDCG@10 full", "HR@10 full", "NDCG@10 sampled-100", "HR@10 sampled-100",
-            "best epoch", "s / epoch", "full-ranking users", "full-ranking eval s", "peak RSS GB"]
+            "best epoch", "train s / epoch", "validation s / check", "full-ranking users", "full-ranking eval s", "peak RSS GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda x: f"{x[0]:.4f} ± {x[1]:.4f}"
     for r in summary:
         lines.append("| " + " | ".join([r["dataset"], r["model"], str(r["seeds"]), f(r["full/ndcg@10"]), f(r["full/hr@10"]),
                                         f(r["sampled/ndcg@10"]), f(r["sampled/hr@10"]), f"{r['best_epoch']:.1f}",
-                                        f"{r['seconds_per_epoch']:.1f}", f"{r['full_users']:,}",
+                                        f"{r['seconds_per_epoch']:.1f}", f"{r['validation_seconds_per_check']:.1f}",
+                                        f"{r['full_users']:,}",
                                         f"{r['full_eval_seconds']:.1f}", f"{r['peak_rss_gb']:.2f}"]) + " |")
     return "\n".join(lines)
 

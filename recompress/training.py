@@ -62,10 +62,13 @@ class BestState:
         self.curve: list[dict[str, object]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.stale = 0
+        self.seconds = 0.0  # spent scoring the validation split
 
     def check(self, step: int) -> bool:
         """Score the validation split; True when training should stop (``patience`` checks without gain)."""
+        t0 = time.perf_counter()
         value = validate(self.model, self.data, self.family)[self.family.primary]
+        self.seconds += time.perf_counter() - t0
         self.curve.append({"step": step, f"val_{self.family.primary}": value})
         if self.best is None or self.sign * value > self.sign * self.best[0]:
             self.best = (value, step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
@@ -77,7 +80,8 @@ class BestState:
 
     def restore(self) -> dict[str, object]:
         self.model.load_state_dict(self.best[2])
-        return {"curve": self.curve, "best_step": self.best[1], f"best_val_{self.family.primary}": self.best[0]}
+        return {"curve": self.curve, "best_step": self.best[1], f"best_val_{self.family.primary}": self.best[0],
+                "validation_seconds": round(self.seconds, 3)}
 
 
 def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None = None,
