@@ -105,17 +105,22 @@ def accuracy_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "ctr": float(np.mean(labels))}
 
 
-def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
     """0-based rank of ``scores[i, target[i]]`` in row i, ignoring ``exclude`` (True = not a candidate).
 
-    Ties count against the target (a candidate scoring the same ranks ahead of it), so a model that
-    scores everything alike ranks last, never first.
+    Ties are broken uniformly at random (seeded, so reruns agree): the target ranks after the candidates
+    that score higher and at a uniform place among those that score the same, as an arbitrary pick by a
+    server would in expectation. A constant scorer thus ranks like a random one, and items that share a
+    row (hashed tables) share its rank fairly instead of all ranking last.
     """
     scores = np.asarray(scores, dtype=np.float64)
     rows = np.arange(len(scores))
     t = scores[rows, target][:, None]
-    ahead = scores >= t
-    ahead[rows, target] = False
+    ahead, tied = scores > t, scores == t
+    tied[rows, target] = False
     if exclude is not None:
         ahead &= ~exclude
-    return ahead.sum(1).astype(np.int64)
+        tied &= ~exclude
+    ties = tied.sum(1)
+    place = np.floor(np.random.default_rng(seed).random(len(scores)) * (ties + 1)).astype(np.int64)
+    return ahead.sum(1).astype(np.int64) + place

@@ -123,11 +123,24 @@ def test_real_s3rec_beauty(tmp_path):
     assert d.meta["interactions"] == 198_502
 
 
-def test_ranks_count_ties_against_the_target():
-    scores = np.array([[0.9, 0.5, 0.5, 0.1], [1.0, 1.0, 1.0, 1.0]])
-    assert list(ranks(scores, np.array([1, 0]))) == [2, 3]  # a constant scorer ranks last, never first
-    exclude = np.array([[True, False, False, False], [False] * 4])
-    assert list(ranks(scores, np.array([1, 0]), exclude)) == [1, 3]
+def test_ranks_break_ties_uniformly_at_random():
+    """A tie is broken as a server's arbitrary pick would be, in expectation: the target's rank is uniform
+    over its tie group. (Counting ties against the target gave items that share a hashed row HR@10 = 0
+    whenever 10+ items share it, however well the model ranks the row.)"""
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [0.9, 0.5, 0.5, 0.1]])
+    assert list(ranks(scores, np.array([0, 3]))) == [0, 3]  # no ties: exact ranks
+    many = 20_000
+    constant = np.ones((many, 8))
+    got = ranks(constant, np.zeros(many, dtype=np.int64))
+    assert np.bincount(got, minlength=8).min() > many / 8 * 0.9  # uniform over 0..7, not always last
+    group = np.tile([2.0, 1.0, 1.0, 1.0, 1.0, 0.0], (many, 1))  # target ties with 3 others, one ahead
+    got = ranks(group, np.full(many, 2))
+    assert set(np.unique(got)) == {1, 2, 3, 4} and abs(got.mean() - 2.5) < 0.03
+    exclude = np.zeros_like(group, dtype=bool)
+    exclude[:, [0, 1]] = True  # excluded candidates neither lead nor tie
+    got = ranks(group, np.full(many, 2), exclude)
+    assert set(np.unique(got)) == {0, 1, 2} and abs(got.mean() - 1.0) < 0.03
+    assert (ranks(constant, np.zeros(many, dtype=np.int64)) == ranks(constant, np.zeros(many, dtype=np.int64))).all()
 
 
 def test_ranking_metrics_against_their_definitions():

@@ -10,7 +10,7 @@ affordable on a CPU, and a negative that is the position's own target is masked 
 Evaluation (RecBole's two protocols): ``full`` ranks the target among all items, skipping items the user
 already has; ``sampled`` ranks it among ``negatives`` (100) items the user never had, drawn once per
 split with a fixed seed, so every model sees the same candidates (SASRec.pytorch's protocol). Ties
-count against the target (``recompress.metrics.ranks``).
+are broken uniformly at random, seeded (``recompress.metrics.ranks``).
 
 A sequential model is an ``nn.Module`` with ``tables`` (``item``, ``position``), ``hparams`` and
 ``forward(history, candidates, timestamps=None) -> scores [B, M]`` (candidates ``[B, M]``, or ``[1, M]``
