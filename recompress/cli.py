@@ -403,7 +403,7 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
                             "pass a results JSON") from None
     from .data import open_dataset
     from .evaluate import evaluate as run_eval
-    from .evaluate.report import compare_table, results_table
+    from .evaluate.report import compare_table, paired_delta, results_table
     data = open_dataset(data_path)
     if negatives < 1 or (users is not None and users < 1):
         raise UserError("--negatives and --users must be >= 1", "fix the option")
@@ -412,7 +412,9 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
                  latency=not no_latency, protocol=protocol, negatives=negatives, users=users)
     echo_table(results_table(r))
     if base is not None:
-        echo_table(compare_table(r, base, test_truth(r, data)))
+        labels = test_truth(r, data)
+        echo_table(compare_table(r, base, labels))
+        r["compare"] = {"baseline": compare, **paired_delta(r, base, labels)}
     if json_out:
         from .outputs import write_json
         write_json(r, json_out, "results", inputs=[source, data_path, compare])
@@ -543,6 +545,8 @@ def bench(recipe: str, sweep: tuple[str, ...], out: str | None, overwrite: bool,
         click.echo(f"GATE FAILED: {len(bad)} of {len(checks)} checks not ok ("
                    + ", ".join(f"{n} {s}" for s, n in states.items() if n) + f"; details: {folder / 'gate.json'})",
                    err=True)
+        click.echo("  the intervals cover test-row noise only: a change meant to alter training (its random draws "
+                   "included) moves trained variants, so re-save the baseline with --save-baseline PATH", err=True)
         if fail_on_regression:
             sys.exit(1)
     else:
