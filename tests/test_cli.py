@@ -54,7 +54,7 @@ def test_flow_train_mlet_export_evaluate(tiny_data, tmp_path):
     assert res.exit_code == 0 and "compared with baseline" in res.output and "4.000x" in res.output
     res = cli("evaluate", tmp_path / "base", "--data", d, "--no-latency", "--compare", tmp_path / "r.json",
               "--json", tmp_path / "b.json")  # the comparison printed is also kept in the JSON
-    b, c = json.loads((tmp_path / "b.json").read_text()), None
+    b = json.loads((tmp_path / "b.json").read_text())
     c = b["compare"]
     new_auc, base_auc = b["accuracy"]["torch"]["auc"], r["accuracy"]["onnxruntime"]["auc"]
     assert c["baseline"] == str(tmp_path / "r.json") and c["metric"] == "auc" and c["rows"] == r["data"]["rows"]
