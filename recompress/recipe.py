@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TRAIN_KEYS = {"epochs": int, "steps": int, "lr": float, "batch_size": int, "optimizer": str, "seed": int,
-              "keep_best": bool}
+              "keep_best": bool, "patience": int, "checks_per_epoch": int}
 DATA_KINDS = ("synthetic", "criteo", "prepared", "sequences", "synthetic-sequences")
 SCHEMA: dict[str, Any] = {
     "name": str, "description": str, "parts": list,

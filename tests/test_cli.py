@@ -202,6 +202,8 @@ def test_shipped_recipes_validate(name):
         shared_path("data")  # they read real data from ../shared
     r = load_recipe(name)
     assert r["name"] == name
+    if name in ("sasrec-beauty", "hstu-beauty"):  # early stopping by epoch: 4 checks x patience 2 stopped at epoch 1
+        assert (r["train"]["checks_per_epoch"], r["train"]["patience"]) == (1, 3)
     for part in r.get("parts", [r]):
         assert part["variants"]
         for v in part["variants"]:
