@@ -4,6 +4,7 @@
 #   bash bench/run_all.sh [SECTION...]     sections: kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency
 #                                          latency-repeat interleave ort-ops quant-memory compress-10m quickstart
 #                                          seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling
+#                                          seq-scaling-report (curves from the runs so far)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart and seq-speed time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
 # (their accuracy does not depend on timing); their epochs are cut to fit a 2-core machine in about 1.5 h.
@@ -66,6 +67,8 @@ for s in $sections; do
     seq-scaling) data seq-bert4rec_beauty
                  python bench/scaling.py --data "$w/bert4rec_beauty" --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 \
                    --seeds 0,1,2 --epochs 3 --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json ;;
+    seq-scaling-report) python bench/scaling.py --data "$w/bert4rec_beauty" --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 \
+                          --seeds 0,1,2 --epochs 3 --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json --report-only ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

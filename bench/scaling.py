@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join("/".join(map(str, s)) for s in SIZES),
                     help="model sizes as DIM/BLOCKS/HEADS, comma-separated")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rebuild curves, plot and table from the runs already in --out (a sweep cut short)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     sizes = [tuple(int(x) for x in s.split("/")) for s in a.sizes.split(",")]
@@ -135,7 +137,7 @@ def main() -> None:
     plan = [(m, s, seed, v) for seed in map(int, a.seeds.split(",")) for s in sizes
             for m, v in [*((m, "dense") for m in a.models.split(",")), (a.variants_model, "hash16x")]]
     for name, size, seed, variant in plan:
-        if (name, size, seed, variant) in done:
+        if (name, size, seed, variant) in done or a.report_only:
             continue
         for r in run(data, name, size, seed, variant, a):
             runs.append(r)
@@ -196,6 +198,7 @@ def plot(curves: dict, out: Path) -> None:
                        (axes[1], "non-embedding parameters", "eval loss (softmax over all items)"),
                        (axes[2], "training FLOPs (estimate)", "test NDCG@10 (full ranking)")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short range
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
