@@ -32,6 +32,8 @@ seqsrc() {  # real sequence files in ../shared/data (research-only terms: never 
 sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling}
 frontier_sweeps="--sweep fp16 --sweep bf16 --sweep freqhash:ratio=8 --sweep hash:ratio=4,16,64 --sweep qr:ratio=32
   --sweep lowrank:rank=8,32 --sweep tt:tt_rank=16,32 --sweep tt,int8:tt_rank=16 --sweep hash,int8:ratio=8"
+scaling_args="--data $w/bert4rec_beauty --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 --seeds 0,1,2 --epochs 3
+  --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json"
 for s in $sections; do
   echo "== $s ($(date +%H:%M:%S))"
   case $s in
@@ -64,11 +66,8 @@ for s in $sections; do
                     --set evaluate.threads=1 --set evaluate.repeats=30 $frontier_sweeps
                   mkdir -p $r/frontier_sasrec_beauty
                   cp "$w/sasrec-beauty"/{summary.json,report.md,results.csv,*.png} $r/frontier_sasrec_beauty/ ;;
-    seq-scaling) data seq-bert4rec_beauty
-                 python bench/scaling.py --data "$w/bert4rec_beauty" --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 \
-                   --seeds 0,1,2 --epochs 3 --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json ;;
-    seq-scaling-report) python bench/scaling.py --data "$w/bert4rec_beauty" --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 \
-                          --seeds 0,1,2 --epochs 3 --batch-size 256 --lr 0.002 --threads 1 --out $r/scaling.json --report-only ;;
+    seq-scaling) data seq-bert4rec_beauty; python bench/scaling.py $scaling_args ;;
+    seq-scaling-report) python bench/scaling.py $scaling_args --report-only ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

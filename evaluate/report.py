@@ -75,9 +75,8 @@ def results_table(r: dict[str, Any]) -> Table:
     return t
 
 
-def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None,
-                 metric: str | None = None) -> dict[str, Any]:
-    """Paired-bootstrap Δ of the primary metric (or ``metric``) of two results files on the same test rows."""
+def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None) -> dict[str, Any]:
+    """Paired-bootstrap Δ of the primary metric of two results files on the same test rows."""
     for key in ("fingerprint", "rows", "protocol", "negatives", "users"):
         if new["data"].get(key) != base["data"].get(key):
             raise UserError(f"the baseline was evaluated on other rows ({key} {base['data'].get(key)} vs "
@@ -85,12 +84,12 @@ def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray |
     if not new.get("predictions") or not base.get("predictions"):
         raise UserError("the baseline results file holds no predictions, so the difference has no confidence interval",
                         "re-create it with this version of 'recompress evaluate --json'")
-    return paired_from_records(metric or new.get("primary", "auc"), new["predictions"], base["predictions"], labels)
+    return paired_from_records(new.get("primary", "auc"), new["predictions"], base["predictions"], labels)
 
 
-def compare_table(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None) -> Table:
-    """Deltas new - base: the primary metric with a paired 95% interval, other metrics as differences, bytes
-    and latency as ratios."""
+def compare_table(new: dict[str, Any], base: dict[str, Any], delta: dict[str, Any]) -> Table:
+    """Deltas new - base: the primary metric with its paired 95% interval ``delta`` (``paired_delta``), other
+    metrics as differences, bytes and latency as ratios."""
     t = Table(title="compared with baseline (new - baseline; 95% CI, paired on the same test rows)")
     for c in ("metric", "baseline", "new", "change"):
         t.add_column(c, justify="right" if c != "metric" else "left")
@@ -98,7 +97,7 @@ def compare_table(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray 
     primary = new.get("primary", "auc")
     for k in a:
         if k in METRICS and k in b:
-            change = fmt_delta(paired_delta(new, base, labels, k)) if k == primary else f"{a[k] - b[k]:+.4f}"
+            change = fmt_delta(delta) if k == primary else f"{a[k] - b[k]:+.4f}"
             t.add_row(k, f"{b[k]:.4f}", f"{a[k]:.4f}", change)
     for k in ("embeddings", "file"):
         x, y = new["bytes"][k], base["bytes"][k]

@@ -412,9 +412,9 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
                  latency=not no_latency, protocol=protocol, negatives=negatives, users=users)
     echo_table(results_table(r))
     if base is not None:
-        labels = test_truth(r, data)
-        echo_table(compare_table(r, base, labels))
-        r["compare"] = {"baseline": compare, **paired_delta(r, base, labels)}
+        delta = paired_delta(r, base, test_truth(r, data))
+        echo_table(compare_table(r, base, delta))
+        r["compare"] = {"baseline": compare, **delta}
     if json_out:
         from .outputs import write_json
         write_json(r, json_out, "results", inputs=[source, data_path, compare])

@@ -105,7 +105,7 @@ def accuracy_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "ctr": float(np.mean(labels))}
 
 
-def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
     """0-based rank of ``scores[i, target[i]]`` in row i, ignoring ``exclude`` (True = not a candidate).
 
     Ties are broken uniformly at random (seeded, so reruns agree): the target ranks after the candidates
@@ -122,5 +122,5 @@ def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = N
         ahead &= ~exclude
         tied &= ~exclude
     ties = tied.sum(1)
-    place = np.floor(np.random.default_rng(seed).random(len(scores)) * (ties + 1)).astype(np.int64)
+    place = np.floor(np.random.default_rng(0).random(len(scores)) * (ties + 1)).astype(np.int64)
     return ahead.sum(1).astype(np.int64) + place
