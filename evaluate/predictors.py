@@ -6,6 +6,7 @@ returns its output; ``runtime`` groups predictors for the latency turns.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,13 +25,19 @@ class Predictor(Protocol):
 
 
 class TorchPredictor:
-    """Eager PyTorch on the CPU with ``threads`` intra-op threads: the family's serving module."""
+    """Eager PyTorch with ``threads`` intra-op threads: the family's serving module, in its ``scoring``
+    graph and ``attention`` form (None: the defaults)."""
 
     runtime = "torch"
 
-    def __init__(self, model: torch.nn.Module, threads: int, name: str = "torch", family: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, threads: int, name: str = "torch", family: Any = None,
+                 scoring: str | None = None, attention: str | None = None) -> None:
+        from recompress.models.attention import set_attention
         from recompress.training import family_of_model
-        self.scorer = (family or family_of_model(model)).scorer(model).eval()
+        if attention is not None:  # on a copy: the caller's model keeps its form
+            model = copy.deepcopy(model)
+            set_attention(model, attention)
+        self.scorer = (family or family_of_model(model)).scorer(model, scoring).eval()
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:

@@ -65,9 +65,10 @@ def results_table(r: dict[str, Any]) -> Table:
         t.add_row("lookup FLOPs / lookup", f"{lk['flops']:,.0f}")
     lat = r.get("latency")
     if lat:
+        per_call = f", {lat['candidates']} candidates each" if lat.get("candidates") else ""
         for backend, per in lat["backends"].items():
             for bs, v in per.items():
-                t.add_row(f"{backend} batch {bs} p50 / p99 ({lat['threads']} threads)",
+                t.add_row(f"{backend} batch {bs}{per_call} p50 / p99 ({lat['threads']} threads)",
                           f"{v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms")
         for backend, per in lat["speedup_vs_torch"].items():
             for bs, x in per.items():

@@ -58,7 +58,7 @@ def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any]
 
 def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
              repeats: int = 200, latency: bool = True, protocol: str | None = None, negatives: int = 100,
-             users: int | None = None) -> dict[str, Any]:
+             users: int | None = None, candidates: int | None = None, attention: str | None = None) -> dict[str, Any]:
     """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
     path = Path(path)
     predictors: list[Predictor] = []
@@ -86,7 +86,7 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     family = family_of(spec)
     family.check(spec, data)
     if ckpt is not None:
-        predictors.append(TorchPredictor(ckpt.model, threads, family=family))
+        predictors.append(TorchPredictor(ckpt.model, threads, family=family, attention=attention))
     protocol = protocol or family.protocols[0]
     scored: dict[str, Scored] = {p.name: score(family, p, spec.hparams, data, "test", protocol, negatives=negatives,
                                               users=users, desc=f"scoring test ({p.name}, {protocol})")
@@ -113,9 +113,10 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     }
     if latency:
         pairs = [("torch", p.name) for p in predictors if p.name != "torch"] if ckpt is not None else []
-        pool = lambda b: family.latency_inputs(spec.hparams, data, b, ROTATE)
+        pool = lambda b: family.latency_inputs(spec.hparams, data, b, ROTATE, candidates=candidates)
         lat = measure(predictors, pool, list(batch_sizes), repeats, pairs)
-        results["latency"] = {"threads": threads, "repeats": repeats, "backends": lat["backends"],
+        results["latency"] = {"threads": threads, "repeats": repeats, "candidates": candidates,
+                              "backends": lat["backends"],
                               "speedup_vs_torch": {k.split("/")[1]: v for k, v in lat["ratios"].items()}}
     return results
 

@@ -21,6 +21,7 @@ import json
 import torch
 from torch import Tensor, nn
 
+from recompress.models.attention import set_attention
 from recompress.tables import DenseTable, Table
 from recompress.tables.hashed import PRIME, FreqHashTable, HashedTable, QRTable
 from recompress.tables.rowwise import QuantizedRows
@@ -207,12 +208,15 @@ def dequantize_then_gather(module: nn.Module) -> None:
             dequantize_then_gather(child)
 
 
-def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant") -> nn.Module:
+def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: str | None = None,
+           preferred: str | None = None) -> nn.Module:
     """The serving module rearranged for inference runtimes, the trained model left as it is: every module
     that offers a ``fused`` lookup slot (a model looking up several tables at once) gets one
-    :class:`FusedLookup` over its tables, and with ``dequant-gather`` quantized rows are written
-    DequantizeLinear-then-Gather."""
+    :class:`FusedLookup` over its tables, with ``dequant-gather`` quantized rows are written
+    DequantizeLinear-then-Gather, and attention is written in form ``attention`` (None: the target's
+    ``preferred`` form where a model takes it; ``recompress.models.attention``)."""
     scorer = copy.deepcopy(scorer)
+    set_attention(scorer, attention, preferred)
     for m in scorer.modules():
         if hasattr(m, "fused") and hasattr(m, "tables"):
             m.fused = FusedLookup(list(m.tables.values()))

@@ -1,5 +1,6 @@
-"""ONNX target: the family's serving inputs with their dynamic axes, the deployment graph (fused lookups),
-no Loop/Sequence ops."""
+"""ONNX target: the family's serving inputs with their dynamic axes, the deployment graph (fused lookups,
+attention in the requested form; opset 23 when an ``Attention`` node is written, else 18), custom nodes
+with their function bodies, no Loop/Sequence ops."""
 
 from __future__ import annotations
 
@@ -15,22 +16,33 @@ import numpy as np
 import onnx
 import torch
 
+from recompress.models.attention import attention_modules
+
+from .functions import attach_functions
 from .graph import deploy
 
 NAME = "onnx"
 FILE = "model.onnx"
 OPSET = 18
+ATTENTION_OPSET = 23  # the first opset with the Attention op
+ATTENTION_FORMS = ("fused", "decomposed", "custom")  # what ONNX Runtime runs (custom: through its function body)
+PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x and the ranker 1.21-1.36x faster fused than
+                               # decomposed (bench/results/seq_export.json); HSTU has no fused form and stays decomposed
 FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
                  "SplitToSequence", "ConcatFromSequence"}
 SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
 
 
 def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
-    scorer = deploy(family.scorer(ckpt.model), opts.get("quant_graph") or "gather-dequant").eval()
+    scorer = deploy(family.scorer(ckpt.model, opts.get("scoring")), opts.get("quant_graph") or "gather-dequant",
+                    opts.get("attention"), PREFERRED_ATTENTION).eval()
+    forms = sorted({m.attention for m in attention_modules(scorer)})
+    opset = opts.get("opset") or (ATTENTION_OPSET if "fused" in forms else OPSET)
     param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
-    names = list(family.inputs)
+    axes = family.input_axes(ckpt.spec.hparams)
+    names = list(axes)
     dims: dict[str, Any] = {}
-    shapes = tuple({axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in family.inputs[n].items()}
+    shapes = tuple({axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in axes[n].items()}
                    for n in names)
     example = tuple(inputs[n][:2] for n in names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -38,11 +50,12 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
         warnings.simplefilter("ignore")
         torch.onnx.export(scorer, example, str(folder / FILE), input_names=names,
                           output_names=[family.output], dynamic_shapes=shapes,
-                          opset_version=opts.get("opset", OPSET), dynamo=True, verbose=False,
+                          opset_version=opset, dynamo=True, verbose=False,
                           external_data=param_bytes > SINGLE_FILE_LIMIT)
     model = onnx.load(str(folder / FILE), load_external_data=False)
     for node in model.graph.node:  # exporter debug metadata (stack traces): a third of a small file
         del node.metadata_props[:]
+    custom = attach_functions(model)
     onnx.save(model, str(folder / FILE))
     if opts.get("dense", "fp32") == "int8":
         model = quantize_dense(folder / FILE)
@@ -51,7 +64,8 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     bad = FORBIDDEN_OPS.intersection(ops)
     if bad:
         raise RuntimeError(f"exported graph contains {sorted(bad)}, which TensorRT rejects")
-    return {"file": FILE, "opset": opts.get("opset", OPSET), "ops": ops, "dense": opts.get("dense", "fp32"),
+    return {"file": FILE, "opset": opset, "ops": ops, "dense": opts.get("dense", "fp32"), "attention": forms,
+            "custom_ops": {c: "function body in standard ops (ONNX Runtime inlines it)" for c in custom},
             "inputs": [{"name": i.name, "dtype": onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower(),
                         "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
                        for i in graph.input],

@@ -19,6 +19,7 @@ import torch
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 from recompress.models import family_of
+from recompress.models.attention import check_attention
 from recompress.outputs import check_output, output_dir
 from recompress.progress import say
 from recompress.tables import DenseTable
@@ -66,15 +67,12 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
                       overwrite: bool = False, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails.
 
-    Parity compares the artifact with the *stored* checkpoint (not a materialized or rewritten copy) on
-    two batches: real rows with one id per bag, and multi-id bags with -1 padding and empty bags.
+    Parity compares the artifact with the *stored* checkpoint's default serving module (not a
+    materialized or rewritten copy, not another attention form or scoring graph) on the family's parity
+    batches (DLRM: real rows with one id per bag, and multi-id bags with -1 padding and empty bags).
     """
     mod = load_target(target)
     family = family_of(ckpt.spec)
-    if not family.exportable:
-        raise UserError(f"{target} export of {family.name} models is not available yet (the sequential export "
-                        "with fused attention is separate work)", "evaluate the checkpoint itself: recompress "
-                                                                  "evaluate CKPT --data DIR")
     if data is not None:
         family.check(ckpt.spec, data)
     check_output(out, overwrite=overwrite, inputs=inputs_of(ckpt, data))
@@ -86,6 +84,14 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
     rtol = DENSE_FORMS[opts["dense"]][1] if rtol is None else rtol
     stored = ckpt
     opts["quant_graph"] = opts.get("quant_graph") or QUANT_GRAPHS[0]
+    forms = getattr(mod, "ATTENTION_FORMS", ())
+    if opts.get("attention") and opts["attention"] not in forms:
+        raise UserError(f"the {target} target has no kernel for {opts['attention']} attention",
+                        f"choose --attention from {', '.join(forms)}" if forms else "leave --attention out")
+    check_attention(ckpt.model, opts.get("attention"))
+    if opts.get("scoring") and opts["scoring"] not in family.scorings:
+        raise UserError(f"{family.name} models have no {opts['scoring']!r} scoring graph",
+                        f"choose from {', '.join(family.scorings)}" if family.scorings else "leave --scoring out")
     ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
     batches = family.parity_batches(stored.model, samples, data)
     single = next(iter(batches.values()))
@@ -117,8 +123,9 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
         manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}
         manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
-        manifest["options"] = {"materialize": bool(opts.get("materialize")),
-                               "quant_graph": opts["quant_graph"], "dense": opts["dense"]}
+        manifest["options"] = {"materialize": bool(opts.get("materialize")), "quant_graph": opts["quant_graph"],
+                               "dense": opts["dense"], "attention": opts.get("attention"),
+                               "scoring": opts.get("scoring") or (family.scorings[0] if family.scorings else None)}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

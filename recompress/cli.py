@@ -349,9 +349,16 @@ def _targets() -> list[str]:
 @click.option("--dense", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="dense layers in float, or int8 by ONNX Runtime's dynamic quantization (faster on CPUs with "
                    "VNNI; 'evaluate' reports the accuracy it costs)")
+@click.option("--attention", type=click.Choice(["fused", "decomposed", "custom"]), default=None,
+              help="sequential models: softmax attention as one ONNX Attention node (fused, opset 23) or MatMul/"
+                   "Softmax (decomposed); HSTU decomposed or one recompress.HSTUAttention node (custom) "
+                   "[default: the model's form for the target]")
+@click.option("--scoring", type=click.Choice(["amortized", "naive"]), default=None,
+              help="sequential models: the history computed once for all M candidates (amortized, default), or "
+                   "once per candidate (naive, for comparison)")
 @OVERWRITE
 def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
-           dense: str, overwrite: bool, **kw: Any) -> None:
+           dense: str, attention: str | None, scoring: str | None, overwrite: bool, **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
@@ -363,7 +370,8 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
-                          opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense}, **kw)
+                          opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense,
+                                "attention": attention, "scoring": scoring}, **kw)
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
                f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
 
@@ -382,11 +390,16 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @click.option("--negatives", default=100, show_default=True, help="sampled protocol: negatives per test user")
 @click.option("--users", type=int, default=None, help="sequential models: evaluate a fixed random sample of this "
               "many test users (default: all)")
+@click.option("--candidates", type=int, default=None, help="sequential models: time requests of one history with "
+              "this many candidates each (--batch-sizes histories per call) instead of the protocol's")
+@click.option("--attention", type=click.Choice(["fused", "decomposed", "triton"]), default=None,
+              help="the torch backend's attention form (triton: the fused HSTU kernel, on CUDA) [default: the model's]")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="write results JSON here")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
               help="results JSON of the baseline to compare with (this run is 'new')")
 def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
-             protocol: str | None, negatives: int, users: int | None, json_out: str | None, compare: str | None) -> None:
+             protocol: str | None, negatives: int, users: int | None, candidates: int | None, attention: str | None,
+             json_out: str | None, compare: str | None) -> None:
     """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
     from .outputs import check_output
     if json_out:
@@ -409,7 +422,8 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
         raise UserError("--negatives and --users must be >= 1", "fix the option")
     from .evaluate.run import test_truth
     r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
-                 latency=not no_latency, protocol=protocol, negatives=negatives, users=users)
+                 latency=not no_latency, protocol=protocol, negatives=negatives, users=users, candidates=candidates,
+                 attention=attention)
     echo_table(results_table(r))
     if base is not None:
         delta = paired_delta(r, base, test_truth(r, data))

@@ -242,8 +242,7 @@ class Pipeline:
         return json.loads(path.read_text())
 
     def targets(self) -> list[str]:
-        default = ["onnx"] if self.family.exportable else []
-        return self.recipe.get("export", {}).get("targets", default) or [TORCH]
+        return self.recipe.get("export", {}).get("targets", ["onnx"]) or [TORCH]
 
 
 EVAL_KEYS = ("protocol", "negatives", "users")

@@ -139,7 +139,6 @@ class DLRMFamily(Family):
     inputs = {"dense": {0: "batch"}, "sparse": {0: "batch", 2: "bag"}}
     output = "probability"
     compressible = ("sparse_feature",)
-    exportable = True
 
     def new_spec(self, data: Any, hparams: dict[str, Any]) -> ModelSpec:
         self.check_data(data)
@@ -206,7 +205,7 @@ class DLRMFamily(Family):
         return np.asarray(output, np.float64).ravel(), truth
 
     # --- serving and export ----------------------------------------------------------------------------
-    def scorer(self, model: nn.Module) -> nn.Module:
+    def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
         return Scorer(model)
 
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
@@ -223,7 +222,10 @@ class DLRMFamily(Family):
         single = self.example_inputs(model, n, data)
         return {"one id per bag": single, "multi-id bags with padding": multi_hot(single)}
 
-    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0) -> list[Inputs]:
+    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
+                       candidates: int | None = None) -> list[Inputs]:
+        if candidates is not None:
+            raise UserError("a DLRM model scores rows, not candidates per request", "leave --candidates out")
         dense, sparse, _ = data.arrays("test")
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(dense), size=(count, batch), replace=len(dense) < count * batch)

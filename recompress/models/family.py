@@ -40,7 +40,7 @@ class Family(ABC):
     output: ClassVar[str]
     compressible: ClassVar[tuple[str, ...]] = ("sparse_feature", "item")
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
-    exportable: ClassVar[bool] = False
+    scorings: ClassVar[tuple[str, ...]] = ()  # serving graphs a family can write, the default first
 
     @property
     def name(self) -> str:
@@ -132,8 +132,13 @@ class Family(ABC):
 
     # --- serving and export ----------------------------------------------------------------------------
     @abstractmethod
-    def scorer(self, model: nn.Module) -> nn.Module:
-        """What is served and exported: ``forward(**inputs) -> output`` (the eager parity reference)."""
+    def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
+        """What is served and exported: ``forward(**inputs) -> output`` (the eager parity reference), in
+        one of ``scorings`` (None: the default)."""
+
+    def input_axes(self, hparams: dict[str, Any]) -> dict[str, dict[int, str]]:
+        """The serving inputs of a model with ``hparams``: name -> {axis: symbol}."""
+        return self.inputs
 
     @abstractmethod
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -144,8 +149,10 @@ class Family(ABC):
         return {"example inputs": self.example_inputs(model, n, data)}
 
     @abstractmethod
-    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0) -> list[Inputs]:
-        """``count`` distinct batches of real inputs for latency measurements."""
+    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
+                       candidates: int | None = None) -> list[Inputs]:
+        """``count`` distinct batches of real inputs for latency measurements (with ``candidates`` per row,
+        for families that score candidates; None: the default protocol's)."""
 
     def spec_tables(self, rows: dict[str, tuple[int, int, str]]) -> list[TableSpec]:
         return [TableSpec(name=n, rows=r, dim=d, role=role) for n, (r, d, role) in rows.items()]

@@ -19,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recompress.errors import UserError
 from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
+from .hstu_node import hstu_node
 from .sequential import (
     Dropout,
     SequentialFamily,
     causal_mask,
+    dot_candidates,
     dot_negatives,
     item_embed,
     positions,
@@ -40,6 +43,12 @@ def time_buckets(timestamps: Tensor) -> Tensor:
     nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)
     gap = (nxt.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
     return (torch.log(gap) / 0.301).long().clamp(0, TIME_BUCKETS)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``F.normalize(x, dim=-1)`` by broadcasting (F.normalize's expand_as exported with a mislabelled
+    dynamic axis, which ONNX Runtime rejects for candidates shared by the batch)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
 class STU(nn.Module):
@@ -57,27 +66,43 @@ class STU(nn.Module):
         self.max_len = max_len
 
     def rel_bias(self, length: int, timestamps: Tensor | None) -> Tensor:
-        i = torch.arange(length).unsqueeze(1)
-        j = torch.arange(length).unsqueeze(0)
+        i = torch.arange(length, device=self.pos_w.device).unsqueeze(1)
+        j = torch.arange(length, device=self.pos_w.device).unsqueeze(0)
         bias = self.pos_w[(self.max_len - 1 + j - i).clamp(0, 2 * self.max_len - 2)].unsqueeze(0)  # [1, L, L]
         if self.ts_w is not None and timestamps is not None:
             bias = bias + self.ts_w[time_buckets(timestamps)]
         return bias
 
-    def forward(self, x: Tensor, allowed: Tensor, timestamps: Tensor | None) -> Tensor:
-        b, length, _ = x.shape
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, real: Tensor, timestamps: Tensor | None,
+               form: str) -> Tensor:
+        """SiLU(q k^T + rab) / L, masked to ``allowed``, times v: ``[B, L, H * dim]`` projections -> [B, L, H * dv]."""
+        b, length, _ = q.shape
+        h, a, v_dim = self.heads, self.attn_dim, self.linear_dim
+        if form == "triton":
+            if torch.is_grad_enabled() and q.requires_grad:
+                raise UserError("the Triton HSTU kernel is forward-only", "train with the decomposed form")
+            from recompress.kernels.hstu_attention import hstu_attention
+            y = hstu_attention(q.reshape(b, length, h, a), k.reshape(b, length, h, a), v.reshape(b, length, h, v_dim),
+                               self.pos_w, self.max_len, real, self.ts_w, timestamps)
+            return y.reshape(b, length, h * v_dim)
+        bias = self.rel_bias(length, timestamps)
+        if form == "custom" and torch.onnx.is_in_onnx_export():
+            return hstu_node(q, k, v, bias, allowed, heads=h, attn_dim=a, linear_dim=v_dim)
+        qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(b, length, h, a), k.reshape(b, length, h, a))
+        attn = F.silu(qk + bias.unsqueeze(1)) / length * allowed.unsqueeze(1).to(q.dtype)
+        return torch.einsum("bhnm,bmhd->bnhd", attn, v.reshape(b, length, h, v_dim)).reshape(b, length, h * v_dim)
+
+    def forward(self, x: Tensor, allowed: Tensor, real: Tensor, timestamps: Tensor | None, form: str) -> Tensor:
         h, a, v_dim = self.heads, self.attn_dim, self.linear_dim
         u, v, q, k = torch.split(F.silu(F.layer_norm(x, [self.d], eps=1e-6) @ self.uvqk),
                                  [h * v_dim, h * v_dim, h * a, h * a], dim=-1)
-        qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(b, length, h, a), k.reshape(b, length, h, a))
-        qk = qk + self.rel_bias(length, timestamps).unsqueeze(1)
-        attn = F.silu(qk) / length * allowed.unsqueeze(1).to(x.dtype)
-        y = torch.einsum("bhnm,bmhd->bnhd", attn, v.reshape(b, length, h, v_dim)).reshape(b, length, h * v_dim)
+        y = self.attend(q, k, v, allowed, real, timestamps, form)
         return x + self.o(self.dropout(u * F.layer_norm(y, [h * v_dim], eps=1e-6)))
 
 
 class HSTU(nn.Module):
     family = "hstu"
+    attention_forms = ("decomposed", "custom", "triton")
 
     def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
         super().__init__()
@@ -88,6 +113,7 @@ class HSTU(nn.Module):
         uses_time = bool(hparams["time_bias"] and hparams["has_times"])
         self.blocks = nn.ModuleList(STU(d, heads, d // heads, d // heads, hparams["max_len"], hparams["dropout"],
                                         uses_time) for _ in range(hparams["blocks"]))
+        self.attention = self.attention_forms[0]
 
     def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
         real = (history > 0).unsqueeze(-1).to(torch.float32)
@@ -95,19 +121,15 @@ class HSTU(nn.Module):
         x = self.emb_dropout(x) * real
         allowed = causal_mask(history)
         for block in self.blocks:
-            x = block(x, allowed, timestamps) * real
-        return F.normalize(x, dim=-1, eps=1e-6)
+            x = block(x, allowed, history > 0, timestamps, self.attention) * real
+        return l2_normalize(x)
 
     def items(self, ids: Tensor) -> Tensor:
-        return F.normalize(item_embed(self, ids), dim=-1, eps=1e-6)
+        return l2_normalize(item_embed(self, ids))
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """Cosine similarities ``[B, M]`` of ``candidates`` (``[B, M]`` or ``[1, M]``) after ``history``."""
-        h = self.encode(history, timestamps)[:, -1]
-        cand = self.items(candidates)
-        if candidates.shape[0] == 1:
-            return h @ cand[0].T
-        return (cand * h.unsqueeze(1)).sum(-1)
+        return dot_candidates(self.encode(history, timestamps)[:, -1], self.items(candidates))
 
     def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
                      timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,11 @@ Blocks are pre-LN: x + attention(LN x), then x + FFN(LN x) with a width-d ReLU f
 history slots 1..L as in SASRec, and slot L+1 for every candidate. In training, the candidate for
 position t (the next item, and sampled negatives) sees the history up to t, and the BCE loss is CTR-style:
 the next item is a click, the negatives are not.
+
+Serving forms (``attention``): ``decomposed`` runs the history, then the candidates' cross-attention with
+their own-token term (the fewest FLOPs); ``fused`` writes both as one sequence of L + M tokens under
+M-FALCON's mask, one softmax attention per block (one ONNX ``Attention`` node), at (L + M)^2 instead of
+L^2 + M (L + 1) attention scores. Both give the same logits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
+from .attention import softmax_attention
 from .sequential import Dropout, SequentialFamily, causal_mask, item_embed, positions
 
 
@@ -52,6 +58,13 @@ class Block(nn.Module):
         out = torch.einsum("bhij,bjhd->bihd", self.dropout(attn), v).flatten(-2)
         return self._ffn(h + self.dropout(self.o(out))), k, v
 
+    def joint(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """History and candidate tokens ``x`` [B, N, d] as one sequence under ``allowed`` [B, N, N]: one
+        fused softmax attention (the M-FALCON form of :meth:`history` + :meth:`candidates`)."""
+        q, k, v = (t.transpose(1, 2) for t in self._split(x))
+        out = softmax_attention(q, k, v, allowed.unsqueeze(1), "fused").transpose(1, 2).flatten(-2)
+        return self._ffn(x + self.dropout(self.o(out)))
+
     def candidates(self, c: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         """``c`` [B, T, C, d] candidates, each attending the history keys ``allowed`` [B, T, L] and itself."""
         q, ks, vs = self._split(c)
@@ -66,6 +79,7 @@ class Block(nn.Module):
 
 class Ranker(nn.Module):
     family = "ranker"
+    attention_forms = ("decomposed", "fused")
 
     def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
         super().__init__()
@@ -82,6 +96,7 @@ class Ranker(nn.Module):
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         self.head = nn.Sequential(*layers)
+        self.attention = self.attention_forms[0]
 
     def _tokens(self, ids: Tensor, slots: Tensor) -> Tensor:
         return item_embed(self, ids) * math.sqrt(self.hparams["dim"]) + self.tables["position"].lookup(slots)
@@ -97,13 +112,35 @@ class Ranker(nn.Module):
             h_next, k, v = block.history(h, hist_mask)
             c = block.candidates(c, k, v, allowed)
             h = h_next * real
+        return self._head(c, cands)
+
+    def _head(self, c: Tensor, cands: Tensor) -> Tensor:
         out = self.last_layernorm(c)
         e = item_embed(self, cands)
         return self.head(torch.cat([out, e, out * e], dim=-1)).squeeze(-1)
 
+    def _score_joint(self, history: Tensor, cands: Tensor) -> Tensor:
+        """``cands`` [B, M] appended to ``history`` as one sequence of L + M tokens, attention masked so that
+        history tokens are causal and each candidate sees the real history and itself (M-FALCON's mask):
+        the same logits as :meth:`_score` with one fused attention per block."""
+        b, length = history.shape
+        m = cands.shape[1]
+        real = history > 0
+        x = torch.cat([self._tokens(history, positions(history)), self._tokens(cands, torch.full_like(cands, length + 1))], 1)
+        keep = torch.cat([real.to(torch.float32), torch.ones_like(cands, dtype=torch.float32)], 1).unsqueeze(-1)
+        x = self.emb_dropout(x) * keep
+        top = torch.cat([causal_mask(history), torch.zeros(b, length, m, dtype=torch.bool, device=history.device)], 2)
+        bottom = torch.cat([real.unsqueeze(1).expand(b, m, length), torch.eye(m, dtype=torch.bool, device=history.device).expand(b, m, m)], 2)
+        allowed = torch.cat([top, bottom], 1)
+        for block in self.blocks:
+            x = block.joint(x, allowed) * keep
+        return self._head(x[:, length:], cands)
+
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """CTR logits ``[B, M]`` of ``candidates`` (``[B, M]`` or ``[1, M]``), each seeing the whole history."""
-        cands = candidates.expand(history.shape[0], -1) if candidates.shape[0] == 1 else candidates
+        cands = candidates.expand(history.shape[0], -1)
+        if self.attention == "fused":
+            return self._score_joint(history, cands)
         allowed = (history > 0).unsqueeze(1)  # [B, 1, L]: every real history item
         return self._score(history, cands.unsqueeze(1), allowed).squeeze(1)
 

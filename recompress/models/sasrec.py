@@ -20,10 +20,12 @@ from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
+from .attention import multihead
 from .sequential import (
     Dropout,
     SequentialFamily,
     causal_mask,
+    dot_candidates,
     dot_negatives,
     item_embed,
     positions,
@@ -44,6 +46,7 @@ class FeedForward(nn.Module):
 
 class SASRec(nn.Module):
     family = "sasrec"
+    attention_forms = ("fused", "decomposed")
 
     def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
         super().__init__()
@@ -57,6 +60,7 @@ class SASRec(nn.Module):
         self.forward_layernorms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(blocks))
         self.forward_layers = nn.ModuleList(FeedForward(d, p) for _ in range(blocks))
         self.last_layernorm = nn.LayerNorm(d, eps=1e-8)
+        self.attention = self.attention_forms[0]
 
     def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """``[B, L]`` item ids (0 = padding) -> ``[B, L, d]``: position i has read items up to i."""
@@ -64,27 +68,21 @@ class SASRec(nn.Module):
         real = (history > 0).unsqueeze(-1).to(torch.float32)
         x = item_embed(self, history) * math.sqrt(d) + self.tables["position"].lookup(positions(history))
         x = self.emb_dropout(x) * real
-        heads = self.hparams["heads"]
-        blocked = ~causal_mask(history).repeat_interleave(heads, dim=0)  # True = may not attend
+        allowed = causal_mask(history)
         for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
                                          self.forward_layers):
             if self.hparams["norm_first"]:
-                q = ln_a(x)
-                x = x + attn(q, q, q, attn_mask=blocked, need_weights=False)[0]
+                x = x + multihead(attn, ln_a(x), allowed, self.attention)
                 x = x + ffn(ln_f(x))
             else:
-                x = ln_a(x + attn(x, x, x, attn_mask=blocked, need_weights=False)[0])
+                x = ln_a(x + multihead(attn, x, allowed, self.attention))
                 x = ln_f(x + ffn(x))
             x = x * real
         return self.last_layernorm(x)
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """Scores ``[B, M]`` of ``candidates`` (``[B, M]``, or ``[1, M]`` for every user) after ``history``."""
-        h = self.encode(history)[:, -1]
-        cand = item_embed(self, candidates)
-        if candidates.shape[0] == 1:
-            return h @ cand[0].T
-        return (cand * h.unsqueeze(1)).sum(-1)
+        return dot_candidates(self.encode(history)[:, -1], item_embed(self, candidates))
 
     def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
                      timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,8 @@ from recompress.spec import ModelSpec
 
 from .family import Family, Inputs
 
+PARITY_USERS = 256
+
 
 def item_embed(model: nn.Module, ids: Tensor) -> Tensor:
     """Item rows for ``ids`` with padding (0) forced to zero, whatever the table's kind."""
@@ -42,6 +44,13 @@ def item_embed(model: nn.Module, ids: Tensor) -> Tensor:
 def dot_negatives(h: Tensor, neg: Tensor, shared: bool) -> Tensor:
     """``[B, L, K]`` dot products of states ``h`` [B, L, d] with negative rows ``neg`` ([K, d] shared, or [B, L, K, d])."""
     return h @ neg.T if shared else (h.unsqueeze(2) * neg).sum(-1)
+
+
+def dot_candidates(h: Tensor, cand: Tensor) -> Tensor:
+    """``[B, M]`` scores of user states ``h`` [B, d] against candidate rows ``cand`` ([B, M, d], or [1, M, d]
+    shared by the batch): one batched MatMul that broadcasts, so one graph serves both shapes (written
+    [B, 1, d] @ [., d, M]: the other order made torch copy the shared rows per user, 15x slower)."""
+    return (h.unsqueeze(1) @ cand.transpose(1, 2)).squeeze(1)
 
 
 class Dropout(nn.Module):
@@ -84,6 +93,7 @@ class SequentialFamily(Family):
     protocols = ("full", "sampled")
     inputs = {"history": {0: "batch", 1: "length"}, "candidates": {0: "cbatch", 1: "candidates"}}
     output = "scores"
+    scorings = ("amortized", "naive")
     compressible = ("item",)
     adam_betas = (0.9, 0.98)  # SASRec.pytorch's Adam
     extra_positions = 0  # position rows beyond 1..max_len (the ranker's candidate slot)
@@ -221,8 +231,13 @@ class SequentialFamily(Family):
         return ranks(scores, target, exclude), count
 
     # --- serving ----------------------------------------------------------------------------------------
-    def scorer(self, model: nn.Module) -> nn.Module:
-        return model
+    def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
+        if scoring not in (None, *self.scorings):
+            raise UserError(f"unknown scoring {scoring!r}", f"choose from {', '.join(self.scorings)}")
+        return PerCandidate(model) if scoring == "naive" else model
+
+    def input_axes(self, hparams: dict[str, Any]) -> dict[str, dict[int, str]]:
+        return {**self.inputs, "timestamps": {0: "batch", 1: "length"}} if self.uses_times(hparams) else self.inputs
 
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
         hp = model.hparams
@@ -238,15 +253,30 @@ class SequentialFamily(Family):
             out["timestamps"] = torch.cumsum(torch.randint(0, 86_400, history.shape, generator=gen), dim=1)
         return out
 
-    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0) -> list[Inputs]:
+    def parity_batches(self, model: nn.Module, n: int, data: Any | None) -> dict[str, dict[str, Tensor]]:
+        """Histories with their own 101 candidates; candidates shared by the batch ([1, M], the full-ranking
+        form); histories cut to half the length (the length axis is dynamic). At most 256 histories: the
+        naive graph scores each candidate with its own pass."""
+        own = self.example_inputs(model, min(n, PARITY_USERS), data)
+        half = model.hparams["max_len"] // 2
+        cut = {k: v[: len(v) // 2, half:] if k != "candidates" else v[: len(v) // 2, :20] for k, v in own.items()}
+        shared = {**{k: v[: len(v) // 4] for k, v in own.items()}, "candidates": own["candidates"][:1, :64]}
+        return {"own candidates": own, "shared candidates": shared, "half-length histories": cut}
+
+    def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
+                       candidates: int | None = None) -> list[Inputs]:
         """``count`` batches of exactly ``batch`` test users (cycling through the users when there are fewer
-        than ``count * batch``), with the candidates of the family's default protocol."""
-        protocol = self.protocols[0]
+        than ``count * batch``), with the candidates of the family's default protocol, or with
+        ``candidates`` per user (the target and sampled items: a request of one history and M candidates)."""
+        if candidates is not None and candidates < 1:
+            raise UserError(f"--candidates {candidates} is impossible", "score at least one candidate per request")
+        protocol = self.protocols[0] if candidates is None else "sampled"
         shared = {"candidates"} if protocol == "full" else set()  # [1, N + 1]: every item, for every row
         parts: list[Inputs] = []
         rows = 0
         while rows < count * batch:
-            for inputs, _ in self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed):
+            for inputs, _ in self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed,
+                                               negatives=(candidates or 101) - 1):
                 parts.append(inputs)
                 rows += len(inputs["history"])
                 if rows >= count * batch:
@@ -254,6 +284,26 @@ class SequentialFamily(Family):
             seed += 1
         joined = {k: v if k in shared else np.concatenate([p[k] for p in parts]) for k, v in parts[0].items()}
         return [{k: v if k in shared else v[i * batch:(i + 1) * batch] for k, v in joined.items()} for i in range(count)]
+
+
+class PerCandidate(nn.Module):
+    """The naive serving graph, for comparison with the amortized one (the model itself): each of a
+    history's M candidates is scored by its own pass over the history, as B * M histories of one candidate
+    each (for the ranker, the candidate appended to the history and the whole sequence rerun)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        b, length = history.shape
+        cands = candidates.expand(b, -1)
+        m = cands.shape[1]
+        def tile(t: Tensor) -> Tensor:
+            return t.unsqueeze(1).expand(b, m, length).reshape(b * m, length)
+
+        scores = self.model(tile(history), cands.reshape(b * m, 1), None if timestamps is None else tile(timestamps))
+        return scores.reshape(b, m)
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int, ...], window: np.ndarray | None = None,

@@ -1,0 +1,171 @@
+"""ONNX export of SASRec, HSTU and the ranker: dynamic axes, attention forms, the custom HSTU node, and the
+amortized graph against the naive one. Every ONNX output is compared with the eager model (itself tested
+against the papers' reference code in test_sequential_models.py) on inputs the export never saw."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from recompress.evaluate.predictors import OrtPredictor
+from recompress.export import export_checkpoint
+
+from recompress.checkpoint import Checkpoint, save_checkpoint
+from recompress.cli import main
+from recompress.data import open_dataset
+from recompress.data.synthetic_sequences import make_synthetic_sequences
+from recompress.errors import UserError
+from recompress.families import get_family
+from recompress.models.attention import set_attention
+from recompress.tables import DenseTable
+
+ITEMS = 90
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seqexp") / "syn"
+    return open_dataset(make_synthetic_sequences(out, users=200, items=ITEMS, clusters=6, mean_len=12, seed=4))
+
+
+def fresh(name, data, **hp):
+    fam = get_family(name)
+    spec = fam.new_spec(data, {"dim": 16, "heads": 2, "max_len": 10, **hp})
+    model = fam.build(spec, {t.name: DenseTable(t.rows, t.dim) for t in spec.tables})
+    fam.init(model, 0)
+    with torch.no_grad():
+        for t in model.tables.values():
+            t.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    return Checkpoint(model.eval(), spec, None)
+
+
+def requests(data, n, length, m, seed, shared=False, times=False):
+    rng = np.random.default_rng(seed)
+    history = rng.integers(1, data.num_items + 1, (n, length))
+    history[0, : length // 2] = 0  # a padded history
+    out = {"history": history, "candidates": rng.integers(1, data.num_items + 1, (1 if shared else n, m))}
+    if times:
+        out["timestamps"] = np.cumsum(rng.integers(0, 86_400, (n, length)), axis=1)
+    return out
+
+
+def eager(ck, x):
+    with torch.no_grad():
+        return ck.model(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+
+
+def exported(ck, folder, **opts):
+    man = export_checkpoint(ck, "onnx", folder, opts=opts, samples=64)
+    return man, OrtPredictor(folder / man["file"], 1)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "ranker"])
+def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data, tmp_path, name):
+    times = name == "hstu"
+    ck = fresh(name, data)
+    assert get_family(name).uses_times(ck.spec.hparams) == times  # the synthetic set has timestamps
+    man_a, amortized = exported(ck, tmp_path / "a")
+    man_n, naive = exported(ck, tmp_path / "n", scoring="naive")
+    assert man_a["options"]["scoring"] == "amortized" and man_n["options"]["scoring"] == "naive"
+    assert ("Attention" in man_a["ops"]) == (name != "hstu")  # the ONNX target prefers the fused form
+    assert [i["name"] for i in man_a["inputs"]] == ["history", "candidates"] + (["timestamps"] if times else [])
+    for x in (requests(data, 5, 10, 7, 0, times=times), requests(data, 3, 4, 16, 1, times=times),
+              requests(data, 6, 10, 30, 2, shared=True, times=times), requests(data, 1, 10, 1, 3, times=times)):
+        want = eager(ck, x)
+        assert want.shape == (len(x["history"]), x["candidates"].shape[1])
+        np.testing.assert_allclose(amortized(x), want, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(naive(x), want, atol=1e-5, rtol=1e-4)
+    # the naive graph really reruns the history: it holds its encoder once, fed B * M rows
+    assert man_a["parity"]["passed"] and man_n["parity"]["passed"]
+
+
+def test_naive_scorer_is_one_pass_per_candidate(data):
+    """Independent of export: each naive score equals the model run on that single candidate."""
+    for name in ("sasrec", "ranker"):
+        ck = fresh(name, data)
+        naive = get_family(name).scorer(ck.model, "naive")
+        x = {k: torch.from_numpy(v) for k, v in requests(data, 3, 10, 4, 5).items()}
+        with torch.no_grad():
+            got = naive(**x)
+            one = torch.stack([torch.cat([ck.model(x["history"][i:i + 1], x["candidates"][i:i + 1, j:j + 1])[0]
+                                          for j in range(4)]) for i in range(3)])
+        torch.testing.assert_close(got, one, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "ranker"])
+def test_softmax_attention_fused_and_decomposed(data, tmp_path, name):
+    ck = fresh(name, data)
+    man_f, fused = exported(ck, tmp_path / "f", attention="fused")
+    man_d, decomposed = exported(ck, tmp_path / "d", attention="decomposed")
+    ops_f = {n.op_type for n in onnx.load(tmp_path / "f" / "model.onnx").graph.node}
+    ops_d = {n.op_type for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node}
+    assert "Attention" in ops_f and man_f["opset"] >= 23 and man_f["attention"] == ["fused"]
+    assert "Attention" not in ops_d and "Softmax" in ops_d and man_d["opset"] == 18
+    x = requests(data, 4, 10, 12, 6)
+    np.testing.assert_allclose(fused(x), eager(ck, x), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(decomposed(x), eager(ck, x), atol=1e-5, rtol=1e-4)
+
+
+def test_ranker_joint_sequence_equals_history_then_candidates(data):
+    """M-FALCON's one-sequence form against the two-pass form, in torch, with candidates that repeat."""
+    ck = fresh("ranker", data)
+    x = {k: torch.from_numpy(v) for k, v in requests(data, 4, 10, 9, 7).items()}
+    x["candidates"][:, 3] = x["candidates"][:, 0]
+    with torch.no_grad():
+        two_pass = ck.model(**x)
+        set_attention(ck.model, "fused")
+        joint = ck.model(**x)
+        set_attention(ck.model, None)
+    torch.testing.assert_close(joint, two_pass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joint[:, 3], joint[:, 0])  # candidates never see each other
+
+
+def test_hstu_custom_node_carries_its_attributes_and_runs(data, tmp_path):
+    ck = fresh("hstu", data)
+    man, custom = exported(ck, tmp_path / "c", attention="custom")
+    model = onnx.load(tmp_path / "c" / "model.onnx")
+    nodes = [n for n in model.graph.node if n.domain == "recompress"]
+    assert len(nodes) == ck.spec.hparams["blocks"] and {n.op_type for n in nodes} == {"HSTUAttention"}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert (attrs["num_heads"], attrs["attn_dim"], attrs["linear_dim"], attrs["normalization"]) == (2, 8, 8, b"length")
+    assert [(f.domain, f.name) for f in model.functions] == [("recompress", "HSTUAttention")]
+    assert man["custom_ops"] == {"recompress.HSTUAttention": "function body in standard ops (ONNX Runtime inlines it)"}
+    onnx.checker.check_model(model)
+    x = requests(data, 4, 10, 11, 8, times=True)
+    np.testing.assert_allclose(custom(x), eager(ck, x), atol=1e-5, rtol=1e-4)
+    _, decomposed = exported(ck, tmp_path / "d")
+    assert not [n for n in onnx.load(tmp_path / "d" / "model.onnx").graph.node if n.domain == "recompress"]
+    np.testing.assert_allclose(decomposed(x), custom(x), atol=1e-5, rtol=1e-4)
+
+
+def test_impossible_forms_are_refused_by_name(data, tmp_path, tiny_ckpt):
+    from recompress.checkpoint import load_checkpoint
+    with pytest.raises(UserError, match="HSTU attention has no 'fused' form"):
+        export_checkpoint(fresh("hstu", data), "onnx", tmp_path / "a", opts={"attention": "fused"})
+    with pytest.raises(UserError, match="SASRec attention has no 'custom' form"):
+        export_checkpoint(fresh("sasrec", data), "onnx", tmp_path / "b", opts={"attention": "custom"})
+    with pytest.raises(UserError, match="onnx target has no kernel for triton attention"):
+        export_checkpoint(fresh("hstu", data), "onnx", tmp_path / "c", opts={"attention": "triton"})
+    with pytest.raises(UserError, match="dlrm models have no 'naive' scoring graph"):
+        export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "d", opts={"scoring": "naive"})
+    assert not any((tmp_path / p).exists() for p in "abcd")
+
+
+def test_cli_exports_sequential_models_and_times_requests(data, tmp_path):
+    ck = fresh("sasrec", data)
+    save_checkpoint(ck, tmp_path / "ck")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "ck"), "--data", str(data.path), "-o", str(tmp_path / "e"),
+                                  "--scoring", "naive", "--attention", "decomposed"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert man["options"]["scoring"] == "naive" and man["attention"] == ["decomposed"]
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "e"), "--data", str(data.path), "--batch-sizes", "1",
+                                  "--candidates", "16", "--repeats", "8", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["latency"]["candidates"] == 16 and set(res["latency"]["backends"]) == {"onnxruntime", "torch"}
+    assert "batch 1, 16 candidates each p50" in r.output
+    # the naive ONNX graph ranks exactly as the amortized torch model does
+    assert res["accuracy"]["onnxruntime"]["ndcg@10"] == pytest.approx(res["accuracy"]["torch"]["ndcg@10"], abs=1e-6)
