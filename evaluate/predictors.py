@@ -7,12 +7,15 @@ returns its output; ``runtime`` groups predictors for the latency turns.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from recompress.export.onnx import make_session
+from recompress.export.onnx import make_session, run_fitted
+
+from recompress.errors import UserError
 
 Inputs = dict[str, np.ndarray]
 
@@ -34,16 +37,32 @@ class TorchPredictor:
                  scoring: str | None = None, attention: str | None = None) -> None:
         from recompress.models.attention import set_attention
         from recompress.training import family_of_model
+        self.device = "cpu"
         if attention is not None:  # on a copy: the caller's model keeps its form
             model = copy.deepcopy(model)
             set_attention(model, attention)
+            if attention == "triton":
+                self.device = triton_device()
+                model = model.to(self.device)
         self.scorer = (family or family_of_model(model)).scorer(model, scoring).eval()
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.scorer(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+            out = self.scorer(**{k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()})
+            return out.cpu().numpy()
+
+
+def triton_device() -> str:
+    """Where the Triton kernels run: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    raise UserError("the triton attention form runs on a CUDA GPU, and this machine has none",
+                    "leave --attention out (or set TRITON_INTERPRET=1 to run the kernel, slowly, in Triton's "
+                    "interpreter)")
 
 
 class OrtPredictor:
@@ -57,4 +76,4 @@ class OrtPredictor:
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
-        return self.session.run([self.output], inputs)[0]
+        return run_fitted(self.session, self.output, inputs)

@@ -39,12 +39,12 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     forms = sorted({m.attention for m in attention_modules(scorer)})
     opset = opts.get("opset") or (ATTENTION_OPSET if "fused" in forms else OPSET)
     param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
-    axes = family.input_axes(ckpt.spec.hparams)
+    axes = family.input_axes(ckpt.spec.hparams, opts.get("layout"))
     names = list(axes)
     dims: dict[str, Any] = {}
     shapes = tuple({axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in axes[n].items()}
                    for n in names)
-    example = tuple(inputs[n][:2] for n in names)
+    example = tuple(inputs[n][:2] if 0 in axes[n] else inputs[n][:1] for n in names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -97,6 +97,19 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
+def run_fitted(sess: Any, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """``sess`` on ``inputs``, fitted to the graph's input layout: when the graph fixes an input to one row
+    (candidates shared by the batch) and several came, the rows run one at a time; when the graph gives an
+    input the batch axis and one row came for a larger batch, that row is broadcast to the batch."""
+    fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+    rows = max(len(v) for v in inputs.values())
+    if any(len(inputs[k]) > 1 for k in fixed if k in inputs):
+        return np.concatenate([sess.run([output], {k: v[r:r + 1] if len(v) > 1 else v for k, v in inputs.items()})[0]
+                               for r in range(rows)])
+    fitted = {k: v if k in fixed or len(v) == rows else np.broadcast_to(v, (rows, *v.shape[1:])) for k, v in inputs.items()}
+    return sess.run([output], {k: np.ascontiguousarray(v) for k, v in fitted.items()})[0]
+
+
 def run(folder: Path, manifest: dict[str, Any], inputs: dict[str, torch.Tensor]) -> np.ndarray:
     sess = make_session(folder / manifest["file"])
-    return sess.run([manifest["outputs"][0]["name"]], {k: v.numpy() for k, v in inputs.items()})[0]
+    return run_fitted(sess, manifest["outputs"][0]["name"], {k: v.numpy() for k, v in inputs.items()})

@@ -61,6 +61,17 @@ def parity(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> d
             "atol": atol, "rtol": rtol, "passed": bool((diff <= allowed).all())}
 
 
+def run_checked(mod: Any, folder: Path, manifest: dict[str, Any], label: str, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """The artifact's output on a parity batch; a runtime that fails on it is a failed export, said in one line."""
+    try:
+        return mod.run(folder, manifest, batch)
+    except Exception as e:  # the runtime's own error types (ONNX Runtime's are not exported as classes)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"the exported {manifest['target']} graph fails on the parity batch '{label}' ({first}); "
+                        "nothing was written", "try --materialize or another --attention form, and report it "
+                                               "with 'recompress inspect CKPT'") from None
+
+
 def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: Any | None = None,
                       samples: int = 2048, atol: float | None = None, rtol: float | None = None,
                       source_hash: str | None = None,
@@ -89,6 +100,9 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
         raise UserError(f"the {target} target has no kernel for {opts['attention']} attention",
                         f"choose --attention from {', '.join(forms)}" if forms else "leave --attention out")
     check_attention(ckpt.model, opts.get("attention"))
+    if opts.get("layout") and opts["layout"] not in family.layouts:
+        raise UserError(f"{family.name} models have no {opts['layout']!r} candidates layout",
+                        f"choose from {', '.join(family.layouts)}" if family.layouts else "leave --candidates-layout out")
     if opts.get("scoring") and opts["scoring"] not in family.scorings:
         raise UserError(f"{family.name} models have no {opts['scoring']!r} scoring graph",
                         f"choose from {', '.join(family.scorings)}" if family.scorings else "leave --scoring out")
@@ -103,7 +117,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
         say(f"exporting to {target} ...")
         manifest: dict[str, Any] = {"target": target, "family": family.name, **mod.build(family, ckpt, tmp, single, opts)}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        checks = {k: parity(expected[k], mod.run(tmp, manifest, b), atol, rtol) for k, b in batches.items()}
+        checks = {k: parity(expected[k], run_checked(mod, tmp, manifest, k, b), atol, rtol) for k, b in batches.items()}
         worst = max(checks.values(), key=lambda c: c["max_abs_diff"])
         manifest["parity"] = {**worst, "samples": sum(c["samples"] for c in checks.values()),
                               "passed": all(c["passed"] for c in checks.values()), "batches": checks,
@@ -125,7 +139,8 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         manifest["options"] = {"materialize": bool(opts.get("materialize")), "quant_graph": opts["quant_graph"],
                                "dense": opts["dense"], "attention": opts.get("attention"),
-                               "scoring": opts.get("scoring") or (family.scorings[0] if family.scorings else None)}
+                               "scoring": opts.get("scoring") or (family.scorings[0] if family.scorings else None),
+                               "layout": opts.get("layout") or (family.layouts[0] if family.layouts else None)}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -356,9 +356,13 @@ def _targets() -> list[str]:
 @click.option("--scoring", type=click.Choice(["amortized", "naive"]), default=None,
               help="sequential models: the history computed once for all M candidates (amortized, default), or "
                    "once per candidate (naive, for comparison)")
+@click.option("--candidates-layout", "layout", type=click.Choice(["shared", "per-row"]), default=None,
+              help="sequential models: candidates [1, M] shared by every history in the batch (the full catalogue; "
+                   "default for sasrec/hstu) or [batch, M], each history its own (default for the ranker)")
 @OVERWRITE
 def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
-           dense: str, attention: str | None, scoring: str | None, overwrite: bool, **kw: Any) -> None:
+           dense: str, attention: str | None, scoring: str | None, layout: str | None, overwrite: bool,
+           **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
@@ -371,7 +375,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
                           opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense,
-                                "attention": attention, "scoring": scoring}, **kw)
+                                "attention": attention, "scoring": scoring, "layout": layout}, **kw)
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
                f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
 

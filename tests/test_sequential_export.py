@@ -61,14 +61,18 @@ def exported(ck, folder, **opts):
     return man, OrtPredictor(folder / man["file"], 1)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu", "ranker"])
-def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data, tmp_path, name):
+@pytest.mark.parametrize("name,layout", [("sasrec", "shared"), ("hstu", "shared"), ("ranker", "per-row"),
+                                         ("sasrec", "per-row"), ("ranker", "shared")])
+def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data, tmp_path, name, layout):
     times = name == "hstu"
     ck = fresh(name, data)
     assert get_family(name).uses_times(ck.spec.hparams) == times  # the synthetic set has timestamps
-    man_a, amortized = exported(ck, tmp_path / "a")
-    man_n, naive = exported(ck, tmp_path / "n", scoring="naive")
+    man_a, amortized = exported(ck, tmp_path / "a", layout=layout)
+    man_n, naive = exported(ck, tmp_path / "n", scoring="naive", layout=layout)
     assert man_a["options"]["scoring"] == "amortized" and man_n["options"]["scoring"] == "naive"
+    assert man_a["options"]["layout"] == layout
+    cands = next(i for i in man_a["inputs"] if i["name"] == "candidates")
+    assert cands["shape"] == ([1, "candidates"] if layout == "shared" else ["batch", "candidates"])
     assert ("Attention" in man_a["ops"]) == (name != "hstu")  # the ONNX target prefers the fused form
     assert [i["name"] for i in man_a["inputs"]] == ["history", "candidates"] + (["timestamps"] if times else [])
     for x in (requests(data, 5, 10, 7, 0, times=times), requests(data, 3, 4, 16, 1, times=times),
@@ -161,11 +165,45 @@ def test_cli_exports_sequential_models_and_times_requests(data, tmp_path):
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert man["options"]["scoring"] == "naive" and man["attention"] == ["decomposed"]
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "e"), "--data", str(data.path), "--no-latency"])
+    assert r.exit_code != 0 and "naive graph, which runs the history once per candidate" in r.output
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "e"), "--data", str(data.path), "--batch-sizes", "1",
-                                  "--candidates", "16", "--repeats", "8", "--threads", "1", "--json", str(tmp_path / "r.json")])
+                                  "--protocol", "sampled", "--candidates", "16", "--repeats", "8", "--threads", "1", "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["latency"]["candidates"] == 16 and set(res["latency"]["backends"]) == {"onnxruntime", "torch"}
     assert "batch 1, 16 candidates each p50" in r.output
     # the naive ONNX graph ranks exactly as the amortized torch model does
     assert res["accuracy"]["onnxruntime"]["ndcg@10"] == pytest.approx(res["accuracy"]["torch"]["ndcg@10"], abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_triton_attention_without_a_gpu_is_a_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    save_checkpoint(fresh("hstu", data), tmp_path / "ck")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "ck"), "--data", str(data.path), "--no-latency",
+                                  "--attention", "triton"])
+    assert r.exit_code != 0 and "runs on a CUDA GPU, and this machine has none" in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("methods,params,stored,layout", [("int8", {}, np.uint8, "shared"),
+                                                          ("tt,int8", {"tt_rank": 4}, np.uint8, "shared"),
+                                                          ("tt,int8", {"tt_rank": 4}, np.uint8, "per-row"),
+                                                          ("hash", {"ratio": 4}, np.float32, "shared")])
+def test_compressed_item_tables_export_compressed(data, tmp_path, methods, params, stored, layout):
+    """The item table keeps its compressed storage in the graph: no float initializer as large as the
+    dense table, and (quantized) an 8-bit initializer holding the rows."""
+    from onnx import numpy_helper
+
+    from recompress.compress.registry import Context, compress, parse_methods
+    from recompress.training import TrainConfig
+    ck = compress(fresh("sasrec", data), parse_methods(methods, params), Context(data, TrainConfig(steps=0)))
+    _, ort = exported(ck, tmp_path / "e", layout=layout)
+    inits = [numpy_helper.to_array(t) for t in onnx.load(tmp_path / "e" / "model.onnx").graph.initializer]
+    dense_rows = (data.num_items + 1) * 16
+    assert not any(a.dtype == np.float32 and a.size >= dense_rows for a in inits)
+    if stored == np.uint8:
+        assert any(a.dtype == np.uint8 for a in inits)
+    for x in (requests(data, 4, 10, 12, 9), requests(data, 5, 10, 12, 10, shared=True)):
+        np.testing.assert_allclose(ort(x), eager(ck, x), atol=1e-5, rtol=1e-4)

@@ -101,5 +101,5 @@ def hstu_attention(q: Tensor, k: Tensor, v: Tensor, pos_w: Tensor, max_len: int,
                     v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                     ts.stride(0), real_i8.stride(0),
                     HEADS=heads, A=a, DV=dv, BA=_block(a), BDV=_block(dv), BLOCK_M=block_m, BLOCK_N=block_n,
-                    HAS_TS=has_ts, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                    HAS_TS=has_ts, PRECISION="ieee" if q.dtype == torch.float32 else None)
     return out

@@ -41,6 +41,7 @@ class Family(ABC):
     compressible: ClassVar[tuple[str, ...]] = ("sparse_feature", "item")
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     scorings: ClassVar[tuple[str, ...]] = ()  # serving graphs a family can write, the default first
+    layouts: ClassVar[tuple[str, ...]] = ()  # serving input layouts it can export, the default first
 
     @property
     def name(self) -> str:
@@ -136,8 +137,9 @@ class Family(ABC):
         """What is served and exported: ``forward(**inputs) -> output`` (the eager parity reference), in
         one of ``scorings`` (None: the default)."""
 
-    def input_axes(self, hparams: dict[str, Any]) -> dict[str, dict[int, str]]:
-        """The serving inputs of a model with ``hparams``: name -> {axis: symbol}."""
+    def input_axes(self, hparams: dict[str, Any], layout: str | None = None) -> dict[str, dict[int, str]]:
+        """The serving inputs of a model with ``hparams`` in ``layout`` (one of ``layouts``): name -> {axis:
+        symbol}; an axis left out is fixed to its size in the example inputs' first row."""
         return self.inputs
 
     @abstractmethod

@@ -156,6 +156,7 @@ class Ranker(nn.Module):
 class RankerFamily(SequentialFamily):
     info = FAMILIES["ranker"]
     protocols = ("sampled", "full")  # scoring every item attends every history per item: use --users with full
+    layouts = ("per-row", "shared")
     extra_positions = 1
     eval_batch = {"full": 8, "sampled": 256}
 

@@ -91,9 +91,12 @@ class SequentialFamily(Family):
     metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "uauc")
     record = "ranks"
     protocols = ("full", "sampled")
-    inputs = {"history": {0: "batch", 1: "length"}, "candidates": {0: "cbatch", 1: "candidates"}}
+    inputs = {"history": {0: "batch", 1: "length"}, "candidates": {0: "batch", 1: "candidates"}}
     output = "scores"
     scorings = ("amortized", "naive")
+    # shared: candidates [1, M], the same for every history (the full catalogue); per-row: [batch, M]. One
+    # graph cannot take both: tracing broadcasts the two batch axes, which makes them one symbol.
+    layouts = ("shared", "per-row")
     compressible = ("item",)
     adam_betas = (0.9, 0.98)  # SASRec.pytorch's Adam
     extra_positions = 0  # position rows beyond 1..max_len (the ranker's candidate slot)
@@ -236,8 +239,12 @@ class SequentialFamily(Family):
             raise UserError(f"unknown scoring {scoring!r}", f"choose from {', '.join(self.scorings)}")
         return PerCandidate(model) if scoring == "naive" else model
 
-    def input_axes(self, hparams: dict[str, Any]) -> dict[str, dict[int, str]]:
-        return {**self.inputs, "timestamps": {0: "batch", 1: "length"}} if self.uses_times(hparams) else self.inputs
+    def input_axes(self, hparams: dict[str, Any], layout: str | None = None) -> dict[str, dict[int, str]]:
+        layout = layout or self.layouts[0]
+        if layout not in self.layouts:
+            raise UserError(f"unknown candidates layout {layout!r}", f"choose from {', '.join(self.layouts)}")
+        axes = {**self.inputs, "candidates": {1: "candidates"} if layout == "shared" else self.inputs["candidates"]}
+        return {**axes, "timestamps": {0: "batch", 1: "length"}} if self.uses_times(hparams) else axes
 
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
         hp = model.hparams
