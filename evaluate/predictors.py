@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from recompress.export.onnx import make_session, run_fitted
+from recompress.export.onnx import loops_rows, make_session, run_fitted
 
 from recompress.errors import UserError
 
@@ -77,3 +77,6 @@ class OrtPredictor:
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
         return run_fitted(self.session, self.output, inputs)
+
+    def loops_rows(self, inputs: Inputs) -> bool:
+        return loops_rows(self.session, inputs)

@@ -21,6 +21,7 @@ from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 from recompress.evaluation import Scored, score
 from recompress.models import family_of
+from recompress.progress import say
 from recompress.spec import ModelSpec
 from recompress.stats import paired_delta, predictions_record
 
@@ -119,8 +120,13 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     if latency:
         pairs = [("torch", p.name) for p in predictors if p.name != "torch"] if ckpt is not None else []
         pool = lambda b: family.latency_inputs(spec.hparams, data, b, ROTATE, candidates=candidates)
+        looped = [p.name for p in predictors if getattr(p, "loops_rows", lambda x: False)(pool(2)[0])]
+        if looped:
+            say(f"[yellow]note:[/yellow] {', '.join(looped)} takes candidates shared by the batch ([1, M]) and these "
+                "requests bring each history its own, so it runs them one row at a time (export with "
+                "--candidates-layout per-row to batch them)")
         lat = measure(predictors, pool, list(batch_sizes), repeats, pairs)
-        results["latency"] = {"threads": threads, "repeats": repeats, "candidates": candidates,
+        results["latency"] = {"threads": threads, "repeats": repeats, "candidates": candidates, "one_row_at_a_time": looped,
                               "backends": lat["backends"],
                               "speedup_vs_torch": {k.split("/")[1]: v for k, v in lat["ratios"].items()}}
     return results

@@ -26,8 +26,8 @@ FILE = "model.onnx"
 OPSET = 18
 ATTENTION_OPSET = 23  # the first opset with the Attention op
 ATTENTION_FORMS = ("fused", "decomposed", "custom")  # what ONNX Runtime runs (custom: through its function body)
-PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x and the ranker 1.21-1.36x faster fused than
-                               # decomposed (bench/results/seq_export.json); HSTU has no fused form and stays decomposed
+PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x faster fused than decomposed
+                               # (bench/results/seq_export.json); HSTU has no fused form, the ranker keeps its own
 FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
                  "SplitToSequence", "ConcatFromSequence"}
 SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
@@ -97,13 +97,19 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
+def loops_rows(sess: Any, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether :func:`run_fitted` runs these inputs one row at a time (per-row inputs, shared-row graph)."""
+    fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+    return any(len(inputs[k]) > 1 for k in fixed if k in inputs)
+
+
 def run_fitted(sess: Any, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """``sess`` on ``inputs``, fitted to the graph's input layout: when the graph fixes an input to one row
     (candidates shared by the batch) and several came, the rows run one at a time; when the graph gives an
     input the batch axis and one row came for a larger batch, that row is broadcast to the batch."""
     fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
     rows = max(len(v) for v in inputs.values())
-    if any(len(inputs[k]) > 1 for k in fixed if k in inputs):
+    if loops_rows(sess, inputs):
         return np.concatenate([sess.run([output], {k: v[r:r + 1] if len(v) > 1 else v for k, v in inputs.items()})[0]
                                for r in range(rows)])
     fitted = {k: v if k in fixed or len(v) == rows else np.broadcast_to(v, (rows, *v.shape[1:])) for k, v in inputs.items()}

@@ -73,15 +73,18 @@ def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data,
     assert man_a["options"]["layout"] == layout
     cands = next(i for i in man_a["inputs"] if i["name"] == "candidates")
     assert cands["shape"] == ([1, "candidates"] if layout == "shared" else ["batch", "candidates"])
-    assert ("Attention" in man_a["ops"]) == (name != "hstu")  # the ONNX target prefers the fused form
+    assert ("Attention" in man_a["ops"]) == (name == "sasrec")  # fused where preferred: not HSTU, not the ranker
     assert [i["name"] for i in man_a["inputs"]] == ["history", "candidates"] + (["timestamps"] if times else [])
-    for x in (requests(data, 5, 10, 7, 0, times=times), requests(data, 3, 4, 16, 1, times=times),
+    hist = next(i for i in man_a["inputs"] if i["name"] == "history")
+    assert hist["shape"] == ["batch", 10]  # windows as trained: max_len, left-padded
+    few = requests(data, 3, 10, 16, 1, times=times)
+    few["history"][:, :-3] = 0
+    for x in (requests(data, 5, 10, 7, 0, times=times), few,
               requests(data, 6, 10, 30, 2, shared=True, times=times), requests(data, 1, 10, 1, 3, times=times)):
         want = eager(ck, x)
         assert want.shape == (len(x["history"]), x["candidates"].shape[1])
         np.testing.assert_allclose(amortized(x), want, atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(naive(x), want, atol=1e-5, rtol=1e-4)
-    # the naive graph really reruns the history: it holds its encoder once, fed B * M rows
     assert man_a["parity"]["passed"] and man_n["parity"]["passed"]
 
 
@@ -195,8 +198,8 @@ def test_compressed_item_tables_export_compressed(data, tmp_path, methods, param
     """The item table keeps its compressed storage in the graph: no float initializer as large as the
     dense table, and (quantized) an 8-bit initializer holding the rows."""
     from onnx import numpy_helper
-
     from recompress.compress.registry import Context, compress, parse_methods
+
     from recompress.training import TrainConfig
     ck = compress(fresh("sasrec", data), parse_methods(methods, params), Context(data, TrainConfig(steps=0)))
     _, ort = exported(ck, tmp_path / "e", layout=layout)

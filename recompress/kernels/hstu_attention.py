@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from recompress.errors import UserError
+
 TIME_BUCKETS = 128
 
 
@@ -86,9 +88,10 @@ def hstu_attention(q: Tensor, k: Tensor, v: Tensor, pos_w: Tensor, max_len: int,
     b, length, heads, a = q.shape
     dv = v.shape[-1]
     if length > max_len:
-        raise ValueError(f"history length {length} exceeds the model's max_len {max_len}")
+        raise UserError(f"history length {length} exceeds the model's max_len {max_len}",
+                        f"send the last {max_len} items, left-padded with 0")
     if not 0 <= candidates <= length:
-        raise ValueError(f"candidates {candidates} is not in [0, {length}]")
+        raise UserError(f"candidates {candidates} is not in [0, {length}]", "count the candidate positions in the sequence")
     q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
     out = torch.empty(b, length, heads, dv, dtype=q.dtype, device=q.device)
     has_ts = ts_w is not None and timestamps is not None

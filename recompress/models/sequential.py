@@ -91,7 +91,10 @@ class SequentialFamily(Family):
     metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "uauc")
     record = "ranks"
     protocols = ("full", "sampled")
-    inputs = {"history": {0: "batch", 1: "length"}, "candidates": {0: "batch", 1: "candidates"}}
+    # The history axis is max_len, fixed: positions count from the left of the left-padded window and HSTU
+    # normalizes by its length, so a shorter unpadded window would score differently from the same items
+    # padded (by up to 0.27 in SASRec's scores): serve windows as trained, left-padded with 0.
+    inputs = {"history": {0: "batch"}, "candidates": {0: "batch", 1: "candidates"}}
     output = "scores"
     scorings = ("amortized", "naive")
     # shared: candidates [1, M], the same for every history (the full catalogue); per-row: [batch, M]. One
@@ -244,7 +247,7 @@ class SequentialFamily(Family):
         if layout not in self.layouts:
             raise UserError(f"unknown candidates layout {layout!r}", f"choose from {', '.join(self.layouts)}")
         axes = {**self.inputs, "candidates": {1: "candidates"} if layout == "shared" else self.inputs["candidates"]}
-        return {**axes, "timestamps": {0: "batch", 1: "length"}} if self.uses_times(hparams) else axes
+        return {**axes, "timestamps": {0: "batch"}} if self.uses_times(hparams) else axes
 
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
         hp = model.hparams
@@ -262,13 +265,13 @@ class SequentialFamily(Family):
 
     def parity_batches(self, model: nn.Module, n: int, data: Any | None) -> dict[str, dict[str, Tensor]]:
         """Histories with their own 101 candidates; candidates shared by the batch ([1, M], the full-ranking
-        form); histories cut to half the length (the length axis is dynamic). At most 256 histories: the
-        naive graph scores each candidate with its own pass."""
+        form); histories with at most 2 real items (the rest padding), 20 candidates each. At most 256
+        histories: the naive graph scores each candidate with its own pass."""
         own = self.example_inputs(model, min(n, PARITY_USERS), data)
-        half = model.hparams["max_len"] // 2
-        cut = {k: v[: len(v) // 2, half:] if k != "candidates" else v[: len(v) // 2, :20] for k, v in own.items()}
+        short = {k: v[: len(v) // 2].clone() if k != "candidates" else v[: len(v) // 2, :20] for k, v in own.items()}
+        short["history"][:, :-2] = 0
         shared = {**{k: v[: len(v) // 4] for k, v in own.items()}, "candidates": own["candidates"][:1, :64]}
-        return {"own candidates": own, "shared candidates": shared, "half-length histories": cut}
+        return {"own candidates": own, "shared candidates": shared, "mostly padding": short}
 
     def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
                        candidates: int | None = None) -> list[Inputs]:
