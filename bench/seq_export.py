@@ -39,8 +39,7 @@ from recompress.families import get_family
 from recompress.tables import DenseTable
 
 ITEMS = 12_101
-EXTRA_FORMS = {"ranker": [("amortized", "decomposed")]}  # next to the target's default (fused), which costs
-                                                        # (L + M)^2 attention scores instead of L^2 + M (L + 1)
+EXTRA_FORMS = {"ranker": [("amortized", "decomposed")]}  # next to the target's default form (fused)
 MODELS = {"sasrec": {"dim": 50, "heads": 1}, "hstu": {"dim": 50, "heads": 1, "time_bias": False},  # Beauty has no times
           "ranker": {"dim": 64, "heads": 2}}
 

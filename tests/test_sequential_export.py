@@ -73,7 +73,7 @@ def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data,
     assert man_a["options"]["layout"] == layout
     cands = next(i for i in man_a["inputs"] if i["name"] == "candidates")
     assert cands["shape"] == ([1, "candidates"] if layout == "shared" else ["batch", "candidates"])
-    assert ("Attention" in man_a["ops"]) == (name == "sasrec")  # fused where preferred: not HSTU, not the ranker
+    assert ("Attention" in man_a["ops"]) == (name != "hstu")  # the ONNX target prefers the fused form
     assert [i["name"] for i in man_a["inputs"]] == ["history", "candidates"] + (["timestamps"] if times else [])
     hist = next(i for i in man_a["inputs"] if i["name"] == "history")
     assert hist["shape"] == ["batch", 10]  # windows as trained: max_len, left-padded
@@ -115,18 +115,18 @@ def test_softmax_attention_fused_and_decomposed(data, tmp_path, name):
     np.testing.assert_allclose(decomposed(x), eager(ck, x), atol=1e-5, rtol=1e-4)
 
 
-def test_ranker_joint_sequence_equals_history_then_candidates(data):
-    """M-FALCON's one-sequence form against the two-pass form, in torch, with candidates that repeat."""
+def test_ranker_fused_history_attention_equals_decomposed(data):
+    """The fused form against the decomposed one in torch, with candidates that repeat."""
     ck = fresh("ranker", data)
     x = {k: torch.from_numpy(v) for k, v in requests(data, 4, 10, 9, 7).items()}
     x["candidates"][:, 3] = x["candidates"][:, 0]
     with torch.no_grad():
-        two_pass = ck.model(**x)
+        decomposed = ck.model(**x)
         set_attention(ck.model, "fused")
-        joint = ck.model(**x)
+        fused = ck.model(**x)
         set_attention(ck.model, None)
-    torch.testing.assert_close(joint, two_pass, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(joint[:, 3], joint[:, 0])  # candidates never see each other
+    torch.testing.assert_close(fused, decomposed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[:, 3], fused[:, 0])  # candidates never see each other
 
 
 def test_hstu_custom_node_carries_its_attributes_and_runs(data, tmp_path):

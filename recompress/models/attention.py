@@ -41,13 +41,11 @@ def check_attention(model: nn.Module, form: str | None) -> None:
 
 def set_attention(model: nn.Module, form: str | None, preferred: str | None = None) -> list[str]:
     """Every attention-bearing module of ``model`` to ``form`` (None: ``preferred`` where the module takes
-    it and does not set ``attention_keeps_default``, else the module's default, its first form), in place;
-    returns the forms in use."""
+    it, else the module's default, its first form), in place; returns the forms in use."""
     check_attention(model, form)
     used = []
     for m in attention_modules(model):
-        takes = preferred in m.attention_forms and not getattr(m, "attention_keeps_default", False)
-        m.attention = form or (preferred if takes else m.attention_forms[0])
+        m.attention = form or (preferred if preferred in m.attention_forms else m.attention_forms[0])
         used.append(m.attention)
     return sorted(set(used))
 

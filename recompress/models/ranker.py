@@ -9,10 +9,11 @@ history slots 1..L as in SASRec, and slot L+1 for every candidate. In training, 
 position t (the next item, and sampled negatives) sees the history up to t, and the BCE loss is CTR-style:
 the next item is a click, the negatives are not.
 
-Serving forms (``attention``): ``decomposed`` runs the history, then the candidates' cross-attention with
-their own-token term (the fewest FLOPs); ``fused`` writes both as one sequence of L + M tokens under
-M-FALCON's mask, one softmax attention per block (one ONNX ``Attention`` node), at (L + M)^2 instead of
-L^2 + M (L + 1) attention scores. Both give the same logits.
+Serving forms (``attention``): ``fused`` writes the history's causal self-attention as one softmax
+attention (one ONNX ``Attention`` node per block); ``decomposed`` as MatMul/Softmax. The candidates'
+cross-attention with their own-token term stays in standard ops either way: L^2 + M (L + 1) scores, where
+M-FALCON's one sequence of L + M tokens under one mask would cost (L + M)^2 (measured 0.71x the speed at
+L = 50, M = 512 in ONNX Runtime, and gigabytes per batch for a shared catalogue; replaced by this form).
 """
 
 from __future__ import annotations
@@ -50,20 +51,17 @@ class Block(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return x + self.dropout(self.ff2(self.dropout(torch.relu(self.ff1(self.ln2(x))))))
 
-    def history(self, h: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Causal self-attention over ``h`` [B, L, d]; returns (new h, keys, values) of the history."""
+    def history(self, h: Tensor, allowed: Tensor, form: str = "decomposed") -> tuple[Tensor, Tensor, Tensor]:
+        """Causal self-attention over ``h`` [B, L, d] in ``form``; returns (new h, keys, values) of the history."""
         q, k, v = self._split(h)
-        logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
-        attn = logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1)
-        out = torch.einsum("bhij,bjhd->bihd", self.dropout(attn), v).flatten(-2)
+        if form == "fused":
+            out = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed.unsqueeze(1),
+                                    "fused", self.dropout.p if self.training else 0.0).transpose(1, 2).flatten(-2)
+        else:
+            logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
+            attn = logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1)
+            out = torch.einsum("bhij,bjhd->bihd", self.dropout(attn), v).flatten(-2)
         return self._ffn(h + self.dropout(self.o(out))), k, v
-
-    def joint(self, x: Tensor, allowed: Tensor) -> Tensor:
-        """History and candidate tokens ``x`` [B, N, d] as one sequence under ``allowed`` [B, N, N]: one
-        fused softmax attention (the M-FALCON form of :meth:`history` + :meth:`candidates`)."""
-        q, k, v = (t.transpose(1, 2) for t in self._split(x))
-        out = softmax_attention(q, k, v, allowed.unsqueeze(1), "fused").transpose(1, 2).flatten(-2)
-        return self._ffn(x + self.dropout(self.o(out)))
 
     def candidates(self, c: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         """``c`` [B, T, C, d] candidates, each attending the history keys ``allowed`` [B, T, L] and itself."""
@@ -80,9 +78,6 @@ class Block(nn.Module):
 class Ranker(nn.Module):
     family = "ranker"
     attention_forms = ("decomposed", "fused")
-    # Its fused form grows with (L + M)^2 (a shared catalogue of 12k items: GBs per batch; 0.71x the speed
-    # of decomposed at M = 512, L = 50 in ORT): taken on request only, never as a target's preference.
-    attention_keeps_default = True
 
     def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
         super().__init__()
@@ -112,7 +107,7 @@ class Ranker(nn.Module):
         c = self.emb_dropout(self._tokens(cands, slot))
         hist_mask = causal_mask(history)
         for block in self.blocks:
-            h_next, k, v = block.history(h, hist_mask)
+            h_next, k, v = block.history(h, hist_mask, self.attention)
             c = block.candidates(c, k, v, allowed)
             h = h_next * real
         return self._head(c, cands)
@@ -122,28 +117,9 @@ class Ranker(nn.Module):
         e = item_embed(self, cands)
         return self.head(torch.cat([out, e, out * e], dim=-1)).squeeze(-1)
 
-    def _score_joint(self, history: Tensor, cands: Tensor) -> Tensor:
-        """``cands`` [B, M] appended to ``history`` as one sequence of L + M tokens, attention masked so that
-        history tokens are causal and each candidate sees the real history and itself (M-FALCON's mask):
-        the same logits as :meth:`_score` with one fused attention per block."""
-        b, length = history.shape
-        m = cands.shape[1]
-        real = history > 0
-        x = torch.cat([self._tokens(history, positions(history)), self._tokens(cands, torch.full_like(cands, length + 1))], 1)
-        keep = torch.cat([real.to(torch.float32), torch.ones_like(cands, dtype=torch.float32)], 1).unsqueeze(-1)
-        x = self.emb_dropout(x) * keep
-        top = torch.cat([causal_mask(history), torch.zeros(b, length, m, dtype=torch.bool, device=history.device)], 2)
-        bottom = torch.cat([real.unsqueeze(1).expand(b, m, length), torch.eye(m, dtype=torch.bool, device=history.device).expand(b, m, m)], 2)
-        allowed = torch.cat([top, bottom], 1)
-        for block in self.blocks:
-            x = block.joint(x, allowed) * keep
-        return self._head(x[:, length:], cands)
-
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """CTR logits ``[B, M]`` of ``candidates`` (``[B, M]`` or ``[1, M]``), each seeing the whole history."""
         cands = candidates.expand(history.shape[0], -1)
-        if self.attention == "fused":
-            return self._score_joint(history, cands)
         allowed = (history > 0).unsqueeze(1)  # [B, 1, L]: every real history item
         return self._score(history, cands.unsqueeze(1), allowed).squeeze(1)
 
