@@ -27,7 +27,7 @@ OPSET = 18
 ATTENTION_OPSET = 23  # the first opset with the Attention op
 ATTENTION_FORMS = ("fused", "decomposed", "custom")  # what ONNX Runtime runs (custom: through its function body)
 PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x faster fused than decomposed
-                               # (bench/results/seq_export.json); HSTU has no fused form, the ranker keeps its own
+                               # (bench/results/seq_export.json); HSTU has no fused form
 FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
                  "SplitToSequence", "ConcatFromSequence"}
 SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
