@@ -4,7 +4,7 @@
         [--models sasrec,hstu,ranker] [--lengths 50,200] [--counts 1,16,128,512] [--merge]
 
 Models are Beauty-sized (the 12,101 items drawn, of which a synthetic set keeps ~12,000; SASRec and HSTU d = 50, 2 blocks, 1 head; the ranker d = 64, 2
-heads; max_len 200) with freshly initialized weights: latency does not depend on the weights. Histories are
+heads; max_len = the L measured, since a graph reads windows of its max_len) with freshly initialized weights: latency does not depend on the weights. Histories are
 full-length (no padding, the most work) and drawn at random with 16 rotating inputs, like
 ``recompress evaluate``'s latency (``evaluate/latency.py``: alternating turns, settle calls, medians
 and bootstrap intervals over rounds). Every export is parity-checked against the model, as
@@ -44,9 +44,9 @@ MODELS = {"sasrec": {"dim": 50, "heads": 1}, "hstu": {"dim": 50, "heads": 1, "ti
           "ranker": {"dim": 64, "heads": 2}}
 
 
-def model(name: str, data) -> Checkpoint:
+def model(name: str, data, max_len: int) -> Checkpoint:
     fam = get_family(name)
-    spec = fam.new_spec(data, {**MODELS[name], "max_len": 200, "blocks": 2})
+    spec = fam.new_spec(data, {**MODELS[name], "max_len": max_len, "blocks": 2})
     m = fam.build(spec, {t.name: DenseTable(t.rows, t.dim) for t in spec.tables})
     fam.init(m, 0)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def forms(work: Path, data, threads: int, repeats: int, out: dict, save, models:
     for name, variants in (("sasrec", ("fused", "decomposed")), ("ranker", ("fused", "decomposed")), ("hstu", ("decomposed",))):
         if name not in models:
             continue
-        ck = model(name, data)
+        ck = model(name, data, 50)
         preds = [TorchPredictor(ck.model, threads, name="torch")]
         ops = {}
         for form in variants:
@@ -89,19 +89,20 @@ def forms(work: Path, data, threads: int, repeats: int, out: dict, save, models:
 def amortized(work: Path, data, threads: int, repeats: int, out: dict, save, models: list[str],
               lengths: list[int], counts: list[int]) -> None:
     for name in models:
-        ck = model(name, data)
-        preds = [TorchPredictor(ck.model, threads, name="torch-amortized"),
-                 TorchPredictor(ck.model, threads, name="torch-naive", scoring="naive")]
-        forms = {}
-        for scoring, attention in (("amortized", None), ("naive", None), *EXTRA_FORMS.get(name, ())):
-            label = f"ort-{scoring}" + (f"-{attention}" if attention else "")
-            man = export(ck, work / f"{name}-{label}", scoring=scoring, attention=attention, layout="per-row")
-            preds.append(OrtPredictor(work / f"{name}-{label}" / man["file"], threads, name=label))
-            forms[label] = man["attention"]
-        pairs = [("ort-naive", "ort-amortized"), ("torch-naive", "torch-amortized"), ("torch-amortized", "ort-amortized"),
-                 *((p.name, "ort-amortized") for p in preds[4:])]
-        out.setdefault(name, {})["attention"] = forms
-        for length in lengths:
+        out.setdefault(name, {})
+        for length in lengths:  # a model reads windows of its max_len: one model per L
+            ck = model(name, data, length)
+            preds = [TorchPredictor(ck.model, threads, name="torch-amortized"),
+                     TorchPredictor(ck.model, threads, name="torch-naive", scoring="naive")]
+            forms = {}
+            for scoring, attention in (("amortized", None), ("naive", None), *EXTRA_FORMS.get(name, ())):
+                label = f"ort-{scoring}" + (f"-{attention}" if attention else "")
+                man = export(ck, work / f"{name}-{length}-{label}", scoring=scoring, attention=attention, layout="per-row")
+                preds.append(OrtPredictor(work / f"{name}-{length}-{label}" / man["file"], threads, name=label))
+                forms[label] = man["attention"]
+            pairs = [("ort-naive", "ort-amortized"), ("torch-naive", "torch-amortized"),
+                     ("torch-amortized", "ort-amortized"), *((p.name, "ort-amortized") for p in preds[4:])]
+            out[name]["attention"] = forms
             for m in counts:
                 print(f"{name}: L = {length}, M = {m}")
                 lat = measure(preds, lambda b, L=length, M=m: requests(b, L, M, M, data.num_items), [1], repeats, pairs)
