@@ -97,17 +97,20 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
+def _one_row_inputs(sess: Any) -> set[str]:
+    return {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+
+
 def loops_rows(sess: Any, inputs: dict[str, np.ndarray]) -> bool:
     """Whether :func:`run_fitted` runs these inputs one row at a time (per-row inputs, shared-row graph)."""
-    fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
-    return any(len(inputs[k]) > 1 for k in fixed if k in inputs)
+    return any(len(inputs[k]) > 1 for k in _one_row_inputs(sess) if k in inputs)
 
 
 def run_fitted(sess: Any, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """``sess`` on ``inputs``, fitted to the graph's input layout: when the graph fixes an input to one row
     (candidates shared by the batch) and several came, the rows run one at a time; when the graph gives an
     input the batch axis and one row came for a larger batch, that row is broadcast to the batch."""
-    fixed = {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+    fixed = _one_row_inputs(sess)
     rows = max(len(v) for v in inputs.values())
     if loops_rows(sess, inputs):
         return np.concatenate([sess.run([output], {k: v[r:r + 1] if len(v) > 1 else v for k, v in inputs.items()})[0]

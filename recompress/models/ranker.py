@@ -110,9 +110,6 @@ class Ranker(nn.Module):
             h_next, k, v = block.history(h, hist_mask, self.attention)
             c = block.candidates(c, k, v, allowed)
             h = h_next * real
-        return self._head(c, cands)
-
-    def _head(self, c: Tensor, cands: Tensor) -> Tensor:
         out = self.last_layernorm(c)
         e = item_embed(self, cands)
         return self.head(torch.cat([out, e, out * e], dim=-1)).squeeze(-1)
