@@ -103,9 +103,10 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
     if opts.get("layout") and opts["layout"] not in family.layouts:
         raise UserError(f"{family.name} models have no {opts['layout']!r} candidates layout",
                         f"choose from {', '.join(family.layouts)}" if family.layouts else "leave --candidates-layout out")
-    if opts.get("scoring") and opts["scoring"] not in family.scorings:
-        raise UserError(f"{family.name} models have no {opts['scoring']!r} scoring graph",
-                        f"choose from {', '.join(family.scorings)}" if family.scorings else "leave --scoring out")
+    scorings = family.scorings_of(ckpt.spec.hparams)
+    if opts.get("scoring") and opts["scoring"] not in scorings:
+        raise UserError(f"this {family.name} model has no {opts['scoring']!r} scoring graph",
+                        f"choose from {', '.join(scorings)}" if scorings else "leave --scoring out")
     ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
     batches = family.parity_batches(stored.model, samples, data)
     single = next(iter(batches.values()))
@@ -139,7 +140,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         manifest["options"] = {"materialize": bool(opts.get("materialize")), "quant_graph": opts["quant_graph"],
                                "dense": opts["dense"], "attention": opts.get("attention"),
-                               "scoring": opts.get("scoring") or (family.scorings[0] if family.scorings else None),
+                               "scoring": opts.get("scoring") or (scorings[0] if scorings else None),
                                "layout": opts.get("layout") or (family.layouts[0] if family.layouts else None)}
         manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         manifest["versions"] = versions()

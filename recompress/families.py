@@ -83,4 +83,9 @@ declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative po
 declare(FamilyInfo("ranker", "appended-candidate ranker: each candidate is appended to the history and attends to "
                    "it; a CTR head scores it", "sequences", "recompress.models.ranker",
                    _seq({"dim": 64, "heads": 2, "negatives": 4},
-                        Param("head", str, "ranker: hidden sizes of the CTR head MLP", "128"))))
+                        Param("head", str, "ranker: hidden sizes of the CTR head MLP", "128"),
+                        Param("fusion", str, "ranker: append: the candidate is one more token that attends the history "
+                                             "(amortized: the history is computed once for all candidates); concat: the "
+                                             "candidate's row is concatenated to every history item (early fusion, "
+                                             "one history pass per candidate; the baseline)", "append",
+                              ("append", "concat")))))

@@ -129,6 +129,17 @@ def test_ranker_fused_history_attention_equals_decomposed(data):
     torch.testing.assert_close(fused[:, 3], fused[:, 0])  # candidates never see each other
 
 
+def test_concat_ranker_exports_its_only_form_and_refuses_amortized(data, tmp_path):
+    ck = fresh("ranker", data, fusion="concat")
+    with pytest.raises(UserError, match="no 'amortized' scoring graph"):
+        export_checkpoint(ck, "onnx", tmp_path / "a", opts={"scoring": "amortized"}, samples=16)
+    assert not (tmp_path / "a").exists()
+    man, ort = exported(ck, tmp_path / "n")
+    assert man["options"]["scoring"] == "naive"
+    x = requests(data, 3, 10, 7, 8)  # the export reads whole windows; eager trims them: both must agree
+    np.testing.assert_allclose(ort(x), eager(ck, x), atol=1e-5, rtol=1e-4)
+
+
 def test_hstu_custom_node_carries_its_attributes_and_runs(data, tmp_path):
     ck = fresh("hstu", data)
     man, custom = exported(ck, tmp_path / "c", attention="custom")
@@ -155,7 +166,7 @@ def test_impossible_forms_are_refused_by_name(data, tmp_path, tiny_ckpt):
         export_checkpoint(fresh("sasrec", data), "onnx", tmp_path / "b", opts={"attention": "custom"})
     with pytest.raises(UserError, match="onnx target has no kernel for triton attention"):
         export_checkpoint(fresh("hstu", data), "onnx", tmp_path / "c", opts={"attention": "triton"})
-    with pytest.raises(UserError, match="dlrm models have no 'naive' scoring graph"):
+    with pytest.raises(UserError, match="this dlrm model has no 'naive' scoring graph"):
         export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "d", opts={"scoring": "naive"})
     assert not any((tmp_path / p).exists() for p in "abcd")
 

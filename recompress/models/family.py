@@ -132,6 +132,10 @@ class Family(ABC):
         return data.size(split) if users is None else min(users, data.size(split))
 
     # --- serving and export ----------------------------------------------------------------------------
+    def scorings_of(self, hparams: dict[str, Any]) -> tuple[str, ...]:
+        """The serving graphs a model with ``hparams`` can write, its default first."""
+        return self.scorings
+
     @abstractmethod
     def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
         """What is served and exported: ``forward(**inputs) -> output`` (the eager parity reference), in

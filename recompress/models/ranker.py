@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recompress.errors import UserError
 from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
@@ -66,13 +67,29 @@ class Block(nn.Module):
     def candidates(self, c: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         """``c`` [B, T, C, d] candidates, each attending the history keys ``allowed`` [B, T, L] and itself."""
         q, ks, vs = self._split(c)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        hist = torch.einsum("btchd,bjhd->btchj", q, k) * scale
-        hist = hist.masked_fill(~allowed[:, :, None, None, :], float("-inf"))
-        own = (q * ks).sum(-1, keepdim=True) * scale
+        b, t, m, heads, dh = q.shape
+        scale = 1.0 / math.sqrt(dh)
+        # heads first, the T * C candidates as one axis: plain batched MatMuls (with Einsum, ONNX Runtime took 2.6x
+        # as long at L = 200, M = 512)
+        qh = q.permute(0, 3, 1, 2, 4).reshape(b, heads, t * m, dh)
+        hist = (qh @ k.permute(0, 2, 3, 1)).reshape(b, heads, t, m, -1) * scale
+        hist = hist.masked_fill(~allowed[:, None, :, None, :], float("-inf"))
+        own = (q * ks).sum(-1).permute(0, 3, 1, 2).unsqueeze(-1) * scale
         attn = self.dropout(torch.cat([hist, own], dim=-1).softmax(-1))
-        out = torch.einsum("btchj,bjhd->btchd", attn[..., :-1], v) + attn[..., -1:] * vs
-        return self._ffn(c + self.dropout(self.o(out.flatten(-2))))
+        seen = attn[..., :-1].reshape(b, heads, t * m, -1) @ v.transpose(1, 2)
+        out = seen.reshape(b, heads, t, m, dh) + attn[..., -1:] * vs.permute(0, 3, 1, 2, 4)
+        return self._ffn(c + self.dropout(self.o(out.permute(0, 2, 3, 1, 4).flatten(-2))))
+
+
+def head_mlp(d: int, hidden: str) -> nn.Sequential:
+    """The CTR head: [output, item row, their product] (3d) through ReLU layers of sizes ``hidden`` to 1 logit."""
+    sizes = [3 * d, *[int(x) for x in str(hidden).split(",") if x.strip()], 1]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
 class Ranker(nn.Module):
@@ -87,13 +104,7 @@ class Ranker(nn.Module):
         self.emb_dropout = Dropout(hparams["dropout"])
         self.blocks = nn.ModuleList(Block(d, hparams["heads"], hparams["dropout"]) for _ in range(hparams["blocks"]))
         self.last_layernorm = nn.LayerNorm(d, eps=1e-8)
-        sizes = [3 * d, *[int(x) for x in str(hparams["head"]).split(",") if x.strip()], 1]
-        layers: list[nn.Module] = []
-        for i in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        self.head = nn.Sequential(*layers)
+        self.head = head_mlp(d, hparams["head"])
         self.attention = self.attention_forms[0]
 
     def _tokens(self, ids: Tensor, slots: Tensor) -> Tensor:
@@ -136,8 +147,22 @@ class RankerFamily(SequentialFamily):
     extra_positions = 1
     eval_batch = {"full": 8, "sampled": 256}
 
-    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> Ranker:
+    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> nn.Module:
+        if spec.hparams.get("fusion", "append") == "concat":
+            from .ranker_concat import ConcatRanker
+            return ConcatRanker(spec.hparams, tables)
         return Ranker(spec.hparams, tables)
+
+    def scorings_of(self, hparams: dict[str, Any]) -> tuple[str, ...]:
+        return ("naive",) if hparams.get("fusion", "append") == "concat" else self.scorings
+
+    def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
+        if not hasattr(model, "fuse"):
+            return super().scorer(model, scoring)
+        if scoring not in (None, "naive"):
+            raise UserError("an early-fusion (concat) ranker has no amortized graph: the candidate is part of "
+                            "every history token", "export it with --scoring naive (its only form)")
+        return model  # its forward is already one history pass per candidate
 
 
 FAMILY = RankerFamily()
