@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recompress.adapters import load_any
+from recompress.adapters.torch_files import safe_torch_load
 from recompress.checkpoint import load_checkpoint, save_checkpoint
 from recompress.errors import UserError
 
@@ -123,3 +124,31 @@ def test_unknown_format(tmp_path):
     p.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(UserError, match="not a checkpoint format recompress knows"):
         load_any(p)
+
+
+def _x(text):
+    b = text.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
+@pytest.mark.parametrize("body", [
+    b"\x80\x02c_codecs\nencode\n" + _x("x") + _x("no-such-codec") + b"\x86R.",  # LookupError inside the unpickler
+    b"\x80\x02cbuiltins\nbytearray\n\x8a\x09" + b"\x00" * 8 + b"\x01\x85R.",  # OverflowError: bytearray(2**64)
+    b"\x80\x02cbuiltins\nbytearray\n\x8a\x08" + b"\x00" * 7 + b"\x40\x85R.",  # MemoryError: bytearray(2**62)
+    b"\x80\x02ctorch.cuda\nFloatTensor\n)R.",  # TypeError on a CPU build
+], ids=["lookup", "overflow", "memory", "cuda"])
+def test_hostile_pickles_fail_cleanly_not_with_a_traceback(tmp_path, body):
+    """Found by an independent review: these escaped safe_torch_load as tracebacks."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(body)
+    with pytest.raises(UserError, match="not a readable torch file"):
+        safe_torch_load(path)
+
+
+def test_zip_with_a_bad_persistent_id_fails_cleanly(tmp_path):
+    path = tmp_path / "bad.pt"
+    w = torch._C.PyTorchFileWriter(str(path))
+    w.write_record("data.pkl", b"\x80\x02K\x01Q.", 6)  # a persistent id that is not a tuple: AssertionError in torch
+    w.write_end_of_file()
+    with pytest.raises(UserError, match="not a readable torch file"):
+        safe_torch_load(path)

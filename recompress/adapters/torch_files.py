@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,11 @@ def safe_torch_load(path: Path) -> Any:
         first = str(e).strip().splitlines()[-1][:160]
         raise UserError(f"{path} holds objects the safe loader refuses ({first})",
                         "recompress never unpickles arbitrary objects; re-save the state_dict with plain tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise UserError(f"{path} is not a readable torch file ({str(e).splitlines()[0][:160]})",
-                        "the file is truncated or not a checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any failure inside torch's unpickler (a hostile file raised
+        # LookupError, OverflowError, MemoryError, TypeError, AssertionError) is the file's fault, not a crash
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable torch file ({type(e).__name__}: {first})",
+                        "the file is truncated, corrupt or not a checkpoint") from None
 
 
 def file_sha256(paths: list[Path]) -> str:
