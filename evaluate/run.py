@@ -92,8 +92,8 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     if kind == "onnx" and manifest["options"].get("scoring") == "naive" and protocol == "full":
         raise UserError(f"{path} is a naive graph, which runs the history once per candidate: full ranking would "
                         f"run {data.num_items + 1:,} histories per test user",
-                        "evaluate it with --protocol sampled --users N, or evaluate the amortized export (the "
-                        "export's parity check compared the two)")
+                        "evaluate it with --protocol sampled --users N, or evaluate the model's amortized export "
+                        "where it has one")
     scored: dict[str, Scored] = {p.name: score(family, p, spec.hparams, data, "test", protocol, negatives=negatives,
                                               users=users, desc=f"scoring test ({p.name}, {protocol})")
                                  for p in predictors}

@@ -354,8 +354,9 @@ def _targets() -> list[str]:
                    "Softmax (decomposed); HSTU decomposed or one recompress.HSTUAttention node (custom) "
                    "[default: the model's form for the target]")
 @click.option("--scoring", type=click.Choice(["amortized", "naive"]), default=None,
-              help="sequential models: the history computed once for all M candidates (amortized, default), or "
-                   "once per candidate (naive, for comparison)")
+              help="sequential models: the history computed once for all M candidates (amortized), or once per "
+                   "candidate (naive, for comparison) [default: amortized; naive for a model that has only it, "
+                   "the early-fusion ranker]")
 @click.option("--candidates-layout", "layout", type=click.Choice(["shared", "per-row"]), default=None,
               help="sequential models: candidates [1, M] shared by every history in the batch (the full catalogue; "
                    "default for sasrec/hstu) or [batch, M], each history its own (default for the ranker)")

@@ -134,8 +134,8 @@ def test_ranker_scores_each_candidate_as_if_it_were_alone(seq_data):
 
 def early_fusion_reference(m, history, cand, end=None):
     """The concat ranker written out for a left-padded ``history`` [L] read up to index ``end`` (default: all)
-    and a candidate id: every real item's token is [item row * sqrt(d) + position row (its slot in the
-    window, 1..L), candidate row * sqrt(d)] projected to d; pre-LN causal blocks over the real items; the CTR
+    and a candidate id: every real item's token is [item row * sqrt(d) + position row (its index in the
+    history + 1, as SASRec.pytorch's positions), candidate row * sqrt(d)] projected to d; pre-LN causal blocks over the real items; the CTR
     head on the last output, the candidate row and their product."""
     emb, pos = m.tables["item"].weight.detach(), m.tables["position"].weight.detach()
     end = len(history) - 1 if end is None else end
@@ -156,10 +156,51 @@ def early_fusion_reference(m, history, cand, end=None):
     return m.head(torch.cat([out, e, out * e]))[0]
 
 
-def test_concat_ranker_equals_the_written_out_early_fusion(seq_data):
+def appended_reference(m, history, cand):
+    """The appended-candidate ranker written out for one unpadded ``history`` [L] and a candidate id: the
+    history runs through pre-LN causal blocks; the candidate token (its row * sqrt(d) + position L + 1), in
+    every block, attends to the history's keys and values of that block and to its own, per head."""
+    emb, pos = m.tables["item"].weight.detach(), m.tables["position"].weight.detach()
+    n, d = len(history), emb.shape[1]
+    heads = m.hparams["heads"]
+    h = emb[history] * math.sqrt(d) + pos[torch.arange(1, n + 1)]
+    c = emb[cand] * math.sqrt(d) + pos[n + 1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for blk in m.blocks:
+        ln = lambda x, b=blk: F.layer_norm(x, [d], b.ln1.weight, b.ln1.bias, 1e-8)
+        ffn = lambda x, b=blk: x + b.ff2(torch.relu(b.ff1(F.layer_norm(x, [d], b.ln2.weight, b.ln2.bias, 1e-8))))
+        _, k, v = (ln(h) @ blk.qkv.weight.T + blk.qkv.bias).chunk(3, -1)
+        qc, kc, vc = (ln(c) @ blk.qkv.weight.T + blk.qkv.bias).chunk(3, -1)
+        out = []
+        for j in range(heads):
+            sl = slice(j * d // heads, (j + 1) * d // heads)
+            keys, values = torch.cat([k[:, sl], kc[None, sl]]), torch.cat([v[:, sl], vc[None, sl]])
+            a = (keys @ qc[sl] / math.sqrt(d // heads)).softmax(0)
+            out.append(a @ values)
+        c = ffn(c + blk.o(torch.cat(out)))
+        h = ffn(h + attention(ln(h)[None], blk.qkv.weight, blk.qkv.bias, blk.o.weight, blk.o.bias, heads, causal)[0])
+    out = F.layer_norm(c, [d], m.last_layernorm.weight, m.last_layernorm.bias, 1e-8)
+    e = emb[cand]
+    return m.head(torch.cat([out, e, out * e]))[0]
+
+
+def test_ranker_equals_the_written_out_appended_candidate(seq_data):
+    _, m = fresh("ranker", seq_data)
+    hist = full_history(seq_data, n=3)
+    cands = torch.tensor([[5, 9, 2, 77], [1, 1, 3, 150], [60, 61, 62, 63]])
+    with torch.no_grad():
+        got = m(hist, cands)
+        ref = torch.stack([torch.stack([appended_reference(m, hist[i], c) for c in cands[i]]) for i in range(3)])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_ranker_equals_the_written_out_early_fusion(seq_data, monkeypatch):
+    import recompress.models.ranker_concat as rc
+    monkeypatch.setattr(rc, "GROUP_ROWS", 3)  # several groups, each trimmed to its own length
     fam, m = fresh("ranker", seq_data, fusion="concat")
     hist = full_history(seq_data, n=3)
-    hist[0, :5] = 0  # a padded history: trimmed in eager scoring, which must not change a score
+    hist[0, :5] = 0  # padded histories: trimmed in eager scoring, which must not change a score
+    hist[1, :9] = 0
     cands = torch.tensor([[5, 9, 2, 77], [1, 1, 3, 150], [60, 61, 62, 63]])
     with torch.no_grad():
         got = m(hist, cands)
@@ -170,7 +211,7 @@ def test_concat_ranker_equals_the_written_out_early_fusion(seq_data):
         targets[:, -1] = 7
         negatives = torch.randint(1, 151, (*hist.shape, 2), generator=torch.Generator().manual_seed(0))
         pos, neg = m.train_logits(hist, targets, negatives)
-        for i, t in [(0, 5), (0, 9), (1, 0), (2, 11)]:
+        for i, t in [(0, 5), (0, 9), (1, 9), (1, 11), (2, 0), (2, 11)]:
             torch.testing.assert_close(pos[i, t], early_fusion_reference(m, hist[i], targets[i, t], t), atol=1e-5,
                                        rtol=1e-5)
             torch.testing.assert_close(neg[i, t, 1], early_fusion_reference(m, hist[i], negatives[i, t, 1], t),

@@ -53,9 +53,13 @@ class Family(ABC):
 
     def hparams(self, given: dict[str, Any]) -> dict[str, Any]:
         """The family's hyper-parameters: its declared defaults, overridden by ``given`` (None = default)."""
-        out = {p.name: p.default for p in self.info.hparams}
+        params = {p.name: p for p in self.info.hparams}
+        out = {p.name: p.default for p in params.values()}
         for k, v in given.items():
             if k in out and v is not None:
+                if params[k].choices and v not in params[k].choices:
+                    raise UserError(f"{k} = {v!r} is not a {self.name} choice",
+                                    f"choose {params[k].flag} from {', '.join(params[k].choices)}")
                 out[k] = v
         return out
 

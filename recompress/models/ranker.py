@@ -157,7 +157,7 @@ class RankerFamily(SequentialFamily):
         return ("naive",) if hparams.get("fusion", "append") == "concat" else self.scorings
 
     def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
-        if not hasattr(model, "fuse"):
+        if model.hparams.get("fusion", "append") != "concat":
             return super().scorer(model, scoring)
         if scoring not in (None, "naive"):
             raise UserError("an early-fusion (concat) ranker has no amortized graph: the candidate is part of "

@@ -6,9 +6,10 @@ so nothing is shared across candidates: M candidates cost M passes over the hist
 
 Blocks, head, positions and training targets are the appended ranker's: the candidate for position t (the
 next item, and sampled negatives) sees the history up to t, with the BCE loss. Training and eager scoring
-score windows in groups of similar length, each trimmed to its longest real prefix (exact: padding keys
-are masked and padded queries are dropped), which makes early fusion affordable on short histories and
-bounds memory; an exported graph reads the whole window.
+score windows in groups of similar length, each trimmed to its longest real part (exact: padding keys
+are masked and padded queries are dropped), which makes early fusion affordable on short histories and,
+when scoring, bounds memory (training keeps every group's activations for backward); an exported graph
+reads the whole window.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class ConcatRanker(nn.Module):
     def _trimmed(self, windows: Tensor, slots: Tensor, cands: Tensor) -> Tensor:
         if exporting():
             return self._logits(windows, slots, cands)
-        lengths = (windows > 0).sum(1)
+        if not len(windows):
+            return self._logits(windows, slots, cands)
+        real = windows > 0  # left-padded, so a window's real part is what follows its first real item
+        lengths = torch.where(real.any(1), windows.shape[1] - real.to(torch.int8).argmax(1), 0)
         order = lengths.argsort()
         parts = []
         for idx in order.split(GROUP_ROWS):
