@@ -135,7 +135,7 @@ def report(result: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, x in result["amortized"].items():
             for key, y in x.items():
-                if key == "attention":
+                if not key.startswith("L"):  # "attention" (forms per graph), "note"
                     continue
                 c, ra = y["candidates_per_s"], y["ratios"]
                 lines.append(f"| {name} | {y['length']} | {y['candidates']} | {c['ort-amortized']:,.0f} | "

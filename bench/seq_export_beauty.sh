@@ -4,12 +4,14 @@
 # the checkpoint in torch on the same test users (paired ΔNDCG@10 with a 95% interval; ranks are
 # tie-broken with the same seed, so identical scores give Δ = 0 exactly). SASRec and HSTU: full ranking of
 # every test user; the ranker: 100 sampled negatives, 2,000 users; naive and per-row graphs: sampled, 500 users.
-#   bash bench/seq_export_beauty.sh WORK_DIR RESULTS_DIR      (WORK_DIR/Beauty: a prepared Beauty set)
+#   bash bench/seq_export_beauty.sh WORK_DIR RESULTS_DIR ["NAME ..."]  (WORK_DIR/Beauty: a prepared Beauty set;
+#   NAMEs: re-make only these exports, e.g. "ranker ranker-decomposed", keeping the others' results)
 set -euo pipefail
 w=$1
 r=$2/seq_export_beauty
 mkdir -p "$w/exp" "$r"
 d=$w/Beauty
+only=${3:-}
 [ -d "$w/exp/sasrec" ] || recompress train --model sasrec --data "$d" --epochs 3 --dropout 0.5 -o "$w/exp/sasrec"
 [ -d "$w/exp/hstu" ] || recompress train --model hstu --data "$d" --epochs 3 --dropout 0.5 -o "$w/exp/hstu"
 [ -d "$w/exp/ranker" ] || recompress train --model ranker --data "$d" --epochs 1 --dropout 0.5 -o "$w/exp/ranker"
@@ -18,6 +20,7 @@ d=$w/Beauty
 run() {  # name checkpoint "evaluate options" [export options...]
   local name=$1 ck=$2 ev=$3
   shift 3
+  [ -z "$only" ] || [[ " $only " == *" $name "* ]] || return 0
   recompress export "$ck" --data "$d" -o "$w/exp/$name.onnx" --overwrite "$@"
   cp "$w/exp/$name.onnx/manifest.json" "$r/$name.manifest.json"
   # shellcheck disable=SC2086
@@ -25,7 +28,7 @@ run() {  # name checkpoint "evaluate options" [export options...]
 }
 all="--users 22363"          # every Beauty test user, full ranking
 few="--protocol sampled --users 500"   # the naive graph: one history pass per candidate
-rm -f "$r"/*.json  # this script's own results, re-made below
+[ -n "$only" ] || rm -f "$r"/*.json  # this script's own results, re-made below
 run sasrec "$w/exp/sasrec" "$all"
 run sasrec-decomposed "$w/exp/sasrec" "$all" --attention decomposed
 run sasrec-per-row "$w/exp/sasrec" "$few" --candidates-layout per-row
