@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from recompress.tables import Table
 
 from .ranker import Block, head_mlp
-from .sequential import Dropout, causal_mask, item_embed, positions
+from .sequential import Dropout, causal_mask, item_embed, per_candidate, positions
 
 GROUP_ROWS = 2048  # windows sorted by real length, scored in groups of this many, each trimmed to its longest
 
@@ -78,13 +78,10 @@ class ConcatRanker(nn.Module):
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """CTR logits ``[B, M]`` of ``candidates`` (``[B, M]`` or ``[1, M]``): one history pass per candidate."""
-        b, length = history.shape
-        cands = candidates.expand(b, -1)
+        cands = candidates.expand(history.shape[0], -1)
         m = cands.shape[1]
-        def tile(t: Tensor) -> Tensor:
-            return t.unsqueeze(1).expand(b, m, length).reshape(b * m, length)
-
-        return self._trimmed(tile(history), tile(positions(history)), cands.reshape(-1)).reshape(b, m)
+        return self._trimmed(per_candidate(history, m), per_candidate(positions(history), m),
+                             cands.reshape(-1)).reshape(cands.shape)
 
     def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
                      timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -79,6 +79,12 @@ def positions(history: Tensor) -> Tensor:
     return slots * (history > 0)
 
 
+def per_candidate(t: Tensor, m: int) -> Tensor:
+    """``[B, L]`` -> ``[B * m, L]``: each row repeated once for each of its ``m`` candidates (row-major)."""
+    b, length = t.shape
+    return t.unsqueeze(1).expand(b, m, length).reshape(b * m, length)
+
+
 def causal_mask(history: Tensor) -> Tensor:
     """``[B, L, L]`` True where query i may attend key j: j <= i and j real (a padded query sees only itself)."""
     length = history.shape[1]
@@ -306,13 +312,10 @@ class PerCandidate(nn.Module):
         self.model = model
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        b, length = history.shape
-        cands = candidates.expand(b, -1)
-        m = cands.shape[1]
-        def tile(t: Tensor) -> Tensor:
-            return t.unsqueeze(1).expand(b, m, length).reshape(b * m, length)
-
-        scores = self.model(tile(history), cands.reshape(b * m, 1), None if timestamps is None else tile(timestamps))
+        cands = candidates.expand(history.shape[0], -1)
+        b, m = cands.shape
+        scores = self.model(per_candidate(history, m), cands.reshape(b * m, 1),
+                            None if timestamps is None else per_candidate(timestamps, m))
         return scores.reshape(b, m)
 
 
