@@ -13,7 +13,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from recompress.export.onnx import loops_rows, make_session, run_fitted
+from recompress.export.onnx import (
+    loops_rows,
+    make_session,
+    one_row_inputs,
+    run_fitted,
+    session_call,
+    session_shapes,
+)
 
 from recompress.errors import UserError
 
@@ -72,11 +79,30 @@ class OrtPredictor:
 
     def __init__(self, path: Path, threads: int, name: str = "onnxruntime") -> None:
         self.session = make_session(path, threads)
-        self.output = self.session.get_outputs()[0].name
+        self.call = session_call(self.session, self.session.get_outputs()[0].name)
+        self.fixed = one_row_inputs(session_shapes(self.session))
         self.threads, self.name = threads, name
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
-        return run_fitted(self.session, self.output, inputs)
+        return run_fitted(self.call, self.fixed, inputs)
 
     def loops_rows(self, inputs: Inputs) -> bool:
-        return loops_rows(self.session, inputs)
+        return loops_rows(self.fixed, inputs)
+
+
+class TrtPredictor:
+    """A TensorRT engine on the current CUDA device (refused with the reason where none can run it)."""
+
+    runtime = "tensorrt"
+
+    def __init__(self, path: Path, manifest: dict[str, Any], name: str = "tensorrt") -> None:
+        from recompress.export.trt_runtime import EngineRunner
+        self.runner = EngineRunner(path, manifest["outputs"][0]["name"])
+        self.fixed = one_row_inputs({i["name"]: i["shape"] for i in manifest["inputs"]})
+        self.name = name
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        return run_fitted(self.runner, self.fixed, inputs)
+
+    def loops_rows(self, inputs: Inputs) -> bool:
+        return loops_rows(self.fixed, inputs)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from recompress.export.manifest import MANIFEST, read_manifest, versions
+from recompress.export.onnx import PRECISIONS as ORT_PRECISIONS
 
 from recompress.adapters import load_any
 from recompress.checkpoint import Checkpoint
@@ -26,7 +27,7 @@ from recompress.spec import ModelSpec
 from recompress.stats import paired_delta, predictions_record
 
 from .latency import ROTATE, measure
-from .predictors import OrtPredictor, Predictor, TorchPredictor
+from .predictors import OrtPredictor, Predictor, TorchPredictor, TrtPredictor
 
 
 def _folder_bytes(path: Path) -> int:
@@ -66,14 +67,16 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     ckpt: Checkpoint | None = None
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
-        if manifest["target"] != "onnx":
-            raise UserError(f"{path} is a {manifest['target']} export, which needs a GPU to run",
-                            "evaluate it on a GPU machine")
-        predictors.append(OrtPredictor(path / manifest["file"], threads))
+        if manifest["target"] == "trt":  # the engine, and ONNX Runtime on the graph it was built from
+            predictors.append(TrtPredictor(path / manifest["file"], manifest))
+            if manifest.get("precision", "fp32") in ORT_PRECISIONS:
+                predictors.append(OrtPredictor(path / manifest["onnx"], threads))
+        else:
+            predictors.append(OrtPredictor(path / manifest["file"], threads))
         src = source_checkpoint(path, manifest)
         if src is not None:
             ckpt = load_any(src)
-        kind = "onnx"
+        kind = manifest["target"]
         spec = ModelSpec.from_json(json.dumps(manifest["model_spec"]), str(path / MANIFEST))
         table_bytes = manifest["table_bytes"]
         exported = manifest.get("exported_table_bytes")
@@ -89,7 +92,7 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     if ckpt is not None:
         predictors.append(TorchPredictor(ckpt.model, threads, family=family, attention=attention))
     protocol = protocol or family.protocols[0]
-    if kind == "onnx" and manifest["options"].get("scoring") == "naive" and protocol == "full":
+    if kind != "checkpoint" and manifest["options"].get("scoring") == "naive" and protocol == "full":
         raise UserError(f"{path} is a naive graph, which runs the history once per candidate: full ranking would "
                         f"run {data.num_items + 1:,} histories per test user",
                         "evaluate it with --protocol sampled --users N, or evaluate the model's amortized export "
@@ -102,7 +105,7 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
         "artifact": {"path": str(path), "kind": kind},
         "model": {"family": spec.family, "emb_dim": spec.hparams.get("emb_dim", spec.hparams.get("dim")),
                   "methods": [h.get("method") for h in spec.history]},
-        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": int(len(first.values)),
+        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": len(first.values),
                  "protocol": protocol, "negatives": negatives if protocol == "sampled" else None, "users": users,
                  "synthetic": bool(data.meta.get("synthetic"))},
         "primary": family.primary,
@@ -110,6 +113,9 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
         "predictions": predictions_record(first.values, first.kind, predictors[0].name, first.truth),
         "export_vs_checkpoint": (paired_delta(family.primary, first.truth, first.values, scored["torch"].values)
                                  if len(scored) > 1 and "torch" in scored else None),
+        "engine_vs_onnxruntime": (paired_delta(family.primary, first.truth, scored["tensorrt"].values,
+                                               scored["onnxruntime"].values)
+                                  if {"tensorrt", "onnxruntime"} <= set(scored) else None),
         "bytes": {"embeddings": int(sum(table_bytes.values())),
                   "embeddings_exported": int(sum(exported.values())) if exported else None,
                   "dense": _dense_bytes(ckpt.model) if ckpt is not None else None,

@@ -180,23 +180,38 @@ class FusedLookup(nn.Module):
 
 
 class DequantizeThenGather(nn.Module):
-    """Quantized rows written as ``DequantizeLinear(axis=0)`` on the whole table, then Gather: the form
-    TensorRT takes (ONNX Runtime folds or re-dequantizes it into a float table; see docs/benchmarks.md).
+    """Quantized rows in the form TensorRT keeps narrow (engine sizes in docs/benchmarks.md):
+
+    - int8 (FBGEMM's uint8 ``q`` with a scale ``s`` and bias ``b`` per row): ``DequantizeLinear(axis=0)`` on
+      the whole table, then Gather, then the gathered bias. TensorRT's DQ is symmetric (int8, positive
+      scales, no zero point), so the rows are written exactly as ``s * (q - 128) + (b + 128 s)``; a row with
+      ``s = 0`` (constant, or a padding row) becomes ``1 * 0 + b``.
+    - fp16/bf16: Gather on the narrow table, then Cast (a Cast before the Gather is folded into a float
+      table by TensorRT).
+
+    ONNX Runtime folds or re-dequantizes the int8 form into a float table (see docs/benchmarks.md).
     Outside an ONNX export it computes the same rows as the wrapped storage."""
 
     def __init__(self, rows: QuantizedRows) -> None:
         super().__init__()
         self.rows = rows  # int8, fp16 or bf16 (export/runner.py refuses int4, which needs opset 21)
+        if hasattr(rows, "scale"):
+            scale = rows.scale.float()
+            flat = scale == 0
+            self.register_buffer("q", torch.where(flat.unsqueeze(1), 0, rows.data[:, :rows.cols].to(torch.int16) - 128)
+                                 .to(torch.int8))
+            self.register_buffer("scale", torch.where(flat, 1.0, scale))
+            self.register_buffer("bias", rows.bias.float() + 128 * scale)
 
     def forward(self, idx: Tensor) -> Tensor:
         r = self.rows
         if not torch.onnx.is_in_onnx_export():
             return r(idx)
         if not hasattr(r, "scale"):
-            return r.data[:, :r.cols].float()[idx]
-        table = torch.onnx.ops.symbolic("DequantizeLinear", (r.data, r.scale.float()), {"axis": 0},
-                                        dtype=torch.float32, shape=r.data.shape, version=1)
-        return table[:, :r.cols][idx] + r.bias.float()[idx].unsqueeze(-1)
+            return r.data[:, :r.cols][idx].float()
+        table = torch.onnx.ops.symbolic("DequantizeLinear", (self.q, self.scale), {"axis": 0},
+                                        dtype=torch.float32, shape=self.q.shape, version=1)
+        return table[idx] + self.bias[idx].unsqueeze(-1)
 
 
 def dequantize_then_gather(module: nn.Module) -> None:

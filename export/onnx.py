@@ -9,12 +9,14 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from recompress.models.attention import attention_modules
 
@@ -31,12 +33,32 @@ PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x faster fused than
 FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
                  "SplitToSequence", "ConcatFromSequence"}
 SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
+COMPUTE = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision -> autocast dtype
+PRECISIONS = ("fp32", "fp16")  # what ONNX Runtime's CPU kernels run (none for a bf16 MatMul)
+TOLERANCE = {"fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}  # default parity (atol, rtol) against the fp32 checkpoint
+
+
+class Autocast(nn.Module):
+    """``scorer`` under ``torch.autocast(dtype)``, its output back in float32: the exported graph carries the
+    reduced precision as casts (matrix products and attention in ``dtype``; tables, norms and softmax
+    statistics as autocast keeps them), which a strongly typed TensorRT build follows."""
+
+    def __init__(self, scorer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.scorer, self.dtype = scorer, dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.scorer(*inputs).float()
 
 
 def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
     scorer = deploy(family.scorer(ckpt.model, opts.get("scoring")), opts.get("quant_graph") or "gather-dequant",
                     opts.get("attention"), PREFERRED_ATTENTION).eval()
     forms = sorted({m.attention for m in attention_modules(scorer)})
+    precision = opts.get("precision") or "fp32"
+    if COMPUTE[precision] is not None:
+        scorer = Autocast(scorer, COMPUTE[precision])
     opset = opts.get("opset") or (ATTENTION_OPSET if "fused" in forms else OPSET)
     param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
     axes = family.input_axes(ckpt.spec.hparams, opts.get("layout"))
@@ -49,7 +71,8 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(scorer, example, str(folder / FILE), input_names=names,
-                          output_names=[family.output], dynamic_shapes=shapes,
+                          output_names=[family.output],
+                          dynamic_shapes=(shapes,) if isinstance(scorer, Autocast) else shapes,
                           opset_version=opset, dynamo=True, verbose=False,
                           external_data=param_bytes > SINGLE_FILE_LIMIT)
     model = onnx.load(str(folder / FILE), load_external_data=False)
@@ -64,7 +87,8 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     bad = FORBIDDEN_OPS.intersection(ops)
     if bad:
         raise RuntimeError(f"exported graph contains {sorted(bad)}, which TensorRT rejects")
-    return {"file": FILE, "opset": opset, "ops": ops, "dense": opts.get("dense", "fp32"), "attention": forms,
+    return {"file": FILE, "opset": opset, "ops": ops, "dense": opts.get("dense", "fp32"), "precision": precision,
+            **({"tolerance": TOLERANCE[precision]} if precision in TOLERANCE else {}), "attention": forms,
             "custom_ops": {c: "function body in standard ops (ONNX Runtime inlines it)" for c in custom},
             "inputs": [{"name": i.name, "dtype": onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower(),
                         "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
@@ -97,28 +121,40 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-def _one_row_inputs(sess: Any) -> set[str]:
-    return {i.name for i in sess.get_inputs() if i.shape and i.shape[0] == 1}
+def one_row_inputs(shapes: dict[str, list[Any]]) -> set[str]:
+    """Inputs whose graph fixes the batch axis to one row (candidates shared by the batch), from
+    {name: shape} with symbolic axes as names."""
+    return {n for n, shape in shapes.items() if shape and shape[0] == 1}
 
 
-def loops_rows(sess: Any, inputs: dict[str, np.ndarray]) -> bool:
+def session_shapes(sess: Any) -> dict[str, list[Any]]:
+    return {i.name: list(i.shape) for i in sess.get_inputs()}
+
+
+def loops_rows(fixed: set[str], inputs: dict[str, np.ndarray]) -> bool:
     """Whether :func:`run_fitted` runs these inputs one row at a time (per-row inputs, shared-row graph)."""
-    return any(len(inputs[k]) > 1 for k in _one_row_inputs(sess) if k in inputs)
+    return any(len(inputs[k]) > 1 for k in fixed if k in inputs)
 
 
-def run_fitted(sess: Any, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """``sess`` on ``inputs``, fitted to the graph's input layout: when the graph fixes an input to one row
-    (candidates shared by the batch) and several came, the rows run one at a time; when the graph gives an
-    input the batch axis and one row came for a larger batch, that row is broadcast to the batch."""
-    fixed = _one_row_inputs(sess)
+def run_fitted(call: Callable[[dict[str, np.ndarray]], np.ndarray], fixed: set[str],
+               inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """``call`` on ``inputs``, fitted to the graph's input layout (``fixed``: inputs it fixes to one row): when
+    the graph fixes an input to one row (candidates shared by the batch) and several came, the rows run one
+    at a time; when the graph gives an input the batch axis and one row came for a larger batch, that row
+    is broadcast to the batch."""
     rows = max(len(v) for v in inputs.values())
-    if loops_rows(sess, inputs):
-        return np.concatenate([sess.run([output], {k: v[r:r + 1] if len(v) > 1 else v for k, v in inputs.items()})[0]
+    if loops_rows(fixed, inputs):
+        return np.concatenate([call({k: v[r:r + 1] if len(v) > 1 else v for k, v in inputs.items()})
                                for r in range(rows)])
     fitted = {k: v if k in fixed or len(v) == rows else np.broadcast_to(v, (rows, *v.shape[1:])) for k, v in inputs.items()}
-    return sess.run([output], {k: np.ascontiguousarray(v) for k, v in fitted.items()})[0]
+    return call({k: np.ascontiguousarray(v) for k, v in fitted.items()})
+
+
+def session_call(sess: Any, output: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    return lambda inputs: sess.run([output], inputs)[0]
 
 
 def run(folder: Path, manifest: dict[str, Any], inputs: dict[str, torch.Tensor]) -> np.ndarray:
     sess = make_session(folder / manifest["file"])
-    return run_fitted(sess, manifest["outputs"][0]["name"], {k: v.numpy() for k, v in inputs.items()})
+    return run_fitted(session_call(sess, manifest["outputs"][0]["name"]), one_row_inputs(session_shapes(sess)),
+                      {k: v.numpy() for k, v in inputs.items()})

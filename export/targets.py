@@ -7,7 +7,7 @@ from types import ModuleType
 
 from recompress.errors import UserError
 
-TARGETS: dict[str, str] = {"onnx": "recompress.export.onnx"}
+TARGETS: dict[str, str] = {"onnx": "recompress.export.onnx", "trt": "recompress.export.tensorrt"}
 
 
 def load_target(name: str) -> ModuleType:

@@ -343,9 +343,20 @@ def _targets() -> list[str]:
 @click.option("--atol", type=float, default=None, help="parity tolerance, absolute (default 1e-5; 0.1 with --dense int8, whose cost evaluate reports)")
 @click.option("--rtol", type=float, default=None, help="parity tolerance, relative (default 1e-4; 0 with --dense int8)")
 @click.option("--materialize", is_flag=True, help="export every compressed table as a plain dense table")
-@click.option("--quant-graph", type=click.Choice(["gather-dequant", "dequant-gather"]), default="gather-dequant",
-              show_default=True, help="quantized rows: gather then scale (small runtime memory), or "
-                                      "DequantizeLinear then gather (the form TensorRT takes)")
+@click.option("--quant-graph", type=click.Choice(["gather-dequant", "dequant-gather"]), default=None,
+              help="quantized rows: gather then scale (small runtime memory; the onnx default), or "
+                   "DequantizeLinear then gather (the form TensorRT keeps narrow; the trt default)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="compute precision written into the graph (autocast casts; strongly typed engines follow it) "
+                   "[default: trt fp16 for softmax attention models, else fp32; onnx fp32; bf16 is trt only]")
+@click.option("--shapes", default=None, help="trt: engine shape ranges NAME=MIN:OPT:MAX,... over the model's axes "
+              "(batch, bag, candidates) [default: the model family's; the manifest lists them]")
+@click.option("--compute-capability", "compute_capability", multiple=True,
+              help="trt (TensorRT-RTX): build ahead of time for this GPU compute capability, e.g. SM89; repeatable "
+                   "[default: TensorRT-RTX's portable set]")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="trt: timing cache file read before and updated after the build (full TensorRT; TensorRT-RTX "
+                   "ignores it)")
 @click.option("--dense", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="dense layers in float, or int8 by ONNX Runtime's dynamic quantization (faster on CPUs with "
                    "VNNI; 'evaluate' reports the accuracy it costs)")
@@ -361,7 +372,8 @@ def _targets() -> list[str]:
               help="sequential models: candidates [1, M] shared by every history in the batch (the full catalogue; "
                    "default for sasrec/hstu) or [batch, M], each history its own (default for the ranker)")
 @OVERWRITE
-def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str,
+def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str | None,
+           precision: str | None, shapes: str | None, compute_capability: tuple[str, ...], timing_cache: str | None,
            dense: str, attention: str | None, scoring: str | None, layout: str | None, overwrite: bool,
            **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
@@ -376,9 +388,23 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
                           opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense,
-                                "attention": attention, "scoring": scoring, "layout": layout}, **kw)
+                                "attention": attention, "scoring": scoring, "layout": layout, "precision": precision,
+                                "shapes": shapes, "compute_capability": list(compute_capability),
+                                "timing_cache": timing_cache}, **kw)
+    p = m["parity"]
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
-               f"parity max |diff| {m['parity']['max_abs_diff']:.2e}")
+               + (f"parity max |diff| {p['max_abs_diff']:.2e} ({p['runtime']})" if p["passed"] else
+                  f"parity not checked ({p['skipped']})"))
+    if "engine" in m:
+        e, lay = m["engine"], m["engine"]["layers"]
+        click.echo(f"engine: {e['flavor']} {e['version']}, {m['precision']}, built in {e['build_seconds']} s for "
+                   f"{', '.join(e['compute_capabilities'])}; {lay['fused_attention']} fused attention of "
+                   f"{len(lay['attention'])}; table constants {lay['table_bytes']:,} B in the engine "
+                   f"({sum(m['exported_table_bytes'].values()):,} B exported): "
+                   + ("; ".join(f"{t['dtype']} {t['shape'][0]:,}x{t['shape'][1]} {t['stored']}" for t in lay["tables"][:3])
+                      or "none found") + (f"; and {len(lay['tables']) - 3} more (manifest.json)" if len(lay["tables"]) > 3 else ""))
+        if lay["attention_fallback"]:
+            click.echo(f"note: {lay['attention_fallback']}")
 
 
 @main.command()

@@ -208,6 +208,9 @@ class DLRMFamily(Family):
     def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
         return Scorer(model)
 
+    def profile(self, spec: ModelSpec, layout: str | None = None) -> dict[str, tuple[int, int, int]]:
+        return {"batch": (1, 64, 2048), "bag": (1, 1, 64)}  # ids per bag: one (Criteo) up to multi-hot bags
+
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
         if data is not None:
             b = data.sample("test" if data.size("test") else "train", n, seed)

@@ -150,6 +150,11 @@ class Family(ABC):
         symbol}; an axis left out is fixed to its size in the example inputs' first row."""
         return self.inputs
 
+    def profile(self, spec: ModelSpec, layout: str | None = None) -> dict[str, tuple[int, int, int]]:
+        """Shape ranges an engine is built for (TensorRT optimization profiles): symbol of
+        :meth:`input_axes` -> (min, opt, max). ``export --shapes`` overrides any of them."""
+        return {"batch": (1, 64, 2048)}
+
     @abstractmethod
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, torch.Tensor]:
         """``n`` rows of valid inputs: from the test split when data is given, else random valid ids."""

@@ -255,6 +255,13 @@ class SequentialFamily(Family):
         axes = {**self.inputs, "candidates": {1: "candidates"} if layout == "shared" else self.inputs["candidates"]}
         return {**axes, "timestamps": {0: "batch"}} if self.uses_times(hparams) else axes
 
+    def profile(self, spec: ModelSpec, layout: str | None = None) -> dict[str, tuple[int, int, int]]:
+        """Histories per call up to 1,024; candidates: the whole catalogue when shared by the batch (full
+        ranking), else up to 2,048 per history (the most generative-recommenders' configs score per pass)."""
+        items = next(t.rows for t in spec.tables if t.name == "item")
+        shared = (layout or self.layouts[0]) == "shared"
+        return {"batch": (1, 64, 1024), "candidates": (1, min(items, 1000), items) if shared else (1, 128, 2048)}
+
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
         hp = model.hparams
         gen = torch.Generator().manual_seed(seed)
