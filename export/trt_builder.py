@@ -145,14 +145,9 @@ def _table_source(trt: ModuleType, layer: Any, made_by: dict[str, Any]) -> dict[
 def summarize(trt: ModuleType, net: Any) -> dict[str, Any]:
     """Layers by type, attention (fused or decomposable), and every table's storage in the network."""
     layers = [net.get_layer(i) for i in range(net.num_layers)]
-    attention = []
-    for layer in layers:
-        if layer.type == trt.LayerType.ATTENTION_INPUT:
-            layer.__class__ = trt.IAttentionBoundaryLayer
-            a = layer.attention
-            attention.append({"name": a.name, "normalization": str(a.norm_op).split(".")[-1].lower(),
-                              "decomposable": bool(a.decomposable),
-                              "dtype": str(a.get_input(0).dtype).split(".")[-1].lower()})
+    attention = [{"name": a.name, "normalization": str(a.norm_op).split(".")[-1].lower(),
+                  "decomposable": bool(a.decomposable), "dtype": str(a.get_input(0).dtype).split(".")[-1].lower()}
+                 for a in _attentions(trt, net)]
     made_by = _producer(net)
     tables: dict[str, dict[str, Any]] = {}
     for t in (_table_source(trt, lay, made_by) for lay in layers if lay.type == trt.LayerType.GATHER):
@@ -170,11 +165,19 @@ def summarize(trt: ModuleType, net: Any) -> dict[str, Any]:
             "source": "network definition (the engine inspector needs a CUDA device)"}
 
 
-def _set_decomposable(trt: ModuleType, net: Any) -> None:
+def _attentions(trt: ModuleType, net: Any) -> list[Any]:
+    """The network's IAttention objects (reached through their input boundary layers)."""
+    out = []
     for layer in (net.get_layer(i) for i in range(net.num_layers)):
         if layer.type == trt.LayerType.ATTENTION_INPUT:
-            layer.__class__ = trt.IAttentionBoundaryLayer
-            layer.attention.decomposable = True
+            layer.__class__ = trt.IAttentionBoundaryLayer  # the bindings' downcast
+            out.append(layer.attention)
+    return out
+
+
+def _set_decomposable(trt: ModuleType, net: Any) -> None:
+    for a in _attentions(trt, net):
+        a.decomposable = True
 
 
 def _parse(trt: ModuleType, net: Any, log: _Log, onnx_path: Path) -> None:
