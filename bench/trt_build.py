@@ -65,7 +65,8 @@ def model(kind: str) -> object:
     fam = get_family(kind)
     hp = fam.hparams({"dim": 64, "heads": 2, "max_len": 200, "blocks": 2})
     hp = {**hp, "num_items": 12101, "has_times": kind == "hstu", "tied_output": True}
-    spec = ModelSpec(family=kind, hparams=hp, tables=fam.spec_tables({"item": (12102, 64, "item")}))
+    spec = ModelSpec(family=kind, hparams=hp, tables=fam.spec_tables({"item": (12102, 64, "item"),
+                                                                              "position": (201, 64, "position")}))
     m = fam.from_spec(spec)
     fam.init(m, 0)
     return Checkpoint(m.eval(), spec, None)
