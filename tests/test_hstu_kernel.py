@@ -49,8 +49,8 @@ def reference(q, k, v, pos, max_len, real, tsw=None, ts=None, candidates=0):
     bias = pos[(max_len - 1 + j - i).clamp(0, 2 * max_len - 2)].expand(b, length, length)
     if ts is not None:
         nxt = torch.cat([ts[:, 1:], ts[:, -1:]], 1)
-        gap = (nxt[:, :, None] - ts[:, None, :]).abs().clamp(min=1).float()
-        bias = bias + tsw[(torch.log(gap) / 0.301).long().clamp(0, 128)]
+        gap = (nxt[:, :, None] - ts[:, None, :]).abs().clamp(min=1).double()
+        bias = bias + tsw[(torch.log(gap) / 0.301).floor().long().clamp(0, 128)]  # float64: exact here
     hist = length - candidates
     history_rule = (j <= i) & (real[:, None, :] | (i == j))
     candidate_rule = ((j < hist) & real[:, None, :]) | (i == j)

@@ -100,7 +100,7 @@ def test_hstu_equals_the_paper_formulas(seq_data):
         u, v, q, k = F.silu(F.layer_norm(x, [16], eps=1e-6) @ blk.uvqk).split([h * a] * 4, -1)
         qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(-1, n, h, a), k.reshape(-1, n, h, a))
         nxt = torch.cat([ts[:, 1:], ts[:, -1:]], 1)
-        bucket = (torch.log((nxt[:, :, None] - ts[:, None, :]).abs().clamp(min=1).float()) / 0.301).long().clamp(0, 128)
+        bucket = (torch.log((nxt[:, :, None] - ts[:, None, :]).abs().clamp(min=1).double()) / 0.301).floor().long().clamp(0, 128)
         qk = qk + (gr_relative_bias(blk.pos_w, n) + blk.ts_w[bucket]).unsqueeze(1)
         y = torch.einsum("bhnm,bmhd->bnhd", F.silu(qk) / n * causal, v.reshape(-1, n, h, a)).reshape(-1, n, h * a)
         x = x + blk.o(u * F.layer_norm(y, [h * a], eps=1e-6))
@@ -399,3 +399,25 @@ def test_latency_inputs_are_full_batches_of_real_users_even_on_small_data(seq_da
     assert all(tuple(h) in real for b in batches for h in b["history"])
     cands = batches[0]["candidates"]
     assert cands.shape == ((1, seq_data.num_items + 1) if name == "sasrec" else (256, 101))
+
+
+def test_time_buckets_are_exact_in_torch_and_onnx_runtime(tmp_path):
+    """Gaps where float32 log lands one bucket off (417901, ...) and every bucket start ±1."""
+    import onnxruntime as ort
+
+    from recompress.models.hstu import time_buckets
+
+    starts = [math.ceil(math.exp(0.301 * k)) for k in range(1, 60)]
+    gaps = sorted({1, 2, 417901, 1030959, 1882290, 2543367, 2543368, *(s + d for s in starts for d in (-1, 0, 1))})
+    ts = torch.tensor([[0] + gaps], dtype=torch.int64)  # key 0 vs next timestamps: gap = t_{i+1}
+    expected = torch.tensor([min(128, math.floor(math.log(g) / 0.301)) for g in gaps])
+    assert torch.equal(time_buckets(ts)[0, :-1, 0], expected)
+
+    class Buckets(torch.nn.Module):
+        def forward(self, t):
+            return time_buckets(t)
+
+    path = tmp_path / "b.onnx"
+    torch.onnx.export(Buckets(), (ts,), str(path), input_names=["t"], dynamo=False)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"t": ts.numpy()})[0]
+    assert np.array_equal(got[0, :-1, 0], expected.numpy())

@@ -5,7 +5,7 @@ Computes, per batch row b and head h, what ``recompress.models.hstu.STU`` comput
     y_i = sum_j  allowed(i, j) * SiLU(q_i . k_j + rab(i, j)) / L * v_j
 
 with the relative bias rab(i, j) = pos_w[clamp(max_len - 1 + j - i, 0, 2 max_len - 2)] plus, when
-timestamps are given, ts_w[bucket(t_{i+1} - t_j)] (bucket = floor(ln max(|gap|, 1) / 0.301) clipped to
+timestamps are given, ts_w[bucket(t_{i+1} - t_j)] (bucket = floor(ln max(|gap|, 1) / 0.301), exact for integer gaps, clipped to
 [0, 128], the last position's next timestamp its own), both computed on the fly from the weight vectors,
 never as an [L, L] matrix. The mask is causal over real keys (``real`` [B, L]; a padded query sees only
 itself); with ``candidates`` M > 0 the last M positions are candidates (M-FALCON): each attends every
@@ -25,11 +25,11 @@ from torch import Tensor
 
 from recompress.errors import UserError
 
-TIME_BUCKETS = 128
+from recompress.models.hstu import BUCKET_STARTS, TIME_BUCKETS
 
 
 @triton.jit
-def _hstu_fwd(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, tsw_ptr, ts_ptr, real_ptr,
+def _hstu_fwd(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, tsw_ptr, ts_ptr, starts_ptr, real_ptr,
               length, max_len, hist, inv_len,
               sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, sts_b, sr_b,
               HEADS: tl.constexpr, A: tl.constexpr, DV: tl.constexpr, BA: tl.constexpr, BDV: tl.constexpr,
@@ -58,8 +58,11 @@ def _hstu_fwd(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, tsw_ptr, ts_ptr, real_ptr,
         s += tl.load(pos_ptr + rel).to(tl.float32)
         if HAS_TS:
             t_key = tl.load(ts_ptr + b * sts_b + offs_n, mask=col_ok, other=0)
-            gap = tl.maximum(tl.abs(t_next[:, None] - t_key[None, :]), 1).to(tl.float32)
-            bucket = tl.minimum(tl.maximum((tl.log(gap) / 0.301).to(tl.int32), 0), TIME_BUCKETS)
+            gap = tl.maximum(tl.abs(t_next[:, None] - t_key[None, :]), 1)
+            guess = tl.minimum(tl.maximum((tl.log(gap.to(tl.float32)) / 0.301).to(tl.int32), 0), TIME_BUCKETS)
+            guess = guess - (gap < tl.load(starts_ptr + guess)).to(tl.int32)  # exact, as in hstu.time_buckets
+            guess = guess + (gap >= tl.load(starts_ptr + guess + 1)).to(tl.int32)
+            bucket = tl.minimum(tl.maximum(guess, 0), TIME_BUCKETS)
             s += tl.load(tsw_ptr + bucket).to(tl.float32)
         real = tl.load(real_ptr + b * sr_b + offs_n, mask=col_ok, other=0) != 0
         diag = offs_m[:, None] == offs_n[None, :]
@@ -98,7 +101,8 @@ def hstu_attention(q: Tensor, k: Tensor, v: Tensor, pos_w: Tensor, max_len: int,
     ts = timestamps.contiguous() if has_ts else real  # an unused pointer when there are no timestamps
     real_i8 = real.to(torch.int8).contiguous()
     grid = (triton.cdiv(length, block_m), b * heads)
-    _hstu_fwd[grid](q, k, v, out, pos_w.contiguous(), ts_w if has_ts else pos_w, ts, real_i8,
+    starts = torch.tensor(BUCKET_STARTS, dtype=ts.dtype, device=q.device) if has_ts else real_i8
+    _hstu_fwd[grid](q, k, v, out, pos_w.contiguous(), ts_w if has_ts else pos_w, ts, starts, real_i8,
                     length, max_len, length - candidates, 1.0 / length,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

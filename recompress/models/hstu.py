@@ -4,8 +4,8 @@ Input: item rows times sqrt(d) plus learned positions, dropout. Each block (a se
 unit): x' = layer_norm(x) (no affine); [u, v, q, k] = SiLU(x' W) with one matrix W (normal std 0.02);
 attention A = SiLU(q k^T + rab) / L per head, masked causally (and to real keys), where rab is a learned
 relative-position bias w[L-1 + j - i] plus, when the data has timestamps, a learned bias of the bucketed
-time gap bucket(t_{i+1} - t_j) = floor(ln |gap| / 0.301) (128 buckets, the next timestamp of the last
-position is its own); y = A v; out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized,
+time gap bucket(t_{i+1} - t_j) = floor(ln |gap| / 0.301) (exact for integer gaps; 128 buckets, the
+next timestamp of the last position is its own); y = A v; out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized,
 and scored against L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax
 loss divides it by the temperature).
 """
@@ -38,11 +38,22 @@ from .sequential import (
 TIME_BUCKETS = 128
 
 
+# BUCKET_STARTS[k] = the smallest integer gap g with ln(g) / 0.301 >= k (k = 0 .. TIME_BUCKETS + 1).
+BUCKET_STARTS = [math.ceil(math.exp(0.301 * k)) for k in range(TIME_BUCKETS + 2)]
+
+
 def time_buckets(timestamps: Tensor) -> Tensor:
-    """``[B, L, L]`` bucket of t_{i+1} - t_j (the last position's next timestamp is its own)."""
+    """``[B, L, L]`` bucket of t_{i+1} - t_j (the last position's next timestamp is its own).
+
+    Exactly floor(ln max(|gap|, 1) / 0.301) clipped to [0, 128] for integer gaps, on every runtime:
+    upstream's float32 log lands a few gaps (e.g. 417901) one bucket off, and torch, ONNX Runtime and
+    TensorRT round differently there, so the float estimate is corrected against integer bucket starts."""
     nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)
-    gap = (nxt.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
-    return (torch.log(gap) / 0.301).long().clamp(0, TIME_BUCKETS)
+    gap = (nxt.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1)
+    guess = (torch.log(gap.to(torch.float32)) / 0.301).long().clamp(0, TIME_BUCKETS)
+    starts = torch.tensor(BUCKET_STARTS, dtype=gap.dtype, device=gap.device)
+    exact = guess - (gap < starts[guess]).long() + (gap >= starts[guess + 1]).long()
+    return exact.clamp(0, TIME_BUCKETS)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
