@@ -5,8 +5,8 @@ Computes, per batch row b and head h, what ``recompress.models.hstu.STU`` comput
     y_i = sum_j  allowed(i, j) * SiLU(q_i . k_j + rab(i, j)) / L * v_j
 
 with the relative bias rab(i, j) = pos_w[clamp(max_len - 1 + j - i, 0, 2 max_len - 2)] plus, when
-timestamps are given, ts_w[bucket(t_{i+1} - t_j)] (bucket = floor(ln max(|gap|, 1) / 0.301), exact for integer gaps, clipped to
-[0, 128], the last position's next timestamp its own), both computed on the fly from the weight vectors,
+timestamps are given, ts_w[bucket(t_{i+1} - t_j)] (bucket = floor(ln max(|gap|, 1) / 0.301), exact for
+integer gaps, clipped to [0, 128], the last position's next timestamp its own), both computed on the fly from the weight vectors,
 never as an [L, L] matrix. The mask is causal over real keys (``real`` [B, L]; a padded query sees only
 itself); with ``candidates`` M > 0 the last M positions are candidates (M-FALCON): each attends every
 real history key and itself, never another candidate. One program handles BLOCK_M queries of one (b, h)

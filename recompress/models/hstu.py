@@ -5,9 +5,10 @@ unit): x' = layer_norm(x) (no affine); [u, v, q, k] = SiLU(x' W) with one matrix
 attention A = SiLU(q k^T + rab) / L per head, masked causally (and to real keys), where rab is a learned
 relative-position bias w[L-1 + j - i] plus, when the data has timestamps, a learned bias of the bucketed
 time gap bucket(t_{i+1} - t_j) = floor(ln |gap| / 0.301) (exact for integer gaps; 128 buckets, the
-next timestamp of the last position is its own); y = A v; out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized,
-and scored against L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax
-loss divides it by the temperature).
+next timestamp of the last position is its own); y = A v;
+out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized, and scored against
+L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax loss divides it by the
+temperature).
 """
 
 from __future__ import annotations
