@@ -9,6 +9,7 @@ from recompress.lazy import lazy
 if TYPE_CHECKING:
     import torch
 
+    from recompress.blockfile import Rows
     from recompress.checkpoint import Checkpoint
     from recompress.tables import Table
 
@@ -29,17 +30,30 @@ def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None
     return {name: torch.from_numpy(c + 1).double() for name, c in counts.items()}
 
 
-def relative_error(reference: torch.Tensor, table: Table, weights: torch.Tensor | None = None) -> float:
-    """sqrt(sum w ||W_i - T_i||^2 / sum w ||W_i||^2) over all rows, computed block by block."""
-    num = den = 0.0
+class ErrorSum:
+    """sqrt(sum w ||W_i - T_i||^2 / sum w ||W_i||^2), accumulated over blocks of rows."""
+
+    def __init__(self) -> None:
+        self.num = self.den = 0.0
+
+    def add(self, ref: torch.Tensor, approx: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        ref = ref.double()
+        err = (ref - approx.double()).pow(2).sum(1)
+        w = w if w is not None else torch.ones_like(err)
+        self.num += float((w * err).sum())
+        self.den += float((w * ref.pow(2).sum(1)).sum())
+
+    def value(self) -> float:
+        return (self.num / self.den) ** 0.5 if self.den > 0 else 0.0
+
+
+def relative_error(reference: Rows, table: Table, weights: torch.Tensor | None = None) -> float:
+    """:class:`ErrorSum` of ``table`` against ``reference`` (a tensor, or rows in a file) over all rows."""
+    acc = ErrorSum()
     for s, block in table.dense_blocks():
         e = s + len(block)
-        ref = reference[s:e].double()
-        err = (ref - block.double()).pow(2).sum(1)
-        w = weights[s:e] if weights is not None else torch.ones_like(err)
-        num += float((w * err).sum())
-        den += float((w * ref.pow(2).sum(1)).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
+        acc.add(reference[s:e], block, weights[s:e] if weights is not None else None)
+    return acc.value()
 
 
 def val_metrics(ckpt: Checkpoint, ctx: Context) -> dict[str, Any] | None:

@@ -16,8 +16,14 @@ from recompress.params import Param
 from recompress.trainconfig import TrainConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from torch import Tensor
+
     from recompress.checkpoint import Checkpoint
     from recompress.data.ctr import CTRDataset
+
+    Blocks = Callable[[], Iterator[tuple[str, int, Tensor]]]  # (tensor key within the table, first row, rows)
 
 
 FINETUNE = Param("finetune", bool, "fine-tune the model on --data after compressing (budget: --epochs/--steps/--lr)", False)
@@ -73,7 +79,8 @@ class Method:
     stands for every kind still in float storage, and None for every form;
     ``needs_data(params)`` says whether it needs a dataset (fine-tuning, id frequencies); ``trains(params)``
     whether it runs the training loop (reports then show the baseline trained with the same budget);
-    ``fresh``, if given, builds a randomly initialized table of the method's kind for training from scratch.
+    ``fresh``, if given, builds a randomly initialized table of the method's kind for training from scratch;
+    ``stream``, if given, is ``apply`` for tables that stay in their file (``compress/stream.py``).
     """
 
     name: str
@@ -84,6 +91,7 @@ class Method:
     apply: Callable[[Checkpoint, dict[str, Any], Context], Checkpoint]
     fresh: Callable[..., Any] | None = None  # (name, rows, dim, params, seed, train id counts) -> Table
     trains: Callable[[dict[str, Any]], bool] = lambda p: bool(p.get("finetune"))
+    stream: Callable[..., tuple[Checkpoint, dict[str, Blocks]]] | None = None  # see compress/stream.py
 
 
 @dataclass
@@ -185,24 +193,29 @@ def trains(steps: list[Step]) -> bool:
     return any(s.method.trains(s.own_params()) for s in steps)
 
 
+def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:
+    """The context ``step`` runs in (its own table selection), after checking its data needs and that it
+    selects at least one table, of forms it can read."""
+    m, mine = step.method, step.own_params()
+    if m.needs_data(mine) and ctx.data is None:
+        raise UserError(f"{describe(m.name, mine)} needs a dataset (to fine-tune, or for id frequencies)",
+                        "pass --data DATASET_DIR")
+    sctx = replace(ctx, select=step.select or ctx.select)
+    picked = sctx.select.pick(ckpt)
+    if not picked:
+        raise UserError(f"no table is selected for {m.name}", "relax the table selection (--tables / --min-rows "
+                        "or METHOD@>=ROWS); 'recompress inspect' lists the tables and their rows")
+    bad = sorted({f for f in (ckpt.model.tables[n].form for n in picked) if not reads(m, f)})
+    if bad:
+        raise UserError(f"{m.name} cannot read {', '.join(bad)} tables (it takes {_accepted(m)})",
+                        "reorder the methods in the composition")
+    return sctx
+
+
 def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
     """Apply ``steps`` in order, validating each one's input forms and data needs first."""
     for step in steps:
-        m = step.method
-        mine = step.own_params()
-        if m.needs_data(mine) and ctx.data is None:
-            raise UserError(f"{describe(m.name, mine)} needs a dataset (to fine-tune, or for id frequencies)",
-                            "pass --data DATASET_DIR")
-        sctx = replace(ctx, select=step.select or ctx.select)
-        picked = sctx.select.pick(ckpt)
-        if not picked:
-            raise UserError(f"no table is selected for {m.name}", "relax the table selection (--tables / --min-rows "
-                            "or METHOD@>=ROWS); 'recompress inspect' lists the tables and their rows")
-        bad = sorted({f for f in (ckpt.model.tables[n].form for n in picked) if not reads(m, f)})
-        if bad:
-            raise UserError(f"{m.name} cannot read {', '.join(bad)} tables (it takes {_accepted(m)})",
-                            "reorder the methods in the composition")
-        ckpt = m.apply(ckpt, mine, sctx)
+        ckpt = step.method.apply(ckpt, step.own_params(), check_step(step, ckpt, ctx))
     return ckpt
 
 

@@ -19,9 +19,13 @@ from .posttrain import finish, relative_error, val_metrics
 from .registry import FINETUNE, RATIO, Context, Method, NoSaving, Param, register
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
+    from recompress.blockfile import Rows
     from recompress.checkpoint import Checkpoint
+    from recompress.tables import Table
     from recompress.tables.tt import TTTable
 
 torch = lazy("torch")
@@ -29,7 +33,7 @@ linalg = lazy("recompress.linalg")
 tt_table = lazy("recompress.tables.tt")
 progress = lazy("recompress.progress")
 
-GATHER_BYTES = 1 << 26  # bytes of table rows gathered per streaming chunk
+GATHER_BYTES = 1 << 25  # bytes of table rows gathered per streaming chunk
 
 
 def balanced_factors(n: int, k: int) -> list[int]:
@@ -106,28 +110,33 @@ def _pick_rank(vals: torch.Tensor, fixed: int | None, budget_sq: float) -> int:
     return max(1, int(ok[0]) if len(ok) else len(vals))
 
 
-def _first_unfolding(weight: torch.Tensor, n1: int, d1: int, m_total: int) -> Any:
-    """Column chunks ``[n1*d1, c*(d/d1)]`` of the first TT unfolding, gathered from the (unpadded) table."""
+def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int) -> Any:
+    """Column chunks ``[n1*d1, c*(d/d1)]`` of the first TT unfolding of the (unpadded) table: each chunk is
+    ``n1`` contiguous row ranges ``i * m_total + [m0, m0 + c)``, zero past the last row."""
     n, d = weight.shape
     chunk = max(1, GATHER_BYTES // (n1 * d * 4))
     for m0 in range(0, m_total, chunk):
-        m = torch.arange(m0, min(m0 + chunk, m_total))
-        idx = (torch.arange(n1).unsqueeze(1) * m_total + m).reshape(-1)
-        rows = weight[idx.clamp(max=n - 1)].float() * (idx < n).unsqueeze(1)
-        yield m0, rows.view(n1, len(m), d1, d // d1).permute(0, 2, 1, 3).reshape(n1 * d1, -1)
+        c = min(chunk, m_total - m0)
+        rows = torch.zeros(n1, c, d)
+        for i in range(min(n1, -(-(n - m0) // m_total))):
+            s = i * m_total + m0
+            block = weight[s:min(s + c, n)]
+            rows[i, :len(block)] = block
+        yield m0, rows.view(n1, c, d1, d // d1).permute(0, 2, 1, 3).reshape(n1 * d1, -1)
 
 
-def tt_svd(weight: torch.Tensor, row_shape: list[int], dim_shape: list[int], ranks: list[int] | None,
+def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list[int] | None,
            tol: float | None, desc: str = "TT-SVD") -> TTTable:
-    """TT-SVD of ``weight`` [rows, dim] with fixed ``ranks`` or a relative-error ``tol``."""
+    """TT-SVD of ``weight`` [rows, dim] (a tensor, or rows read from a file by slices) with fixed ``ranks``
+    or a relative-error ``tol``."""
     n, d = weight.shape
     K, n1, d1 = len(row_shape), row_shape[0], dim_shape[0]
     m_total, d_rest = math.prod(row_shape[1:]), d // d1
-    norm_sq = float(sum(weight[s:s + (1 << 20)].double().pow(2).sum() for s in range(0, n, 1 << 20)))
+    step = max(1, GATHER_BYTES // (4 * d))
+    norm_sq = float(sum(weight[s:s + step].double().pow(2).sum() for s in range(0, n, step)))
     budget_sq = (tol ** 2) * norm_sq / (K - 1) if tol is not None else 0.0
     fixed = (lambda k: ranks[k]) if ranks is not None else (lambda k: None)
     chunks = -(-m_total // max(1, GATHER_BYTES // (n1 * d * 4)))
-    weight = weight.detach()
     with progress.progress(desc, 2 * chunks) as advance:
         gram = torch.zeros(n1 * d1, n1 * d1, dtype=torch.float64)
         for _, x in _first_unfolding(weight, n1, d1, m_total):
@@ -163,7 +172,9 @@ def tt_svd(weight: torch.Tensor, row_shape: list[int], dim_shape: list[int], ran
     return table
 
 
-def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
+def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context,
+          rows: Callable[[str, Table], Rows] = lambda name, t: t.dense_weight()) -> Checkpoint:
+    """TT-SVD of every selected table; ``rows(name, table)`` gives the trained rows (a file's, when streaming)."""
     entry: dict[str, Any] = {"method": "tt", "params": {k: v for k, v in params.items() if v is not None}, "tables": {}}
     before = val_metrics(ckpt, ctx)
     for name in ctx.select.pick(ckpt):
@@ -176,7 +187,7 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
         if ranks is not None and tt_bytes(row_shape, dim_shape, ranks) >= t.stored_bytes():
             entry["tables"][name] = {"skipped": f"TT with ranks {ranks} saves nothing on {t.rows} rows"}
             continue
-        w = t.dense_weight()
+        w = rows(name, t)
         new = tt_svd(w, row_shape, dim_shape, ranks, tol, desc=f"TT-SVD {name}")
         if new.stored_bytes() >= t.stored_bytes():
             entry["tables"][name] = {"skipped": f"TT with ranks {new.ranks} saves nothing on {t.rows} rows"}
@@ -186,6 +197,11 @@ def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
                                  "bytes_before": t.stored_bytes(), "bytes_after": new.stored_bytes()}
         ckpt.model.tables[name] = new
     return finish(ckpt, params, ctx, entry, before)
+
+
+def stream(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, sources: dict[str, Rows]) -> tuple[Checkpoint, dict]:
+    """:func:`apply` reading each dense table from its file (two passes); the TT tables it makes are small."""
+    return apply(ckpt, params, ctx, rows=lambda name, t: sources[name] if name in sources else t.dense_weight()), {}
 
 
 def fresh(name: str, rows: int, dim: int, params: dict[str, Any], seed: int, counts: Any) -> TTTable:
@@ -205,4 +221,5 @@ register(Method(
     needs_data=lambda p: bool(p.get("finetune")),
     apply=apply,
     fresh=fresh,
+    stream=stream,
 ))

@@ -10,11 +10,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .blockfile import check_finite
 from .errors import UserError
 from .models import build_model
 from .outputs import output_dir
@@ -64,37 +64,43 @@ def checkpoint_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_finite(name: str, t: torch.Tensor, where: str) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise UserError(f"{where}: tensor {name!r} has {bad} NaN/Inf values",
-                        "the source model diverged or is damaged; use an earlier checkpoint")
+def read_spec(path: Path) -> tuple[ModelSpec, Path]:
+    """The spec of the native checkpoint folder ``path`` and the path of its weights file."""
+    spec_path, weights_path = path / SPEC_FILE, path / WEIGHTS_FILE
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{path} is not a recompress checkpoint (needs {SPEC_FILE} and {WEIGHTS_FILE})",
+                        "pass a folder written by 'recompress train' or 'recompress checkpoint'")
+    return ModelSpec.from_json(spec_path.read_text(), str(spec_path)), weights_path
+
+
+def check_keys(weights_path: Path, expected: dict[str, tuple[int, ...]], found: set[str]) -> None:
+    """The weights file holds exactly the tensors the spec implies."""
+    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+    if missing or extra:
+        raise UserError(f"{weights_path} disagrees with {SPEC_FILE}: missing {missing[:3]}, unexpected {extra[:3]}",
+                        "the spec and weights come from different models; re-create the checkpoint")
+
+
+def check_shape(weights_path: Path, key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise UserError(f"{weights_path}: tensor {key!r} has shape {list(shape)} but {SPEC_FILE} "
+                        f"implies {list(expected)}", "the spec and weights disagree; re-create the checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a native checkpoint folder, validating it completely."""
     path = Path(path)
-    spec_path, weights_path = path / SPEC_FILE, path / WEIGHTS_FILE
-    if not spec_path.is_file() or not weights_path.is_file():
-        raise UserError(f"{path} is not a recompress checkpoint (needs {SPEC_FILE} and {WEIGHTS_FILE})",
-                        "pass a folder written by 'recompress train' or 'recompress checkpoint'")
-    spec = ModelSpec.from_json(spec_path.read_text(), str(spec_path))
+    spec, weights_path = read_spec(path)
     model = build_model(spec)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             keys = set(f.keys())
-            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
-            if missing or extra:
-                raise UserError(f"{weights_path} disagrees with {SPEC_FILE}: "
-                                f"missing {missing[:3]}, unexpected {extra[:3]}",
-                                "the spec and weights come from different models; re-create the checkpoint")
+            check_keys(weights_path, expected, keys)
             state = {}
             for k in sorted(keys):
                 t = f.get_tensor(k)
-                if tuple(t.shape) != expected[k]:
-                    raise UserError(f"{weights_path}: tensor {k!r} has shape {list(t.shape)} but {SPEC_FILE} "
-                                    f"implies {list(expected[k])}", "the spec and weights disagree; re-create the checkpoint")
+                check_shape(weights_path, k, t.shape, expected[k])
                 check_finite(k, t, str(weights_path))
                 state[k] = t
     except SafetensorError as e:

@@ -311,18 +311,24 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     cfg.validate()
     steps = parse_methods(method, kw)
     from .adapters import load_any
-    from .checkpoint import save_checkpoint
+    from .checkpoint import is_native, read_spec, save_checkpoint
+    from .compress.stream import stream_compress, streams
     from .data import open_dataset
-    ckpt = load_any(source)
-    before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
-    ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     from .models import family_of
-    if ctx.data is not None:
-        family_of(ckpt.spec).check(ckpt.spec, ctx.data)
-    done = len(ckpt.spec.history)
-    ckpt = compress(ckpt, steps, ctx)
-    ckpt.spec.provenance.setdefault("compressed_from", str(source))
-    save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)
+    ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
+    if is_native(Path(source)) and streams(steps, ctx):  # tables read and written in blocks: flat memory
+        done = len(read_spec(Path(source))[0].history)
+        ckpt, before = stream_compress(Path(source), steps, ctx, out, overwrite=overwrite, inputs=tuple(inputs),
+                                       provenance={"compressed_from": str(source)})
+    else:
+        ckpt = load_any(source)
+        before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
+        if ctx.data is not None:
+            family_of(ckpt.spec).check(ckpt.spec, ctx.data)
+        done = len(ckpt.spec.history)
+        ckpt = compress(ckpt, steps, ctx)
+        ckpt.spec.provenance.setdefault("compressed_from", str(source))
+        save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)
     after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     for line in val_story(ckpt.spec.history[done:], family_of(ckpt.spec).primary):
         click.echo(line)

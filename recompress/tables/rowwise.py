@@ -41,19 +41,24 @@ class QuantizedRows(nn.Module):
     def fill(self, weight: Tensor) -> None:
         """Quantize float rows ``weight`` [n, cols] into this storage (chunked)."""
         for s in range(0, weight.shape[0], CHUNK):
-            self._fill(s, weight[s:s + CHUNK].float())
+            for name, t in self.encode(weight[s:s + CHUNK]).items():
+                getattr(self, name)[s:s + len(t)] = t
 
-    def _fill(self, s: int, w: Tensor) -> None:
-        e = s + w.shape[0]
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> dict[str, Tensor]:
+        """The stored tensors (``data`` and, for the integer formats, ``scale`` and ``bias``) of float rows
+        ``w`` [n, cols], as this storage holds them (row padding included): a block of :meth:`fill`."""
+        w = w.float()
+        data = torch.zeros(w.shape[0], self.data.shape[1], dtype=self.data.dtype)
         if self.fmt in ("fp16", "bf16"):
-            self.data[s:e, :self.cols] = w.to(self.data.dtype)
-            return
+            data[:, :self.cols] = w.to(data.dtype)
+            return {"data": data}
         lo, hi = w.min(1).values, w.max(1).values
         if self.fmt == "int8":  # FBGEMM FloatToFused8BitRowwiseQuantizedSBFloat
             span = hi - lo
             scale, bias = span / 255.0, lo
             q = torch.round((w - lo.unsqueeze(1)) * (255.0 / (span + 1e-8)).unsqueeze(1))
-            self.data[s:e, :self.cols] = q.clamp(0, 255).to(torch.uint8)
+            data[:, :self.cols] = q.clamp(0, 255).to(torch.uint8)
         else:  # int4: FBGEMM FloatToFusedNBitRowwiseQuantizedSBHalf, bit rate 4
             bias = lo.half().float()
             span = hi - bias
@@ -65,12 +70,12 @@ class QuantizedRows(nn.Module):
             q = torch.round((w - bias.unsqueeze(1)) * inv.unsqueeze(1)).clamp(0, 15).to(torch.uint8)
             if self.cols % 2:
                 q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
-            self.data[s:e, :q.shape[1] // 2] = q[:, 0::2] | (q[:, 1::2] << 4)
+            data[:, :q.shape[1] // 2] = q[:, 0::2] | (q[:, 1::2] << 4)
         scale, bias = scale.to(self.scale.dtype), bias.to(self.bias.dtype)
         if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
             raise ValueError(f"a row's values overflow {self.fmt}'s {self.scale.dtype} scale/bias; "
                              "store it as int8 (fp32 scale) or bf16 instead")
-        self.scale[s:e], self.bias[s:e] = scale, bias
+        return {"data": data, "scale": scale, "bias": bias}
 
     def _values(self, data: Tensor) -> Tensor:
         """Stored data rows -> float values (unscaled for int formats), the first ``cols`` columns."""
@@ -80,11 +85,17 @@ class QuantizedRows(nn.Module):
         return data[..., :self.cols].float()
 
     def forward(self, idx: Tensor) -> Tensor:
-        vals = self._values(self.data[idx])
+        if not FORMATS[self.fmt].affine:
+            return self.decode({"data": self.data[idx]})
+        return self.decode({"data": self.data[idx], "scale": self.scale[idx], "bias": self.bias[idx]})
+
+    def decode(self, stored: dict[str, Tensor]) -> Tensor:
+        """Float rows from stored tensors (as :meth:`encode` gives them, or gathered rows of this storage)."""
+        vals = self._values(stored["data"])
         if not FORMATS[self.fmt].affine:
             return vals
         # q * scale + bias in one fused multiply-add, as FBGEMM's unpack computes it
-        return torch.addcmul(self.bias[idx].float().unsqueeze(-1), vals, self.scale[idx].float().unsqueeze(-1))
+        return torch.addcmul(stored["bias"].float().unsqueeze(-1), vals, stored["scale"].float().unsqueeze(-1))
 
     def dequantized(self) -> Tensor:
         return self.forward(torch.arange(self.data.shape[0]))

@@ -1,0 +1,106 @@
+"""Benchmark (not a test): peak memory and time of data-free compression of one big table, streamed.
+
+    python bench/stream_memory.py --out bench/results/stream_memory.json [--rows 1000000,10000000,40000000]
+                                  [--dim 64] [--methods int8,tt] [--in-memory-up-to 10000000]
+
+For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (values N(0, 0.05), written in blocks
+so this script never holds it) is compressed by ``recompress checkpoint CKPT --method M`` in its own
+process under ``/usr/bin/time -v``: its maximum resident set size and wall time. The same command on a
+1,000-row table gives the process's fixed memory (Python, torch, recompress). For sizes up to
+``--in-memory-up-to`` the load-compress-save path that the CLI used before streaming (and still uses
+for methods that need data) runs too, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = {"int8": ("int8", []), "tt": ("tt", ["--tt-rank", "16"])}
+IN_MEMORY = """
+import sys
+from recompress.checkpoint import load_checkpoint, save_checkpoint
+from recompress.compress.registry import Context, compress, parse_methods
+ckpt = load_checkpoint(sys.argv[1])
+save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], {"tt_rank": 16}), Context()), sys.argv[2])
+"""
+
+
+def make_checkpoint(path: Path, rows: int, dim: int) -> int:
+    """A native DLRM checkpoint with one ``rows x dim`` table, written block by block; its table bytes."""
+    from recompress.blockfile import TensorWriter
+    from recompress.checkpoint import SPEC_FILE, WEIGHTS_FILE
+    from recompress.models.dlrm import DLRM, default_hparams
+    from recompress.spec import ModelSpec, TableSpec
+    from recompress.tables import DenseTable
+
+    hp = default_hparams(13, dim, [64, dim], [64, 1])
+    model = DLRM(hp, {"C1": DenseTable(rows, dim)})  # the table: torch.empty, never touched
+    spec = ModelSpec(family="dlrm", hparams=hp, tables=[TableSpec(name="C1", rows=rows, dim=dim, role="sparse_feature")])
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("C1.weight"))
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    with TensorWriter(path / WEIGHTS_FILE, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()},
+                      {"format": "recompress"}) as w:
+        for k, v in state.items():
+            if k != key:
+                w.write(k, 0, v)
+        step = (1 << 24) // (4 * dim)
+        for s in range(0, rows, step):
+            w.write(key, s, torch.randn(min(step, rows - s), dim, generator=gen) * 0.05)
+    (path / SPEC_FILE).write_text(spec.to_json() + "\n")
+    return rows * dim * 4
+
+
+def timed(cmd: list[str]) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+    return {"seconds": round(wall, 1), "peak_rss_bytes": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default="1000000,10000000,40000000")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--methods", default="int8,tt")
+    ap.add_argument("--in-memory-up-to", type=int, default=10_000_000)
+    a = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for rows in [1000, *map(int, a.rows.split(","))]:
+            src = Path(tmp) / f"t{rows}"
+            table = make_checkpoint(src, rows, a.dim)
+            for method in a.methods.split(","):
+                name, args = METHODS[method]
+                runs = [("streamed", ["recompress", "checkpoint", str(src), "--method", name, *args, "-o",
+                                      str(Path(tmp) / f"s-{rows}-{method}")])]
+                if rows <= a.in_memory_up_to:
+                    runs.append(("in memory (before)", [sys.executable, "-c", IN_MEMORY, str(src),
+                                                        str(Path(tmp) / f"m-{rows}-{method}"), name]))
+                for path, cmd in runs:
+                    r = {"rows": rows, "dim": a.dim, "table_bytes": table, "method": method, "path": path, **timed(cmd)}
+                    r["peak_over_table"] = round(r["peak_rss_bytes"] / table, 3)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+            for done in [src, *Path(tmp).glob(f"?-{rows}-*")]:
+                shutil.rmtree(done)
+    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Data-free compression that never loads a dense table: its rows are read from the checkpoint file in
+blocks and the compressed table is written in blocks, so peak memory does not grow with the table.
+
+Used for a native checkpoint when every method of the composition declares ``stream`` (the row-wise
+formats and TT-SVD) and nothing trains. For each step: the model is built from the spec with its dense
+tables' weights left unallocated (``torch.empty``, never touched), every other tensor is loaded and checked,
+and the method's ``stream`` gets each dense table as :class:`~recompress.blockfile.FileRows`. It returns the
+new tables, in memory when they are small (TT cores) or empty on the meta device with a block generator
+(quantized rows). The new weights file is laid out from the model's state dict and filled from those
+generators, from the untouched dense tables' rows in the source file, and from tensors in memory. A
+composition runs step by step through intermediate checkpoints inside the staged output folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recompress.blockfile import FileRows, TensorFile, TensorWriter, check_finite
+from recompress.checkpoint import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    check_keys,
+    check_shape,
+    read_spec,
+    refresh_tables,
+)
+from recompress.models import build_model
+from recompress.outputs import output_dir
+from recompress.progress import progress
+
+from .registry import Context, Step, check_step
+
+COPY_BLOCK_BYTES = 1 << 24
+
+
+def streams(steps: list[Step], ctx: Context) -> bool:
+    """Whether ``steps`` can run streamed: every method streams, none trains, no data is needed."""
+    return ctx.data is None and all(s.method.stream is not None and not s.method.trains(s.own_params()) for s in steps)
+
+
+def _load(src: Path) -> tuple[Checkpoint, TensorFile, dict[str, str]]:
+    """The checkpoint at ``src`` with its dense tables' weights left in the file; their keys, by table."""
+    spec, weights = read_spec(src)
+    f = TensorFile(weights)
+    model = build_model(spec)  # dense weights: torch.empty, never written, so never resident
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(weights, expected, set(f.keys()))
+    for k, e in f.entries.items():
+        check_shape(weights, k, e.shape, expected[k])
+    where = {id(m): p for p, m in model.named_modules()}
+    in_file = {name: f"{where[id(t)]}.weight" for name, t in model.tables.items() if t.kind == "dense" and not t.stores}
+    state = {}
+    for k in f.keys():  # noqa: SIM118 (a TensorFile, not a dict)
+        if k not in in_file.values():
+            state[k] = f.read(k)
+            check_finite(k, state[k], str(weights))
+    model.load_state_dict(state, strict=False)
+    return Checkpoint(model.eval(), spec, src), f, in_file
+
+
+def _step(src: Path, step: Step, ctx: Context, dst: Path, provenance: dict[str, Any]) -> Checkpoint:
+    ckpt, f, in_file = _load(src)
+    model = ckpt.model
+    untouched = dict(model.tables.items())
+    sources = {name: FileRows(f, key) for name, key in in_file.items()}
+    ckpt, blocks = step.method.stream(ckpt, step.own_params(), check_step(step, ckpt, ctx), sources)
+    refresh_tables(model, ckpt.spec)
+    state = model.state_dict()
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    where = {id(m): p for p, m in model.named_modules()}
+    done: set[str] = set()
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with progress(f"writing {dst.name}", total) as advance, \
+            TensorWriter(dst / WEIGHTS_FILE, layout, {"format": "recompress"}) as out:
+        def put(key: str, start: int, t: torch.Tensor) -> None:
+            out.write(key, start, t.to(layout[key][0]))
+            done.add(key)
+            advance(t.numel() * t.element_size())
+        for name, gen in blocks.items():
+            prefix = where[id(model.tables[name])]
+            for key, start, t in gen():
+                put(f"{prefix}.{key}", start, t)
+        for name, key in in_file.items():
+            if model.tables[name] is untouched[name]:  # not compressed by this step: copy its rows
+                rows = sources[name]
+                step_rows = max(1, COPY_BLOCK_BYTES // max(1, rows.shape[1] * 4))
+                for s in range(0, rows.shape[0], step_rows):
+                    put(key, s, rows[s:s + step_rows])
+        for key, t in state.items():
+            if key not in done:
+                put(key, 0, t)
+    for k, v in provenance.items():
+        ckpt.spec.provenance.setdefault(k, v)
+    (dst / SPEC_FILE).write_text(ckpt.spec.to_json() + "\n")
+    return ckpt
+
+
+def stream_compress(source: Path, steps: list[Step], ctx: Context, out: str | Path, *, overwrite: bool = False,
+                    inputs: tuple[Any, ...] = (), provenance: dict[str, Any] | None = None) -> tuple[Checkpoint, int]:
+    """Apply ``steps`` streamed from the native checkpoint ``source`` into the folder ``out`` (atomic), with
+    ``provenance`` entries added to the spec where it has none of that name.
+    Returns the written checkpoint (its compressed tables on the meta device when written in blocks) and the
+    source's embedding bytes."""
+    before = _embedding_bytes(source)
+    with output_dir(out, kind="checkpoint", overwrite=overwrite, inputs=inputs) as tmp:
+        src = source
+        for i, step in enumerate(steps):
+            dst = tmp if i == len(steps) - 1 else tmp / f".step{i}"
+            dst.mkdir(exist_ok=True)
+            ckpt = _step(src, step, ctx, dst, provenance or {})
+            if src != source:
+                shutil.rmtree(src)  # an intermediate checkpoint inside our staged folder
+            src = dst
+    return ckpt, before
+
+
+def _embedding_bytes(path: Path) -> int:
+    spec, _ = read_spec(path)
+    return sum(t.stored_bytes() for t in build_model(spec).tables.values())

@@ -1,0 +1,202 @@
+"""safetensors files read and written in row blocks, so a table never has to be in memory whole.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
+header ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, then the tensors'
+bytes back to back. :class:`TensorFile` reads rows ``[start, stop)`` of one tensor with a positioned read
+into a fresh buffer (the page cache holds the file, not this process); :class:`TensorWriter` lays out every
+tensor first, then takes blocks in any order with positioned writes and checks at the end that every
+tensor received as many rows as it has. Files it writes are ordinary safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                                  "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+
+    @property
+    def row_bytes(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return (self.shape[0] if self.shape else 1) * self.row_bytes
+
+
+def check_finite(name: str, t: Tensor, where: str) -> None:
+    """Refuse NaN/Inf values in a floating-point tensor (or block of rows)."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise UserError(f"{where}: tensor {name!r} has {bad} NaN/Inf values",
+                        "the source model diverged or is damaged; use an earlier checkpoint")
+
+
+def _bad(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a readable safetensors file ({why})",
+                     "the file is truncated or corrupt; copy it again or re-create it")
+
+
+class TensorFile:
+    """Read-only access to a safetensors file's tensors, whole or by rows (dimension 0)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(self.path, "shorter than its header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER, size - 8):
+                raise _bad(self.path, f"header of {n} bytes in a {size}-byte file")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _bad(self.path, f"header is not JSON: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, Entry] = {}
+        end = 8 + n
+        for name, info in header.items():
+            try:
+                dtype, shape, (b, e) = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise _bad(self.path, f"tensor {name!r} has an unreadable entry ({err!r})") from None
+            entry = Entry(dtype, shape, end + int(b))
+            if int(e) - int(b) != entry.nbytes or end + int(e) > size or int(b) < 0:
+                raise _bad(self.path, f"tensor {name!r} does not fit its byte range")
+            self.entries[name] = entry
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` (the whole tensor by default), as a new tensor."""
+        e = self.entries[name]
+        if not e.shape:
+            start, stop, shape = 0, 1, ()
+        else:
+            stop = e.shape[0] if stop is None else min(stop, e.shape[0])
+            shape = (max(0, stop - start), *e.shape[1:])
+        out = torch.empty(shape, dtype=e.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        done, offset = 0, e.begin + start * e.row_bytes
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise _bad(self.path, f"tensor {name!r} is cut short")
+            done += got
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+class Rows(Protocol):
+    """What a data-free method reads of a table: its shape and contiguous row slices (a Tensor is one)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+
+class FileRows:
+    """One 2-D tensor of a :class:`TensorFile`, read by row slices (``rows[s:e]``) as float32, each block
+    checked for NaN/Inf: what a data-free method needs of a table too big to load (``shape`` and slicing
+    are all it uses, so a Tensor serves as well)."""
+
+    def __init__(self, file: TensorFile, name: str) -> None:
+        self.file, self.name = file, name
+        self.shape = torch.Size(file.entries[name].shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("FileRows reads contiguous row ranges only")
+        block = self.file.read(self.name, start, stop)
+        check_finite(self.name, block, str(self.file.path))
+        return block.float()
+
+
+class TensorWriter:
+    """Write a safetensors file whose tensors (``layout``: name -> dtype, shape) arrive as row blocks."""
+
+    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset, self.entries = 0, {}
+        for name in sorted(layout):
+            dtype, shape = layout[name]
+            entry = Entry(dtype, tuple(shape), offset)
+            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + entry.nbytes]}
+            self.entries[name] = entry
+            offset += entry.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.base = 8 + len(raw)
+        self.written = dict.fromkeys(layout, 0)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        os.write(self.fd, struct.pack("<Q", len(raw)) + raw)
+        os.ftruncate(self.fd, self.base + offset)
+
+    def write(self, name: str, start: int, block: Tensor) -> None:
+        """Rows ``[start, start + len(block))`` of tensor ``name`` (a 0-d tensor: ``start`` 0, the value)."""
+        e = self.entries[name]
+        block = block.detach().contiguous().cpu()
+        rows = block.shape[0] if e.shape else 1
+        if block.dtype != e.dtype or tuple(block.shape[1:] if e.shape else block.shape) != e.shape[1:] \
+                or start < 0 or start + rows > (e.shape[0] if e.shape else 1):
+            raise ValueError(f"block {block.dtype} {list(block.shape)} at row {start} does not fit {name} "
+                             f"{e.dtype} {list(e.shape)}")
+        data = block.reshape(-1).view(torch.uint8).numpy().tobytes() if block.numel() else b""
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], self.base + e.begin + start * e.row_bytes + done)
+        self.written[name] += rows
+
+    def __enter__(self) -> TensorWriter:  # noqa: PYI034
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Flush and close; after a clean exit every tensor must have received all its rows (the caller
+        stages the file, so a failed write leaves nothing behind)."""
+        try:
+            if kind is None:
+                short = [n for n, e in self.entries.items() if self.written[n] != (e.shape[0] if e.shape else 1)]
+                if short:
+                    raise RuntimeError(f"{self.path}: rows missing or written twice in {short[:3]}")
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)

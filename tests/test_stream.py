@@ -1,0 +1,129 @@
+"""Streamed data-free compression: same checkpoint as the in-memory path, bounded memory, clean refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from recompress.compress.registry import Context, Selection, compress, parse_methods
+from safetensors.torch import load_file, save_file
+
+from recompress.blockfile import TensorFile, TensorWriter
+from recompress.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from recompress.cli import main
+
+from .conftest import tree_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_blockfile_reads_and_writes_what_safetensors_does(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 5, generator=gen), "b": torch.randint(0, 255, (11, 3), generator=gen).to(torch.uint8),
+               "c": torch.randn(9, generator=gen).to(torch.bfloat16), "d": torch.tensor(3.5), "e": torch.zeros(0, 4),
+               "f": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    f = TensorFile(tmp_path / "ref.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(f.read(k), v)
+    assert torch.equal(f.read("a", 10, 20), tensors["a"][10:20])
+    with TensorWriter(tmp_path / "ours.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
+                      {"format": "x"}) as w:
+        for k, v in tensors.items():
+            if k == "a":  # in blocks, out of order
+                w.write(k, 20, v[20:])
+                w.write(k, 0, v[:20])
+            else:
+                w.write(k, 0, v)
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_writer_refuses_to_finish_a_file_with_missing_rows(tmp_path):
+    with pytest.raises(RuntimeError, match="rows missing"), \
+            TensorWriter(tmp_path / "x.safetensors", {"a": (torch.float32, (4, 2))}) as w:
+        w.write("a", 0, torch.zeros(3, 2))
+
+
+METHODS = [("int8", {}), ("int4", {}), ("fp16", {}), ("bf16", {}), ("int8", {"align": 16}), ("tt", {"tt_rank": 4}),
+           ("tt,int8", {"tt_rank": 4})]
+
+
+@pytest.mark.parametrize("method,params", METHODS, ids=[f"{m}{p or ''}" for m, p in METHODS])
+def test_streamed_checkpoint_equals_the_in_memory_one(tiny_ckpt, tmp_path, monkeypatch, method, params):
+    ref = compress(load_checkpoint(tiny_ckpt), parse_methods(method, params), Context(select=Selection(min_rows=40)))
+    ref.spec.provenance.setdefault("compressed_from", str(tiny_ckpt))
+    save_checkpoint(ref, tmp_path / "ref")
+    import recompress.adapters
+    monkeypatch.setattr(recompress.adapters, "load_any", lambda p: pytest.fail("the table was loaded whole"))
+    flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", v)]
+    res = cli("checkpoint", tiny_ckpt, "--method", method, *flags, "--min-rows", 40, "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(tmp_path / "s")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.spec.to_json() == b.spec.to_json()  # tables, history (errors, bytes), provenance
+    assert b.model.tables["C4"].kind == "dense"  # 7 rows: below --min-rows, copied from the file
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".step")]
+
+
+def _damage(src: Path, dst: Path, how: str) -> None:
+    shutil.copytree(src, dst)
+    path = dst / WEIGHTS_FILE
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+        return
+    entry = TensorFile(path).entries["tables.C1.weight"]
+    with open(path, "r+b") as f:  # a NaN in the middle of the big table
+        f.seek(entry.begin + 123 * entry.row_bytes)
+        f.write(torch.tensor([float("nan")]).numpy().tobytes())
+
+
+@pytest.mark.parametrize("how,message", [("nan", "has 1 NaN/Inf values"), ("truncate", "not a readable safetensors")])
+def test_streaming_refuses_a_damaged_file_and_writes_nothing(tiny_ckpt, tmp_path, how, message):
+    src = tmp_path / "bad"
+    _damage(tiny_ckpt, src, how)
+    before = tree_hash(src)
+    res = cli("checkpoint", src, "--method", "int8", "-o", tmp_path / "out")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]
+    assert tree_hash(src) == before
+
+
+def _peak_rss(args: list[str]) -> int:
+    code = ("import resource, subprocess, sys\n"
+            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout)
+
+
+def test_int8_of_a_big_table_does_not_load_it(tmp_path):
+    """A 2M x 64 table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on a
+    1,000-row table (the process's own memory); loading the table, as the old path did, takes > 1x."""
+    spec = importlib.util.spec_from_file_location("stream_memory", ROOT / "bench" / "stream_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.make_checkpoint(tmp_path / "big", 2_000_000, 64)
+    bench.make_checkpoint(tmp_path / "small", 1000, 64)
+    run = [sys.executable, "-m", "recompress", "checkpoint"]
+    base = _peak_rss([*run, str(tmp_path / "small"), "--method", "int8", "-o", str(tmp_path / "o1")])
+    peak = _peak_rss([*run, str(tmp_path / "big"), "--method", "int8", "-o", str(tmp_path / "o2")])
+    assert peak - base < 0.25 * table, (peak, base)
+    got = TensorFile(tmp_path / "o2" / WEIGHTS_FILE)
+    src = TensorFile(tmp_path / "big" / WEIGHTS_FILE)
+    rows = src.read("tables.C1.weight", 1_999_000)  # the last rows, against FBGEMM's own int8 rows
+    packed = torch.ops.quantized.embedding_bag_byte_prepack(rows)
+    assert torch.equal(got.read("tables.C1.stores.weight.data", 1_999_000), packed[:, :64])
+    assert torch.equal(got.read("tables.C1.stores.weight.scale", 1_999_000), packed[:, 64:68].contiguous().view(torch.float32)[:, 0])
