@@ -1,9 +1,10 @@
 """Every file and folder recompress writes goes through here, so no command can destroy data.
 
 Rules:
-- A folder recompress writes holds a marker file (``.recompress.json``). Only a folder with that marker,
-  or an empty folder, is ever replaced, and only when the caller passes ``overwrite``. A plain file, a
-  symbolic link or a folder holding anything recompress did not write is never replaced or deleted.
+- A folder recompress writes holds a marker file (``.recompress.json``) that lists every file it wrote
+  there. Only a marked folder that holds nothing else, or an empty folder, is ever replaced, and only when
+  the caller passes ``overwrite``. A plain file, a symbolic link or a folder holding anything recompress
+  did not write (a file added by hand, in any subfolder) is never replaced or deleted.
 - A file output (a results JSON) replaces only a file recompress wrote: a JSON object with a
   ``"recompress"`` key.
 - An output may not be, contain or lie inside an input (``inputs``).
@@ -44,16 +45,72 @@ def marker(kind: str) -> dict[str, Any]:
     return {"written_by": "recompress", "version": __version__, "kind": kind}
 
 
+def _marker_of(folder: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("written_by") == "recompress" else None
+
+
+def _write_marker(folder: Path, m: dict[str, Any]) -> None:
+    tmp = folder / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(m) + "\n")
+    os.replace(tmp, folder / MARKER)
+
+
+def _walk(folder: Path) -> tuple[list[str], list[Path]]:
+    """Files under ``folder`` (relative, posix; not the marker), and the marked folders nested in it, whose
+    files their own markers account for."""
+    files: list[str] = []
+    nested: list[Path] = []
+    for root, dirs, names in os.walk(folder):
+        r = Path(root)
+        for d in list(dirs):
+            sub = r / d
+            if sub.is_symlink():
+                names.append(d)  # a link is a file we never write
+                dirs.remove(d)
+            elif _marker_of(sub) is not None:
+                nested.append(sub)
+                dirs.remove(d)
+        files += [(r / n).relative_to(folder).as_posix() for n in names]
+    return sorted(f for f in files if f != MARKER), nested
+
+
+def foreign(folder: PathLike) -> list[str]:
+    """What lies in the marked ``folder`` that recompress did not write there (relative paths, sorted)."""
+    folder = Path(folder)
+    m = _marker_of(folder)
+    listed = None if m is None else m.get("files")
+    files, nested = _walk(folder)
+    if not isinstance(listed, list):  # no marker, or one from a version that did not list its files
+        return files + [sub.relative_to(folder).as_posix() + "/" for sub in nested]
+    out = [f for f in files if f not in set(listed)]
+    for sub in nested:
+        out += [f"{sub.relative_to(folder).as_posix()}/{f}" for f in foreign(sub)]
+    return sorted(out)
+
+
+def _record(folder: Path, kind: str, exclude: Iterable[str] = ()) -> None:
+    """Write ``folder``'s marker listing every file now in it except ``exclude`` (what the user put there)."""
+    skip = set(exclude)
+    _write_marker(folder, {**marker(kind), "files": [f for f in _walk(folder)[0] if f not in skip]})
+
+
+def _foreign_error(target: Path, found: list[str]) -> UserError:
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return UserError(f"output {target} holds files recompress did not write ({shown})",
+                     "recompress never replaces it; move those files out or pass a new path")
+
+
 def is_ours(path: PathLike) -> bool:
     """True for a folder with recompress's marker, or a JSON file recompress wrote."""
     p = Path(path)
     if p.is_symlink():
         return False
     if p.is_dir():
-        try:
-            return json.loads((p / MARKER).read_text()).get("written_by") == "recompress"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return _marker_of(p) is not None
     if p.is_file():
         try:
             with open(p, "rb") as f:
@@ -96,10 +153,10 @@ def check_output(target: PathLike, *, kind: str = "dir", overwrite: bool = False
             raise UserError(f"output {target} is a file, not a folder recompress wrote",
                             "recompress never replaces it; pass another path")
         if target.is_dir():
-            empty = not any(target.iterdir())
-            if not (empty or is_ours(target)):
-                raise UserError(f"output {target} holds files recompress did not write",
-                                "recompress never replaces it; pass a new path")
+            if any(target.iterdir()):
+                found = foreign(target) if is_ours(target) else sorted(p.name for p in target.iterdir())
+                if found:
+                    raise _foreign_error(target, found)
             if not overwrite:
                 raise UserError(f"output {target} already exists", "choose another path or pass --overwrite")
     else:
@@ -184,7 +241,7 @@ def output_dir(target: PathLike, *, kind: str, overwrite: bool = False,
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent))
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        (tmp / MARKER).write_text(json.dumps(marker(kind)) + "\n")
+        _record(tmp, kind)
         check_output(target, kind="dir", overwrite=overwrite, inputs=inputs)  # nothing changed meanwhile
         old = _swap_in(tmp, target)
         tmp = None
@@ -204,8 +261,13 @@ def output_file(target: PathLike, *, inputs: Iterable[PathLike] = (), owner: Pat
     ``owner``: a folder recompress wrote (marked) that holds ``target``; files inside it may be replaced.
     """
     target = Path(target)
-    if owner is not None and is_ours(owner) and _real(owner) in _real(target).parents:
+    inside = owner is not None and is_ours(owner) and _real(owner) in _real(target).parents
+    if inside:
         _overlap(target, inputs)
+        name = _real(target).relative_to(_real(owner)).as_posix()
+        listed = (_marker_of(Path(owner)) or {}).get("files") or []
+        if (target.exists() or target.is_symlink()) and name not in listed and not is_ours(target):
+            raise _foreign_error(Path(owner), [name])
     else:
         target = check_output(target, kind="file", inputs=inputs)
     created = _make_parents(target)
@@ -220,6 +282,9 @@ def output_file(target: PathLike, *, inputs: Iterable[PathLike] = (), owner: Pat
             check_output(target, kind="file", inputs=inputs)
         os.replace(tmp, target)  # atomic for files
         tmp = None
+        if inside:
+            m = _marker_of(Path(owner)) or marker("dir")
+            _write_marker(Path(owner), {**m, "files": sorted({*m.get("files", []), name})})
     except BaseException:
         if tmp is not None:
             _discard(tmp)
@@ -246,18 +311,22 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
     target = Path(target)
     if target.is_dir() and is_ours(target) and not overwrite:
         _overlap(target, inputs)
-        yield target
+        users = foreign(target)  # kept, and never adopted as ours
+        try:
+            yield target
+        finally:
+            _record(target, "run", exclude=users)
         return
     if overwrite and target.exists():
         with output_dir(target, kind="run", overwrite=True, inputs=inputs) as tmp:
-            (tmp / MARKER).write_text(json.dumps(marker("run")) + "\n")
+            _record(tmp, "run")
             yield tmp
         return
     check_output(target, kind="dir", overwrite=True, inputs=inputs)  # absent, or an empty folder
     created = _make_parents(target)
     existed = target.exists()
     target.mkdir(exist_ok=True)
-    (target / MARKER).write_text(json.dumps(marker("run")) + "\n")
+    _record(target, "run")
     try:
         yield target
     except BaseException:
@@ -267,4 +336,7 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
             if not existed:
                 target.rmdir()
             _remove_created(created)
+        else:
+            _record(target, "run")  # resumable: all it holds so far is ours
         raise
+    _record(target, "run")

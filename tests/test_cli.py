@@ -132,6 +132,11 @@ def test_existing_output_not_overwritten(workdir, tiny_data, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert cli("export", workdir, "-o", tmp_path / "e").exit_code == 0
     assert_user_error(cli("export", workdir, "-o", tmp_path / "e"), "already exists")
+    (tmp_path / "e" / "mynotes.txt").write_text("mine")  # added by hand to a folder recompress wrote
+    assert_user_error(cli("export", workdir, "-o", tmp_path / "e", "--overwrite"), "did not write (mynotes.txt)")
+    assert (tmp_path / "e" / "mynotes.txt").read_text() == "mine"
+    (tmp_path / "e" / "mynotes.txt").unlink()
+    assert cli("export", workdir, "-o", tmp_path / "e", "--overwrite").exit_code == 0
 
 
 def test_recipe_validation(tmp_path):

@@ -210,3 +210,42 @@ def test_a_run_that_fails_before_any_step_leaves_nothing(tmp_path):
             (f / "cache").mkdir()
             raise UserError("bad recipe")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_overwrite_refuses_our_folder_once_a_user_file_was_added(tmp_path, where):
+    out = ours(tmp_path / "out")
+    (out / "sub").mkdir()
+    note = out / "mynotes.txt" if where == "top" else out / "sub" / "mynotes.txt"
+    note.write_text("mine")
+    before = tree_hash(out)
+    with pytest.raises(UserError, match="mynotes.txt"):
+        ours(out)
+    assert tree_hash(out) == before and no_temporaries(tmp_path)
+
+
+def test_a_run_folder_records_what_it_wrote_and_not_what_the_user_added(tmp_path):
+    with run_folder(tmp_path / "run") as f:
+        write_json({"a": 1}, f / "results.json", "results", owner=f)
+        with output_dir(f / "cache" / "step", kind="test") as tmp:
+            (tmp / "w.bin").write_text("w")
+    (tmp_path / "run" / "mynotes.txt").write_text("mine")
+    with run_folder(tmp_path / "run") as f:  # resuming keeps the user's file and does not adopt it
+        write_json({"a": 2}, f / "results.json", "results", owner=f)
+    with pytest.raises(UserError, match="mynotes.txt"):
+        with run_folder(tmp_path / "run", overwrite=True):
+            pass
+    assert (tmp_path / "run" / "mynotes.txt").read_text() == "mine"
+    (tmp_path / "run" / "mynotes.txt").unlink()
+    with run_folder(tmp_path / "run", overwrite=True) as f:  # without it, the run is ours again
+        pass
+
+
+def test_a_file_output_inside_our_folder_never_replaces_a_user_file(tmp_path):
+    with run_folder(tmp_path / "run") as f:
+        pass
+    (tmp_path / "run" / "results.csv").write_text("mine")
+    with pytest.raises(UserError, match="results.csv"):
+        with outputs.output_file(tmp_path / "run" / "results.csv", owner=tmp_path / "run") as tmp:
+            tmp.write_text("ours")
+    assert (tmp_path / "run" / "results.csv").read_text() == "mine"
