@@ -115,6 +115,8 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
     if opts.get("scoring") and opts["scoring"] not in scorings:
         raise UserError(f"this {family.name} model has no {opts['scoring']!r} scoring graph",
                         f"choose from {', '.join(scorings)}" if scorings else "leave --scoring out")
+    if hasattr(mod, "check"):
+        mod.check(family, ckpt, opts)  # the target's own options, before any work
     ckpt = deployable(ckpt, bool(opts.get("materialize")), opts["quant_graph"])
     batches = family.parity_batches(stored.model, samples, data)
     single = next(iter(batches.values()))

@@ -21,6 +21,8 @@ from recompress.models.attention import attention_modules
 
 from . import onnx as onnx_target
 from .trt_builder import (
+    FUSES,
+    Range,
     build_engine,
     compute_capabilities,
     import_tensorrt,
@@ -48,24 +50,43 @@ def parity_runtime(precision: str) -> str | None:
     return "onnxruntime" if precision in onnx_target.PRECISIONS else None
 
 
-def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
-    precision = opts.get("precision") or default_precision(ckpt.model)
-    layout = opts.get("layout")
-    ranges = family.profile(ckpt.spec, layout)
+def check(family: Any, ckpt: Any, opts: dict[str, Any]) -> dict[str, Range]:
+    """Refuse bad options before anything is exported; returns the engine's shape ranges."""
+    ranges = family.profile(ckpt.spec, opts.get("layout"))
     given = parse_shapes(opts.get("shapes"))
     unknown = set(given) - set(ranges)
     if unknown:
         raise UserError(f"--shapes names {', '.join(sorted(unknown))}, which this {family.name} model has no axis for",
                         f"name one of {', '.join(ranges)}")
-    ranges.update(given)
     trt, _ = import_tensorrt()
-    compute_capabilities(trt, list(opts.get("compute_capability") or []))  # refuse a bad one before exporting
-    graph = onnx_target.build(family, ckpt, folder, inputs, {**opts, "precision": precision})
+    compute_capabilities(trt, list(opts.get("compute_capability") or []))
+    return {**ranges, **given}
+
+
+def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
+    precision = opts.get("precision") or default_precision(ckpt.model)
+    layout = opts.get("layout")
+    ranges = check(family, ckpt, opts)
     cache = opts.get("timing_cache")
-    b = build_engine(folder / onnx_target.FILE, folder / FILE, folder / "build.log",
-                     axes=family.input_axes(ckpt.spec.hparams, layout), ranges=ranges,
-                     decompose_attention=precision == "fp32", capabilities=list(opts.get("compute_capability") or []),
-                     timing_cache=Path(cache) if cache else None)
+
+    def engine(form: str | None) -> tuple[dict[str, Any], Any]:
+        graph = onnx_target.build(family, ckpt, folder, inputs, {**opts, "precision": precision, "attention": form})
+        return graph, build_engine(folder / onnx_target.FILE, folder / FILE, folder / "build.log",
+                                   axes=family.input_axes(ckpt.spec.hparams, layout), ranges=ranges,
+                                   decompose_attention=precision == "fp32",
+                                   capabilities=list(opts.get("compute_capability") or []),
+                                   timing_cache=Path(cache) if cache else None)
+
+    try:
+        graph, b = engine(opts.get("attention"))
+    except UserError as e:
+        mods = attention_modules(ckpt.model)
+        if opts.get("attention") or not mods or not all("decomposed" in m.attention_forms for m in mods):
+            raise
+        graph, b = engine("decomposed")  # TensorRT's attention layer did not build even when decomposable
+        b.summary["attention_fallback"] = (f"TensorRT could not build its attention layer for this model ({e.message}); "
+                                           f"exported with --attention decomposed instead (MatMul/Softmax: correct, "
+                                           f"not fused); {FUSES}")
     runtime = parity_runtime(precision)
     tolerance = ENGINE_FP32_TOLERANCE if runtime == "tensorrt" and precision == "fp32" else graph.get("tolerance")
     return {**graph, "file": FILE, "onnx": onnx_target.FILE, "precision": precision,

@@ -24,6 +24,9 @@ from recompress.errors import UserError
 
 FLAVORS = ("tensorrt", "tensorrt_rtx")
 Range = tuple[int, int, int]  # min, opt, max
+FUSES = ("TensorRT-RTX 1.7 fused head sizes 16, 32, 64 and 128 but not 8 or 50, and one head only at L = 200 of 10, "
+         "50 and 200 (docs/benchmarks.md); for fused attention train with --heads 2 or more and dim / heads a "
+         "multiple of 16")
 PORTABLE = {"tensorrt_rtx": "portable: TensorRT-RTX's default (SM80, SM86, SM89, SM120 and later; not Turing)",
             "tensorrt": "the GPU it was built on"}
 
@@ -116,9 +119,27 @@ def _producer(net: Any) -> dict[str, Any]:
             for j in range(layer.num_outputs)}
 
 
+def _bytes(trt: ModuleType, t: Any) -> int:
+    return int(np.dtype(trt.nptype(t.dtype)).itemsize) * int(np.prod(list(t.shape)))
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).split(".")[-1].lower()
+
+
+def _origin(trt: ModuleType, name: str, made_by: dict[str, Any]) -> str:
+    """The tensor ``name`` is a cast or identity of (the same indices, however the parser retyped them)."""
+    src = made_by.get(name)
+    while src is not None and src.type in (trt.LayerType.CAST, trt.LayerType.IDENTITY):
+        name = src.get_input(0).name
+        src = made_by.get(name)
+    return name
+
+
 def _table_source(trt: ModuleType, layer: Any, made_by: dict[str, Any]) -> dict[str, Any] | None:
     """What a Gather's data input is made of: a constant (stored as is), a DQ of a constant (stored narrow,
-    dequantized on the fly), or a Cast of a constant (folded into a wider table by the build)."""
+    dequantized on the fly, plus its per-row scales), or a Cast of a constant (folded into a wider table by
+    the build). A 1-D constant gathered (a per-row bias) is returned with ``vector`` set."""
     src = made_by.get(layer.get_input(0).name)
     chain = []
     while src is not None and src.type in (trt.LayerType.DEQUANTIZE, trt.LayerType.CAST, trt.LayerType.SHUFFLE,
@@ -129,31 +150,42 @@ def _table_source(trt: ModuleType, layer: Any, made_by: dict[str, Any]) -> dict[
         return None
     stored = src.get_output(0)
     shape = list(stored.shape)
-    if len(shape) != 2 or shape[0] < 2:
-        return None  # a small constant (positions, shapes), not a table
-    kinds = [c.type for c in chain]
-    casts = trt.LayerType.CAST in kinds
-    dq = trt.LayerType.DEQUANTIZE in kinds
-    size = int(np.dtype(trt.nptype(stored.dtype)).itemsize) * int(np.prod(shape))
-    return {"gather": layer.name, "constant": src.name, "shape": shape, "dtype": str(stored.dtype).split(".")[-1].lower(),
-            "bytes": size,
-            "read_as": str(layer.get_output(0).dtype).split(".")[-1].lower(),
-            "stored": "widened: a Cast before the Gather is folded into a wider table" if casts and not dq else
-                      "narrow, dequantized after the Gather (DequantizeLinear)" if dq else "as stored"}
+    if not shape or shape[0] < 2 or len(shape) > 2:
+        return None  # a small constant (shapes, scalars), not a table
+    entry = {"gather": layer.name, "index": _origin(trt, layer.get_input(1).name, made_by), "constant": src.name, "shape": shape,
+             "dtype": _name(stored.dtype), "bytes": _bytes(trt, stored), "read_as": _name(layer.get_output(0).dtype)}
+    if len(shape) == 1:
+        return {**entry, "vector": True}
+    scales = [made_by.get(c.get_input(1).name) for c in chain if c.type == trt.LayerType.DEQUANTIZE]
+    scale_bytes = sum(_bytes(trt, c.get_output(0)) for c in scales if c is not None and c.type == trt.LayerType.CONSTANT)
+    casts = any(c.type == trt.LayerType.CAST for c in chain)
+    return {**entry, "value_bytes": entry["bytes"], "scale_bytes": scale_bytes, "bias_bytes": 0,
+            "bytes": entry["bytes"] + scale_bytes,
+            "stored": "widened: a Cast before the Gather is folded into a wider table" if casts and not scales else
+                      "narrow, dequantized after the Gather (DequantizeLinear)" if scales else "as stored"}
 
 
 def summarize(trt: ModuleType, net: Any) -> dict[str, Any]:
     """Layers by type, attention (fused or decomposable), and every table's storage in the network."""
     layers = [net.get_layer(i) for i in range(net.num_layers)]
-    attention = [{"name": a.name, "normalization": str(a.norm_op).split(".")[-1].lower(),
-                  "decomposable": bool(a.decomposable), "dtype": str(a.get_input(0).dtype).split(".")[-1].lower()}
-                 for a in _attentions(trt, net)]
+    attention = [{"name": a.name, "normalization": _name(a.norm_op), "decomposable": bool(a.decomposable),
+                  "dtype": _name(a.get_input(0).dtype), **_heads(a.get_input(0).shape)} for a in _attentions(trt, net)]
     made_by = _producer(net)
     tables: dict[str, dict[str, Any]] = {}
-    for t in (_table_source(trt, lay, made_by) for lay in layers if lay.type == trt.LayerType.GATHER):
-        if t is not None:
-            gather = t.pop("gather")
+    found = [t for t in (_table_source(trt, lay, made_by) for lay in layers if lay.type == trt.LayerType.GATHER) if t]
+    by_index = {t["index"]: t["constant"] for t in found if not t.get("vector")}
+    for t in found:
+        if not t.get("vector"):
+            gather, _ = t.pop("gather"), t.pop("index")
             tables.setdefault(t["constant"], {**t, "gathers": []})["gathers"].append(gather)
+    for t in found:  # a per-row bias gathered with a table's own indices belongs to that table
+        table = tables.get(by_index.get(t["index"], "")) if t.get("vector") else None
+        if table is not None and t["shape"][0] == table["shape"][0]:
+            table.setdefault("bias_constants", set()).add((t["constant"], t["bytes"]))
+    for table in tables.values():
+        biases = table.pop("bias_constants", set())
+        table["bias_bytes"] = sum(b for _, b in biases)
+        table["bytes"] += table["bias_bytes"]
     matmuls = Counter(str(lay.get_input(0).dtype).split(".")[-1].lower() for lay in layers
                       if lay.type == trt.LayerType.MATRIX_MULTIPLY)
     return {"layers": len(layers),
@@ -163,6 +195,12 @@ def summarize(trt: ModuleType, net: Any) -> dict[str, Any]:
             "matmul_input_dtypes": dict(matmuls), "tables": list(tables.values()),
             "table_bytes": sum(t["bytes"] for t in tables.values()),
             "source": "network definition (the engine inspector needs a CUDA device)"}
+
+
+def _heads(query_shape: Any) -> dict[str, int]:
+    """Heads and head size of an attention's [batch, heads, length, head size] query."""
+    shape = list(query_shape)
+    return {"heads": int(shape[1]), "head_size": int(shape[3])} if len(shape) == 4 else {}
 
 
 def _attentions(trt: ModuleType, net: Any) -> list[Any]:
@@ -234,9 +272,13 @@ def build_engine(onnx_path: Path, engine_path: Path, log_path: Path, *, axes: di
     blob, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
                                                     timing_cache)
     fallback = None
-    if blob is None and not decompose_attention and any("is_decomposable" in e for e in log.errors):
-        fallback = ("TensorRT has no fused kernel for this attention (shape or head size); it was rebuilt with "
-                    "attention marked decomposable")
+    if blob is None and not decompose_attention and _attentions(trt, net):
+        shapes = sorted({(a["heads"], a["head_size"]) for a in summarize(trt, net)["attention"] if "heads" in a})
+        which = ", ".join(f"{h} head{'s' if h > 1 else ''} of size {d}" for h, d in shapes) or "this shape"
+        first = (log.errors or ["no error message"])[-1].splitlines()[0][:300]
+        fallback = (f"{flavor} {trt.__version__} could not build fused attention for {which} at these shape "
+                    f"ranges, so attention was rebuilt decomposable (correct, not fused); {FUSES} (first error: "
+                    f"{first})")
         _set_decomposable(trt, net)
         log.errors.clear()
         blob, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
@@ -247,6 +289,7 @@ def build_engine(onnx_path: Path, engine_path: Path, log_path: Path, *, axes: di
         detail = (log.errors or ["no error message"])[-1].splitlines()[0][:400]
         hint = ("build with --precision fp16 or bf16 (fused attention has kernels for 16-bit types only), or "
                 "--attention decomposed" if "Attention" in detail else
+                "build with --precision fp16, or for another --compute-capability" if "FP32 GEMM" in detail else
                 "export with --materialize (every table dense) or another compression method")
         raise UserError(f"TensorRT could not build the engine: {detail}; nothing was written", hint)
     engine_path.write_bytes(blob)

@@ -37,7 +37,7 @@ class Group(click.Group):
             sys.exit(0)
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
-            msg = " ".join(e.format_message().split())
+            msg = " ".join(e.format_message().split()).rstrip(".")
             fail(msg[:1].lower() + msg[1:], f"see '{ctx.command_path if ctx else 'recompress'} --help'", e.exit_code)
         except UserError as e:
             fail(e.message, e.hint)

@@ -110,6 +110,10 @@ def test_dlrm_engines_build_and_int8_rows_stay_int8(wide_dlrm, tmp_path):
         assert m["engine"]["profile"]["sparse"]["max"] == [2048, 3, 64]
     (table,) = narrow["engine"]["layers"]["tables"]
     assert table["dtype"] == "int8" and table["shape"] == [rows, dim] and "DequantizeLinear" in table["stored"]
+    # the network's int8 values plus the fp32 scale and bias of every row: the exported table's bytes
+    assert (table["value_bytes"], table["scale_bytes"], table["bias_bytes"]) == (rows * dim, rows * 4, rows * 4)
+    assert narrow["engine"]["layers"]["table_bytes"] == rows * (dim + 8)
+    assert abs(narrow["engine"]["layers"]["table_bytes"] - sum(narrow["exported_table_bytes"].values())) <= 3 * (dim + 8)
     # the engine proves it: dropping 3 of every 4 bytes of the table's values shrinks the file by about that
     saved = dense["engine"]["bytes"] - narrow["engine"]["bytes"]
     assert 0.9 * rows * (dim * 3 - 8) < saved < rows * dim * 3  # less the new scale and bias per row
@@ -133,6 +137,15 @@ def test_softmax_attention_becomes_fused_attention_in_fp16(seq_data, tmp_path):
     assert full["engine"]["layers"]["fused_attention"] == 0 and full["parity"]["max_abs_diff"] < 1e-5
     small = _export(fresh("sasrec", seq_data), tmp_path / "head8")  # no kernel: rebuilt decomposable, said so
     assert small["engine"]["layers"]["fused_attention"] == 0 and "decomposable" in small["engine"]["layers"]["attention_fallback"]
+    assert "2 heads of size 8" in small["engine"]["layers"]["attention_fallback"]
+    one = _export(fresh("sasrec", seq_data, dim=32, heads=1), tmp_path / "one-head")  # one head never fuses
+    assert one["engine"]["layers"]["fused_attention"] == 0
+    assert [(a["heads"], a["head_size"]) for a in one["engine"]["layers"]["attention"]] == [(1, 32)] * 2
+    assert "1 head of size 32" in one["engine"]["layers"]["attention_fallback"]
+    assert "--heads 2" in one["engine"]["layers"]["attention_fallback"]
+    odd = _export(fresh("sasrec", seq_data, dim=100), tmp_path / "head50")  # TensorRT's attention layer fails
+    assert set(odd["attention"]) == {"decomposed"} and odd["engine"]["layers"]["attention"] == [] and odd["parity"]["passed"]
+    assert "exported with --attention decomposed" in odd["engine"]["layers"]["attention_fallback"]
     bf16 = _export(ck, tmp_path / "bf16", precision="bf16", shapes="batch=1:8:32")
     assert bf16["engine"]["profile"]["history"]["max"] == [32, 10]
     if not torch.cuda.is_available():
@@ -167,6 +180,10 @@ def test_refusals_name_the_problem_and_write_nothing(tiny_ckpt, seq_data, tmp_pa
         with pytest.raises(UserError, match=match):
             _export(ck, tmp_path / "x", **opts)
         assert not (tmp_path / "x").exists()
+    if importlib.util.find_spec("tensorrt") is None:  # TensorRT-RTX: Turing has no fp32 matrix products
+        with pytest.raises(UserError, match="FP32 GEMM.*--precision fp16"):
+            _export(_ck(tiny_ckpt), tmp_path / "x", compute_capability=["SM75"])
+        assert not (tmp_path / "x").exists()
     ok = _export(_ck(tiny_ckpt), tmp_path / "engine")
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "engine"), "--data", str(ok["model_spec"]["vocab"]["dataset"]),
                                   "--no-latency"])
@@ -185,6 +202,8 @@ def test_cli_reports_engine_precision_attention_and_table_storage(seq_data, tmp_
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["engine"]["flavor"] in ("tensorrt", "tensorrt_rtx") and manifest["options"]["precision"] == "fp16"
     assert (tmp_path / "e" / "build.log").read_text().strip()
+    r = CliRunner().invoke(main, ["export", str(path), "--target", "trt", "-o", str(tmp_path / "f"), "--shapes", "bag=1:2:3"])
+    assert r.exit_code == 2 and "no axis for" in r.output and "exporting" not in r.output  # refused before any work
 
 
 @trt
