@@ -91,7 +91,8 @@ def one(name: str) -> dict:
             "export_seconds": round(total, 1), "engine_build_seconds": m["engine"]["build_seconds"],
             "engine_bytes": m["engine"]["bytes"], "onnx_bytes": m["files"].get("model.onnx", 0)
             + m["files"].get("model.onnx.data", 0),
-            "engine_table_value_bytes": layers["table_bytes"],
+            "engine_table_value_bytes": sum(t["value_bytes"] for t in layers["tables"]),
+            "engine_table_bytes": layers["table_bytes"],  # values + DQ scales + per-row biases
             "engine_table_dtypes": sorted({t["dtype"] for t in layers["tables"]}),
             "fused_attention": layers["fused_attention"], "attention_layers": len(layers["attention"]),
             "attention_fallback": layers["attention_fallback"], "parity": m["parity"].get("max_abs_diff"),
@@ -111,13 +112,18 @@ def main() -> None:
         return
     results = []
     for name in a.only or VARIANTS:
-        p = subprocess.run([sys.executable, __file__, "--out", a.out, "--one", name], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--out", a.out, "--one", name], capture_output=True, text=True,
+                           check=False)
         if p.returncode:
             results.append({"variant": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:500]})
         else:
             results.append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, no GPU", "results": results}, indent=2) + "\n")
+    config = {"dlrm": {"tables": KAGGLE, "dim": 16, "bottom": "13-512-256-64-16", "top": "512-256-1"},
+              "sequential": {"item_rows": 12102, "items": 12101, "dim": 64, "heads": 2, "blocks": 2, "max_len": 200,
+                             "position_rows": 201}, "parity_samples": 256}
+    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, no GPU", "config": config, "results": results},
+                                      indent=2) + "\n")
 
 
 if __name__ == "__main__":
