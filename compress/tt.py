@@ -110,6 +110,33 @@ def _pick_rank(vals: torch.Tensor, fixed: int | None, budget_sq: float) -> int:
     return max(1, int(ok[0]) if len(ok) else len(vals))
 
 
+def _truncate(mat: torch.Tensor, fixed: int | None, budget_sq: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-truncated ``mat ~= U @ R`` (``U`` orthonormal columns, ``R = S Vh``), as an SVD would give, from
+    the float64 Gram matrix of ``mat``'s smaller side accumulated in blocks: no copy of ``mat`` is made."""
+    m, n = mat.shape
+    side = min(m, n)
+    step = max(1, GATHER_BYTES // (8 * max(m, n)))
+    g = torch.zeros(side, side, dtype=torch.float64)
+    if n <= m:
+        for s in range(0, m, step):
+            blk = mat[s:s + step].double()
+            g += blk.T @ blk
+    else:
+        for s in range(0, n, step):
+            blk = mat[:, s:s + step].double()
+            g += blk @ blk.T
+    basis, vals = linalg.principal_basis(g, side)
+    r = _pick_rank(vals, fixed, budget_sq)
+    basis = basis[:, :r]
+    if n > m:  # basis spans mat's columns: U = basis, R = U^T mat
+        return basis, torch.cat([basis.T @ mat[:, s:s + step].double() for s in range(0, n, step)], 1)
+    sv = vals[:r].sqrt()
+    live = sv > sv[0] * 1e-12 if r and sv[0] > 0 else torch.zeros(r, dtype=torch.bool)
+    scale = torch.where(live, 1 / torch.where(live, sv, 1), 0)  # a zero singular value: its column stays zero
+    u = torch.cat([(mat[s:s + step].double() @ basis) * scale for s in range(0, m, step)])
+    return u, (sv * live)[:, None] * basis.T
+
+
 def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int) -> Any:
     """Column chunks ``[n1*d1, c*(d/d1)]`` of the first TT unfolding of the (unpadded) table: each chunk is
     ``n1`` contiguous row ranges ``i * m_total + [m0, m0 + c)``, zero past the last row."""
@@ -152,16 +179,17 @@ def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list
     cores = [u.reshape(n1, d1 * r)]
     out_ranks = [1, r]
     # rest: [r, (i_2..i_K), (j_2..j_K)] -> [r, n_2, d_2, ..., n_K, d_K]
-    cur = rest.view(r, *row_shape[1:], *dim_shape[1:])
     perm = [0] + [p for k in range(1, K) for p in (k, K - 1 + k)]
-    cur = cur.permute(*perm).double()
+    cur = rest.view(r, *row_shape[1:], *dim_shape[1:]).permute(*perm)
+    del rest
     for k in range(1, K - 1):
-        mat = cur.reshape(out_ranks[-1] * row_shape[k] * dim_shape[k], -1)
-        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
-        rk = _pick_rank((S ** 2), fixed(k + 1), budget_sq)
-        cores.append(U[:, :rk].reshape(out_ranks[-1], row_shape[k], dim_shape[k], rk)
+        mat = cur.reshape(out_ranks[-1] * row_shape[k] * dim_shape[k], -1)  # the one copy of the remainder
+        del cur
+        U, cur = _truncate(mat, fixed(k + 1), budget_sq)
+        del mat
+        rk = U.shape[1]
+        cores.append(U.reshape(out_ranks[-1], row_shape[k], dim_shape[k], rk)
                      .permute(1, 0, 2, 3).reshape(row_shape[k], -1).float())
-        cur = S[:rk, None] * Vh[:rk]
         out_ranks.append(rk)
     last = cur.reshape(out_ranks[-1], row_shape[-1], dim_shape[-1]).permute(1, 0, 2).reshape(row_shape[-1], -1)
     cores.append(last.float())
