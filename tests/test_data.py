@@ -91,3 +91,64 @@ def test_synthetic_deterministic(tmp_path):
     a = open_dataset(make_synthetic(tmp_path / "a", samples=500, seed=4))
     b = open_dataset(make_synthetic(tmp_path / "b", samples=500, seed=4))
     assert all(np.array_equal(x, y) for x, y in zip(a.arrays("train"), b.arrays("train")))
+
+
+def _reference_parse(text):
+    """Criteo lines parsed field by field in plain Python: the independent reference for the block reader."""
+    label, dense, cats = [], [], []
+    for line in text.splitlines():
+        f = line.split("\t")
+        label.append(int(f[0]))
+        dense.append([np.log1p(max(int(x or 0), 0)) for x in f[1:14]])
+        cats.append([int(x, 16) if x else -1 for x in f[14:]])
+    return np.array(label), np.array(dense, np.float32), np.array(cats)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_criteo_blocks_match_a_line_by_line_parse(tmp_path, monkeypatch, compressed):
+    from recompress.data import criteo
+    rng = np.random.default_rng(3)
+    lines = [criteo_line(rng) for _ in range(3000)]
+    lines[5] = lines[5].replace("a", "A")  # upper-case hex
+    text = "\r\n".join(lines[:10]) + "\r\n" + "\n".join(lines[10:])  # no newline after the last line
+    src = tmp_path / ("t.txt.gz" if compressed else "t.txt")
+    (gzip.open(src, "wt", newline="") if compressed else open(src, "w", newline="")).__enter__().write(text)
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", 1 << 14)  # dozens of blocks, joined a few at a time
+    monkeypatch.setattr(criteo, "BATCH_ROWS", 250)
+    got = list(criteo.iter_chunks(src, "t", None))
+    assert len(got) > 10 and [r for r, *_ in got] == list(np.cumsum([0] + [len(g[1]) for g in got[:-1]]))
+    ref = _reference_parse(text)
+    for k in range(3):
+        assert np.array_equal(np.concatenate([g[1 + k] for g in got]), ref[k].astype(np.concatenate([g[1 + k] for g in got]).dtype))
+    limited = list(criteo.iter_chunks(src, "t", 1234))
+    assert sum(len(g[1]) for g in limited) == 1234
+
+
+@pytest.mark.parametrize(("line", "col", "value", "match"), [
+    (2500, 3, "1.5", "line 2501: I3 '1.5' is not an integer"),
+    (1700, 20, "abc", "line 1701: C7 value 'abc' is not an 8-hex-digit hash"),
+    (2900, 30, "0000zz00", "line 2901: C17 value '0000zz00' is not hexadecimal"),
+])
+def test_criteo_errors_deep_in_the_file_name_their_line(tmp_path, monkeypatch, line, col, value, match):
+    from recompress.data import criteo
+    rng = np.random.default_rng(4)
+    lines = [criteo_line(rng) for _ in range(3000)]
+    fields = lines[line].split("\t")
+    fields[col] = value
+    lines[line] = "\t".join(fields)
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(criteo, "BATCH_ROWS", 250)
+    with pytest.raises(UserError, match=match):
+        prepare_criteo(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_criteo_empty_line_is_refused_by_number(tmp_path):
+    rng = np.random.default_rng(5)
+    lines = [criteo_line(rng) for _ in range(20)]
+    lines[7] = ""
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="line 8: no label"):
+        prepare_criteo(tmp_path / "t.txt", tmp_path / "out")
