@@ -6,7 +6,9 @@ The file has Criteo's layout (label, I1-I13 integers with ~10% empty, C1-C26 8-h
 empty), ids drawn Zipf(1.1) over dlrm's Kaggle vocabulary sizes, so the vocabularies grow as they do on
 real data. ``recompress data criteo FILE`` runs in its own process under ``/usr/bin/time -v`` (wall time
 over both passes, maximum resident set size). With ``--baseline REF`` the reader of git revision REF runs
-too, interleaved with this checkout's (ABAB), so the two are compared within one run.
+too, interleaved with this checkout's (ABAB), so the two are compared within one run. With ``--profile``
+the reader runs in this process under cProfile instead, its background thread disabled so that parsing is
+attributed, and the JSON lists where the time went.
 """
 
 from __future__ import annotations
@@ -67,12 +69,29 @@ def timed(cmd: list[str]) -> dict:
     return {"seconds": round(wall, 2), "peak_rss_bytes": peak}
 
 
+def profile(path: Path, out: Path) -> list[dict]:
+    """cProfile of ``prepare_criteo`` (single-threaded): the functions with the most own time."""
+    import cProfile
+    import pstats
+
+    from recompress.data import criteo
+
+    criteo._ahead = lambda items, depth=2: items  # parse on this thread, so that cProfile sees it
+    prof = cProfile.Profile()
+    prof.runcall(criteo.prepare_criteo, path, out)
+    stats = pstats.Stats(prof).stats
+    rows = [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_seconds": round(tt, 3),
+             "cumulative_seconds": round(ct, 3)} for (f, line, name), (_, nc, tt, ct, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_seconds"])[:12]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--baseline", default=None, help="git revision whose reader runs too, interleaved")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="profile this checkout's reader instead of timing it")
     a = ap.parse_args()
     here = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -80,6 +99,13 @@ def main() -> None:
         t0 = time.perf_counter()
         size = generate(tmp / "train.txt", a.rows)
         print(f"generated {a.rows:,} rows, {size:,} bytes in {time.perf_counter() - t0:.0f} s", flush=True)
+        if a.profile:
+            t0 = time.perf_counter()
+            top = profile(tmp / "train.txt", tmp / "ds")
+            Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "rows": a.rows, "file_bytes": size,
+                                               "profiled_seconds": round(time.perf_counter() - t0, 2),
+                                               "top_own_time": top}, indent=2) + "\n")
+            return
         readers = {"this checkout": here}
         if a.baseline:
             wt = tmp / "baseline"
