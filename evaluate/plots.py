@@ -115,6 +115,6 @@ def pareto_plot(labels: list[str], cost: list[float], acc: list[float], path: Pa
     fig.canvas.draw()
     _place_labels(fig, ax, cost, acc, labels)
     plt.setp(ax.get_xticklabels(), fontsize=8)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path

@@ -59,43 +59,57 @@ def _write_marker(folder: Path, m: dict[str, Any]) -> None:
     os.replace(tmp, folder / MARKER)
 
 
-def _walk(folder: Path) -> tuple[list[str], list[Path]]:
-    """Files under ``folder`` (relative, posix; not the marker), and the marked folders nested in it, whose
-    files their own markers account for."""
+def _walk(folder: Path) -> list[str]:
+    """Every file under ``folder`` at any depth (relative, posix), the nested markers included; a link is
+    listed as a file (never followed)."""
     files: list[str] = []
-    nested: list[Path] = []
     for root, dirs, names in os.walk(folder):
         r = Path(root)
-        for d in list(dirs):
-            sub = r / d
-            if sub.is_symlink():
-                names.append(d)  # a link is a file we never write
-                dirs.remove(d)
-            elif _marker_of(sub) is not None:
-                nested.append(sub)
-                dirs.remove(d)
+        names += [d for d in dirs if (r / d).is_symlink()]
+        dirs[:] = [d for d in dirs if not (r / d).is_symlink()]
         files += [(r / n).relative_to(folder).as_posix() for n in names]
-    return sorted(f for f in files if f != MARKER), nested
+    return sorted(f for f in files if f != MARKER)
 
 
 def foreign(folder: PathLike) -> list[str]:
     """What lies in the marked ``folder`` that recompress did not write there (relative paths, sorted)."""
     folder = Path(folder)
-    m = _marker_of(folder)
-    listed = None if m is None else m.get("files")
-    files, nested = _walk(folder)
+    listed = (_marker_of(folder) or {}).get("files")
+    files = _walk(folder)
     if not isinstance(listed, list):  # no marker, or one from a version that did not list its files
-        return files + [sub.relative_to(folder).as_posix() + "/" for sub in nested]
-    out = [f for f in files if f not in set(listed)]
-    for sub in nested:
-        out += [f"{sub.relative_to(folder).as_posix()}/{f}" for f in foreign(sub)]
-    return sorted(out)
+        return files
+    known = set(listed)
+    # a marked folder inside, whose marker recompress wrote there, accounts for its own files
+    subs = sorted({f[:-len(MARKER) - 1] for f in known if f.endswith("/" + MARKER) and (folder / f).is_file()},
+                  key=len, reverse=True)
+    bad_in = {sub: set(foreign(folder / sub)) for sub in subs}
+    out = []
+    for f in files:
+        if f in known:
+            continue
+        sub = next((x for x in subs if f.startswith(x + "/")), None)
+        if sub is None or f[len(sub) + 1:] in bad_in[sub]:
+            out.append(f)
+    return out
 
 
-def _record(folder: Path, kind: str, exclude: Iterable[str] = ()) -> None:
-    """Write ``folder``'s marker listing every file now in it except ``exclude`` (what the user put there)."""
-    skip = set(exclude)
-    _write_marker(folder, {**marker(kind), "files": [f for f in _walk(folder)[0] if f not in skip]})
+def _record(folder: Path, kind: str) -> None:
+    """Write the marker of ``folder``, a folder this command wrote whole, listing every file in it."""
+    _write_marker(folder, {**marker(kind), "files": _walk(folder)})
+
+
+def _adopt(owner: Path, names: Iterable[str]) -> None:
+    """Add ``names`` (relative to ``owner``, a marked folder) to the files it lists as written by recompress."""
+    m = _marker_of(owner) or marker("dir")
+    _write_marker(owner, {**m, "files": sorted({*m.get("files", []), *names})})
+
+
+def _owner_of(target: Path) -> Path | None:
+    """The nearest marked folder above ``target``: what recompress writes there becomes part of it."""
+    for parent in _real(target).parents:
+        if is_ours(parent):
+            return parent
+    return None
 
 
 def _foreign_error(target: Path, found: list[str]) -> UserError:
@@ -247,6 +261,10 @@ def output_dir(target: PathLike, *, kind: str, overwrite: bool = False,
         tmp = None
         if old is not None:
             _discard(old)
+        owner = _owner_of(target)
+        if owner is not None:  # e.g. a cached step inside a run folder
+            rel = _real(target).relative_to(owner).as_posix()
+            _adopt(owner, [f"{rel}/{MARKER}", *(f"{rel}/{f}" for f in _walk(target))])
     except BaseException:
         if tmp is not None:
             _discard(tmp)
@@ -273,18 +291,18 @@ def output_file(target: PathLike, *, inputs: Iterable[PathLike] = (), owner: Pat
     created = _make_parents(target)
     tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent)
+        fd, staged = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.absolute().parent)
         os.close(fd)
-        tmp = Path(name)
+        tmp = Path(staged)
         os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         if owner is None:
             check_output(target, kind="file", inputs=inputs)
         os.replace(tmp, target)  # atomic for files
         tmp = None
-        if inside:
-            m = _marker_of(Path(owner)) or marker("dir")
-            _write_marker(Path(owner), {**m, "files": sorted({*m.get("files", []), name})})
+        home = _real(owner) if inside else _owner_of(target)
+        if home is not None:  # the marked folder that holds it lists it as written by recompress
+            _adopt(home, [_real(target).relative_to(home).as_posix()])
     except BaseException:
         if tmp is not None:
             _discard(tmp)
@@ -311,11 +329,7 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
     target = Path(target)
     if target.is_dir() and is_ours(target) and not overwrite:
         _overlap(target, inputs)
-        users = foreign(target)  # kept, and never adopted as ours
-        try:
-            yield target
-        finally:
-            _record(target, "run", exclude=users)
+        yield target  # what the run writes is added to the marker as it is written
         return
     if overwrite and target.exists():
         with output_dir(target, kind="run", overwrite=True, inputs=inputs) as tmp:
@@ -327,6 +341,9 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
     existed = target.exists()
     target.mkdir(exist_ok=True)
     _record(target, "run")
+    owner = _owner_of(target)
+    if owner is not None:  # a run inside a run (a bench of several recipes)
+        _adopt(owner, [f"{_real(target).relative_to(owner).as_posix()}/{MARKER}"])
     try:
         yield target
     except BaseException:
@@ -336,7 +353,4 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
             if not existed:
                 target.rmdir()
             _remove_created(created)
-        else:
-            _record(target, "run")  # resumable: all it holds so far is ours
         raise
-    _record(target, "run")

@@ -84,6 +84,11 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     rows = summary["rows"]
     files: dict[str, Path] = {}
 
+    def plot(labels: list[str], cost: list[float], acc: list[float], path: Path, **kw: Any) -> Path:
+        with output_file(path, owner=out) as tmp:
+            pareto_plot(labels, cost, acc, tmp, **kw)
+        return path
+
     def write(name: str, text: str) -> Path:
         with output_file(out / name, owner=out) as tmp:
             tmp.write_text(text)
@@ -129,13 +134,13 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
                else (0.0, 0.0) for r in srows]
         acc = [r["metrics"][metric] for r in srows]
         stem = (f"{name}_" if several else "") + "pareto_" + metric.replace("@", "")
-        mine = [pareto_plot(labels, [r["emb_bytes"] for r in srows], acc, out / f"{stem}_vs_bytes.png",
+        mine = [plot(labels, [r["emb_bytes"] for r in srows], acc, out / f"{stem}_vs_bytes.png",
                             xlabel="embedding bytes (stored)", ylabel=f"test {metric}", bytes_axis=True, err=err,
                             title=f"{name}: {metric} vs embedding bytes")]
         sb = list(srows[0].get("p50_ms") or {})
         if sb:
             b = sb[-1]
-            mine.append(pareto_plot(labels, [r["latency_ratio"][b]["ratio"] for r in srows], acc,
+            mine.append(plot(labels, [r["latency_ratio"][b]["ratio"] for r in srows], acc,
                                     out / f"{stem}_vs_latency.png", logx=False, err=err, ylabel=f"test {metric}",
                                     xlabel=f"p50 latency ÷ baseline's, batch {b} (same run)",
                                     title=f"{name}: {metric} vs latency"))

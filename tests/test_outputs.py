@@ -192,15 +192,15 @@ def test_run_folder_resumes_ours_and_refuses_foreign(tmp_path):
 
 
 def test_run_overwrite_keeps_the_old_run_until_the_new_one_completes(tmp_path):
-    with run_folder(tmp_path / "run") as f:
-        (f / "report.md").write_text("old")
+    with run_folder(tmp_path / "run") as f, outputs.output_file(f / "report.md", owner=f) as tmp:
+        tmp.write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with run_folder(tmp_path / "run", overwrite=True) as f:
             assert f != tmp_path / "run"
             raise KeyboardInterrupt
     assert (tmp_path / "run" / "report.md").read_text() == "old" and no_temporaries(tmp_path)
-    with run_folder(tmp_path / "run", overwrite=True) as f:
-        (f / "report.md").write_text("new")
+    with run_folder(tmp_path / "run", overwrite=True) as f, outputs.output_file(f / "report.md", owner=f) as tmp:
+        tmp.write_text("new")
     assert (tmp_path / "run" / "report.md").read_text() == "new"
 
 
@@ -249,3 +249,26 @@ def test_a_file_output_inside_our_folder_never_replaces_a_user_file(tmp_path):
         with outputs.output_file(tmp_path / "run" / "results.csv", owner=tmp_path / "run") as tmp:
             tmp.write_text("ours")
     assert (tmp_path / "run" / "results.csv").read_text() == "mine"
+
+
+def test_a_marked_folder_copied_in_by_the_user_is_not_ours(tmp_path):
+    out = ours(tmp_path / "out")
+    other = ours(tmp_path / "other", "theirs")
+    import shutil
+    shutil.copytree(other, out / "my_copy")  # carries its own marker: still not written into out by recompress
+    with pytest.raises(UserError, match="my_copy"):
+        ours(out)
+    assert (out / "my_copy" / "data.txt").read_text() == "theirs"
+
+
+def test_files_added_while_a_run_is_writing_are_never_adopted(tmp_path):
+    with run_folder(tmp_path / "run") as f:
+        (f / "notes.txt").write_text("mine")  # a user's file appears mid-run
+        with output_dir(f / "cache" / "step", kind="test") as tmp:
+            (tmp / "w.bin").write_text("w")
+        write_json({"a": 1}, f / "results.json", "results", owner=f)
+    assert outputs.foreign(tmp_path / "run") == ["notes.txt"]
+    with pytest.raises(UserError, match="notes.txt"):
+        with run_folder(tmp_path / "run", overwrite=True):
+            pass
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
