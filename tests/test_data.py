@@ -126,6 +126,8 @@ def test_criteo_blocks_match_a_line_by_line_parse(tmp_path, monkeypatch, compres
 
 @pytest.mark.parametrize(("line", "col", "value", "match"), [
     (2500, 3, "1.5", "line 2501: I3 '1.5' is not an integer"),
+    (2200, 3, "NaN", "line 2201: I3 'NaN' is not an integer"),  # not read as missing
+    (2300, 0, "NA", "line 2301: the label 'NA' is not an integer"),
     (1700, 20, "abc", "line 1701: C7 value 'abc' is not an 8-hex-digit hash"),
     (2900, 30, "0000zz00", "line 2901: C17 value '0000zz00' is not hexadecimal"),
 ])
@@ -152,3 +154,13 @@ def test_criteo_empty_line_is_refused_by_number(tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match="line 8: no label"):
         prepare_criteo(tmp_path / "t.txt", tmp_path / "out")
+
+
+def test_criteo_truncated_gzip_is_a_clear_error(tmp_path):
+    src = tmp_path / "t.txt.gz"
+    write_criteo(src, 3000)
+    data = src.read_bytes()
+    src.write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="could not be read.*truncated or corrupt"):
+        prepare_criteo(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -7,8 +7,8 @@ to row 0, the one out-of-vocabulary row per table. The split is a hash of the ro
 deterministic and needs no second look at the data. Memory grows with the vocabulary, never with
 the number of rows: the file is read twice, block by block (count, then encode).
 
-Blocks are parsed by pyarrow's multithreaded CSV reader (several times faster than splitting lines in
-Python; docs/benchmarks.md); where pyarrow refuses a block, the file is re-read line by line up to it by
+Blocks are parsed by pyarrow's CSV reader on a background thread (several times faster than splitting
+lines in Python; docs/benchmarks.md); where pyarrow refuses a block, the file is re-read line by line up to it by
 :func:`parse_chunk`, which names the offending line and column.
 """
 
@@ -176,7 +176,7 @@ def _parsed(path: Path, limit: int | None) -> Iterator[tuple[int, np.ndarray, np
                                                              use_threads=False),
                                parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False,
                                                                ignore_empty_lines=False),
-                               convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False,
+                               convert_options=pcsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False,
                                                                    quoted_strings_can_be_null=False))
         row = 0
         for batch in _batches(reader, limit):
@@ -234,6 +234,8 @@ def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int,
                 seen = read
         except pa.ArrowInvalid as e:
             raise _locate(path, str(e).splitlines()[0]) from None
+        except OSError as e:  # e.g. a truncated gzip stream
+            raise UserError(f"{path} could not be read: {e}", "the file is truncated or corrupt; fetch it again") from None
     if rows == 0:
         raise UserError(f"{path} has no data rows", "pass a Criteo TSV file")
 
