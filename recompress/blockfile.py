@@ -78,6 +78,8 @@ class TensorFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise _bad(self.path, f"header is not JSON: {e}") from None
+            if not isinstance(header, dict):
+                raise _bad(self.path, f"header is a JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, Entry] = {}
         end = 8 + n

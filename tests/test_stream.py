@@ -84,13 +84,18 @@ def _damage(src: Path, dst: Path, how: str) -> None:
     if how == "truncate":
         path.write_bytes(path.read_bytes()[:-100])
         return
+    if how == "list-header":  # valid JSON, but not the object safetensors puts there
+        body = b"[1, 2]     "
+        path.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 64)
+        return
     entry = TensorFile(path).entries["tables.C1.weight"]
     with open(path, "r+b") as f:  # a NaN in the middle of the big table
         f.seek(entry.begin + 123 * entry.row_bytes)
         f.write(torch.tensor([float("nan")]).numpy().tobytes())
 
 
-@pytest.mark.parametrize("how,message", [("nan", "has 1 NaN/Inf values"), ("truncate", "not a readable safetensors")])
+@pytest.mark.parametrize("how,message", [("nan", "has 1 NaN/Inf values"), ("truncate", "not a readable safetensors"),
+                                         ("list-header", "header is a JSON list")])
 def test_streaming_refuses_a_damaged_file_and_writes_nothing(tiny_ckpt, tmp_path, how, message):
     src = tmp_path / "bad"
     _damage(tiny_ckpt, src, how)
