@@ -109,6 +109,11 @@ def test_fp16_bf16_rows_and_sector_counts():
         q.fill(w)
         assert torch.equal(q.dequantized(), w.to(dt).float())
     assert row_bytes("int8", 16) == 24 and row_bytes("int8", 16, 16) == 32 and row_bytes("int4", 16) == 12
+    big = w.clone()
+    big[3, 4] = 7e4  # finite in fp32, beyond fp16's largest value: refused, not stored as Inf
+    with pytest.raises(UserError, match="1 values exceed the fp16 range.*bf16"):
+        QuantizedRows(50, 16, "fp16").fill(big)
+    QuantizedRows(50, 16, "bf16").fill(big)
     assert units_touched(32, 32) == 1 and units_touched(48, 32) == 2
     assert units_touched(20, 32) == 1.5  # rows at 0, 20, 40, ...: 1,2,1,2,2,1,2,1 sectors over one period
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recompress.errors import UserError
+
 from .rowformat import FORMATS, row_bytes
 
 CHUNK = 1 << 18  # rows quantized at a time (bounded extra memory on 10M-row tables)
@@ -52,6 +54,10 @@ class QuantizedRows(nn.Module):
         data = torch.zeros(w.shape[0], self.data.shape[1], dtype=self.data.dtype)
         if self.fmt in ("fp16", "bf16"):
             data[:, :self.cols] = w.to(data.dtype)
+            if not torch.isfinite(data).all():  # finite input (checked on load) beyond fp16's 65504
+                raise UserError(f"{int((~torch.isfinite(data)).sum())} values exceed the {self.fmt} range "
+                                f"(largest |value| {float(w.abs().max()):.4g})",
+                                "store the rows as bf16 (fp32's range) or int8 instead")
             return {"data": data}
         lo, hi = w.min(1).values, w.max(1).values
         if self.fmt == "int8":  # FBGEMM FloatToFused8BitRowwiseQuantizedSBFloat
