@@ -12,6 +12,10 @@ from .errors import UserError
 SPEC_VERSION = 1
 
 
+MAX_ROWS = 1 << 40  # a table of more rows cannot be stored (2^40 rows of one fp32 value is 4 TB)
+MAX_DIM = 1 << 16
+
+
 @dataclass
 class TableSpec:
     """One embedding table as the model sees it: ``rows`` ids in, ``dim`` floats out.
@@ -67,6 +71,12 @@ class ModelSpec:
                             "upgrade recompress")
         try:
             tables = [TableSpec(**t) for t in d.pop("tables")]
-            return cls(tables=tables, **d)
+            spec = cls(tables=tables, **d)
         except TypeError as e:
             raise UserError(f"{source} has unexpected fields: {e}", "re-create the checkpoint") from None
+        for t in spec.tables:
+            for what, value, top in (("rows", t.rows, MAX_ROWS), ("dim", t.dim, MAX_DIM)):
+                if type(value) is not int or not 1 <= value <= top:
+                    raise UserError(f"{source}: table {t.name!r} has {what} {value!r}, not an integer in 1..{top:,}",
+                                    "the checkpoint is damaged; re-create it")
+        return spec

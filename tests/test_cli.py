@@ -94,6 +94,19 @@ def test_spec_mismatch(workdir, tmp_path):
     assert_user_error(cli("inspect", workdir), "spec")
 
 
+@pytest.mark.parametrize("value", [-5, 0, 1e13, '"100000"', 100000.0, "true", 1 << 50])
+@pytest.mark.parametrize("command", [["inspect"], ["checkpoint", "--method", "int8", "-o", "OUT"]])
+def test_impossible_table_rows_in_the_spec(workdir, tmp_path, value, command):
+    s = workdir / "spec.json"
+    spec = json.loads(s.read_text())
+    spec["tables"][0]["rows"] = "@"
+    s.write_text(json.dumps(spec).replace('"@"', str(value)))
+    before = tree_hash(workdir)
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in command]
+    assert_user_error(cli(args[0], workdir, *args[1:]), "rows")
+    assert tree_hash(workdir) == before and not (tmp_path / "o").exists()
+
+
 def test_nan_weights_cli(workdir, tmp_path):
     sd = load_file(workdir / "weights.safetensors")
     sd["top.0.weight"][0, 0] = float("inf")
