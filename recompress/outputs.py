@@ -98,18 +98,16 @@ def _record(folder: Path, kind: str) -> None:
     _write_marker(folder, {**marker(kind), "files": _walk(folder)})
 
 
-def _adopt(owner: Path, names: Iterable[str]) -> None:
-    """Add ``names`` (relative to ``owner``, a marked folder) to the files it lists as written by recompress."""
-    m = _marker_of(owner) or marker("dir")
-    _write_marker(owner, {**m, "files": sorted({*m.get("files", []), *names})})
-
-
-def _owner_of(target: Path) -> Path | None:
-    """The nearest marked folder above ``target``: what recompress writes there becomes part of it."""
-    for parent in _real(target).parents:
-        if is_ours(parent):
-            return parent
-    return None
+def _tell_owner(target: Path, names: Iterable[str] = ("",), home: Path | None = None) -> None:
+    """Add ``names`` (paths relative to ``target``; "" is ``target`` itself), just written by recompress, to
+    the files listed by ``home`` or else by the nearest marked folder above ``target``, if there is one."""
+    if home is None:
+        home = next((p for p in _real(target).parents if is_ours(p)), None)
+        if home is None:
+            return
+    rel = _real(target).relative_to(home)
+    m = _marker_of(home) or marker("dir")
+    _write_marker(home, {**m, "files": sorted({*m.get("files", []), *((rel / n).as_posix() for n in names)})})
 
 
 def _foreign_error(target: Path, found: list[str]) -> UserError:
@@ -261,10 +259,7 @@ def output_dir(target: PathLike, *, kind: str, overwrite: bool = False,
         tmp = None
         if old is not None:
             _discard(old)
-        owner = _owner_of(target)
-        if owner is not None:  # e.g. a cached step inside a run folder
-            rel = _real(target).relative_to(owner).as_posix()
-            _adopt(owner, [f"{rel}/{MARKER}", *(f"{rel}/{f}" for f in _walk(target))])
+        _tell_owner(target, [MARKER, *_walk(target)])  # e.g. a cached step inside a run folder
     except BaseException:
         if tmp is not None:
             _discard(tmp)
@@ -300,9 +295,7 @@ def output_file(target: PathLike, *, inputs: Iterable[PathLike] = (), owner: Pat
             check_output(target, kind="file", inputs=inputs)
         os.replace(tmp, target)  # atomic for files
         tmp = None
-        home = _real(owner) if inside else _owner_of(target)
-        if home is not None:  # the marked folder that holds it lists it as written by recompress
-            _adopt(home, [_real(target).relative_to(home).as_posix()])
+        _tell_owner(target, home=_real(owner) if inside else None)
     except BaseException:
         if tmp is not None:
             _discard(tmp)
@@ -341,9 +334,7 @@ def run_folder(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
     existed = target.exists()
     target.mkdir(exist_ok=True)
     _record(target, "run")
-    owner = _owner_of(target)
-    if owner is not None:  # a run inside a run (a bench of several recipes)
-        _adopt(owner, [f"{_real(target).relative_to(owner).as_posix()}/{MARKER}"])
+    _tell_owner(target, [MARKER])  # a run inside a run (a bench of several recipes)
     try:
         yield target
     except BaseException:
