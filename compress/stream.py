@@ -113,8 +113,8 @@ def stream_compress(source: Path, steps: list[Step], ctx: Context, out: str | Pa
             dst = tmp if i == len(steps) - 1 else tmp / f".step{i}"
             dst.mkdir(exist_ok=True)
             ckpt = _step(src, step, ctx, dst, provenance or {})
-            if src != source:
-                shutil.rmtree(src)  # an intermediate checkpoint inside our staged folder
+            if src.parent == tmp:  # an intermediate checkpoint this command wrote inside its staged folder
+                shutil.rmtree(src)
             src = dst
     return ckpt, before
 

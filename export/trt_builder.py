@@ -186,8 +186,7 @@ def summarize(trt: ModuleType, net: Any) -> dict[str, Any]:
         biases = table.pop("bias_constants", set())
         table["bias_bytes"] = sum(b for _, b in biases)
         table["bytes"] += table["bias_bytes"]
-    matmuls = Counter(str(lay.get_input(0).dtype).split(".")[-1].lower() for lay in layers
-                      if lay.type == trt.LayerType.MATRIX_MULTIPLY)
+    matmuls = Counter(_name(lay.get_input(0).dtype) for lay in layers if lay.type == trt.LayerType.MATRIX_MULTIPLY)
     return {"layers": len(layers),
             "by_type": dict(Counter(str(lay.type).split(".")[-1].lower() for lay in layers).most_common()),
             "attention": attention,
@@ -273,7 +272,8 @@ def build_engine(onnx_path: Path, engine_path: Path, log_path: Path, *, axes: di
                                                     timing_cache)
     fallback = None
     if blob is None and not decompose_attention and _attentions(trt, net):
-        shapes = sorted({(a["heads"], a["head_size"]) for a in summarize(trt, net)["attention"] if "heads" in a})
+        shapes = sorted({(h["heads"], h["head_size"]) for h in (_heads(a.get_input(0).shape) for a in _attentions(trt, net))
+                         if h})
         which = ", ".join(f"{h} head{'s' if h > 1 else ''} of size {d}" for h, d in shapes) or "this shape"
         first = (log.errors or ["no error message"])[-1].splitlines()[0][:300]
         fallback = (f"{flavor} {trt.__version__} could not build fused attention for {which} at these shape "
