@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -59,16 +58,6 @@ def generate(path: Path, rows: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def timed(cmd: list[str]) -> dict:
-    t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    return {"seconds": round(wall, 2), "peak_rss_bytes": peak}
-
-
 def profile(path: Path, out: Path) -> list[dict]:
     """cProfile of ``prepare_criteo`` (single-threaded): the functions with the most own time."""
     import cProfile
@@ -86,6 +75,8 @@ def profile(path: Path, out: Path) -> list[dict]:
 
 
 def main() -> None:
+    from measure import timed  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", type=int, default=5_000_000)

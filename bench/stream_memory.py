@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -62,17 +59,9 @@ def make_checkpoint(path: Path, rows: int, dim: int) -> int:
     return rows * dim * 4
 
 
-def timed(cmd: list[str]) -> dict:
-    t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
-    return {"seconds": round(wall, 1), "peak_rss_bytes": peak}
-
-
 def main() -> None:
+    from measure import timed  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default="1000000,10000000,40000000")
@@ -93,7 +82,7 @@ def main() -> None:
                     runs.append(("in memory (before)", [sys.executable, "-c", IN_MEMORY, str(src),
                                                         str(Path(tmp) / f"m-{rows}-{method}"), name]))
                 for path, cmd in runs:
-                    r = {"rows": rows, "dim": a.dim, "table_bytes": table, "method": method, "path": path, **timed(cmd)}
+                    r = {"rows": rows, "dim": a.dim, "table_bytes": table, "method": method, "path": path, **timed(cmd, digits=1)}
                     r["peak_over_table"] = round(r["peak_rss_bytes"] / table, 3)
                     results.append(r)
                     print(json.dumps(r), flush=True)
