@@ -421,3 +421,29 @@ def test_time_buckets_are_exact_in_torch_and_onnx_runtime(tmp_path):
     torch.onnx.export(Buckets(), (ts,), str(path), input_names=["t"], dynamo=False)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"t": ts.numpy()})[0]
     assert np.array_equal(got[0, :-1, 0], expected.numpy())
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "ranker"])
+def test_init_depends_only_on_the_seed(seq_data, name):
+    """Every layer parameter is drawn from the seeded generator: two models built in one process (whose
+    global RNG has moved on between them) start equal, and another seed changes every drawn parameter; the
+    biases follow PyTorch's default rule U(+-1/sqrt(fan_in)) as in SASRec.pytorch (which keeps them)."""
+    fam = get_family(name)
+    spec = fam.new_spec(seq_data, {"dim": 16, "heads": 2, "max_len": 12})
+
+    def built(seed):
+        torch.rand(7)  # whatever the global generator did before
+        model = fam.build(spec, {t.name: DenseTable(t.rows, t.dim) for t in spec.tables})
+        fam.init(model, seed)
+        return dict(model.named_parameters())
+
+    a, b, c = built(3), built(3), built(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for m_name, m in fam.build(spec, {t.name: DenseTable(t.rows, t.dim) for t in spec.tables}).named_modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None and not m_name.endswith("out_proj"):
+            bias, bound = a[f"{m_name}.bias"], 1 / math.sqrt(m.weight.shape[1])
+            if name == "hstu":  # generative-recommenders zeroes its output projection's bias
+                assert not bias.any()
+                continue
+            assert not torch.equal(bias, c[f"{m_name}.bias"]) and bias.abs().max() <= bound
+            assert bias.numel() < 8 or bias.std() > bound / 3  # uniform on [-b, b]: std b/sqrt(3)

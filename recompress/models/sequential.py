@@ -133,11 +133,18 @@ class SequentialFamily(Family):
                                 "synthetic": bool(data.meta.get("synthetic"))})
 
     def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
-        """SASRec.pytorch's rule: xavier-normal for every matrix, then zero padding rows."""
+        """SASRec.pytorch's rule: xavier-normal for every matrix; the biases it leaves to PyTorch's default
+        U(+-1/sqrt(fan_in)) are drawn from ``gen`` too (attention biases stay zero, as
+        ``nn.MultiheadAttention`` sets them), so the seed alone decides the start."""
         for name, p in model.named_parameters():
             if p.dim() > 1 and not name.startswith("tables."):
                 fan_in, fan_out = p.shape[1], p.shape[0]
                 p.normal_(0.0, (2.0 / (fan_in + fan_out)) ** 0.5, generator=gen)
+        attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and id(m) not in attention:
+                bound = 1.0 / m.weight.shape[1] ** 0.5
+                m.bias.uniform_(-bound, bound, generator=gen)
 
     def check(self, spec: ModelSpec, data: Any) -> None:
         self.check_data(data)
