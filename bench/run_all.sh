@@ -7,9 +7,9 @@
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
 #                                          trt extra) stream-memory (writes up to 10.3 GB under /tmp)
-#                                          criteo-reader
+#                                          criteo-reader distributed-train
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
-# stream-memory time things: run each
+# stream-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
 # (their accuracy does not depend on timing); their epochs are cut to fit a 2-core machine in about 1.5 h.
 set -euo pipefail
@@ -33,7 +33,7 @@ seqsrc() {  # real sequence files in ../shared/data (research-only terms: never 
     bert4rec_beauty) echo ../shared/data/seq_bert4rec_amazon_beauty/beauty.txt.gz ;;
   esac
 }
-sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory criteo-reader}
+sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory criteo-reader distributed-train}
 frontier_sweeps="--sweep fp16 --sweep bf16 --sweep freqhash:ratio=8 --sweep hash:ratio=4,16,64 --sweep qr:ratio=32
   --sweep lowrank:rank=8,32 --sweep tt:tt_rank=16,32 --sweep tt,int8:tt_rank=16 --sweep hash,int8:ratio=8"
 scaling_args="--data $w/bert4rec_beauty --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 --seeds 0,1,2 --epochs 3
@@ -80,6 +80,7 @@ for s in $sections; do
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
+    distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -28,8 +28,11 @@ class Group(click.Group):
     """Runs the command line with one error style: user errors and usage errors on one line, exit 2;
     Ctrl-C says that nothing partial was kept (exit 130); anything else is a bug (traceback, exit 1)."""
 
+    argv: ClassVar[list[str]] = []  # the arguments of this run (``--nproc`` relaunches with them)
+
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        Group.argv = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -83,6 +86,43 @@ def train_options(keep_best: bool) -> Any:
         click.option("--keep-best/--no-keep-best", default=keep_best, show_default=True,
                      help="score validation 4 times per epoch, stop after 2 checks without gain, keep the best model"),
     ])
+
+
+DISTRIBUTED = ("train", "checkpoint")  # the commands that run under torchrun
+NPROC = click.option("--nproc", type=click.IntRange(min=1), default=None,
+                     help="train on N local processes: runs this command under 'torchrun --standalone "
+                          "--nproc-per-node N' (for several machines, call torchrun yourself)")
+
+
+def launch(nproc: int | None) -> None:
+    """With ``--nproc N`` > 1 in one process: run this same command under torchrun (its launcher, in this
+    process) and exit 0, or with the first failed rank's status after its own error message."""
+    from . import distributed
+    if nproc is None or (nproc == 1 and distributed.size() == 1):
+        return
+    if distributed.size() > 1:
+        raise UserError("--nproc is for a run started in one process, and this one runs under torchrun",
+                        "drop --nproc and set the number of processes with torchrun's --nproc-per-node")
+    import logging
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    args, skip = [], False
+    for a in Group.argv:
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        args.append(a)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what failed
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "recompress", *args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        fail(f"rank {rank} of {nproc} failed first (exit status {failure.exitcode}); its error is above",
+             code=failure.exitcode if failure.exitcode > 0 else 1)
+    sys.exit(0)
 
 
 def _add(f: Any, options: list[Any]) -> Any:
@@ -154,7 +194,8 @@ def val_story(entries: list[dict[str, Any]], metric: str) -> list[str]:
 
 @click.group("recompress", cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="recompress")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Compress trained recommender checkpoints, export them, and measure accuracy x bytes x latency.
 
     \b
@@ -164,7 +205,11 @@ def main() -> None:
       recompress checkpoint ckpt/base --method mlet --dim 4 --data data/criteo -o ckpt/mlet4
       recompress export ckpt/mlet4 --target onnx --data data/criteo -o export/mlet4
       recompress evaluate export/mlet4 --data data/criteo
+
+    train and checkpoint also run data-parallel under torchrun (or with --nproc N).
     """
+    from .distributed import join
+    join(ctx.invoked_subcommand or "", DISTRIBUTED)
 
 
 @main.group()
@@ -251,12 +296,14 @@ def _model_choices() -> list[str]:
 @method_options(fresh_only=True)
 @click.option("--min-rows", "method_min_rows", default=0, show_default=True, help="--method only for tables with this many rows")
 @train_options(keep_best=False)
+@NPROC
 @OVERWRITE
 def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidden: int | None, mlet_min_rows: int,
-          keep_two_layer: bool, method: str | None, method_min_rows: int, **kw: Any) -> None:
+          keep_two_layer: bool, method: str | None, method_min_rows: int, nproc: int | None, **kw: Any) -> None:
     """Train a model from scratch and write a native checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[data_path])
+    launch(nproc)
     from .families import all_hparams
     hparams = {k: kw.pop(k) for k in list(kw) if k in all_hparams()}
     cfg = train_config(kw)
@@ -282,6 +329,9 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
         history = [{"method": method, "params": params, "min_rows": method_min_rows, "from_scratch": True}]
     ckpt = train_model(family, open_dataset(data_path), cfg, hparams, make_table=make_table, mlet_hidden=mlet_hidden,
                        mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer, history=history)
+    from .distributed import is_main
+    if not is_main():
+        return
     save_checkpoint(ckpt, out, overwrite=overwrite, inputs=[data_path])
     val = ckpt.spec.metrics["train"].get("val")
     shown = ", ".join(f"{m} {val[m]:.4f}" for m in family.metrics[:2]) if val else ""
@@ -298,14 +348,16 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
 @click.option("--tables", default=None, help="comma-separated table names (default: all)")
 @click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
 @train_options(keep_best=True)
+@NPROC
 @out_option("checkpoint folder")
 @OVERWRITE
 def checkpoint(source: str, method: str, data_path: str | None, tables: str | None, min_rows: int,
-               out: str, overwrite: bool, **kw: Any) -> None:
+               out: str, overwrite: bool, nproc: int | None, **kw: Any) -> None:
     """Compress a trained checkpoint (any supported format) into a native checkpoint."""
     from .outputs import check_output
     inputs = [source, data_path]
     check_output(out, overwrite=overwrite, inputs=inputs)
+    launch(nproc)
     from .compress.registry import Context, Selection, compress, parse_methods
     cfg = train_config(kw)
     cfg.validate()
@@ -314,9 +366,12 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .checkpoint import is_native, read_spec, save_checkpoint
     from .compress.stream import stream_compress, streams
     from .data import open_dataset
+    from .distributed import is_main
     from .models import family_of
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     if is_native(Path(source)) and streams(steps, ctx):  # tables read and written in blocks: flat memory
+        if not is_main():  # nothing to train: rank 0 streams alone
+            return
         done = len(read_spec(Path(source))[0].history)
         ckpt, before = stream_compress(Path(source), steps, ctx, out, overwrite=overwrite, inputs=tuple(inputs),
                                        provenance={"compressed_from": str(source)})
@@ -328,6 +383,8 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
         done = len(ckpt.spec.history)
         ckpt = compress(ckpt, steps, ctx)
         ckpt.spec.provenance.setdefault("compressed_from", str(source))
+        if not is_main():
+            return
         save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)
     after = sum(t.stored_bytes() for t in ckpt.model.tables.values())
     for line in val_story(ckpt.spec.history[done:], family_of(ckpt.spec).primary):

@@ -13,13 +13,18 @@ from collections.abc import Callable, Iterator
 
 from rich.console import Console
 
+from . import distributed
+
 console = Console(stderr=True)
 LOG_EVERY_S = 10.0
 
 
 @contextlib.contextmanager
 def progress(description: str, total: float | None) -> Iterator[Callable[[float], None]]:
-    """``with progress("training", total=steps) as advance: advance(1)``."""
+    """``with progress("training", total=steps) as advance: advance(1)``. Silent on ranks other than 0."""
+    if not distributed.is_main():
+        yield lambda n=1: None
+        return
     if console.is_terminal:
         from rich.progress import (
             BarColumn,

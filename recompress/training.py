@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import Checkpoint, refresh_tables
 from .errors import UserError
 from .evaluation import score, torch_predict
@@ -31,10 +32,15 @@ def family_of_model(model: nn.Module) -> Family:
     return get_family(model.family)
 
 
-def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torch.optim.Optimizer]:
+def _parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense-gradient, sparse-row-gradient) trainable parameters."""
     sparse = [p for t in model.tables.values() for p in t.sparse_parameters()]
     ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    return [p for p in model.parameters() if id(p) not in ids and p.requires_grad], sparse
+
+
+def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torch.optim.Optimizer]:
+    dense, sparse = _parameters(model)
     if cfg.optimizer == "adam":
         opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr, betas=family.adam_betas)]
         return opts + ([torch.optim.SparseAdam(sparse, lr=cfg.lr, betas=family.adam_betas)] if sparse else [])
@@ -44,13 +50,15 @@ def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torc
 
 
 def validate(model: nn.Module, data: object, family: Family | None = None) -> dict[str, object] | None:
-    """The family's metrics on the validation split, by its default protocol (None without a val split)."""
+    """The family's metrics on the validation split, by its default protocol (None without a val split).
+    Under torchrun, rank 0 scores and every rank gets its metrics."""
     family = family or family_of_model(model)
     if not data.size("val"):
         return None
     model.eval()
-    return score(family, torch_predict(family, model), model.hparams, data, "val",
-                 desc="validation").metrics(family.metrics)
+    metrics = score(family, torch_predict(family, model), model.hparams, data, "val",
+                    desc="validation").metrics(family.metrics) if distributed.is_main() else None
+    return distributed.broadcast_object(metrics)
 
 
 class BestState:
@@ -91,10 +99,17 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
     With ``cfg.keep_best`` the validation split is scored before the first step and a few times per
     epoch; training stops after ``cfg.patience`` checks without improvement, and the model ends with the
     weights that scored best (possibly the ones it started with).
+
+    Under torchrun every rank starts from rank 0's weights, trains on its rows of each global batch and
+    sums gradients weighted by its share of the batch's loss terms (``recompress.distributed``), so the
+    ranks step exactly as one process on the global batch would (up to float summation order; dropout
+    masks are drawn per rank).
     """
     cfg.validate()
     family = family or family_of_model(model)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())
+    distributed.broadcast_module(model)
+    dense, sparse = _parameters(model)
     opts = _optimizers(model, cfg, family)
     per_epoch = family.steps_per_epoch(data, cfg.batch_size)
     total = min(cfg.steps, per_epoch * cfg.epochs) if cfg.steps is not None else per_epoch * cfg.epochs
@@ -107,24 +122,32 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
             if step >= total or stop:
                 break
             model.train()
-            for batch in family.batches(model, data, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
+            for batch in family.batches(model, data, cfg.batch_size, seed=cfg.seed * 1000 + epoch,
+                                        part=distributed.part()):
                 if step >= total or stop:
                     break
-                loss = family.loss(model, batch)
-                if not torch.isfinite(loss):
-                    raise UserError(f"training diverged at step {step} (loss {loss.item()})", "lower the learning rate")
-                for o in opts:
-                    o.zero_grad()
-                loss.backward()
-                for o in opts:
-                    o.step()
-                recent.append(loss.item())
+                units = family.loss_units(batch)
+                loss = family.loss(model, batch) if units else None
+                units_all, loss_sum = distributed.sum_scalars([units, loss.item() * units if units else 0.0])
+                if units_all:
+                    mean = loss_sum / units_all
+                    if not np.isfinite(mean):
+                        raise UserError(f"training diverged at step {step} (loss {mean})", "lower the learning rate")
+                    for o in opts:
+                        o.zero_grad()
+                    if loss is not None:
+                        (loss * (units / units_all)).backward()
+                    distributed.sum_gradients(dense, sparse)
+                    for o in opts:
+                        o.step()
+                    recent.append(mean)
                 step += 1
                 advance(1)
                 if best is not None and (step % every == 0 or step == total):
                     stop = best.check(step)
     seconds = time.perf_counter() - t0
-    out: dict[str, object] = {"config": asdict(cfg), "steps": step, "seconds": round(seconds, 3),
+    out: dict[str, object] = {"config": asdict(cfg), "ranks": distributed.size(), "steps": step,
+                              "seconds": round(seconds, 3),
                               "train_loss_last100": float(np.mean(recent[-100:])) if recent else None}
     if best is not None:
         out["keep_best"] = best.restore()

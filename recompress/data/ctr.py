@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recompress.distributed import shard
 from recompress.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -58,15 +59,19 @@ class CTRDataset:
         return load("dense"), load("sparse"), load("label")
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                limit: int | None = None) -> Iterator[Batch]:
-        """Batches in file order, or shuffled with ``seed``; ``limit`` caps the rows read."""
+                limit: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """Batches in file order, or shuffled with ``seed``; ``limit`` caps the rows read. With ``part``
+        (rank, ranks): only that rank's rows of each batch are read (``recompress.distributed.shard``)."""
         dense, sparse, label = self.arrays(split)
         n = min(len(label), limit) if limit else len(label)
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size] if order is not None else slice(start, min(start + batch_size, n))
-            if order is not None:
-                idx = np.sort(idx)  # monotone gathers are much faster on memory maps
+            stop = min(start + batch_size, n)
+            # sorted: monotone gathers are much faster on memory maps
+            idx = np.sort(order[start:stop]) if order is not None else slice(start, stop)
+            if part[1] > 1:
+                mine = shard(stop - start, part)
+                idx = idx[mine] if order is not None else slice(start + mine.start, start + mine.stop)
             yield Batch(torch.from_numpy(np.array(dense[idx], dtype=np.float32)),
                         torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
                         torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))

@@ -182,8 +182,9 @@ class DLRMFamily(Family):
         return dict(zip([t.name for t in spec.tables], data.id_counts("train")))
 
     # --- training -------------------------------------------------------------------------------------
-    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
-        for b in data.batches("train", batch_size, shuffle=True, seed=seed):
+    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
+        for b in data.batches("train", batch_size, shuffle=True, seed=seed, part=part):
             yield {"dense": b.dense, "sparse": b.sparse, "label": b.label}
 
     def steps_per_epoch(self, data: Any, batch_size: int) -> int:

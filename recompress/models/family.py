@@ -112,14 +112,21 @@ class Family(ABC):
 
     # --- training --------------------------------------------------------------------------------------
     @abstractmethod
-    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of training batches (named tensors), shuffled by ``seed``."""
+    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of training batches (named tensors), shuffled by ``seed``. With ``part`` (rank, ranks):
+        that rank's rows of each global batch (``recompress.distributed.shard``), read without the others'."""
 
     @abstractmethod
     def steps_per_epoch(self, data: Any, batch_size: int) -> int: ...
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean training loss over the batch's ``loss_units``."""
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms ``loss`` averages over (ranks weight their losses by it): rows, unless overridden."""
+        return len(next(iter(batch.values())))
 
     # --- evaluation ------------------------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recompress.distributed import shard
 from recompress.errors import UserError
 from recompress.metrics import ranks
 from recompress.spec import ModelSpec
@@ -166,7 +167,10 @@ class SequentialFamily(Family):
     def steps_per_epoch(self, data: Any, batch_size: int) -> int:
         return -(-data.num_users // batch_size)
 
-    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
+        """Each rank builds the whole global batch and keeps its rows: the negatives are drawn for the whole
+        batch (so any number of ranks draws the same ones), and B x max_len windows are small to read."""
         hp = model.hparams
         length, k = hp["max_len"], hp["negatives"]
         rng = np.random.default_rng(seed)
@@ -174,15 +178,18 @@ class SequentialFamily(Family):
         for users in np.array_split(rng.permutation(data.num_users), self.steps_per_epoch(data, batch_size)):
             history = data.windows(users, ends[users] - 1, length)
             targets = data.windows(users, ends[users], length)
-            if hp["loss"] == "sampled-softmax":
+            if hp["loss"] == "sampled-softmax":  # shared by every row
                 negatives = rng.integers(1, data.num_items + 1, k)
             else:
                 window = np.concatenate([history, targets[:, -1:]], axis=1)
-                negatives = sample_negatives(rng, data.num_items, (len(users), length, k), window)
-            batch = {"history": torch.from_numpy(history), "targets": torch.from_numpy(targets),
+                negatives = sample_negatives(rng, data.num_items, (len(users), length, k), window)[
+                    shard(len(users), part)]
+            mine = shard(len(users), part)
+            batch = {"history": torch.from_numpy(history[mine]), "targets": torch.from_numpy(targets[mine]),
                      "negatives": torch.from_numpy(negatives)}
             if self.uses_times(hp):
-                batch["timestamps"] = torch.from_numpy(data.windows(users, ends[users] - 1, length, data.times))
+                batch["timestamps"] = torch.from_numpy(data.windows(users[mine], ends[users[mine]] - 1, length,
+                                                                    data.times))
             yield batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -195,6 +202,9 @@ class SequentialFamily(Family):
         neg = neg.masked_fill(batch["negatives"] == batch["targets"].unsqueeze(-1), float("-inf"))  # accidental hits
         logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)[valid] / hp["temperature"]
         return nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+
+    def loss_units(self, batch: dict[str, Tensor]) -> int:
+        return int(((batch["targets"] > 0) & (batch["history"] > 0)).sum())
 
     # --- evaluation -------------------------------------------------------------------------------------
     def eval_rows(self, data: Any, split: str, protocol: str, users: int | None) -> int:

@@ -1,0 +1,178 @@
+"""Data-parallel training over torch.distributed, for ``torchrun --nproc-per-node N -m recompress train|checkpoint``.
+
+Every rank holds the whole model (tables included: replicated, not sharded) and reads only its part of
+each global batch (``Family.batches(shard=...)``). After each backward pass the ranks sum their gradients:
+dense gradients in one all-reduce per dtype (DDP's bucket, without its overlap), the row gradients of
+sparse tables by all-gathering their (row, value) pairs, because an all-reduce of a sparse tensor is not
+portable across backends and DDP cannot reduce gradients for SparseAdam. DDP itself is not used because it
+reduces only when the loss goes through its wrapper's ``forward``, and family losses call other entry
+points (e.g. ``train_logits``). Each rank's loss is weighted by its share of the global batch's loss terms
+(``Family.loss_units``), so N ranks compute the gradient of exactly the loss one process computes on the
+whole global batch. Validation runs on rank 0 and its metrics are broadcast; only rank 0 writes.
+
+The rank is read from torchrun's environment (``RANK``/``WORLD_SIZE``), so this module imports no torch
+until a process group is joined. Training tensors live on the CPU, so the backend is gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long for a slow peer (e.g. rank 0 validating)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # torchrun stops the other ranks with SIGTERM when one fails: unwind, keep nothing
+
+
+def join(command: str, allowed: Sequence[str]) -> None:
+    """Join the process group torchrun set up for ``command`` (no-op in one process)."""
+    if size() <= 1:
+        return
+    if command not in allowed:
+        raise UserError(f"'recompress {command}' does not run on several processes (WORLD_SIZE={size()})",
+                        f"run it in one process; under torchrun only {' and '.join(allowed)} are distributed")
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _collective(fn: Callable[[], T]) -> T:
+    """Run one collective; a peer that died (or timed out) becomes one clear error on every surviving rank."""
+    try:
+        return fn()
+    except RuntimeError as e:  # gloo: "Connection closed by peer", timeouts (DistBackendError is a RuntimeError)
+        first = (str(e).strip().splitlines() or ["?"])[0]
+        first = first.split("] ", 1)[-1].split(". ")[0][:160]  # gloo: "[file:line] Read error ...: Connection reset"
+        raise UserError(f"rank {rank()} of {size()} lost contact with another rank ({first})",
+                        "that rank's own log names its failure; nothing was written") from None
+
+
+Part = tuple[int, int]  # (this rank, number of ranks)
+
+
+def part() -> Part:
+    return rank(), size()
+
+
+def shard(n: int, part: Part) -> slice:
+    """Rank ``part[0]``'s rows of a global batch of ``n`` rows, of ``part[1]`` ranks (np.array_split's split)."""
+    k, ranks = part
+    q, r = divmod(n, ranks)
+    start = k * q + min(k, r)
+    return slice(start, start + q + (k < r))
+
+
+def sum_scalars(values: Sequence[float]) -> list[float]:
+    """The element-wise sum of ``values`` over the ranks (float64)."""
+    if size() <= 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    _collective(lambda: dist.all_reduce(t))
+    return t.tolist()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (a small picklable value, sent within this job's own process group)."""
+    if size() <= 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    _collective(lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
+def broadcast_module(module: Any) -> None:
+    """Copy rank 0's parameters and buffers into ``module`` on every rank (so all ranks start equal)."""
+    if size() <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dtype != torch.bool:  # masks are derived from shapes; gloo sends no bool
+            _collective(lambda t=t: dist.broadcast(t.data, src=0))
+
+
+def sum_gradients(dense: Sequence[Any], sparse: Sequence[Any]) -> None:
+    """Sum ``.grad`` of every parameter over the ranks, in place. ``sparse``: parameters whose gradients are
+    sparse row gradients (embedding rows). A parameter keeps ``grad = None`` only if it has none on every
+    rank, as in one process (an optimizer then leaves it, and its state, alone)."""
+    if size() <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+    params = [*dense, *sparse]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
+    _collective(lambda: dist.all_reduce(has))
+    for group in _by_dtype(dense):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        _collective(lambda flat=flat: dist.all_reduce(flat))
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad = g.view_as(p)
+    if sparse:
+        _gather_rows(list(sparse))
+    for p, n in zip(params, has.tolist()):
+        if n == 0:
+            p.grad = None
+
+
+def _by_dtype(params: Sequence[Any]) -> Iterator[list[Any]]:
+    groups: dict[Any, list[Any]] = {}
+    for p in params:
+        groups.setdefault(p.dtype, []).append(p)
+    yield from groups.values()
+
+
+def _gather_rows(params: list[Any]) -> None:
+    """All-gather every rank's (row, value) pairs of each sparse gradient; the sum is the coalesced union."""
+    import torch
+    import torch.distributed as dist
+    local = [p.grad.coalesce() if p.grad is not None else None for p in params]
+    rows = [g.indices()[0] if g is not None else torch.zeros(0, dtype=torch.int64) for g in local]
+    vals = [g.values().reshape(-1) if g is not None else torch.zeros(0, dtype=p.dtype) for g, p in zip(local, params)]
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    all_counts = [torch.zeros_like(counts) for _ in range(size())]
+    _collective(lambda: dist.all_gather(all_counts, counts))
+    width = [int(torch.tensor(p.shape[1:]).prod()) for p in params]
+    flat_rows = _gathered(torch.cat(rows), all_counts, [1] * len(params))
+    flat_vals = _gathered(torch.cat(vals), all_counts, width)
+    for i, p in enumerate(params):
+        idx = torch.cat([r[i] for r in flat_rows])
+        val = torch.cat([v[i] for v in flat_vals]).reshape(-1, *p.shape[1:])
+        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val, p.shape, check_invariants=True).coalesce()
+
+
+def _gathered(local: Any, all_counts: list[Any], width: list[int]) -> list[list[Any]]:
+    """All-gather ``local`` (this rank's pieces, piece i holding counts[i] x width[i] values, concatenated),
+    padded to the longest rank; returns, per rank, its pieces."""
+    import torch
+    import torch.distributed as dist
+    lengths = [int((c * torch.tensor(width)).sum()) for c in all_counts]
+    longest = max(max(lengths), 1)  # gloo gathers no empty tensors
+    padded = torch.cat([local, local.new_zeros(longest - len(local))])
+    out = [torch.empty_like(padded) for _ in all_counts]
+    _collective(lambda: dist.all_gather(out, padded))
+    return [list(o[:n].split((c * torch.tensor(width)).tolist())) for o, n, c in zip(out, lengths, all_counts)]
+

@@ -1,0 +1,126 @@
+"""Data-parallel training under torchrun (2 processes, gloo): the same global batch and seed give the model
+one process trains; a rank that dies fails the run with nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from recompress.cli import main
+from recompress.data.synthetic import make_synthetic
+from recompress.data.synthetic_sequences import make_synthetic_sequences
+from recompress.distributed import shard
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "recompress", *args, *([f"--nproc={nproc}"] if nproc > 1 else [])]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "weights.safetensors")), load_file(str(b / "weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max(float(np.abs(wa[k].astype(np.float64) - wb[k].astype(np.float64)).max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    make_synthetic(root / "ctr", samples=5000, table_rows=[400, 120, 30], seed=1)
+    make_synthetic_sequences(root / "seq", users=300, items=80, clusters=6, mean_len=12, seed=1)
+    return root
+
+
+def test_shard_is_numpys_array_split():
+    for n in (0, 1, 5, 255, 256):
+        for ranks in (1, 2, 3, 8):
+            expect = np.array_split(np.arange(n), ranks)
+            assert [np.arange(n)[shard(n, (r, ranks))].tolist() for r in range(ranks)] == [e.tolist() for e in expect]
+
+
+def one_vs_two(work: Path, name: str, *args: str) -> float:
+    for n in (1, 2):
+        r = run(*args, "-o", f"{name}{n}", cwd=work, nproc=n)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return max_diff(work / f"{name}1", work / f"{name}2")
+
+
+def test_dlrm_training_on_two_ranks_equals_one_process(work):
+    # Adam + SparseAdam (row gradients all-gathered); batch 255 over 2 ranks: 128 + 127 rows, and a short
+    # last batch; 16 steps. Float summation order is the only difference: measured 3e-8 (ranks averaged with
+    # equal weights instead of by rows: 3.8e-4).
+    assert one_vs_two(work, "dlrm", "train", "--data", "ctr", "--dim", "8", "--batch-size", "255") < 1e-5
+
+
+def test_sequential_training_weights_ranks_by_their_loss_terms(work):
+    # SASRec's loss is a mean over valid positions, and the two halves of a batch hold different numbers of
+    # them: averaging the ranks' gradients with equal weights gives a different model (measured 4.9e-3 here;
+    # weighted: 1.5e-7). SGD keeps the comparison tight (with Adam, which divides tiny differences by tiny
+    # second moments, the same run differs by 7.6e-5).
+    diff = one_vs_two(work, "sasrec", "train", "--data", "seq", "--model", "sasrec", "--dim", "16",
+                      "--dropout", "0", "--batch-size", "63", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.5")
+    assert diff < 1e-5
+
+
+def test_finetune_of_compressed_tables_with_keep_best_on_two_ranks(work):
+    # TT cores (dense gradients) and QR rows (sparse), validation scored on rank 0 and broadcast.
+    r = run("train", "--data", "ctr", "--dim", "8", "--epochs", "2", "-o", "base", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff = one_vs_two(work, "tq", "checkpoint", "base", "--method", "tt@C1,qr@C2", "--tt-rank", "4",
+                      "--collisions", "4", "--finetune", "--data", "ctr", "--batch-size", "127")
+    assert diff < 1e-5
+    for n in (1, 2):
+        assert "keep_best" in (work / f"tq{n}" / "spec.json").read_text()
+
+
+DIE = """
+import os, sys
+import torch
+if os.environ["RANK"] == "1":  # rank 1 dies at its third optimizer step
+    steps, adam_step = [0], torch.optim.Adam.step
+    def step(self, *a, **k):
+        steps[0] += 1
+        if steps[0] == 3:
+            os._exit(7)
+        return adam_step(self, *a, **k)
+    torch.optim.Adam.step = step
+from recompress.cli import main
+main(sys.argv[1:], prog_name="recompress")
+"""
+
+
+def test_a_rank_that_dies_fails_the_run_and_nothing_is_written(work, tmp_path):
+    (tmp_path / "die.py").write_text(DIE)
+    out = tmp_path / "out" / "ck"  # the missing parent is created, and must be removed again
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "die.py"),
+           "train", "--data", str(work / "ctr"), "--dim", "8", "--batch-size", "64", "-o", str(out)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0
+    assert "lost contact with another rank" in r.stderr or "no partial output was kept" in r.stderr, r.stderr[-2000:]
+    assert "/recompress/" not in r.stderr  # no traceback through our code (torchrun prints its own report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["die.py"]
+
+
+def test_commands_that_do_not_run_distributed_refuse_under_torchrun(work, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(main, ["evaluate", str(work / "ctr"), "--data", str(work / "ctr")])
+    assert r.exit_code == 2 and "'recompress evaluate' does not run on several processes" in r.output
+
+
+def test_nproc_is_refused_under_torchrun(work, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("recompress.distributed.join", lambda *a: None)  # no peers in this test
+    r = CliRunner().invoke(main, ["train", "--data", str(work / "ctr"), "-o", str(work / "never"), "--nproc", "2"])
+    assert r.exit_code == 2 and "--nproc is for a run started in one process" in r.output
+    assert not (work / "never").exists()
