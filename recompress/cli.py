@@ -34,7 +34,12 @@ class Group(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         Group.argv = list(sys.argv[1:] if args is None else args)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except BaseException:
+                from .distributed import stopping
+                stopping()  # under torchrun, a failing rank exits without being interrupted again
+                raise
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.ctx.get_help())
             sys.exit(0)

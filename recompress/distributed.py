@@ -41,7 +41,16 @@ def is_main() -> bool:
 
 
 def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # torchrun stops the other ranks with SIGTERM when one fails: unwind, keep nothing
+    """torchrun stops the other ranks with SIGTERM when one fails: unwind once, keep nothing."""
+    stopping()
+    raise KeyboardInterrupt
+
+
+def stopping() -> None:
+    """This rank is on its way out: a SIGTERM from torchrun may no longer interrupt its clean-up (removing
+    staged output) or print a traceback while it exits."""
+    if size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def join(command: str, allowed: Sequence[str]) -> None:
@@ -64,6 +73,7 @@ def _collective(fn: Callable[[], T]) -> T:
     except RuntimeError as e:  # gloo: "Connection closed by peer", timeouts (DistBackendError is a RuntimeError)
         first = (str(e).strip().splitlines() or ["?"])[0]
         first = first.split("] ", 1)[-1].split(". ")[0][:160]  # gloo: "[file:line] Read error ...: Connection reset"
+        stopping()
         raise UserError(f"rank {rank()} of {size()} lost contact with another rank ({first})",
                         "that rank's own log names its failure; nothing was written") from None
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from recompress.checkpoint import load_checkpoint
 from recompress.cli import main
 from recompress.data.synthetic import make_synthetic
 from recompress.data.synthetic_sequences import make_synthetic_sequences
@@ -78,8 +79,11 @@ def test_finetune_of_compressed_tables_with_keep_best_on_two_ranks(work):
     diff = one_vs_two(work, "tq", "checkpoint", "base", "--method", "tt@C1,qr@C2", "--tt-rank", "4",
                       "--collisions", "4", "--finetune", "--data", "ctr", "--batch-size", "127")
     assert diff < 1e-5
-    for n in (1, 2):
-        assert "keep_best" in (work / f"tq{n}" / "spec.json").read_text()
+    one, two = (load_checkpoint(work / f"tq{n}") for n in (1, 2))  # the 2-rank checkpoint loads in one process
+    assert [h["finetune"]["ranks"] for h in two.spec.history[-2:]] == [2, 2]
+    for a, b in zip(one.spec.history[-2:], two.spec.history[-2:]):  # rank 0 scored the same validation curve
+        assert a["finetune"]["keep_best"]["best_step"] == b["finetune"]["keep_best"]["best_step"]
+        assert a["val_after_finetune"] == pytest.approx(b["val_after_finetune"], abs=1e-6)
 
 
 DIE = """
@@ -124,3 +128,30 @@ def test_nproc_is_refused_under_torchrun(work, monkeypatch):
     r = CliRunner().invoke(main, ["train", "--data", str(work / "ctr"), "-o", str(work / "never"), "--nproc", "2"])
     assert r.exit_code == 2 and "--nproc is for a run started in one process" in r.output
     assert not (work / "never").exists()
+
+
+SIGNALS = """
+import os, signal, sys
+os.environ.update(RANK="0", WORLD_SIZE="2")
+from recompress import distributed
+from recompress.errors import UserError
+signal.signal(signal.SIGTERM, distributed._terminated)
+try:
+    distributed._collective(lambda: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
+except UserError:
+    print("lost contact")
+os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM while this rank cleans up and exits: changes nothing
+print("cleaned up")
+signal.signal(signal.SIGTERM, distributed._terminated)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+except KeyboardInterrupt:
+    print("interrupted")
+os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM does not interrupt the clean-up of the first
+print("cleaned up")
+"""
+
+
+def test_after_a_lost_peer_or_a_first_sigterm_a_rank_cleans_up_without_interruption():
+    r = subprocess.run([sys.executable, "-c", SIGNALS], env=ENV, capture_output=True, text=True, timeout=60, check=False)
+    assert r.stdout.split("\n") == ["lost contact", "cleaned up", "interrupted", "cleaned up", ""], r.stderr
