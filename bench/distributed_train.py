@@ -77,7 +77,25 @@ def main() -> None:
                            "median_ratio": float(np.median([r["train_time_ratio"] for r in runs if r["variant"] == label]))}
                    for label in VARIANTS}
         results["models"][model] = {"make": make, "train": train, "runs": runs, "summary": summary}
+    results["dlrm_drift"] = drift(work)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def drift(work: Path) -> list[dict[str, object]]:
+    """How the 2-rank DLRM model drifts from the 1-process one with the number of steps (Adam, and SGD)."""
+    data, (_, train) = work / "dlrm-data", MODELS["dlrm"]
+    out = []
+    for opt, steps in [("adam", 1), ("adam", 5), ("adam", 10), ("adam", 20), ("sgd", None)]:
+        extra = ["--optimizer", opt, *(["--lr", "0.05"] if opt == "sgd" else []),
+                 *(["--steps", str(steps)] if steps else [])]
+        for n in (1, 2):
+            recompress(["train", "--data", str(data), *train, *extra, "-o", str(work / f"drift{n}"), "--overwrite",
+                        *([f"--nproc={n}"] if n > 1 else [])], "1")
+        spec = json.loads((work / "drift2" / "spec.json").read_text())
+        out.append({"optimizer": opt, "steps": spec["metrics"]["train"]["steps"],
+                    "max_weight_diff": max_diff(work / "drift1", work / "drift2")})
+        print("drift", out[-1], flush=True)
+    return out
 
 
 if __name__ == "__main__":
