@@ -217,6 +217,13 @@ def main(ctx: click.Context) -> None:
     join(ctx.invoked_subcommand or "", DISTRIBUTED)
 
 
+@main.result_callback()
+def _done(*_: Any, **__: Any) -> None:
+    """After a command succeeded: under torchrun, every rank leaves the process group together."""
+    from .distributed import leave
+    leave()
+
+
 @main.group()
 def data() -> None:
     """Prepare datasets (a folder of memory-mapped splits that every other command reads)."""

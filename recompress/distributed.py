@@ -66,6 +66,18 @@ def join(command: str, allowed: Sequence[str]) -> None:
     signal.signal(signal.SIGTERM, _terminated)
 
 
+def leave() -> None:
+    """End a run that succeeded on every rank: wait for the others (rank 0 may still be writing), then
+    close the process group, so that no rank exits while gloo's threads still talk to its peers (which
+    aborts the process: "terminate called without an active exception")."""
+    if size() <= 1:
+        return
+    import torch.distributed as dist
+    if dist.is_initialized():
+        _collective(dist.barrier)
+        dist.destroy_process_group()
+
+
 def _collective(fn: Callable[[], T]) -> T:
     """Run one collective; a peer that died (or timed out) becomes one clear error on every surviving rank."""
     try:

@@ -155,3 +155,25 @@ print("cleaned up")
 def test_after_a_lost_peer_or_a_first_sigterm_a_rank_cleans_up_without_interruption():
     r = subprocess.run([sys.executable, "-c", SIGNALS], env=ENV, capture_output=True, text=True, timeout=60, check=False)
     assert r.stdout.split("\n") == ["lost contact", "cleaned up", "interrupted", "cleaned up", ""], r.stderr
+
+
+LEAVES = """
+import sys
+import torch.distributed as dist
+from recompress.cli import main
+try:
+    main(sys.argv[1:], prog_name="recompress")
+except SystemExit as e:
+    print(f"exit {e.code}, process group open: {dist.is_initialized()}")
+"""
+
+
+def test_a_run_that_succeeds_closes_its_process_group_before_exit(work, tmp_path):
+    # A rank that exits with its gloo process group still open can abort in the interpreter's finalization
+    # ("terminate called without an active exception", pytorch/pytorch#190489; seen in CI here).
+    (tmp_path / "leave.py").write_text(LEAVES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "leave.py"),
+           "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "3", "-o", str(tmp_path / "ck")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line for line in r.stdout.splitlines() if line.startswith("exit")] == ["exit 0, process group open: False"] * 2
