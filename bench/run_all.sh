@@ -77,7 +77,8 @@ for s in $sections; do
     seq-ranker-fusion) data seq-Beauty; bash bench/ranker_fusion.sh "$w" $r 2 ;;
     trt-build) python bench/trt_build.py --out $r/trt_build.json ;;
     trt-fusion) python bench/trt_fusion.py --out $r/trt_fusion.json ;;
-    stream-memory) python bench/stream_memory.py --out $r/stream_memory.json ;;
+    stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
+                   python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;

@@ -2,6 +2,7 @@
 
     python bench/stream_memory.py --out bench/results/stream_memory.json [--rows 1000000,10000000,40000000]
                                   [--dim 64] [--methods int8,tt] [--in-memory-up-to 10000000]
+    python bench/stream_memory.py --out bench/results/stream_memory_lowrank_hash.json --methods lowrank,hash,qr
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (values N(0, 0.05), written in blocks
 so this script never holds it) is compressed by ``recompress checkpoint CKPT --method M`` in its own
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-METHODS = {"int8": ("int8", []), "tt": ("tt", ["--tt-rank", "16"])}
+METHODS = {"int8": ("int8", {}), "tt": ("tt", {"tt_rank": 16}), "lowrank": ("lowrank", {"rank": 8}),
+           "hash": ("hash", {"ratio": 16.0}), "qr": ("qr", {"collisions": 4})}
 IN_MEMORY = """
-import sys
+import json, sys
 from recompress.checkpoint import load_checkpoint, save_checkpoint
 from recompress.compress.registry import Context, compress, parse_methods
 ckpt = load_checkpoint(sys.argv[1])
-save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], {"tt_rank": 16}), Context()), sys.argv[2])
+save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], json.loads(sys.argv[4])), Context()), sys.argv[2])
 """
 
 
@@ -75,12 +77,13 @@ def main() -> None:
             src = Path(tmp) / f"t{rows}"
             table = make_checkpoint(src, rows, a.dim)
             for method in a.methods.split(","):
-                name, args = METHODS[method]
+                name, params = METHODS[method]
+                args = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
                 runs = [("streamed", ["recompress", "checkpoint", str(src), "--method", name, *args, "-o",
                                       str(Path(tmp) / f"s-{rows}-{method}")])]
                 if rows <= a.in_memory_up_to:
                     runs.append(("in memory (before)", [sys.executable, "-c", IN_MEMORY, str(src),
-                                                        str(Path(tmp) / f"m-{rows}-{method}"), name]))
+                                                        str(Path(tmp) / f"m-{rows}-{method}"), name, json.dumps(params)]))
                 for path, cmd in runs:
                     r = {"rows": rows, "dim": a.dim, "table_bytes": table, "method": method, "path": path, **timed(cmd, digits=1)}
                     r["peak_over_table"] = round(r["peak_rss_bytes"] / table, 3)

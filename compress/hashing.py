@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Any
 from recompress.errors import UserError
 from recompress.lazy import lazy
 
-from .posttrain import finish, id_weights, relative_error, segment_mean, val_metrics
+from .posttrain import finish, id_weights, relative_error, segment_fit, segment_mean, val_metrics
 from .registry import FINETUNE, RATIO, Context, Method, NoSaving, Param, register
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
+    from recompress.blockfile import Rows
     from recompress.checkpoint import Checkpoint
     from recompress.tables import Table
     from recompress.tables.hashed import FreqHashTable, HashedTable, QRTable
@@ -112,41 +115,44 @@ def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: 
     return table, order
 
 
-def _fit_hash(t: HashedTable, w: torch.Tensor, weights: torch.Tensor | None) -> None:
-    t.weight.data.copy_(segment_mean(w, t.bucket(torch.arange(t.rows)), t.buckets, weights).float())
+def _fit_hash(t: HashedTable, w: Rows, weights: torch.Tensor | None) -> None:
+    t.weight.data.copy_(segment_fit(t.rows, t.buckets, lambda s, e: (
+        w[s:e].double(), t.bucket(torch.arange(s, e)), None, _part(weights, s, e))).float())
 
 
-def _fit_qr(t: QRTable, w: torch.Tensor, weights: torch.Tensor | None) -> None:
-    ids = torch.arange(t.rows)
-    qi, ri = ids // t.collisions, ids % t.collisions
-    nq = t.q.shape[0]
+def _fit_qr(t: QRTable, w: Rows, weights: torch.Tensor | None) -> None:
+    """Bucket means for concat; alternating least squares for add and mult. Every half-step is one pass
+    over the table's rows in chunks (``w`` may be a file's rows)."""
+    c, nq = t.collisions, t.q.shape[0]
+
+    def fit(segments: int, own: Callable[[torch.Tensor], torch.Tensor],
+            values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        def block(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            ids = torch.arange(s, e)
+            vals, other = values(w[s:e].double(), ids)
+            return vals, own(ids), other, _part(weights, s, e)
+        return segment_fit(t.rows, segments, block)
+    quotient, remainder = (lambda ids: ids // c), (lambda ids: ids % c)
     if t.op == "concat":
         h = t.dim // 2
-        t.q.data.copy_(segment_mean(w[:, :h], qi, nq, weights).float())
-        t.r.data.copy_(segment_mean(w[:, h:], ri, t.collisions, weights).float())
-        return
-    w64 = w.double()
-    ww = torch.ones(t.rows, dtype=torch.float64) if weights is None else weights
-    if t.op == "add":
+        q = fit(nq, quotient, lambda rows, ids: (rows[:, :h], None))
+        r = fit(c, remainder, lambda rows, ids: (rows[:, h:], None))
+    elif t.op == "add":
         q = torch.zeros(nq, t.dim, dtype=torch.float64)
         for _ in range(ALS_ITERS):
-            r = segment_mean(w64 - q[qi], ri, t.collisions, ww)
-            q = segment_mean(w64 - r[ri], qi, nq, ww)
+            r = fit(c, remainder, lambda rows, ids: (rows - q[ids // c], None))
+            q = fit(nq, quotient, lambda rows, ids: (rows - r[ids % c], None))
     else:  # mult: per column, q = sum w W r / sum w r^2 and the same for r
         q = torch.ones(nq, t.dim, dtype=torch.float64)
         for _ in range(ALS_ITERS):
-            r = _ratio_fit(w64, q[qi], ri, t.collisions, ww)
-            q = _ratio_fit(w64, r[ri], qi, nq, ww)
+            r = fit(c, remainder, lambda rows, ids: (rows, q[ids // c]))
+            q = fit(nq, quotient, lambda rows, ids: (rows, r[ids % c]))
     t.q.data.copy_(q.float())
     t.r.data.copy_(r.float())
 
 
-def _ratio_fit(w: torch.Tensor, other: torch.Tensor, index: torch.Tensor, segments: int,
-               weights: torch.Tensor) -> torch.Tensor:
-    """Least-squares x per segment and column for W ~ x[index] * other."""
-    num = torch.zeros(segments, w.shape[1], dtype=torch.float64).index_add_(0, index, weights.unsqueeze(1) * w * other)
-    den = torch.zeros(segments, w.shape[1], dtype=torch.float64).index_add_(0, index, weights.unsqueeze(1) * other ** 2)
-    return num / den.clamp(min=1e-12)
+def _part(weights: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    return None if weights is None else weights[s:e]
 
 
 def _fit_freqhash(t: FreqHashTable, w: torch.Tensor, weights: torch.Tensor | None, hot_ids: torch.Tensor) -> None:
@@ -163,13 +169,16 @@ def _fit_freqhash(t: FreqHashTable, w: torch.Tensor, weights: torch.Tensor | Non
     t.tail.data.copy_(e.float())
 
 
-def _apply(kind: str, ckpt: Checkpoint, params: dict[str, Any], ctx: Context) -> Checkpoint:
+def _apply(kind: str, ckpt: Checkpoint, params: dict[str, Any], ctx: Context,
+           sources: dict[str, Rows] | None = None) -> Checkpoint:
+    """Fit every selected table; one in ``sources`` is read from its file in chunks (hash and qr; the
+    tables they make are small)."""
     entry: dict[str, Any] = {"method": kind, "params": {k: v for k, v in params.items() if v is not None}, "tables": {}}
     before = val_metrics(ckpt, ctx)
     weights = id_weights(ckpt, ctx)
     for name in ctx.select.pick(ckpt):
         t = ckpt.model.tables[name]
-        w = t.dense_weight()
+        w = sources[name] if sources and name in sources else t.dense_weight()
         tw = weights.get(name) if weights is not None else None
         new: Table
         try:
@@ -221,4 +230,6 @@ for _kind, _help, _params, _needs in (
     register(Method(name=_kind, help=_help, params=(*_params, *COMMON), accepts=frozenset({"dense"}),
                     needs_data=(lambda p: True) if _needs else (lambda p: bool(p.get("finetune"))),
                     apply=lambda ckpt, params, ctx, _k=_kind: _apply(_k, ckpt, params, ctx),
-                    fresh=_fresh(_kind)))
+                    fresh=_fresh(_kind),
+                    stream=None if _needs else (lambda ckpt, params, ctx, sources, _k=_kind:
+                                                (_apply(_k, ckpt, params, ctx, sources), {}))))

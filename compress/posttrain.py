@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 from recompress.lazy import lazy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from recompress.blockfile import Rows
@@ -14,6 +16,8 @@ if TYPE_CHECKING:
     from recompress.tables import Table
 
     from .registry import Context
+
+    SegmentBlock = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 torch = lazy("torch")
 training = lazy("recompress.training")
@@ -72,14 +76,27 @@ def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[s
     return ckpt
 
 
-def segment_mean(values: torch.Tensor, index: torch.Tensor, segments: int,
+def segment_fit(n: int, segments: int, block: SegmentBlock) -> torch.Tensor:
+    """Per segment and column, the weighted least-squares ``x`` of ``values ~ x[index] * other`` over ``n``
+    rows read in chunks: ``block(start, stop)`` gives that chunk's (values float64, segment index, other or
+    None for 1, i.e. the weighted mean, row weights or None). Empty segments get zeros."""
+    num = den = None
+    for s in range(0, n, CHUNK):
+        values, index, other, w = block(s, min(n, s + CHUNK))
+        w = torch.ones(len(index), dtype=torch.float64) if w is None else w
+        if num is None:
+            num = torch.zeros(segments, values.shape[1], dtype=torch.float64)
+            den = torch.zeros(segments, 1 if other is None else values.shape[1], dtype=torch.float64)
+        w = w.unsqueeze(1)
+        num.index_add_(0, index, w * values if other is None else w * values * other)
+        den.index_add_(0, index, w if other is None else w * other ** 2)
+    if num is None:
+        raise ValueError("no rows to fit")
+    return num.div_(den.clamp_(min=1e-12))  # in place: the accumulator is the output's size, in float64
+
+
+def segment_mean(values: Rows, index: torch.Tensor, segments: int,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean of ``values`` rows per ``index`` segment (empty segments get zeros), in float64."""
-    w = torch.ones(len(index), dtype=torch.float64) if weights is None else weights
-    total = torch.zeros(segments, values.shape[1], dtype=torch.float64)
-    mass = torch.zeros(segments, dtype=torch.float64)
-    for s in range(0, len(index), CHUNK):
-        ws = w[s:s + CHUNK]
-        total.index_add_(0, index[s:s + CHUNK], values[s:s + CHUNK].double() * ws.unsqueeze(1))
-        mass.index_add_(0, index[s:s + CHUNK], ws)
-    return total / mass.clamp(min=1e-12).unsqueeze(1)
+    return segment_fit(len(index), segments, lambda s, e: (values[s:e].double(), index[s:e], None,
+                                                            None if weights is None else weights[s:e]))

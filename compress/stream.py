@@ -2,11 +2,11 @@
 blocks and the compressed table is written in blocks, so peak memory does not grow with the table.
 
 Used for a native checkpoint when every method of the composition declares ``stream`` (the row-wise
-formats and TT-SVD) and nothing trains. For each step: the model is built from the spec with its dense
+formats, TT-SVD, lowrank, hash and qr) and nothing trains. For each step: the model is built from the spec with its dense
 tables' weights left unallocated (``torch.empty``, never touched), every other tensor is loaded and checked,
 and the method's ``stream`` gets each dense table as :class:`~recompress.blockfile.FileRows`. It returns the
-new tables, in memory when they are small (TT cores) or empty on the meta device with a block generator
-(quantized rows). The new weights file is laid out from the model's state dict and filled from those
+new tables, in memory when they are small (TT cores, hashed and QR rows, a low-rank table's right factor) or
+empty on the meta device with a block generator (quantized rows, a low-rank table's left factor). The new weights file is laid out from the model's state dict and filled from those
 generators, from the untouched dense tables' rows in the source file, and from tensors in memory. A
 composition runs step by step through intermediate checkpoints inside the staged output folder.
 """

@@ -56,7 +56,8 @@ def test_writer_refuses_to_finish_a_file_with_missing_rows(tmp_path):
 
 
 METHODS = [("int8", {}), ("int4", {}), ("fp16", {}), ("bf16", {}), ("int8", {"align": 16}), ("tt", {"tt_rank": 4}),
-           ("tt,int8", {"tt_rank": 4})]
+           ("tt,int8", {"tt_rank": 4}), ("lowrank", {"rank": 3}), ("lowrank,int8", {"rank": 3}), ("hash", {"ratio": 4.0}),
+           ("qr", {"collisions": 5}), ("qr", {"collisions": 5, "op": "add"}), ("qr", {"collisions": 5, "op": "concat"})]
 
 
 @pytest.mark.parametrize("method,params", METHODS, ids=[f"{m}{p or ''}" for m, p in METHODS])

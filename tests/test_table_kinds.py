@@ -281,6 +281,23 @@ def test_compositions_are_ordered_and_validated(tiny_ckpt):
     assert forms == {"C1": "tt", "C2": "dense+int8", "C3": "dense+int8", "C4": "dense"}
 
 
+@pytest.mark.parametrize("op", ["add", "mult", "concat"])
+def test_post_training_qr_quotient_rows_are_least_squares_given_the_remainders(tiny_ckpt, op):
+    """The fit ends on a quotient half-step: each q row is the least-squares solution for its ids given r
+    (add: mean of w - r; mult: per column sum w r / sum r^2; concat: mean of the first half of the rows)."""
+    base = _ck(tiny_ckpt)
+    w = base.model.tables["C1"].dense_weight().double()
+    ck = compress(copy.deepcopy(base), parse_methods("qr", {"collisions": 6, "op": op}), Context(select=Selection(names=("C1",))))
+    t = ck.model.tables["C1"]
+    q, r = t.q.detach().double(), t.r.detach().double()
+    for k in (0, 41, 133):
+        ids = torch.arange(800)[torch.arange(800) // 6 == k]
+        rows, rem = w[ids], r[ids % 6]
+        expect = {"add": lambda: (rows - rem).mean(0), "mult": lambda: (rows * rem).sum(0) / (rem ** 2).sum(0),
+                  "concat": lambda: rows[:, :4].mean(0)}[op]()
+        assert torch.allclose(q[k], expect, atol=1e-5), (k, q[k], expect)
+
+
 def test_qr_concat_halves_the_width_of_both_matrices(tiny_ckpt):
     ck = compress(_ck(tiny_ckpt), parse_methods("qr", {"collisions": 4, "op": "concat"}),
                   Context(select=Selection(names=("C1",))))
