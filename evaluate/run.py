@@ -60,7 +60,8 @@ def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any]
 
 def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
              repeats: int = 200, latency: bool = True, protocol: str | None = None, negatives: int = 100,
-             users: int | None = None, candidates: int | None = None, attention: str | None = None) -> dict[str, Any]:
+             users: int | None = None, candidates: int | None = None, attention: str | None = None,
+             hp: dict[str, str] | None = None) -> dict[str, Any]:
     """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
     path = Path(path)
     predictors: list[Predictor] = []
@@ -74,15 +75,15 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
         else:
             predictors.append(OrtPredictor(path / manifest["file"], threads))
         src = source_checkpoint(path, manifest)
-        if src is not None:
-            ckpt = load_any(src)
+        if src is not None:  # with the --hp values it was exported with
+            ckpt = load_any(src, manifest["model_spec"].get("provenance", {}).get("hparam_overrides"))
         kind = manifest["target"]
         spec = ModelSpec.from_json(json.dumps(manifest["model_spec"]), str(path / MANIFEST))
         table_bytes = manifest["table_bytes"]
         exported = manifest.get("exported_table_bytes")
         costs = manifest.get("lookup_cost")
     else:
-        ckpt = load_any(path)
+        ckpt = load_any(path, hp)
         kind, spec = "checkpoint", ckpt.spec
         table_bytes = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
         exported = None

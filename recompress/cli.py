@@ -93,6 +93,9 @@ def train_options(keep_best: bool) -> Any:
     ])
 
 
+HP = click.option("--hp", "hp", multiple=True, metavar="KEY=VALUE",
+                  help="a hyper-parameter an upstream checkpoint does not record (or to override what it says), "
+                       "e.g. --hp qr_operation=add; 'recompress inspect CKPT' lists them (repeatable)")
 DISTRIBUTED = ("train", "checkpoint")  # the commands that run under torchrun
 NPROC = click.option("--nproc", type=click.IntRange(min=1), default=None,
                      help="train on N local processes: runs this command under 'torchrun --standalone "
@@ -361,10 +364,11 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
 @click.option("--min-rows", default=0, show_default=True, help="only tables with at least this many rows")
 @train_options(keep_best=True)
 @NPROC
+@HP
 @out_option("checkpoint folder")
 @OVERWRITE
 def checkpoint(source: str, method: str, data_path: str | None, tables: str | None, min_rows: int,
-               out: str, overwrite: bool, nproc: int | None, **kw: Any) -> None:
+               out: str, overwrite: bool, nproc: int | None, hp: tuple[str, ...], **kw: Any) -> None:
     """Compress a trained checkpoint (any supported format) into a native checkpoint."""
     from .outputs import check_output
     inputs = [source, data_path]
@@ -374,9 +378,12 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     cfg = train_config(kw)
     cfg.validate()
     steps = parse_methods(method, kw)
-    from .adapters import load_any
+    from .adapters import describe, load_any, parse_hp
     from .checkpoint import is_native, read_spec, save_checkpoint
     from .compress.stream import stream_compress, streams
+    overrides = parse_hp(hp)
+    if overrides:
+        describe(source, overrides)  # refuses --hp where it does not apply, or a key or value it does not know
     from .data import open_dataset
     from .distributed import is_main
     from .models import family_of
@@ -388,7 +395,7 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
         ckpt, before = stream_compress(Path(source), steps, ctx, out, overwrite=overwrite, inputs=tuple(inputs),
                                        provenance={"compressed_from": str(source)})
     else:
-        ckpt = load_any(source)
+        ckpt = load_any(source, overrides)
         before = sum(t.stored_bytes() for t in ckpt.model.tables.values())
         if ctx.data is not None:
             family_of(ckpt.spec).check(ckpt.spec, ctx.data)
@@ -446,19 +453,20 @@ def _targets() -> list[str]:
 @click.option("--candidates-layout", "layout", type=click.Choice(["shared", "per-row"]), default=None,
               help="sequential models: candidates [1, M] shared by every history in the batch (the full catalogue; "
                    "default for sasrec/hstu) or [batch, M], each history its own (default for the ranker)")
+@HP
 @OVERWRITE
 def export(source: str, target: str, out: str, data_path: str | None, materialize: bool, quant_graph: str | None,
            precision: str | None, shapes: str | None, compute_capability: tuple[str, ...], timing_cache: str | None,
-           dense: str, attention: str | None, scoring: str | None, layout: str | None, overwrite: bool,
-           **kw: Any) -> None:
+           dense: str, attention: str | None, scoring: str | None, layout: str | None, hp: tuple[str, ...],
+           overwrite: bool, **kw: Any) -> None:
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
-    from .adapters import load_any
+    from .adapters import load_any, parse_hp
     from .checkpoint import checkpoint_hash
     from .data import open_dataset
     from .export import export_checkpoint
-    ckpt = load_any(source)
+    ckpt = load_any(source, parse_hp(hp))
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
@@ -503,9 +511,10 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @click.option("--json", "json_out", type=click.Path(), default=None, help="write results JSON here")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
               help="results JSON of the baseline to compare with (this run is 'new')")
+@HP
 def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
              protocol: str | None, negatives: int, users: int | None, candidates: int | None, attention: str | None,
-             json_out: str | None, compare: str | None) -> None:
+             json_out: str | None, compare: str | None, hp: tuple[str, ...]) -> None:
     """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
     from .outputs import check_output
     if json_out:
@@ -520,16 +529,18 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{compare} is not a results file from 'recompress evaluate --json'",
                             "pass a results JSON") from None
+    from .adapters import parse_hp
     from .data import open_dataset
     from .evaluate import evaluate as run_eval
     from .evaluate.report import compare_table, paired_delta, results_table
+    overrides = parse_hp(hp)
     data = open_dataset(data_path)
     if negatives < 1 or (users is not None and users < 1):
         raise UserError("--negatives and --users must be >= 1", "fix the option")
     from .evaluate.run import test_truth
     r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
                  latency=not no_latency, protocol=protocol, negatives=negatives, users=users, candidates=candidates,
-                 attention=attention)
+                 attention=attention, hp=overrides)
     echo_table(results_table(r))
     if base is not None:
         delta = paired_delta(r, base, test_truth(r, data))
@@ -542,22 +553,33 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
 
 @main.command()
 @click.argument("source", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def inspect(source: str, as_json: bool) -> None:
-    """Show what a checkpoint or export folder holds: format, architecture, tables and bytes."""
+@click.option("--json", "as_json", is_flag=True, help="write the same to stdout as JSON")
+@HP
+def inspect(source: str, as_json: bool, hp: tuple[str, ...]) -> None:
+    """Show what a checkpoint (any supported format) or export folder holds, running nothing from it:
+    format, family, tables (rows, width, dtype, bytes, kind), every hyper-parameter with where it came
+    from (checkpoint, file name, sidecar, shapes, user, default) and what must still be given with --hp."""
+    from .adapters import parse_hp
     from .inspect import describe
-    info = describe(source)
+    info = describe(source, parse_hp(hp))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     from .evaluate.report import fmt_bytes
-    hp = ", ".join(f"{k}={v}" for k, v in info["hparams"].items() if not isinstance(v, (list, dict)))
-    click.echo(f"{source}: {info['format']}  family={info['family']}  ({hp})")
+    click.echo(f"{source}: {info['format']} checkpoint, family {info['family']}")
+    click.echo(f"  {'table':<14} {'role':<15} {'kind':<12} {'rows':>12}   {'dim':<5} {'dtype':<9} {'bytes':>11}")
     for t in info["tables"]:
-        click.echo(f"  {t['name']:<12} {t.get('role', ''):<15} {t['kind']:<11} {t['rows']:>10,} x {t['dim']:<4} "
-                   f"{fmt_bytes(t['bytes']):>12}")
+        click.echo(f"  {t['name']:<14} {t.get('role') or '':<15} {t['kind']:<12} {t['rows']:>12,} x {t['dim']:<5} "
+                   f"{t.get('dtype', ''):<9} {fmt_bytes(t['bytes']):>11}")
     click.echo(f"  embeddings {fmt_bytes(info['embedding_bytes'])}; history: "
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
+    click.echo("hyper-parameters (source):")
+    for k, v in info["hparams"].items():
+        click.echo(f"  {k} = {json.dumps(v)}  ({info['hparam_source'].get(k, 'checkpoint')})")
+    for m in info["missing"]:
+        click.echo(f"still to supply: --hp {m['hp']}={'|'.join(m['values']) or 'VALUE'}  ({m['why']})")
+    for n in info.get("notes", []):
+        click.echo(f"note: {n}")
 
 
 def _shipped() -> str:

@@ -1,15 +1,17 @@
-"""``inspect``: a description of any checkpoint or export folder, without running it."""
+"""``inspect``: a description of any checkpoint or export folder, without running anything from it: the
+format, family, tables (rows, width, dtype, bytes, kind), every hyper-parameter with where it came from,
+and what the user must still supply with ``--hp``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .adapters import detect_format, load_any
+from .adapters import describe as describe_checkpoint
 from .export.manifest import MANIFEST, read_manifest
 
 
-def describe(source: str | Path) -> dict[str, Any]:
+def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, Any]:
     path = Path(source)
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
@@ -17,14 +19,21 @@ def describe(source: str | Path) -> dict[str, Any]:
         tables = [{**t, "kind": t["kind"] + (f"+{t['params']['quant']['dtype']}" if "quant" in t["params"] else ""),
                    "bytes": m["table_bytes"].get(t["name"])} for t in spec["tables"]]
         return {"format": f"{m['target']} export", "family": spec["family"], "hparams": spec["hparams"],
+                "hparam_source": {k: "checkpoint" for k in spec["hparams"]}, "missing": [],
                 "tables": tables, "embedding_bytes": sum(m["table_bytes"].values()), "history": spec["history"],
                 "files": m["files"], "parity": m["parity"], "source": m["source"]}
-    fmt = detect_format(path)
-    ckpt = load_any(path)
-    roles = {t.name: t.role for t in ckpt.spec.tables}
-    tables = [{"name": n, "role": roles.get(n), "kind": t.form, "rows": t.rows, "dim": t.dim, "bytes": t.stored_bytes(),
-               "params": t.config(), "lookup_cost": t.lookup_cost()}
-              for n, t in ckpt.model.tables.items()]
-    return {"format": fmt, "family": ckpt.spec.family, "hparams": ckpt.spec.hparams, "tables": tables,
-            "embedding_bytes": sum(t["bytes"] for t in tables), "history": ckpt.spec.history,
-            "metrics": ckpt.spec.metrics, "provenance": ckpt.spec.provenance}
+    found = describe_checkpoint(path, hp)
+    info: dict[str, Any] = {
+        "format": found.format, "family": found.family, "hparams": found.hparams, "hparam_source": found.sources,
+        "missing": [{"hp": k, "values": list(v), "why": found.why_missing[k]} for k, v in found.missing.items()],
+        "tables": [{"name": t.name, "role": t.role, "kind": t.kind, "rows": t.rows, "dim": t.dim, "dtype": t.dtype,
+                    "bytes": t.bytes, "parts": list(t.parts)} for t in found.tables],
+        "notes": found.notes}
+    if not found.upstream:  # our own checkpoint: validated in full, with its history
+        ckpt = found.checkpoint()
+        for t, (name, table) in zip(info["tables"], ckpt.model.tables.items()):
+            t.update(params=table.config(), lookup_cost=table.lookup_cost(), parts=[name])
+        info.update(history=ckpt.spec.history, metrics=ckpt.spec.metrics, provenance=ckpt.spec.provenance)
+    info["embedding_bytes"] = sum(t["bytes"] for t in info["tables"])
+    info.setdefault("history", [])
+    return info

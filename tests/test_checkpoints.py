@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -12,14 +13,27 @@ from recompress.errors import UserError
 from .conftest import shared_path
 
 
-def reference_dlrm(sd, dense, ids, pad=0, itself=False):
+def reference_row(sd, t, ids, qr_op=None):
+    """dlrm's lookup of table ``t`` (plain, QREmbeddingBag, PrEmbeddingBag) for one id per row."""
+    p = f"emb_l.{t}."
+    if p + "weight_q" in sd:
+        c = sd[p + "weight_r"].shape[0]
+        q, r = sd[p + "weight_q"][ids // c], sd[p + "weight_r"][ids % c]
+        return {"mult": q * r, "add": q + r, "concat": torch.cat([q, r], 1)}[qr_op]
+    if p + "embs.weight" in sd:
+        e = sd[p + "embs.weight"][ids]
+        return e @ sd[p + "proj.weight"].T if p + "proj.weight" in sd else e
+    return sd[p + "weight"][ids]
+
+
+def reference_dlrm(sd, dense, ids, pad=0, itself=False, qr_op=None):
     """facebookresearch/dlrm's forward written out from the state_dict (one-hot bags)."""
     x = dense
     i = 0
     while f"bot_l.{i}.weight" in sd:
         x = torch.relu(x @ sd[f"bot_l.{i}.weight"].T + sd[f"bot_l.{i}.bias"])
         i += 2
-    embs = [sd[f"emb_l.{t}.weight"][ids[:, t]] for t in range(ids.shape[1])]
+    embs = [reference_row(sd, t, ids[:, t], qr_op) for t in range(ids.shape[1])]
     t = torch.stack([x, *embs], 1)
     z = t @ t.transpose(1, 2)
     f = t.shape[1]
@@ -67,13 +81,76 @@ def test_dlrm_fixture_and_nvidia_fixture():
     assert nv.model.top[0].weight.shape == (64, 24)
 
 
+def qr_md_state(m=4, seed=1):
+    """A dlrm state dict with a plain (30 rows), a QR (40 rows, 4 collisions) and an MD table (12 rows, width 2)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = dlrm_state(rows=(30, 40, 12), m=m, seed=seed)
+    del sd["emb_l.1.weight"], sd["emb_l.2.weight"]
+    sd.update({"emb_l.1.weight_q": torch.randn(10, m, generator=g), "emb_l.1.weight_r": torch.randn(4, m, generator=g),
+               "emb_l.2.embs.weight": torch.randn(12, 2, generator=g), "emb_l.2.proj.weight": torch.randn(m, 2, generator=g)})
+    return sd
+
+
+def test_dlrm_qr_and_mixed_dimension_tables_match_dlrm_and_the_qr_operation_is_asked_for(tmp_path):
+    import numpy as np
+    sd = qr_md_state()
+    path = tmp_path / "qr_md.pt"  # an --mlperf-logging run stores test_auc as a numpy scalar
+    torch.save({"state_dict": sd, "nepochs": 1, "test_auc": np.float64(0.7812), "opt_state_dict": {"state": {}}}, path)
+    with pytest.raises(UserError, match="does not say qr_operation") as e:
+        load_any(path)
+    assert "--hp qr_operation=mult|add" in e.value.hint
+    dense, ids = torch.rand(9, 13), torch.stack([torch.randint(0, r, (9,)) for r in (30, 40, 12)], 1)
+    for op in ("mult", "add"):
+        ck = load_any(path, {"qr_operation": op})
+        assert torch.allclose(ck.model(dense, ids.unsqueeze(-1)), reference_dlrm(sd, dense, ids, qr_op=op), atol=1e-5)
+        assert [t.kind for t in ck.model.tables.values()] == ["dense", "qr", "factorized"]
+        assert ck.spec.provenance["hparam_source"]["qr_operation"] == "user"
+        assert ck.spec.provenance["upstream_metrics"]["test_auc"] == pytest.approx(0.7812)
+    with pytest.raises(UserError, match="--hp qr_operation=sub: not one of mult, add"):
+        load_any(path, {"qr_operation": "sub"})
+    with pytest.raises(UserError, match="no hyper-parameter 'heads'"):
+        load_any(path, {"heads": "2"})
+
+
+def test_dlrm_qr_concat_is_read_from_shapes_and_wrapper_prefixes_are_removed(tmp_path):
+    sd = qr_md_state(m=4)
+    sd["emb_l.1.weight_q"], sd["emb_l.1.weight_r"] = sd["emb_l.1.weight_q"][:, :2], sd["emb_l.1.weight_r"][:, :2]
+    wrapped = {("module." + k).replace("bot_l.", "bot_l.module."): v for k, v in sd.items()}  # DDP, as dlrm's multi-process run
+    path = tmp_path / "concat.pt"
+    torch.save({"state_dict": wrapped}, path, _use_new_zipfile_serialization=False)  # the pre-1.6 torch format
+    ck = load_any(path)
+    assert ck.spec.provenance["hparam_source"]["qr_operation"] == "shapes"
+    dense, ids = torch.rand(9, 13), torch.stack([torch.randint(0, r, (9,)) for r in (30, 40, 12)], 1)
+    assert torch.allclose(ck.model(dense, ids.unsqueeze(-1)), reference_dlrm(sd, dense, ids, qr_op="concat"), atol=1e-5)
+
+
+def test_inspect_lists_tables_sources_and_what_is_missing(tmp_path):
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    path = tmp_path / "qr_md.pt"
+    torch.save({"state_dict": qr_md_state()}, path)
+    res = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    info = json.loads(res.output)
+    assert info["format"] == "dlrm" and info["family"] == "dlrm"
+    assert [(t["name"], t["kind"], t["rows"], t["dim"], t["dtype"], t["bytes"]) for t in info["tables"]] == [
+        ("emb_0", "dense", 30, 4, "float32", 30 * 4 * 4), ("emb_1", "qr", 40, 4, "float32", (10 + 4) * 4 * 4),
+        ("emb_2", "factorized", 12, 4, "float32", (12 * 2 + 4 * 2) * 4)]
+    assert info["hparams"]["emb_dim"] == 4 and info["hparam_source"]["emb_dim"] == "shapes"
+    assert info["missing"] == [{"hp": "qr_operation", "values": ["mult", "add"], "why": info["missing"][0]["why"]}]
+    text = CliRunner().invoke(main, ["inspect", str(path)]).output
+    assert "still to supply: --hp qr_operation=mult|add" in text
+    text = CliRunner().invoke(main, ["inspect", str(path), "--hp", "qr_operation=add"]).output
+    assert "qr_operation = \"add\"  (user)" in text and "still to supply" not in text
+
+
 def test_refuses_arbitrary_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("owned",))
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"emb_l.0.weight": torch.zeros(2, 2)}, "obj": Evil()}, path)
-    with pytest.raises(UserError, match="safe loader refuses"):
+    with pytest.raises(UserError, match="would run code when unpickled: it calls builtins.print"):
         load_any(path)
 
 

@@ -1,50 +1,65 @@
-"""facebookresearch/dlrm ``--save-model`` dicts (and bare DLRM_Net state_dicts): shapes give every hyper-parameter."""
+"""facebookresearch/dlrm ``--save-model`` files (and bare ``DLRM_Net`` state dicts): plain, QR
+(``weight_q``/``weight_r``) and mixed-dimension (``embs`` + ``proj``) tables; shapes give every
+hyper-parameter but QR's operation (``--hp qr_operation=mult|add``)."""
 
 from __future__ import annotations
 
-import re
-import zipfile
 from pathlib import Path
+from typing import Any
 
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
-from .torch_files import dlrm_from_tensors, file_sha256, safe_torch_load
+from .dlrm_common import UpTable, dlrm_found
+from .found import Found
+from .torch_files import indexed, state_dict_of
 
 NAME = "dlrm"
+LAYOUT = "a facebookresearch/dlrm --save-model file (state_dict with emb_l/bot_l/top_l)"
+METRICS = ("nepochs", "nbatches", "epoch", "iter", "train_loss", "total_loss", "test_acc", "test_auc")
 
 
-def sniff(path: Path) -> bool:
-    return path.is_file() and path.suffix in {".pt", ".pth", ".ckpt"} and zipfile.is_zipfile(path)
+def sniff(path: Path, obj: Any) -> bool:
+    sd = state_dict_of(obj, "state_dict") or state_dict_of(obj) if obj is not None else None
+    return bool(sd) and any(k.startswith("emb_l.") for k in sd) and any(k.startswith("top_l.") for k in sd)
 
 
-def _strip(key: str) -> str:
-    for p in ("module.", "_orig_mod.", "model."):
-        key = key.removeprefix(p)
-    return key.replace(".module.", ".")
+def describe(path: Path, obj: Any) -> Found:
+    sd = state_dict_of(obj, "state_dict") or state_dict_of(obj)
+    assert sd is not None
+    if any(k.startswith("v_W_l.") for k in sd):
+        raise UserError(f"{path} uses dlrm's learned weighted pooling (v_W_l)", "only sum pooling is supported")
+    ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("emb_l.") and k.split(".")[1].isdigit()})
+    tables = []
+    for i in ids:
+        p = f"emb_l.{i}."
+        if p + "weight" in sd:
+            tables.append(UpTable(f"emb_{i}", "dense", {"weight": sd[p + "weight"]}, (p + "weight",)))
+        elif p + "weight_q" in sd and p + "weight_r" in sd:
+            tables.append(UpTable(f"emb_{i}", "qr", {"q": sd[p + "weight_q"], "r": sd[p + "weight_r"]},
+                                  (p + "weight_q", p + "weight_r")))
+        elif p + "embs.weight" in sd and p + "proj.weight" in sd:
+            tables.append(UpTable(f"emb_{i}", "md", {"embs": sd[p + "embs.weight"], "proj": sd[p + "proj.weight"]},
+                                  (p + "embs.weight", p + "proj.weight")))
+        elif p + "embs.weight" in sd:  # a mixed-dimension table at full width: no projection
+            tables.append(UpTable(f"emb_{i}", "dense", {"weight": sd[p + "embs.weight"]}, (p + "embs.weight",)))
+        else:
+            raise UserError(f"{path}: table emb_l.{i} has none of weight, weight_q/weight_r, embs.weight",
+                            "the checkpoint is damaged or from a dlrm variant recompress does not know")
+    if ids != list(range(len(ids))):
+        raise UserError(f"{path}: tables emb_l.{ids} are not numbered 0..{len(ids) - 1}",
+                        "a multi-process dlrm run saves only one rank's tables; save from a single process")
+    pairs = lambda pre: [(sd[k], sd[k[:-len("weight")] + "bias"]) for _, k in indexed(sd, pre, ".weight")]
+    found = dlrm_found(NAME, tables, pairs("bot_l"), pairs("top_l"), where=str(path))
+    metrics = {k: float(obj[k]) for k in METRICS if isinstance(obj, dict) and _number(obj.get(k))}
+    if metrics:
+        found.provenance["upstream_metrics"] = metrics
+        found.notes.append(f"upstream metrics: {metrics}")
+    return found
 
 
-def read(path: Path) -> Checkpoint:
-    obj = safe_torch_load(path)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not any(str(k).endswith("weight") for k in sd):
-        raise UserError(f"{path} holds no state_dict", "expected a facebookresearch/dlrm --save-model file")
-    sd = {_strip(k): v for k, v in sd.items()}
-    if any(k.endswith((".weight_q", ".embs.weight")) for k in sd):
-        raise UserError(f"{path} uses dlrm's QR or mixed-dimension tables",
-                        "only plain emb_l tables are supported by this adapter so far")
-
-    def indexed(prefix: str, suffix: str) -> list:
-        pat = re.compile(rf"^{re.escape(prefix)}\.(\d+){re.escape(suffix)}$")
-        found = sorted((int(m.group(1)), k) for k in sd if (m := pat.match(k)))
-        return [sd[k] for _, k in found]
-
-    tables = indexed("emb_l", ".weight")
-    if not tables:
-        raise UserError(f"{path} has no emb_l.N.weight tables", "expected a facebookresearch/dlrm checkpoint")
-    pairs = lambda pre: list(zip(indexed(pre, ".weight"), indexed(pre, ".bias")))
-    extra = {k: obj[k] for k in ("nepochs", "epoch", "iter", "test_acc", "train_loss")
-             if isinstance(obj, dict) and isinstance(obj.get(k), (int, float))}
-    return dlrm_from_tensors(tables, pairs("bot_l"), pairs("top_l"), pad=0, source=NAME,
-                             source_hash=file_sha256([path]), where=str(path),
-                             extra={"upstream_metrics": extra, "source_path": str(path)})
+def _number(v: Any) -> bool:
+    try:
+        float(v)
+        return not isinstance(v, (str, bytes))
+    except (TypeError, ValueError):
+        return False

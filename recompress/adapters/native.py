@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from recompress.checkpoint import Checkpoint, is_native, load_checkpoint
+from recompress.checkpoint import is_native, load_checkpoint, read_spec
+
+from .found import Found, FoundTable
 
 NAME = "recompress"
+LAYOUT = "a folder with spec.json and weights.safetensors"
 
 
-def sniff(path: Path) -> bool:
+def sniff(path: Path, obj: Any) -> bool:
     return is_native(path)
 
 
-def read(path: Path) -> Checkpoint:
-    return load_checkpoint(path)
+def describe(path: Path, obj: Any) -> Found:
+    from recompress.models import build_model
+    spec, _ = read_spec(path)
+    model = build_model(spec)  # dense tables left unallocated (torch.empty): only their sizes are read
+    roles = {t.name: t.role for t in spec.tables}
+    tables = [FoundTable(n, t.rows, t.dim, "float32" if "+" not in t.form else t.form.split("+")[1], t.stored_bytes(),
+                         t.form, roles.get(n, "sparse_feature")) for n, t in model.tables.items()]
+    found = Found(NAME, spec.family, tables, build=lambda hp: load_checkpoint(path), upstream=False)
+    for k, v in spec.hparams.items():
+        found.set(k, v, "checkpoint")
+    return found

@@ -1,0 +1,234 @@
+"""A restricted unpickler for ``torch.save`` zip files: nothing in a file ever runs.
+
+``torch.load(weights_only=True)`` refuses files that upstream projects really write: facebookresearch/dlrm
+``--mlperf-logging`` runs store ``test_auc`` as a numpy scalar, RecBole stores its ``Config`` object. This
+reader opens the zip itself, rebuilds tensors from the raw storages, and resolves a pickle's globals only
+from the allow-list below; every other global is refused by name, before anything is called.
+
+Allow-list (what each name becomes):
+
+- ``collections.OrderedDict/defaultdict``, ``builtins`` containers and scalars (``dict list tuple set
+  frozenset int float complex bool str slice``, whose size the file bounds), ``_codecs.encode`` (bytes in
+  protocol-2 pickles), ``torch.Size``, ``torch.device``, ``torch.<dtype>`` (e.g. ``torch.float32``);
+- ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``: a tensor over a storage read from the zip
+  (bounds-checked), parameters as plain tensors; ``torch.<Type>Storage``: the storage's dtype;
+- numpy's own reconstructors: ``numpy(._core|.core).multiarray.scalar`` and ``_reconstruct``,
+  ``numpy.dtype``, ``numpy.ndarray`` (numbers and arrays; object arrays hold only allowed objects);
+- ``copyreg._reconstructor``, for the stubs only;
+- inert stubs, which keep their pickled arguments and state and never call upstream code: every name in
+  ``recbole.*`` (its ``Config``, enums and the model class the Config names) and ``yaml.loader.*`` (the
+  loader class RecBole's Config keeps).
+
+A global outside the list is refused with one of two messages: one that runs code (``os``/``posix``,
+``subprocess``, ``builtins.eval``, ``runpy``, ``numpy.load``, ``torch.load``, ...) says the file would run
+code and names the callable; any other name says that the file holds a type recompress does not know.
+Storages are bounds-checked against their records, and a compressed storage that inflates more than
+100-fold is refused (torch writes them uncompressed).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import collections
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recompress.errors import UserError
+
+# modules whose callables execute code, touch files or processes, or reach any other callable
+CODE = {"os", "posix", "nt", "subprocess", "sys", "shutil", "runpy", "importlib", "pickle", "_pickle", "marshal",
+        "ctypes", "code", "codeop", "pty", "socket", "webbrowser", "types", "functools", "operator", "io",
+        "pathlib", "tempfile", "multiprocessing", "signal", "platform", "inspect", "pydoc", "timeit", "cProfile",
+        "profile", "pdb", "bdb", "asyncio", "threading", "_thread", "urllib", "http", "ftplib", "smtplib",
+        "imp", "zipimport", "site", "sysconfig", "copyreg", "torch.hub", "torch.serialization", "torch.jit",
+        "torch.ops", "torch._ops", "numpy.testing", "numpy.f2py", "numpy.distutils", "setuptools", "distutils"}
+# containers and scalars: each builds from what the pickle holds, so its size is bounded by the file's (bytes,
+# bytearray and range are left out: bytes(2**40) would allocate a terabyte)
+SAFE_BUILTINS: dict[str, Any] = {t.__name__: t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool,
+                                                        str, slice)}
+# functions of otherwise harmless modules that read or write files or unpickle
+CODE_NAMES = {("numpy", n) for n in ("load", "save", "savez", "fromfile", "loadtxt", "genfromtxt", "memmap", "frompyfunc",
+                                     "vectorize")} | {("torch", n) for n in ("load", "save", "compile", "jit", "hub")}
+STUB_PACKAGES = ("recbole", "yaml.loader")
+
+
+class Stub:
+    """An inert stand-in for an upstream object: its constructor arguments and pickled state, nothing run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A value of the pickled state (RecBole's Config keeps its settings in ``final_config_dict``)."""
+        state = self.state if isinstance(self.state, dict) else {}
+        config = state.get("final_config_dict")
+        return config.get(key, default) if isinstance(config, dict) else state.get(key, default)
+
+
+def _stub_class(module: str, name: str) -> type:
+    return type(name, (Stub,), {"__module__": module, "__qualname__": name})
+
+
+class UnsafeGlobal(Exception):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
+
+    @property
+    def runs_code(self) -> bool:
+        top = self.module.split(".")[0]
+        return (self.module in CODE or top in CODE or self.module.rsplit(".", 1)[0] in CODE
+                or (self.module, self.name) in CODE_NAMES or (self.module == "builtins" and self.name not in SAFE_BUILTINS))
+
+
+class BadFile(Exception):
+    """The file's structure is broken (not an attack we can name): reported as an unreadable file."""
+
+
+class _Storage:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _storage_types() -> dict[str, _Storage]:
+    names = {"Double": torch.float64, "Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16,
+             "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
+             "Bool": torch.bool, "ComplexFloat": torch.complex64, "ComplexDouble": torch.complex128}
+    return {f"{k}Storage": _Storage(v) for k, v in names.items()}
+
+
+STORAGES = _storage_types()
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+    if not isinstance(storage, torch.Tensor) or not all(isinstance(v, int) and v >= 0
+                                                        for v in (offset, *size, *stride)) or len(size) != len(stride):
+        raise BadFile("a tensor record is malformed")
+    if all(size):
+        end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+        if end > storage.numel():
+            raise BadFile(f"a tensor reaches element {end:,} of a storage of {storage.numel():,} (truncated?)")
+    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise BadFile("a parameter record holds no tensor")
+    return data
+
+
+def _numpy(name: str) -> Any:
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:
+        from numpy.core import multiarray  # numpy 1
+    return getattr(multiarray, name)
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    """``copyreg._reconstructor`` for the stubs only (a plain object of any other class is refused)."""
+    if not (isinstance(cls, type) and issubclass(cls, Stub)):
+        raise BadFile(f"an object of {getattr(cls, '__name__', cls)!r} is rebuilt through copyreg")
+    obj = cls()
+    obj.args = (state,) if state is not None else ()
+    return obj
+
+
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): collections.defaultdict,
+    ("torch", "device"): torch.device,
+    ("_codecs", "encode"): codecs.encode,
+    ("torch", "Size"): torch.Size,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): np.ndarray,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    **{("builtins", k): v for k, v in SAFE_BUILTINS.items()},
+    **{("torch", k): v for k, v in STORAGES.items()},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storages: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        # the Python 2 names protocol <= 2 pickles use, mapped as pickle's own find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
+            return _numpy(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if any(module == p or module.startswith(p + ".") for p in STUB_PACKAGES):
+            return _stub_class(module, name)
+        raise UnsafeGlobal(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise BadFile(f"a storage reference is malformed ({str(pid)[:60]})")
+        return self.storages(pid[2], pid[1].dtype, pid[4])
+
+
+def load(path: Path) -> Any:
+    """The object in the torch zip file ``path``, through the allow-list (see the module docstring)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
+            if len(pkl) != 1:
+                raise BadFile("no data.pkl record")
+            root = pkl[0][:-len("data.pkl")]
+            if f"{root}byteorder" in names and z.read(f"{root}byteorder").strip() not in (b"", b"little"):
+                raise BadFile("a big-endian file")
+            cache: dict[str, torch.Tensor] = {}
+
+            def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+                if key not in cache:
+                    name = f"{root}data/{key}"
+                    if name not in names:
+                        raise BadFile(f"the storage {name} is missing (truncated?)")
+                    info, itemsize = z.getinfo(name), torch.empty(0, dtype=dtype).element_size()
+                    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 100 * max(info.compress_size, 1):
+                        raise BadFile(f"the storage {name} inflates {info.file_size / max(info.compress_size, 1):.0f}-fold")
+                    raw = bytearray(z.read(name))
+                    if len(raw) < numel * itemsize:
+                        raise BadFile(f"the storage {name} holds {len(raw):,} bytes, expected {numel * itemsize:,}")
+                    cache[key] = torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+                return cache[key]
+
+            return _Unpickler(z.read(pkl[0]), storage).load()
+    except UnsafeGlobal as e:
+        raise refusal(path, e) from None
+    except Exception as e:  # noqa: BLE001 - anything else a broken or hostile file raises is the file's fault
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable torch file ({type(e).__name__}: {first})",
+                        "the file is truncated, corrupt or not a checkpoint") from None
+
+
+def refusal(path: Path, e: UnsafeGlobal) -> UserError:
+    """The error for a file whose pickle names a global outside the allow-list."""
+    if e.runs_code:
+        return UserError(f"{path} would run code when unpickled: it calls {e} (refused; nothing was run)",
+                         "do not load this file with torch.load(weights_only=False) or pickle either; ask its "
+                         "author for a state_dict of plain tensors")
+    return UserError(f"{path} holds an object of type {e} that recompress does not know (refused; nothing was "
+                     "run)", "recompress reads tensors, containers, numpy values and RecBole's Config; re-save "
+                     "the state_dict with plain tensors, or ask for this type to be added to the allow-list "
+                     "in recompress/adapters/safe_pickle.py")
