@@ -75,7 +75,12 @@ declare(FamilyInfo("dlrm", "DLRM: bottom MLP, one pooled table per sparse featur
 declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the history, scored by the tied item table",
                    "sequences", "recompress.models.sasrec",
                    _seq({}, Param("norm_first", bool, "sasrec: layer norm before attention/FFN (pre-LN) instead of "
-                                                      "after (SASRec.pytorch's default)", False))))
+                                                      "after (SASRec.pytorch's default)", False),
+                        Param("wiring", str, "sasrec: block wiring; default: pre-ln with --norm-first, else post-ln; "
+                                             "pmixer-2020 is SASRec.pytorch's before 2025-05", None,
+                              ("post-ln", "pre-ln", "pmixer-2020")),
+                        Param("attend_padding", bool, "sasrec: let positions attend to the left padding and keep it "
+                                                      "unmasked, as SASRec.pytorch does", False))))
 declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},

@@ -79,6 +79,52 @@ def test_sasrec_equals_the_pmixer_forward(seq_data, norm_first):
         assert torch.allclose(full[:, 1:], h @ emb[1:].T, atol=1e-5) and (full[:, 0] == 0).all()
 
 
+def pmixer_log2feats(m, log_seqs, wiring):
+    """SASRec.pytorch's log2feats (model.py) in its three wirings, with torch's own nn.MultiheadAttention
+    called as it calls it (causal attn_mask only: padded positions are neither masked as keys nor zeroed;
+    our layers are batch first, SASRec.pytorch transposes to sequence first instead)."""
+    emb, pos = m.tables["item"].weight.detach().clone(), m.tables["position"].weight.detach().clone()
+    emb[0], pos[0] = 0, 0  # its padding_idx rows
+    seqs = emb[log_seqs] * emb.shape[1] ** 0.5
+    poss = torch.arange(1, log_seqs.shape[1] + 1).expand_as(log_seqs) * (log_seqs != 0)
+    seqs = seqs + pos[poss]
+    tl = seqs.shape[1]
+    attention_mask = ~torch.tril(torch.ones((tl, tl), dtype=torch.bool))
+    for ln_a, attn, ln_f, ffn in zip(m.attention_layernorms, m.attention_layers, m.forward_layernorms, m.forward_layers):
+        def ff(y):
+            return torch.relu(y @ ffn.conv1.weight.T + ffn.conv1.bias) @ ffn.conv2.weight.T + ffn.conv2.bias
+        if wiring == "pmixer-2020":
+            q = ln_a(seqs)
+            out, _ = attn(q, seqs, seqs, attn_mask=attention_mask)
+            seqs = ln_f(q + out)
+            seqs = seqs + ff(seqs)
+        elif wiring == "pre-ln":
+            x = ln_a(seqs)
+            out, _ = attn(x, x, x, attn_mask=attention_mask)
+            seqs = seqs + out
+            seqs = seqs + ff(ln_f(seqs))
+        else:
+            out, _ = attn(seqs, seqs, seqs, attn_mask=attention_mask)
+            seqs = ln_a(seqs + out)
+            seqs = ln_f(seqs + ff(seqs))
+    return m.last_layernorm(seqs)
+
+
+@pytest.mark.parametrize("wiring", ["post-ln", "pre-ln", "pmixer-2020"])
+def test_sasrec_attending_padding_equals_pmixer_on_padded_histories(seq_data, wiring):
+    fam, m = fresh("sasrec", seq_data, wiring=wiring, attend_padding=True)
+    seq = full_history(seq_data).clone()
+    seq[0, :5], seq[1, :11], seq[2, :3] = 0, 0, 0  # left padding of several lengths
+    cand = torch.tensor([[3, 7, 150]]).expand(len(seq), -1)
+    with torch.no_grad():
+        h = pmixer_log2feats(m, seq, wiring)[:, -1]
+        assert torch.allclose(m(seq, cand), (m.tables["item"].weight[cand] * h.unsqueeze(1)).sum(-1), atol=1e-5)
+        masked = fam.build(fam.new_spec(seq_data, {"dim": 16, "heads": 2, "max_len": 12, "wiring": wiring}),
+                           dict(m.tables.items()))
+        masked.load_state_dict(m.state_dict())
+        assert not torch.allclose(masked.eval()(seq, cand)[:3], m(seq, cand)[:3], atol=1e-3)  # padding matters there
+
+
 def gr_relative_bias(w, n):
     """generative-recommenders' pad-and-repeat construction of the relative position bias, verbatim in math."""
     t = F.pad(w[: 2 * n - 1], [0, n]).repeat(n)

@@ -39,6 +39,7 @@ class Found:
     sources: dict[str, str] = field(default_factory=dict)
     missing: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> the values it may take
     why_missing: dict[str, str] = field(default_factory=dict)
+    like: dict[str, Any] = field(default_factory=dict)  # for a missing value without choices: an example of its type
     notes: list[str] = field(default_factory=list)
     upstream: bool = True  # False for recompress's own checkpoints, whose spec records everything
     provenance: dict[str, Any] = field(default_factory=dict)  # what the checkpoint says of itself (metrics...)
@@ -48,9 +49,12 @@ class Found:
         assert source.split(":")[0] in SOURCES, source
         self.hparams[key], self.sources[key] = value, source
 
-    def need(self, key: str, choices: tuple[str, ...], why: str) -> None:
-        """A hyper-parameter nothing in the checkpoint gives; the user must pass ``--hp key=VALUE``."""
+    def need(self, key: str, choices: tuple[str, ...], why: str, like: Any = None) -> None:
+        """A hyper-parameter nothing in the checkpoint gives; the user must pass ``--hp key=VALUE`` (one of
+        ``choices``, or a value of ``like``'s type)."""
         self.missing[key], self.why_missing[key] = choices, why
+        if like is not None:
+            self.like[key] = like
 
     def apply(self, user: dict[str, str]) -> Found:
         """Take the user's ``--hp`` values (they win over anything found), typed like the values they replace."""
@@ -60,7 +64,7 @@ class Found:
                 raise UserError(f"--hp {key}: {self.format} checkpoints have no hyper-parameter {key!r}",
                                 f"known: {', '.join(known)}")
             choices = self.missing.get(key)
-            value = _typed(key, text, self.hparams.get(key), choices)
+            value = _typed(key, text, self.hparams.get(key, self.like.get(key)), choices)
             self.missing.pop(key, None)
             self.set(key, value, "user")
         return self

@@ -62,13 +62,17 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, form: st
     return weights @ v
 
 
-def multihead(layer: nn.MultiheadAttention, x: Tensor, allowed: Tensor, form: str) -> Tensor:
-    """``nn.MultiheadAttention(x, x, x)`` (self-attention, batch first) with its own parameters and the
-    attention written in ``form``; ``allowed`` is ``[B, L, L]``. In training the attention dropout is the
-    layer's, drawn as the layer draws it."""
+def multihead(layer: nn.MultiheadAttention, x: Tensor, allowed: Tensor, form: str, kv: Tensor | None = None) -> Tensor:
+    """``nn.MultiheadAttention(x, kv, kv)`` (batch first; ``kv`` defaults to ``x``: self-attention) with its own
+    parameters and the attention written in ``form``; ``allowed`` is ``[B, L, L]``. In training the attention
+    dropout is the layer's, drawn as the layer draws it."""
     b, n, d = x.shape
     heads = layer.num_heads
-    q, k, v = F.linear(x, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
+    if kv is None:
+        q, k, v = F.linear(x, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
+    else:  # queries from x, keys and values from kv (SASRec.pytorch's 2020 blocks)
+        (wq, wkv), (bq, bkv) = layer.in_proj_weight.split([d, 2 * d]), layer.in_proj_bias.split([d, 2 * d])
+        q, (k, v) = F.linear(x, wq, bq), F.linear(kv, wkv, bkv).chunk(2, dim=-1)
     q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
     out = softmax_attention(q, k, v, allowed.unsqueeze(1), form,
                             layer.dropout if layer.training else 0.0)

@@ -2,10 +2,16 @@
 
 Item rows times sqrt(d) plus learned positions (slot 1..L, 0 for padding), dropout, then ``blocks`` of
 causal softmax self-attention (``nn.MultiheadAttention``) and a point-wise feed-forward (two width-d
-layers with ReLU and dropout), each with a residual and layer norm (eps 1e-8) after it, or before it with
-``norm_first``; a final layer norm. The item table scores the output (tied): score(c) = h_L . e_c.
-Padded positions are masked out as keys and zeroed after every block, so the padding row's content never
-matters (it would for hashed or quantized item tables).
+layers with ReLU and dropout), wired one of three ways (``wiring``): ``post-ln`` (residual, then layer
+norm: SASRec.pytorch's default since 2025-05), ``pre-ln`` (its ``--norm_first``), or ``pmixer-2020`` (its
+blocks until 2025-05: queries from the layer-normed input, keys and values from the input itself, a
+residual from the normed queries, then a layer norm and the feed-forward with its own residual); layer
+norms use eps 1e-8; a final layer norm. The item table scores the output (tied): score(c) = h_L . e_c.
+
+Padding: by default padded positions are masked out as keys and zeroed after every block, so the padding
+row's content never matters (it would for hashed or quantized item tables). SASRec.pytorch does neither
+(``attend_padding``): its padded positions start at zero, attend causally like any other, and real
+positions attend to them; a model it trained is read with ``attend_padding`` so it scores as it did there.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from .sequential import (
     item_embed,
     positions,
 )
+
+
+WIRINGS = ("post-ln", "pre-ln", "pmixer-2020")
 
 
 class FeedForward(nn.Module):
@@ -61,6 +70,10 @@ class SASRec(nn.Module):
         self.forward_layers = nn.ModuleList(FeedForward(d, p) for _ in range(blocks))
         self.last_layernorm = nn.LayerNorm(d, eps=1e-8)
         self.attention = self.attention_forms[0]
+        self.wiring = hparams.get("wiring") or ("pre-ln" if hparams.get("norm_first") else "post-ln")
+        if self.wiring not in WIRINGS:
+            raise ValueError(f"unknown SASRec wiring {self.wiring!r}")
+        self.attend_padding = bool(hparams.get("attend_padding"))
 
     def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """``[B, L]`` item ids (0 = padding) -> ``[B, L, d]``: position i has read items up to i."""
@@ -68,16 +81,21 @@ class SASRec(nn.Module):
         real = (history > 0).unsqueeze(-1).to(torch.float32)
         x = item_embed(self, history) * math.sqrt(d) + self.tables["position"].lookup(positions(history))
         x = self.emb_dropout(x) * real
-        allowed = causal_mask(history)
+        allowed = causal_mask(history, with_padding=self.attend_padding)
         for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
                                          self.forward_layers):
-            if self.hparams["norm_first"]:
+            if self.wiring == "pre-ln":
                 x = x + multihead(attn, ln_a(x), allowed, self.attention)
                 x = x + ffn(ln_f(x))
-            else:
+            elif self.wiring == "post-ln":
                 x = ln_a(x + multihead(attn, x, allowed, self.attention))
                 x = ln_f(x + ffn(x))
-            x = x * real
+            else:
+                q = ln_a(x)
+                x = ln_f(q + multihead(attn, q, allowed, self.attention, kv=x))
+                x = x + ffn(x)
+            if not self.attend_padding:
+                x = x * real
         return self.last_layernorm(x)
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:

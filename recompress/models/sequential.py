@@ -86,10 +86,13 @@ def per_candidate(t: Tensor, m: int) -> Tensor:
     return t.unsqueeze(1).expand(b, m, length).reshape(b * m, length)
 
 
-def causal_mask(history: Tensor) -> Tensor:
-    """``[B, L, L]`` True where query i may attend key j: j <= i and j real (a padded query sees only itself)."""
+def causal_mask(history: Tensor, with_padding: bool = False) -> Tensor:
+    """``[B, L, L]`` True where query i may attend key j: j <= i and j real (a padded query sees only itself),
+    or, ``with_padding``, every j <= i (SASRec.pytorch's mask)."""
     length = history.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=history.device).tril()
+    if with_padding:
+        return causal.expand(history.shape[0], length, length)
     real = (history > 0).unsqueeze(1)
     return causal & (real | torch.eye(length, dtype=torch.bool, device=history.device))
 

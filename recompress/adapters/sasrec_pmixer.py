@@ -1,0 +1,125 @@
+"""pmixer/SASRec.pytorch checkpoints: a bare state dict saved as
+``SASRec.epoch=E.lr=R.layer=B.head=H.hidden=D.maxlen=L.pth``, next to the ``args.txt`` its ``main.py``
+writes (``key,value`` lines). Shapes give the width, blocks, items and window; the heads come from the file
+name or args.txt; the block wiring from args.txt (``norm_first`` since 2025-05, absent before: the 2020
+wiring). Its forward attends to the left padding, so the model is read with ``attend_padding``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recompress.blockfile import check_finite
+from recompress.checkpoint import Checkpoint
+from recompress.errors import UserError
+from recompress.families import get_family
+from recompress.spec import ModelSpec, TableSpec
+from recompress.tables import DenseTable
+
+from .found import Found, FoundTable
+from .torch_files import indexed, state_dict_of
+
+NAME = "sasrec.pytorch"
+LAYOUT = "a pmixer/SASRec.pytorch state dict (item_emb, pos_emb, attention_layers...), SASRec.epoch=...pth"
+CHECKED = {"dim": ("hidden", "hidden_units"), "blocks": ("layer", "num_blocks"), "max_len": ("maxlen", "maxlen")}
+DEFAULT_DROPOUT = 0.2  # main.py's --dropout_rate default
+
+
+def sniff(path: Path, obj: Any) -> bool:
+    sd = state_dict_of(obj) if obj is not None else None
+    return bool(sd) and "item_emb.weight" in sd and "attention_layers.0.in_proj_weight" in sd
+
+
+def file_name_hparams(path: Path) -> dict[str, str]:
+    """``SASRec.epoch=1000.lr=0.001.layer=2...pth`` -> {"epoch": "1000", "lr": "0.001", ...}."""
+    return dict(re.findall(r"(\w+)=([-+\w]+(?:\.\d+(?:e[-+]?\d+)?)?)(?=\.\w+=|\.pth$|\.pt$|$)", path.name))
+
+
+def sidecar(path: Path) -> dict[str, str]:
+    """SASRec.pytorch's ``args.txt`` beside the checkpoint, if it is there."""
+    args = path.parent / "args.txt"
+    if not args.is_file():
+        return {}
+    out = {}
+    for line in args.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition(",")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def describe(path: Path, obj: Any) -> Found:
+    sd = state_dict_of(obj)
+    assert sd is not None
+    item, pos = sd["item_emb.weight"], sd.get("pos_emb.weight")
+    if pos is None or item.dim() != 2 or pos.dim() != 2 or pos.shape[1] != item.shape[1]:
+        raise UserError(f"{path}: item_emb/pos_emb are missing or disagree in width", "is this a SASRec.pytorch model?")
+    d, blocks = int(item.shape[1]), len(indexed(sd, "attention_layers", ".in_proj_weight"))
+    named, args = file_name_hparams(path), sidecar(path)
+    max_len = int(pos.shape[0]) - 1
+    if str(max_len + 1) in (named.get("maxlen"), args.get("maxlen")):
+        raise UserError(f"{path}: pos_emb has maxlen = {max_len + 1} rows, the layout of SASRec.pytorch before "
+                        "commit 33bc1d8 (2024-06-25), whose positions count from 0 with no padding row",
+                        "re-save it with current SASRec.pytorch, or train again")
+    tables = [FoundTable("item", int(item.shape[0]), d, str(item.dtype).removeprefix("torch."),
+                         item.numel() * item.element_size(), role="item", parts=("item_emb.weight",)),
+              FoundTable("position", int(pos.shape[0]), d, str(pos.dtype).removeprefix("torch."),
+                         pos.numel() * pos.element_size(), role="position", parts=("pos_emb.weight",))]
+    found = Found(NAME, "sasrec", tables, build=lambda hp: _build(hp, sd, str(path)))
+    for key, value in (("dim", d), ("blocks", blocks), ("max_len", max_len), ("num_items", int(item.shape[0]) - 1)):
+        found.set(key, value, "shapes")
+    for key, (in_name, in_args) in CHECKED.items():
+        for src, told in (("file name", named.get(in_name)), ("args.txt", args.get(in_args))):
+            if told is not None and told != str(found.hparams[key]):
+                raise UserError(f"{path}: the {src} says {key} = {told}, the tensors' shapes say {found.hparams[key]}",
+                                "the file was renamed or args.txt belongs to another run")
+    heads = named.get("head") or args.get("num_heads")
+    if heads is not None:
+        found.set("heads", int(heads), "file name" if named.get("head") else "sidecar: args.txt")
+    else:
+        found.need("heads", (), "SASRec.pytorch stores the number of heads only in its file name and args.txt", like=1)
+    if "norm_first" in args:
+        found.set("wiring", "pre-ln" if args["norm_first"] == "True" else "post-ln", "sidecar: args.txt")
+    elif args:
+        found.set("wiring", "pmixer-2020", "sidecar: args.txt")  # written before --norm_first existed
+    else:
+        found.need("wiring", ("post-ln", "pre-ln", "pmixer-2020"),
+                   "its keys are the same in every version; the wiring is only in args.txt (norm_first, since "
+                   "2025-05; files from before use pmixer-2020)")
+    found.set("dropout", float(args.get("dropout_rate", DEFAULT_DROPOUT)),
+              "sidecar: args.txt" if "dropout_rate" in args else "default")
+    found.set("attend_padding", True, "default")
+    for k in ("epoch", "lr"):
+        if k in named:
+            found.notes.append(f"file name: {k} = {named[k]}")
+    return found
+
+
+def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Checkpoint:
+    fam = get_family("sasrec")
+    if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
+        raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
+    params = fam.hparams({k: hp[k] for k in ("dim", "blocks", "heads", "max_len", "dropout", "wiring",
+                                              "attend_padding")})
+    params.update(num_items=hp["num_items"], has_times=False, tied_output=True)
+    spec = ModelSpec(family="sasrec", hparams=params, tables=[
+        TableSpec("item", hp["num_items"] + 1, hp["dim"], role="item"),
+        TableSpec("position", hp["max_len"] + 1, hp["dim"], role="position")])
+    state = {}
+    for k, v in sd.items():
+        check_finite(k, v, where)
+        key = {"item_emb.weight": "tables.item.weight", "pos_emb.weight": "tables.position.weight"}.get(k, k)
+        state[key] = v.squeeze(-1) if re.fullmatch(r"forward_layers\.\d+\.conv\d\.weight", k) else v  # Conv1d k=1
+    model = fam.build(spec, {"item": DenseTable(hp["num_items"] + 1, hp["dim"]),
+                             "position": DenseTable(hp["max_len"] + 1, hp["dim"])})
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{where} does not fit SASRec with these hyper-parameters ({first})",
+                        "check --hp values against 'recompress inspect'") from None
+    return Checkpoint(model.eval(), spec)
