@@ -32,6 +32,14 @@ class Group(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            self._run(args, prog_name, complete_var, **extra)
+        except SystemExit as e:
+            from .distributed import exit_process
+            exit_process(e.code)  # under torchrun: without the interpreter's finalization (see there)
+            raise
+
+    def _run(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> None:
         Group.argv = list(sys.argv[1:] if args is None else args)
         try:
             try:
@@ -269,8 +277,12 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
               help="lines: 'u i1 i2 ...'; pairs: 'u i' per line in time order; recbole: an atomic .inter file; "
                    "movielens: ratings.csv (default: detected from the first lines)")
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
-@click.option("--min-items", default=3, show_default=True, help="drop users with fewer interactions (3 is what "
-              "leave-one-out needs)")
+@click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "
+              "leave-one-out needs; 4 with --layout sasrec]")
+@click.option("--layout", type=click.Choice(["recompress", "sasrec"]), default="recompress", show_default=True,
+              help="whose ids, users and sampled negatives: recompress (ids numbered by first appearance) or sasrec "
+                   "(SASRec.pytorch's data_partition and evaluate: the file's own ids, users with 4+ items, negatives "
+                   "not in the user's training items), to evaluate a model SASRec.pytorch trained on this file")
 @OVERWRITE
 def data_sequences(source: str, out: str, fmt: str | None, **kw: Any) -> None:
     """Read item sequences (one per user) into a leave-one-out dataset: the last item is the test target,

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from .errors import UserError
 
 T = TypeVar("T")
+_joined = False  # whether this process joined a process group (see exit_process)
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long for a slow peer (e.g. rank 0 validating)
 
 
@@ -63,6 +64,8 @@ def join(command: str, allowed: Sequence[str]) -> None:
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
+    global _joined
+    _joined = True
     signal.signal(signal.SIGTERM, _terminated)
 
 
@@ -76,6 +79,19 @@ def leave() -> None:
     if dist.is_initialized():
         _collective(dist.barrier)
         dist.destroy_process_group()
+
+
+def exit_process(code: Any) -> None:
+    """Under torchrun, end this rank's process now with ``code`` (SystemExit's), its output flushed and
+    written files closed, skipping the interpreter's finalization: gloo's threads can still hold tensors
+    then, and destroying them aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#190489) even after the process group was closed. No-op unless this process joined one."""
+    if not _joined:
+        return
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def _collective(fn: Callable[[], T]) -> T:

@@ -158,19 +158,23 @@ def test_after_a_lost_peer_or_a_first_sigterm_a_rank_cleans_up_without_interrupt
 
 
 LEAVES = """
-import sys
+import os, sys
 import torch.distributed as dist
+real_exit = os._exit
+def _exit(code):
+    print(f"exit {code}, process group open: {dist.is_initialized()}", flush=True)
+    real_exit(code)
+os._exit = _exit
 from recompress.cli import main
-try:
-    main(sys.argv[1:], prog_name="recompress")
-except SystemExit as e:
-    print(f"exit {e.code}, process group open: {dist.is_initialized()}")
+main(sys.argv[1:], prog_name="recompress")
 """
 
 
 def test_a_run_that_succeeds_closes_its_process_group_before_exit(work, tmp_path):
-    # A rank that exits with its gloo process group still open can abort in the interpreter's finalization
-    # ("terminate called without an active exception", pytorch/pytorch#190489; seen in CI here).
+    # A rank that exits through the interpreter's finalization can abort there, with its gloo process group
+    # open or even closed ("terminate called without an active exception", pytorch/pytorch#190489; seen in CI
+    # here and, after closing the group, in 1 of 12 runs on a loaded machine): ranks leave the group, then
+    # exit without finalization.
     (tmp_path / "leave.py").write_text(LEAVES)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "leave.py"),
            "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "3", "-o", str(tmp_path / "ck")]
