@@ -44,8 +44,9 @@ def results_table(r: dict[str, Any]) -> Table:
     t = Table(title=f"{r['artifact']['path']} on {d['path']}" + (" [SYNTHETIC data]" if d["synthetic"] else ""))
     t.add_column("metric")
     t.add_column("value", justify="right")
-    where = "test" if d.get("protocol") in (None, "pointwise") else \
-        f"test, {d['protocol']} ranking" + (f" vs {d['negatives']} negatives" if d.get("negatives") else "")
+    split = d.get("split", "test")
+    where = split if d.get("protocol") in (None, "pointwise") else \
+        f"{split}, {d['protocol']} ranking" + (f" vs {d['negatives']} negatives" if d.get("negatives") else "")
     for backend, a in r["accuracy"].items():
         for name, v in a.items():
             if name in METRICS:
@@ -78,8 +79,9 @@ def results_table(r: dict[str, Any]) -> Table:
 
 def paired_delta(new: dict[str, Any], base: dict[str, Any], labels: np.ndarray | None) -> dict[str, Any]:
     """Paired-bootstrap Δ of the primary metric of two results files on the same test rows."""
-    for key in ("fingerprint", "rows", "protocol", "negatives", "users"):
-        if new["data"].get(key) != base["data"].get(key):
+    rows = lambda r, key: r["data"].get(key, "test" if key == "split" else None)  # results before --split: test
+    for key in ("fingerprint", "split", "rows", "protocol", "negatives", "users"):
+        if rows(new, key) != rows(base, key):
             raise UserError(f"the baseline was evaluated on other rows ({key} {base['data'].get(key)} vs "
                             f"{new['data'].get(key)})", "compare results computed on the same dataset and protocol")
     if not new.get("predictions") or not base.get("predictions"):

@@ -61,7 +61,7 @@ def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any]
 def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
              repeats: int = 200, latency: bool = True, protocol: str | None = None, negatives: int = 100,
              users: int | None = None, candidates: int | None = None, attention: str | None = None,
-             hp: dict[str, str] | None = None) -> dict[str, Any]:
+             hp: dict[str, str] | None = None, split: str = "test") -> dict[str, Any]:
     """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
     path = Path(path)
     predictors: list[Predictor] = []
@@ -98,15 +98,15 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
                         f"run {data.num_items + 1:,} histories per test user",
                         "evaluate it with --protocol sampled --users N, or evaluate the model's amortized export "
                         "where it has one")
-    scored: dict[str, Scored] = {p.name: score(family, p, spec.hparams, data, "test", protocol, negatives=negatives,
-                                              users=users, desc=f"scoring test ({p.name}, {protocol})")
+    scored: dict[str, Scored] = {p.name: score(family, p, spec.hparams, data, split, protocol, negatives=negatives,
+                                              users=users, desc=f"scoring {split} ({p.name}, {protocol})")
                                  for p in predictors}
     first = scored[predictors[0].name]
     results: dict[str, Any] = {
         "artifact": {"path": str(path), "kind": kind},
         "model": {"family": spec.family, "emb_dim": spec.hparams.get("emb_dim", spec.hparams.get("dim")),
                   "methods": [h.get("method") for h in spec.history]},
-        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": "test", "rows": len(first.values),
+        "data": {"path": str(data.path), "fingerprint": data.fingerprint, "split": split, "rows": len(first.values),
                  "protocol": protocol, "negatives": negatives if protocol == "sampled" else None, "users": users,
                  "synthetic": bool(data.meta.get("synthetic"))},
         "primary": family.primary,
@@ -141,4 +141,5 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
 
 def test_truth(results: dict[str, Any], data: Any) -> np.ndarray | None:
     """The labels a ``scores`` record is paired on (ranks records carry their own truth)."""
-    return np.asarray(data.arrays("test")[2]) if results["predictions"]["kind"] == "scores" else None
+    split = results["data"].get("split", "test")
+    return np.asarray(data.arrays(split)[2]) if results["predictions"]["kind"] == "scores" else None

@@ -279,10 +279,13 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
 @click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "
               "leave-one-out needs; 4 with --layout sasrec]")
-@click.option("--layout", type=click.Choice(["recompress", "sasrec"]), default="recompress", show_default=True,
-              help="whose ids, users and sampled negatives: recompress (ids numbered by first appearance) or sasrec "
-                   "(SASRec.pytorch's data_partition and evaluate: the file's own ids, users with 4+ items, negatives "
-                   "not in the user's training items), to evaluate a model SASRec.pytorch trained on this file")
+@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole"]), default="recompress",
+              show_default=True,
+              help="whose ids, order and evaluation rules, to evaluate a model another trainer made on this file: "
+                   "recompress (ids numbered by first appearance); sasrec (SASRec.pytorch's data_partition and "
+                   "evaluate: the file's own ids, users with 4+ items, negatives not in the user's training items); "
+                   "recbole (RecBole's atomic-file pipeline: ids by first appearance in the file, its float32 time "
+                   "order, full ranking over every item)")
 @OVERWRITE
 def data_sequences(source: str, out: str, fmt: str | None, **kw: Any) -> None:
     """Read item sequences (one per user) into a leave-one-out dataset: the last item is the test target,
@@ -510,6 +513,9 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @click.option("--repeats", default=200, show_default=True, help="timed rounds per batch size (every backend once "
               "per round; up to 4x more while the machine is noisy)")
 @click.option("--no-latency", is_flag=True, help="accuracy and bytes only")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="the split whose accuracy is measured (val: e.g. to compare with the validation score a trainer "
+                   "printed or stored)")
 @click.option("--protocol", type=click.Choice(["full", "sampled", "pointwise"]), default=None,
               help="sequential models: rank the next item among all items (full) or among --negatives sampled ones "
                    "(default: the family's; sasrec/hstu full, ranker sampled)")
@@ -525,9 +531,9 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
               help="results JSON of the baseline to compare with (this run is 'new')")
 @HP
 def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
-             protocol: str | None, negatives: int, users: int | None, candidates: int | None, attention: str | None,
-             json_out: str | None, compare: str | None, hp: tuple[str, ...]) -> None:
-    """Accuracy (test split), bytes and latency of a checkpoint or an export folder."""
+             split: str, protocol: str | None, negatives: int, users: int | None, candidates: int | None,
+             attention: str | None, json_out: str | None, compare: str | None, hp: tuple[str, ...]) -> None:
+    """Accuracy (test split, or --split val), bytes and latency of a checkpoint or an export folder."""
     from .outputs import check_output
     if json_out:
         check_output(json_out, kind="file", inputs=[source, data_path, compare])
@@ -552,7 +558,7 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
     from .evaluate.run import test_truth
     r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
                  latency=not no_latency, protocol=protocol, negatives=negatives, users=users, candidates=candidates,
-                 attention=attention, hp=overrides)
+                 attention=attention, hp=overrides, split=split)
     echo_table(results_table(r))
     if base is not None:
         delta = paired_delta(r, base, test_truth(r, data))

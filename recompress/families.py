@@ -80,7 +80,13 @@ declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the his
                                              "pmixer-2020 is SASRec.pytorch's before 2025-05", None,
                               ("post-ln", "pre-ln", "pmixer-2020")),
                         Param("attend_padding", bool, "sasrec: let positions attend to the left padding and keep it "
-                                                      "unmasked, as SASRec.pytorch does", False))))
+                                                      "unmasked, as SASRec.pytorch does", False),
+                        Param("flavor", str, "sasrec: sasrec.pytorch's layout, or RecBole's (input layer norm, positions "
+                                             "from the first item, no final norm)", "sasrec.pytorch",
+                              ("sasrec.pytorch", "recbole")),
+                        Param("ffn_dim", int, "sasrec: feed-forward inner width (default: dim)", None),
+                        Param("activation", str, "sasrec: feed-forward activation", "relu", ("relu", "gelu")),
+                        Param("ln_eps", float, "sasrec: layer norm epsilon", 1e-8))))
 declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},

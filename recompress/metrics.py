@@ -90,6 +90,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     *[Metric(f"ndcg@{k}", "ranks", True, f"NDCG@{k} of the next item (one relevant item per user)", _ndcg(k))
       for k in (10, 20)],
     Metric("mrr", "ranks", True, "mean reciprocal rank of the next item", lambda n, r: 1.0 / (np.asarray(r) + 1.0)),
+    Metric("mrr@10", "ranks", True, "mean reciprocal rank of the next item, 0 below the top 10 (RecBole's MRR@10)",
+           lambda n, r: np.where(np.asarray(r) < 10, 1.0 / (np.asarray(r) + 1.0), 0.0)),
     Metric("uauc", "ranks", True, "per-user AUC of the next item against the other candidates",
            lambda n, r: 1.0 - np.asarray(r, np.float64) / np.maximum(np.asarray(n) - 1, 1)),
 ]}

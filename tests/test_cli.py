@@ -132,9 +132,11 @@ def test_wrong_columns_data_file(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_ids_out_of_range(workdir, tmp_path):
-    bigger = make_synthetic(tmp_path / "big", samples=300, table_rows=[5000, 200, 40, 7], seed=1)
-    assert_user_error(cli("evaluate", workdir, "--data", bigger, "--no-latency"), "ids out of range")
+@pytest.mark.parametrize("rows", [5000, 799])  # more ids than rows (out of range), and fewer: another vocabulary
+def test_a_vocabulary_that_does_not_match_the_tables_is_refused(workdir, tmp_path, rows):
+    other = make_synthetic(tmp_path / "other", samples=300, table_rows=[rows, 200, 40, 7], seed=1)
+    assert_user_error(cli("evaluate", workdir, "--data", other, "--no-latency"),
+                      f"table C1 has 800 rows but the dataset's sparse feature 1 has a vocabulary of {rows:,}")
 
 
 def test_existing_output_not_overwritten(workdir, tiny_data, tmp_path):

@@ -150,3 +150,35 @@ def test_ranking_metrics_against_their_definitions():
     assert METRICS["ndcg@10"].value(n, r) == pytest.approx((1 + 1 / np.log2(5) + 1 / np.log2(11)) / 5)
     assert METRICS["mrr"].value(n, r) == pytest.approx(np.mean(1 / (r + 1)))
     assert METRICS["uauc"].value(n, r) == pytest.approx(np.mean(1 - r / 100))
+
+
+def test_sasrec_layout_keeps_the_files_ids_and_users_with_four_items(tmp_path):
+    """SASRec.pytorch's data_partition: item N is row N (max id + 1 rows), users with fewer than 4
+    interactions are train-only there, so they are not evaluated here."""
+    rows = {1: [5, 9, 2, 7, 9], 2: [3, 4, 5], 3: [9, 1, 8, 2], 4: [12, 2, 3, 5, 6, 7]}
+    (tmp_path / "Video.txt").write_text("".join(f"{u} {i}\n" for u, items in rows.items() for i in items))
+    d = open_dataset(prepare_sequences(tmp_path / "Video.txt", tmp_path / "d", layout="sasrec"))
+    assert d.num_items == 12 and d.num_users == 3 and d.meta["dropped_users"] == 1
+    for u, items in enumerate([rows[1], rows[3], rows[4]]):  # the file's ids, in the file's order
+        assert np.asarray(d.items[d.offsets[u]:d.offsets[u + 1]]).tolist() == items
+    ours = open_dataset(prepare_sequences(tmp_path / "Video.txt", tmp_path / "o"))
+    assert ours.num_items == 10 and ours.num_users == 4  # numbered by first appearance; 3 items suffice
+    with pytest.raises(UserError, match="--min-items 2 leaves users"):
+        prepare_sequences(tmp_path / "Video.txt", tmp_path / "x", min_items=2)
+    (tmp_path / "named.txt").write_text("u1 a\nu1 b\nu1 c\nu1 d\n")
+    with pytest.raises(UserError, match="item ids are not all integers"):
+        prepare_sequences(tmp_path / "named.txt", tmp_path / "y", layout="sasrec")
+
+
+def test_sasrec_layout_draws_negatives_outside_the_training_items_only(tmp_path):
+    from recompress.families import get_family
+    # user 1: train [1, 2], validation 3, test 4; user 2 has items 5..30
+    (tmp_path / "s.txt").write_text("1 1\n1 2\n1 3\n1 4\n" + "".join(f"2 {i}\n" for i in range(5, 31)))
+    fam = get_family("sasrec")
+    drawn = {}
+    for layout in ("sasrec", "recompress"):
+        d = open_dataset(prepare_sequences(tmp_path / "s.txt", tmp_path / layout, layout=layout, fmt="pairs"))
+        (inputs, _), = fam.eval_batches({"max_len": 4}, d, "test", "sampled", negatives=100)
+        drawn[layout] = set(inputs["candidates"][0, 1:].tolist())
+    assert {3, 4} <= drawn["sasrec"] and not drawn["sasrec"] & {1, 2}  # SASRec.pytorch: anything not in train[u]
+    assert drawn["recompress"] <= set(range(5, 31))  # ours: items the user never had

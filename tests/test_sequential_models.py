@@ -402,7 +402,7 @@ def test_bad_pairings_of_models_and_data(seq_data, sasrec_ckpt, tiny_data, tiny_
     with pytest.raises(UserError, match="needs a ctr dataset"):
         get_family("dlrm").check(load_checkpoint(tiny_ckpt).spec, seq_data)
     bigger = open_dataset(make_synthetic_sequences(tmp_path / "big", users=50, items=400, clusters=4, seed=3))
-    with pytest.raises(UserError, match=r"the dataset has \d\d\d items but the model's item table has 150"):
+    with pytest.raises(UserError, match=r"the model's item table has 151 rows \(150 items and padding\) but the dataset has \d\d\d items"):
         fam.check(load_checkpoint(sasrec_ckpt).spec, bigger)
     with pytest.raises(UserError, match="--heads 3 is impossible"):
         fam.new_spec(seq_data, {"dim": 16, "heads": 3})

@@ -5,10 +5,14 @@ contradict themselves."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from recompress.adapters import describe, load_any
@@ -113,6 +117,16 @@ def test_sasrec_pytorch_evaluates_compresses_and_exports(seq_data, tmp_path):  #
     assert spec["provenance"]["source_format"] == "sasrec.pytorch" and spec["hparams"]["attend_padding"] is True
 
 
+def test_a_model_is_not_scored_on_a_dataset_with_other_items(seq_data, tmp_path):  # noqa: F811
+    from recompress.data.synthetic_sequences import make_synthetic_sequences
+    _, m = fresh("sasrec", seq_data)
+    path = write_pmixer(tmp_path / "run", m, {"norm_first": "False"})
+    other = make_synthetic_sequences(tmp_path / "other", users=100, items=149, clusters=4, mean_len=8, seed=0)
+    res = cli("evaluate", path, "--data", other, "--no-latency")
+    assert res.exit_code == 2 and "item table has 151 rows (150 items and padding) but the dataset has" \
+        in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.shared_data
 def test_the_real_sasrec_pytorch_checkpoint():
     path = shared_path("fixtures/checkpoints/SASRec.epoch=1000.lr=0.001.layer=2.head=1.hidden=50.maxlen=200.pth")
@@ -124,3 +138,131 @@ def test_the_real_sasrec_pytorch_checkpoint():
     sd = torch.load(path, weights_only=True, map_location="cpu")  # saved from CUDA tensors
     assert torch.equal(ck.model.tables["item"].weight, sd["item_emb.weight"])
     assert torch.equal(ck.model.forward_layers[1].conv2.weight, sd["forward_layers.1.conv2.weight"][..., 0])
+
+
+def recbole_forward(sd, item_seq, heads, eps):
+    """RecBole's SASRec.forward from its formulas: right-padded ``item_seq``, positions 0..L-1, input layer
+    norm, post-LN layers with separate query/key/value, an additive -10000 mask, GELU; the state at
+    item_seq_len - 1."""
+    n = item_seq.shape[1]
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
+    lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+    x = ln(sd["item_embedding.weight"][item_seq] + sd["position_embedding.weight"][torch.arange(n)], "LayerNorm")
+    mask = torch.tril((item_seq != 0)[:, None, None, :].expand(-1, -1, n, -1))
+    add = torch.where(mask, 0.0, -10000.0)
+    i = 0
+    while f"trm_encoder.layer.{i}.multi_head_attention.query.weight" in sd:
+        a, f = f"trm_encoder.layer.{i}.multi_head_attention.", f"trm_encoder.layer.{i}.feed_forward."
+        split = lambda t: t.view(t.shape[0], n, heads, -1).permute(0, 2, 1, 3)
+        q, k, v = (split(lin(x, a + w)) for w in ("query", "key", "value"))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5) + add, -1)
+        ctx = (probs @ v).permute(0, 2, 1, 3).reshape(x.shape)
+        x = ln(lin(ctx, a + "dense") + x, a + "LayerNorm")
+        h = lin(x, f + "dense_1")
+        x = ln(lin(h * 0.5 * (1.0 + torch.erf(h / 2 ** 0.5)), f + "dense_2") + x, f + "LayerNorm")
+        i += 1
+    lengths = (item_seq != 0).sum(1)
+    return x[torch.arange(len(x)), lengths - 1]
+
+
+def write_recbole(path: Path, sd: dict[str, torch.Tensor], config: dict, monkeypatch) -> Path:
+    """A RecBole _save_checkpoint dict with its Config object (recbole itself is not installed)."""
+    mods = {n: types.ModuleType(n) for n in ("recbole", "recbole.config", "recbole.config.configurator")}
+
+    class Config:
+        def __init__(self):
+            self.final_config_dict = dict(config)
+    Config.__module__, Config.__qualname__ = "recbole.config.configurator", "Config"
+    mods["recbole.config.configurator"].Config = Config
+    with monkeypatch.context() as m:
+        for n, mod in mods.items():
+            m.setitem(sys.modules, n, mod)
+        torch.save({"config": Config(), "epoch": 3, "cur_step": 12, "best_valid_score": np.float64(0.1234),
+                    "state_dict": sd, "other_parameter": {}, "optimizer": {}}, path, pickle_protocol=4)
+    return path
+
+
+def recbole_state(d=16, inner=24, items=151, length=12, blocks=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3
+    sd = {"item_embedding.weight": r(items, d), "position_embedding.weight": r(length, d),
+          "LayerNorm.weight": 1 + r(d), "LayerNorm.bias": r(d)}
+    for i in range(blocks):
+        a, f = f"trm_encoder.layer.{i}.multi_head_attention.", f"trm_encoder.layer.{i}.feed_forward."
+        for w in ("query", "key", "value", "dense"):
+            sd[a + w + ".weight"], sd[a + w + ".bias"] = r(d, d), r(d)
+        sd[f + "dense_1.weight"], sd[f + "dense_1.bias"] = r(inner, d), r(inner)
+        sd[f + "dense_2.weight"], sd[f + "dense_2.bias"] = r(d, inner), r(d)
+        for p in (a, f):
+            sd[p + "LayerNorm.weight"], sd[p + "LayerNorm.bias"] = 1 + r(d), r(d)
+    return sd
+
+
+RECBOLE_CONFIG = {"model": "SASRec", "dataset": "syn", "n_layers": 2, "n_heads": 2, "hidden_size": 16, "inner_size": 24,
+                  "MAX_ITEM_LIST_LENGTH": 12, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.5,
+                  "valid_metric": "MRR@10"}
+
+
+def test_recbole_sasrec_scores_as_recboles_forward(seq_data, tmp_path, monkeypatch):  # noqa: F811
+    sd = recbole_state()
+    path = write_recbole(tmp_path / "SASRec-Dec-06-2026_10-00-00.pth", sd, RECBOLE_CONFIG, monkeypatch)
+    found = describe(path)
+    assert found.format == "recbole" and found.sources["heads"] == "checkpoint" and found.hparams["ffn_dim"] == 24
+    ck = load_any(path)
+    right = full_history(seq_data).clone()  # RecBole's right-padded sequences of several lengths
+    lengths = [12, 7, 3, 1, 12, 9]
+    for r, n in enumerate(lengths):
+        right[r, n:] = 0
+    left = torch.zeros_like(right)  # the same items, left-padded as recompress feeds them
+    for r, n in enumerate(lengths):
+        left[r, 12 - n:] = right[r, :n]
+    with torch.no_grad():
+        want = recbole_forward(sd, right, 2, 1e-12) @ sd["item_embedding.weight"][1:].T
+        got = ck.model(left, torch.arange(1, 151)[None])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert ck.spec.provenance["upstream_metrics"] == {"best valid MRR@10": pytest.approx(0.1234)}
+
+
+def test_recbole_contradictions_and_other_models_are_refused(tmp_path, monkeypatch):
+    sd = recbole_state()
+    path = write_recbole(tmp_path / "a.pth", sd, {**RECBOLE_CONFIG, "inner_size": 32}, monkeypatch)
+    with pytest.raises(UserError, match="its config says inner_size = 32, the tensors' shapes say 24"):
+        describe(path)
+    path = write_recbole(tmp_path / "b.pth", {"item_embedding.weight": torch.zeros(5, 2)}, {**RECBOLE_CONFIG,
+                                                                                          "model": "GRU4Rec"}, monkeypatch)
+    with pytest.raises(UserError, match="is a RecBole GRU4Rec checkpoint; recompress rebuilds RecBole's SASRec only"):
+        describe(path)
+
+
+def test_recbole_layout_numbers_items_in_file_order_and_sorts_by_float32_time(tmp_path):
+    from recompress.data import open_dataset
+    from recompress.data.sequences import prepare_sequences
+    # user 9's two last items share a float32 timestamp (1e9 + 1 and + 2 round together): file order decides
+    rows = [("9", "c", 1_000_000_002), ("4", "a", 0), ("9", "b", 1_000_000_001), ("4", "b", 5), ("9", "a", 10),
+            ("4", "d", 7), ("7", "x", 3), ("7", "x", 1_500_000_000), ("9", "z", 1_000_000_000_0), ("4", "e", 9)]
+    text = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows)
+    (tmp_path / "x.inter").write_text(text)
+    d = open_dataset(prepare_sequences(tmp_path / "x.inter", tmp_path / "d", layout="recbole"))
+    ids = {it: k for k, it in enumerate(["", "c", "a", "b", "d", "x", "z", "e"])}  # first appearance in the file
+    assert d.num_items == 7 and d.meta["full_ranking_excludes"] == "padding"
+    seqs = [np.asarray(d.items[d.offsets[u]:d.offsets[u + 1]]).tolist() for u in range(d.num_users)]
+    assert seqs == [[ids[i] for i in "acbz"], [ids[i] for i in "abde"]]  # user 7 (2 items) dropped; its x keeps a row
+    assert np.float32(1_000_000_002 / 1e10) == np.float32(1_000_000_001 / 1e10)  # the tie the rule resolves
+
+
+@pytest.mark.shared_data
+def test_the_real_recbole_checkpoint_reproduces_its_validation_score(tmp_path):
+    """RecBole stored best_valid_score 0.0185 (valid MRR@10, full ranking, ml-100k): rebuilt here on the
+    same data, the same number; int8 rows keep it within 0.003."""
+    from recompress.data.sequences import prepare_sequences
+    ckpt = shared_path("fixtures/checkpoints/recbole_SASRec.pth")
+    data = prepare_sequences(shared_path("data/movielens_100k_recbole/ml-100k.inter.gz"), tmp_path / "ml100k",
+                             layout="recbole")
+    res = cli("evaluate", ckpt, "--data", data, "--split", "val", "--no-latency", "--json", tmp_path / "v.json")
+    assert res.exit_code == 0, res.output
+    v = json.loads((tmp_path / "v.json").read_text())["accuracy"]["torch"]
+    assert round(v["mrr@10"], 4) == 0.0185 and v["rows"] == 943
+    assert (round(v["ndcg@10"], 4), round(v["hr@10"], 4)) == (0.0289, 0.0636)
+    assert cli("checkpoint", ckpt, "--method", "int8", "-o", tmp_path / "q").exit_code == 0
+    res = cli("evaluate", tmp_path / "q", "--data", data, "--split", "val", "--no-latency", "--json", tmp_path / "q.json")
+    assert abs(json.loads((tmp_path / "q.json").read_text())["accuracy"]["torch"]["mrr@10"] - v["mrr@10"]) < 0.003

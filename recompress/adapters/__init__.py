@@ -16,11 +16,11 @@ from typing import Any
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
-from . import dlrm_ref, native, nvidia_dlrm, sasrec_pmixer
+from . import dlrm_ref, native, nvidia_dlrm, recbole, sasrec_pmixer
 from .found import Found, parse_hp
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
-ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_ref, sasrec_pmixer]
+ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, recbole, dlrm_ref, sasrec_pmixer]
 
 
 def _read(path: Path) -> tuple[ModuleType, Any]:

@@ -9,7 +9,19 @@ Readers (``--format``, detected from the first lines when not given):
 
 Users with fewer than ``min_items`` (3) interactions are dropped (and counted): leave-one-out needs a
 training item, a validation item (the second to last) and a test item (the last). Item ids are remapped
-to 1..N in order of first appearance (0 is padding) and the original ids are stored. Layout:
+to 1..N in order of first appearance (0 is padding) and the original ids are stored.
+
+Layouts (``--layout``), so that a model trained elsewhere sees the ids and users it was trained on:
+- ``recompress`` (the default): as above;
+- ``sasrec``: SASRec.pytorch's ``data_partition``: ids are the file's own integers (item N is row N; the
+  table has max id + 1 rows), users with fewer than 4 interactions are train-only there and are left out
+  here (3 with ``--min-items 3``, its rule before 2025-09), and the sampled protocol draws its negatives
+  as its ``evaluate`` does: uniform over 1..max id, redrawn while in the user's training items (so the
+  validation item may be drawn, and a negative may repeat);
+- ``recbole``: RecBole's sequential pipeline for atomic files (leave-one-out, time order): items numbered
+  by first appearance in the file (every item of the file has a row), each user's interactions sorted
+  by the timestamp min-max scaled to float32 (ties in file order), and full ranking excludes only the
+  padding item, not the user's history (RecBole masks only [PAD] for sequential models). Layout:
 ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
 start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
 ``user_ids.npy`` (original ids). Splits are views of these arrays, never copies.
@@ -33,6 +45,7 @@ from recompress.progress import progress, say
 
 META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens")
+LAYOUTS = ("recompress", "sasrec", "recbole")
 SPLITS = ("train", "val", "test")
 
 
@@ -78,8 +91,11 @@ def detect_format(path: Path) -> str:
                     f"name it with --format ({', '.join(FORMATS)})")
 
 
-def _events(path: Path, fmt: str) -> tuple[list[str], list[list[str]], list[list[float]] | None]:
-    """(users in order of first appearance, their item lists, their timestamps or None), in time order."""
+def _events(path: Path, fmt: str, recbole_order: bool = False
+            ) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
+    """(users in order of first appearance, their item lists, their timestamps or None, every item in order of
+    first appearance in the file), in time order: ties in file order; ``recbole_order``: by the timestamp
+    min-max scaled and stored in float32, as RecBole sorts (which ties some distinct seconds)."""
     seqs: dict[str, list[tuple[float, int, str]]] = {}
     has_time = fmt in ("recbole", "movielens")
     where = str(path)
@@ -131,17 +147,33 @@ def _events(path: Path, fmt: str) -> tuple[list[str], list[list[str]], list[list
         seqs.setdefault(user, []).append((t, order, item))
         order += 1
     users = list(seqs)
+    key = (lambda e: e[:2]) if not recbole_order else _recbole_key([e[0] for ev in seqs.values() for e in ev])
     items, times = [], []
     for u in users:
-        ev = sorted(seqs[u]) if has_time else seqs[u]
+        ev = sorted(seqs[u], key=key) if has_time else seqs[u]
         items.append([e[2] for e in ev])
         times.append([e[0] for e in ev])
-    return users, items, times if has_time else None
+    first_seen = list(dict.fromkeys(e[2] for e in sorted((e for ev in seqs.values() for e in ev), key=lambda e: e[1])))
+    return users, items, times if has_time else None, first_seen
+
+
+def _recbole_key(times: list[float]) -> Any:
+    """Sort key of an event (t, order, item): RecBole's float32 of (t - min) / (max - min), then file order."""
+    lo, hi = min(times), max(times)
+    span = hi - lo if hi > lo else 1.0
+    return lambda e: (float(np.float32((e[0] - lo) / span)), e[1])
 
 
 def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
-                      min_items: int = 3, overwrite: bool = False) -> Path:
-    """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out``."""
+                      min_items: int | None = None, layout: str = "recompress", overwrite: bool = False) -> Path:
+    """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out`` (``layout``: whose
+    ids, users and sampled negatives; see the module docstring)."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}", f"choose from {', '.join(LAYOUTS)}")
+    min_items = min_items if min_items is not None else (4 if layout == "sasrec" else 3)
+    if min_items < 3:
+        raise UserError(f"--min-items {min_items} leaves users without a training, validation and test item",
+                        "pass --min-items 3 or more")
     source = Path(source)
     if not source.is_file():
         raise UserError(f"{source} does not exist or is not a file", "pass a sequence file (see --format)")
@@ -155,17 +187,34 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     check_output(out, overwrite=overwrite, inputs=[source])
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
-    users, item_lists, time_lists = _events(source, fmt)
-    write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source],
-                    meta={"source": str(source.resolve()), "format": fmt, "synthetic": False},
-                    max_len=max_len, min_items=min_items)
+    users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole")
+    meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": layout}
+    if layout == "sasrec":
+        meta["sampled_negatives"] = "not in train"
+    if layout == "recbole":
+        meta["full_ranking_excludes"] = "padding"
+    write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source], meta=meta,
+                    max_len=max_len, min_items=min_items, keep_ids=layout == "sasrec", where=str(source),
+                    item_order=first_seen if layout == "recbole" else None)
     return Path(out)
 
 
 def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any]], time_lists: list[list[float]] | None,
                     *, meta: dict[str, Any], max_len: int | None = None, min_items: int = 3, overwrite: bool = False,
-                    inputs: tuple = ()) -> Path:
-    """Remap ids, drop short users, and write the dataset folder (used by the readers and the generator)."""
+                    inputs: tuple = (), keep_ids: bool = False, where: str = "the source",
+                    item_order: list[Any] | None = None) -> Path:
+    """Remap ids (by first appearance in the kept users' sequences, or in ``item_order``; or, ``keep_ids``,
+    use the source's positive integer ids as rows), drop short users, and write the dataset folder (used by
+    the readers and the generator)."""
+    if keep_ids:
+        try:
+            item_lists = [[int(it) for it in s] for s in item_lists]
+        except ValueError:
+            raise UserError(f"{where}: item ids are not all integers, so they cannot be kept as rows",
+                            "use --layout recompress, which numbers items itself") from None
+        if min(min(s) for s in item_lists) < 1:
+            raise UserError(f"{where}: an item id is below 1 (0 is padding in SASRec.pytorch)",
+                            "use --layout recompress, which numbers items itself")
     if max_len is not None:
         item_lists = [s[-max_len:] for s in item_lists]
         time_lists = [t[-max_len:] for t in time_lists] if time_lists is not None else None
@@ -175,12 +224,20 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
         raise UserError(f"no user has the {min_items} interactions leave-one-out needs ({dropped} users dropped)",
                         "pass a longer history per user")
     item_index: dict[Any, int] = {}
-    with progress("remapping ids", len(keep)) as advance:
-        flat = []
-        for i in keep:
-            for it in item_lists[i]:
-                flat.append(item_index.setdefault(it, len(item_index) + 1))
-            advance(1)
+    if item_order is not None:  # every item of the file has a row, the dropped users' too
+        item_index = {it: i + 1 for i, it in enumerate(item_order)}
+        flat = [item_index[it] for i in keep for it in item_lists[i]]
+    elif keep_ids:  # row = id; every id up to the largest in the whole file has a row
+        top = max(max(s) for s in item_lists)
+        item_index = {i: i for i in range(1, top + 1)}
+        flat = [it for i in keep for it in item_lists[i]]
+    else:
+        with progress("remapping ids", len(keep)) as advance:
+            flat = []
+            for i in keep:
+                for it in item_lists[i]:
+                    flat.append(item_index.setdefault(it, len(item_index) + 1))
+                advance(1)
     lengths = np.array([len(item_lists[i]) for i in keep], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     items = np.asarray(flat, dtype=np.int32)

@@ -173,10 +173,17 @@ class DLRMFamily(Family):
             raise UserError(f"the dataset has {data.num_dense} dense and {len(data.table_rows)} sparse features, the "
                             f"model expects {spec.hparams['num_dense']} and {len(tables)}",
                             "use the dataset the model was trained on")
-        for t, rows in zip(tables, data.table_rows):
-            if rows > t.rows:
-                raise UserError(f"dataset ids for table {t.name} go up to {rows - 1} but the table has {t.rows} rows "
-                                "(ids out of range)", "use the dataset (vocabulary) the model was trained on")
+        for feature, (t, rows) in enumerate(zip(tables, data.table_rows), 1):
+            if t.kind == "qr":  # QR tables upstream keep ceil(n / c) quotient rows, not n
+                c = int(t.params["collisions"])
+                fits = -(-rows // c) == -(-t.rows // c)
+            else:
+                fits = rows == t.rows
+            if not fits:
+                raise UserError(f"table {t.name} has {t.rows:,} rows but the dataset's sparse feature {feature} "
+                                f"has a vocabulary of {rows:,}: the model was trained on other ids, and its scores "
+                                "here would mean nothing", "use the dataset (vocabulary) the model was trained on, "
+                                "prepared the way its trainer prepared it (e.g. 'recompress data criteo --layout dlrm')")
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
         return dict(zip([t.name for t in spec.tables], data.id_counts("train")))

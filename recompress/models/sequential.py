@@ -8,9 +8,10 @@ the negatives are drawn uniformly once per batch and shared by every position, w
 affordable on a CPU, and a negative that is the position's own target is masked out).
 
 Evaluation (RecBole's two protocols): ``full`` ranks the target among all items, skipping items the user
-already has; ``sampled`` ranks it among ``negatives`` (100) items the user never had, drawn once per
-split with a fixed seed, so every model sees the same candidates (SASRec.pytorch's protocol). Ties
-are broken uniformly at random, seeded (``recompress.metrics.ranks``).
+already has; ``sampled`` ranks it among ``negatives`` (100) items the user never had (on a dataset in
+SASRec.pytorch's layout, items not among the user's training items, as its ``evaluate`` draws them),
+drawn once per split with a fixed seed, so every model sees the same candidates (SASRec.pytorch's
+protocol). Ties are broken uniformly at random, seeded (``recompress.metrics.ranks``).
 
 A sequential model is an ``nn.Module`` with ``tables`` (``item``, ``position``), ``hparams`` and
 ``forward(history, candidates, timestamps=None) -> scores [B, M]`` (candidates ``[B, M]``, or ``[1, M]``
@@ -74,10 +75,14 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def positions(history: Tensor) -> Tensor:
-    """SASRec.pytorch's positions: slot index 1..L for real items, 0 for padding."""
+def positions(history: Tensor, from_first: bool = False) -> Tensor:
+    """SASRec.pytorch's positions: slot index 1..L for real items, 0 for padding; ``from_first``: 1..n from
+    the first real item (RecBole's position ids 0..n-1 of its right-padded sequences, plus one)."""
+    real = history > 0
     slots = torch.arange(1, history.shape[1] + 1, device=history.device).expand_as(history)
-    return slots * (history > 0)
+    if from_first:
+        slots = slots - (history.shape[1] - real.sum(1, keepdim=True))
+    return slots * real
 
 
 def per_candidate(t: Tensor, m: int) -> Tensor:
@@ -98,7 +103,7 @@ def causal_mask(history: Tensor, with_padding: bool = False) -> Tensor:
 
 
 class SequentialFamily(Family):
-    metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "uauc")
+    metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "mrr@10", "uauc")
     record = "ranks"
     protocols = ("full", "sampled")
     # The history axis is max_len, fixed: positions count from the left of the left-padded window and HSTU
@@ -153,9 +158,11 @@ class SequentialFamily(Family):
     def check(self, spec: ModelSpec, data: Any) -> None:
         self.check_data(data)
         rows = next(t.rows for t in spec.tables if t.name == "item")
-        if data.num_items + 1 > rows:
-            raise UserError(f"the dataset has {data.num_items:,} items but the model's item table has {rows - 1:,} "
-                            "(ids out of range)", "use the dataset the model was trained on")
+        if data.num_items + 1 != rows:
+            raise UserError(f"the model's item table has {rows:,} rows ({rows - 1:,} items and padding) but the dataset "
+                            f"has {data.num_items:,} items: the model was trained on other ids, and its scores here "
+                            "would mean nothing", "use the dataset the model was trained on, prepared the way its "
+                            "trainer prepared it (e.g. 'recompress data sequences --layout sasrec')")
         if self.uses_times(spec.hparams) and not data.meta.get("has_times"):
             raise UserError(f"this {self.name} model was trained with timestamps and {data.path} has none",
                             "use the dataset the model was trained on")
@@ -232,14 +239,16 @@ class SequentialFamily(Family):
             inputs = {"history": data.windows(u, ends[u], length)}
             if self.uses_times(hparams):
                 inputs["timestamps"] = data.windows(u, ends[u], length, data.times)
-            if protocol == "full":
+            if protocol == "full":  # RecBole's layout ranks the user's own items too (it masks only padding)
                 inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
-                exclude = seen.copy()
+                exclude = seen.copy() if data.meta.get("full_ranking_excludes") != "padding" else np.zeros_like(seen)
                 exclude[np.arange(len(u)), targets[s:s + len(u)]] = False
                 exclude[:, 0] = True
                 yield inputs, (targets[s:s + len(u)], exclude)
-            else:
-                neg = sample_negatives(rng, data.num_items, (len(u), negatives), seen=seen)
+            else:  # SASRec.pytorch's evaluate excludes only the training items (--layout sasrec)
+                train_only = data.meta.get("sampled_negatives") == "not in train"
+                neg = sample_negatives(rng, data.num_items, (len(u), negatives),
+                                       seen=self.seen(data, u, data.history_end("val")[u]) if train_only else seen)
                 inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
                 yield inputs, (np.zeros(len(u), dtype=np.int64), None)
 
