@@ -249,9 +249,27 @@ def data() -> None:
 @click.option("--test", default=0.1, show_default=True, help="test fraction")
 @click.option("--seed", default=0, show_default=True, help="split seed")
 @click.option("--limit", type=int, default=None, help="read only the first N rows")
+@click.option("--layout", type=click.Choice(["recompress", "dlrm"]), default="recompress", show_default=True,
+              help="recompress: vocabularies from the train split, most frequent first, an OOV row, hashed split; "
+                   "dlrm: facebookresearch/dlrm's own ids and days split (train days 0-5, test = first half of day 6), "
+                   "to evaluate a model dlrm trained; SOURCE may then be dlrm's kaggleAdDisplayChallenge_processed.npz")
+@click.option("--max-ind-range", type=int, default=None, help="dlrm layout: dlrm's --max-ind-range (hashes modulo it)")
 @OVERWRITE
-def data_criteo(source: str, out: str, **kw: Any) -> None:
+@click.pass_context
+def data_criteo(ctx: click.Context, source: str, out: str, layout: str, max_ind_range: int | None, **kw: Any) -> None:
     """Read a Criteo TSV (train.txt or .gz; label, I1-I13, C1-C26) in bounded memory."""
+    if layout == "dlrm":
+        from click.core import ParameterSource
+        given = [k for k in ("min_count", "max_rows", "val", "test", "seed")
+                 if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in given)} does not apply to --layout dlrm",
+                            "dlrm's layout fixes its vocabularies and split; drop the option")
+        from .data.criteo_dlrm import prepare_criteo_dlrm
+        prepare_criteo_dlrm(source, out, max_ind_range=max_ind_range, limit=kw["limit"], overwrite=kw["overwrite"])
+        return
+    if max_ind_range is not None:
+        raise UserError("--max-ind-range applies to --layout dlrm only", "add --layout dlrm, or drop it")
     from .data.criteo import prepare_criteo
     prepare_criteo(source, out, **kw)
 

@@ -99,9 +99,9 @@ def _reference_parse(text):
     for line in text.splitlines():
         f = line.split("\t")
         label.append(int(f[0]))
-        dense.append([np.log1p(max(int(x or 0), 0)) for x in f[1:14]])
+        dense.append([int(x or 0) for x in f[1:14]])
         cats.append([int(x, 16) if x else -1 for x in f[14:]])
-    return np.array(label), np.array(dense, np.float32), np.array(cats)
+    return np.array(label), np.array(dense), np.array(cats)
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -164,3 +164,63 @@ def test_criteo_truncated_gzip_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="could not be read.*truncated or corrupt"):
         prepare_criteo(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def dlrm_reference(lines, max_ind_range=None):
+    """facebookresearch/dlrm's Kaggle processing written out in plain Python from its rules: 7 days of
+    N // 7 lines (the first N % 7 one longer), empty fields "0", ids by first appearance over all rows,
+    dense clipped at 0 then log(x + 1) in float32; train = days 0-5, test = first half of day 6."""
+    n = len(lines)
+    q, r = divmod(n, 7)
+    last = q + (6 < r)
+    dicts = [{} for _ in range(26)]
+    dense, cats, label = [], [], []
+    for line in lines:
+        f = [x if x not in ("", "\n") else "0" for x in line.split("\t")]
+        label.append(int(f[0]))
+        dense.append([max(int(x), 0) for x in f[1:14]])
+        row = []
+        for j, x in enumerate(f[14:]):
+            v = int(x, 16) % max_ind_range if max_ind_range else int(x, 16)
+            row.append(dicts[j].setdefault(v, len(dicts[j])))
+        cats.append(row)
+    dense = np.log(np.array(dense, np.float32) + np.float32(1))
+    cats, label = np.array(cats), np.array(label)
+    t = n - last
+    h = last - last // 2
+    return {"train": slice(0, t), "test": slice(t, t + h), "val": slice(t + h, n)}, dense, cats, label, [len(d) for d in dicts]
+
+
+@pytest.mark.parametrize("n,max_ind_range", [(3000, None), (1003, None), (1003, 7)])
+def test_criteo_dlrm_layout_numbers_and_splits_as_dlrm(tmp_path, n, max_ind_range):
+    from recompress.data.criteo_dlrm import prepare_criteo_dlrm
+    rng = np.random.default_rng(5)
+    lines = [criteo_line(rng) for _ in range(n)]
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(lines) + "\n")
+    splits, dense, cats, label, counts = dlrm_reference(lines, max_ind_range)
+    d = open_dataset(prepare_criteo_dlrm(src, tmp_path / "d", max_ind_range=max_ind_range))
+    assert d.table_rows == counts and d.meta["layout"] == "dlrm"
+    for split, s in splits.items():
+        dd, sp, lab = d.arrays(split)
+        assert np.array_equal(sp, cats[s]) and np.array_equal(lab, label[s]) and np.array_equal(dd, dense[s]), split
+    # dlrm's processed file gives the same dataset
+    np.savez(tmp_path / "kaggleAdDisplayChallenge_processed.npz", X_cat=cats.astype(np.float64),
+             X_int=np.exp(dense).round().astype(np.int32) - 1, y=label.astype(np.int32), counts=np.array(counts, np.int32))
+    d2 = open_dataset(prepare_criteo_dlrm(tmp_path / "kaggleAdDisplayChallenge_processed.npz", tmp_path / "d2"))
+    for split in splits:
+        assert all(np.array_equal(a, b) for a, b in zip(d.arrays(split), d2.arrays(split))), split
+
+
+def test_criteo_dlrm_layout_refuses_options_it_fixes(tmp_path):
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    write_criteo(tmp_path / "t.txt.gz", 50)
+    r = CliRunner().invoke(main, ["data", "criteo", str(tmp_path / "t.txt.gz"), "--layout", "dlrm", "--min-count", "1",
+                                  "-o", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "--min-count does not apply to --layout dlrm" in r.output
+    r = CliRunner().invoke(main, ["data", "criteo", str(tmp_path / "t.txt.gz"), "--max-ind-range", "9",
+                                  "-o", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "--max-ind-range applies to --layout dlrm only" in r.output
+    assert not (tmp_path / "d").exists()

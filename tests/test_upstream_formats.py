@@ -266,3 +266,32 @@ def test_the_real_recbole_checkpoint_reproduces_its_validation_score(tmp_path):
     assert cli("checkpoint", ckpt, "--method", "int8", "-o", tmp_path / "q").exit_code == 0
     res = cli("evaluate", tmp_path / "q", "--data", data, "--split", "val", "--no-latency", "--json", tmp_path / "q.json")
     assert abs(json.loads((tmp_path / "q.json").read_text())["accuracy"]["torch"]["mrr@10"] - v["mrr@10"]) < 0.003
+
+
+def test_a_dlrm_checkpoint_is_scored_on_dlrms_own_test_rows(tmp_path):
+    """A --save-model file over tables of dlrm's vocabulary sizes, evaluated on data in dlrm's layout: the
+    AUC of dlrm's forward on its test rows (first half of day 6), counted pair by pair."""
+    from recompress.data import open_dataset
+    from recompress.data.criteo_dlrm import prepare_criteo_dlrm
+
+    from .test_checkpoints import dlrm_state, reference_dlrm
+    from .test_data import criteo_line
+    rng = np.random.default_rng(1)
+    lines = [criteo_line(rng) for _ in range(1400)]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    data = open_dataset(prepare_criteo_dlrm(tmp_path / "train.txt", tmp_path / "d"))
+    sd = dlrm_state(rows=tuple(data.table_rows), m=4, seed=3)
+    torch.save({"state_dict": sd, "test_auc": np.float64(0.5)}, tmp_path / "dlrm.pt")
+    res = cli("evaluate", tmp_path / "dlrm.pt", "--data", data.path, "--no-latency", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    dense, sparse, label = (torch.from_numpy(np.asarray(a)) for a in data.arrays("test"))
+    p = reference_dlrm(sd, dense.float(), sparse.long()).numpy()
+    pos, neg = p[label.numpy() == 1], p[label.numpy() == 0]
+    auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["data"]["rows"] == 100 and got["accuracy"]["torch"]["auc"] == pytest.approx(auc, abs=1e-9)
+    short = sd | {"emb_l.0.weight": sd["emb_l.0.weight"][:-1]}  # one row short of the vocabulary
+    torch.save({"state_dict": short}, tmp_path / "short.pt")
+    res = cli("evaluate", tmp_path / "short.pt", "--data", data.path, "--no-latency")
+    assert res.exit_code == 2 and f"table emb_0 has {data.table_rows[0] - 1} rows but the dataset's sparse feature 1 " \
+        f"has a vocabulary of {data.table_rows[0]}" in res.output

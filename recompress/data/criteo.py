@@ -65,7 +65,8 @@ def _first_non_integer(rows: list[list[bytes]], first_line: int, where: str) -> 
 
 
 def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lines -> (label uint8 [n], dense float32 [n, 13], categorical int64 [n, 26] with -1 = missing)."""
+    """Lines -> (label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical int64 [n, 26] with
+    -1 = missing)."""
     rows = []
     for i, line in enumerate(lines):
         f = line.rstrip(b"\r\n").split(b"\t")
@@ -96,7 +97,7 @@ def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.nda
                         "hexadecimal", "Criteo C1-C26 are 8 hex digits or empty")
     values = (digits.astype(np.int64) << (4 * np.arange(7, -1, -1))).sum(-1)
     values[~present] = MISSING
-    return label.astype(np.uint8), np.log1p(np.maximum(dense, 0)).astype(np.float32), values
+    return label.astype(np.uint8), dense, values
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, list[bytes]]]:
@@ -220,7 +221,8 @@ def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row index, label, dense, categorical) per chunk, with a progress bar over the file's bytes."""
+    """(first row index, label, dense, categorical) per chunk as the file has them (see :func:`_columns`),
+    with a progress bar over the file's bytes."""
     import pyarrow as pa
 
     rows = 0
@@ -241,7 +243,8 @@ def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int,
 
 
 def _columns(batch: Any, first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A parsed block -> (label uint8 [n], dense float32 [n, 13], categorical int64 [n, 26], -1 = missing)."""
+    """A parsed block -> (label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical int64 [n, 26]
+    with -1 = missing)."""
     if batch.column(0).null_count:
         bad = first_line + int(np.argmax(batch.column(0).is_null().to_numpy(zero_copy_only=False)))
         raise UserError(f"{where} line {bad}: no label (an empty line?)", "every line starts with the 0/1 click label")
@@ -253,7 +256,7 @@ def _columns(batch: Any, first_line: int, where: str) -> tuple[np.ndarray, np.nd
     cats = np.empty((batch.num_rows, NUM_CAT), np.int64)
     for j in range(NUM_CAT):
         cats[:, j] = _hashes(batch.column(1 + NUM_DENSE + j), f"C{j + 1}", first_line, where)
-    return label.astype(np.uint8), np.log1p(np.maximum(dense, 0)).astype(np.float32), cats
+    return label.astype(np.uint8), dense, cats
 
 
 def _merge_counts(keys: np.ndarray, counts: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -301,6 +304,7 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
                 if len(sk):
                     pos = np.minimum(np.searchsorted(sk, cats[:, j]), len(sk) - 1)
                     ids[:, j] = np.where(sk[pos] == cats[:, j], sidx[pos], 0)
+            dense = np.log1p(np.maximum(dense, 0)).astype(np.float32)
             for s, name in enumerate(SPLITS):
                 m = split == s
                 if m.any():
