@@ -86,6 +86,8 @@ def _ndcg(k: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("auc", "scores", True, "ROC AUC over test rows (ties count one half)"),
     Metric("logloss", "scores", False, "mean binary cross-entropy", _logloss_rows),
+    Metric("accuracy", "scores", True, "share of test rows whose rounded probability is the label (numpy's round, "
+           "0.5 -> 0, as dlrm prints it)", lambda y, p: (np.round(np.asarray(p)) == np.asarray(y)).astype(np.float64)),
     *[Metric(f"hr@{k}", "ranks", True, f"share of test users whose next item ranks in the top {k}", _hr(k)) for k in (10, 20)],
     *[Metric(f"ndcg@{k}", "ranks", True, f"NDCG@{k} of the next item (one relevant item per user)", _ndcg(k))
       for k in (10, 20)],

@@ -50,7 +50,7 @@ def _evil_files(tmp: Path, marker: Path) -> list[tuple[Path, str]]:
          "subprocess.Popen"),
         ("eval", {"state_dict": weights, "m": (Reduce(eval, f"__import__('os').system('{cmd}')"),)}, "builtins.eval"),
         ("exec", [Reduce(exec, f"open('{marker}', 'w')")], "builtins.exec"),
-        ("getattr", {"k": Reduce(getattr, os, "system")}, "builtins.getattr"),
+        ("getattr", {"k": Reduce(getattr, os, "system")}, "os.system"),
         ("numpy-load", {"k": Reduce(np.load, str(marker))}, "numpy.load"),
         ("torch-load", {"k": Reduce(torch.load, str(marker))}, "torch.serialization.load"),
     ]
@@ -68,6 +68,8 @@ def _evil_files(tmp: Path, marker: Path) -> list[tuple[Path, str]]:
         (_zip(tmp / "stack.pt", b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x05runpy\x8c\t_run_code\x93"
               + pickle.dumps(f"open('{marker}', 'w')", 4)[11:-1] + b"}\x86R."), "runpy._run_code"),
         (_zip(tmp / "copyreg.pt", b"ccopyreg\n_reconstructor\n(cposix\nsystem\ncbuiltins\nobject\nNtR."), "posix.system"),
+        # getattr reaches only stubbed enum members: on anything else (here ndarray.tofile) it is refused
+        (_zip(tmp / "method.pt", b"cbuiltins\ngetattr\n(cnumpy\nndarray\nS'tofile'\ntR."), "builtins.getattr"),
         # not code, but a terabyte allocation: bytearray(2**40)
         (_zip(tmp / "alloc.pt", b"\x80\x02cbuiltins\nbytearray\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R."),
          "builtins.bytearray"),

@@ -1,10 +1,11 @@
 """Checkpoint adapters: any supported on-disk format -> what it holds (:class:`Found`) -> Checkpoint.
 
-Detection is by layout and never runs anything from the file: a folder by the names of its files, a torch
-file by the keys and shapes of the object the restricted unpickler (``safe_pickle``) reads from it.
-Add a format with one module that defines ``NAME``, ``LAYOUT`` (one line for messages), ``sniff(path,
-obj) -> bool`` (``obj``: the torch file's object, or None for a folder or another file) and ``describe(path,
-obj) -> Found``, listed in ADAPTERS (the first whose ``sniff`` says yes reads it).
+Detection is by layout and never runs anything from the file: a folder format by the names of its files
+(adapters with ``READS_OBJECT = False``), anything else by the keys and shapes of the object read from it:
+a torch file through the restricted unpickler (``safe_pickle``), a DCP folder or a folder of per-rank
+sharded files merged into one state dict (``shards``). Add a format with one module that defines ``NAME``,
+``LAYOUT`` (one line for messages), ``sniff(path, obj) -> bool`` and ``describe(path, obj) -> Found``,
+listed in ADAPTERS (the first whose ``sniff`` says yes reads it).
 """
 
 from __future__ import annotations
@@ -16,23 +17,40 @@ from typing import Any
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
-from . import dlrm_ref, native, nvidia_dlrm, recbole, sasrec_pmixer
+from . import dlrm_ref, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec
 from .found import Found, parse_hp
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
-ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, recbole, dlrm_ref, sasrec_pmixer]
+ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, recbole, dlrm_ref, sasrec_pmixer, torchrec]
+
+
+def _object(path: Path) -> Any:
+    """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else)."""
+    if is_torch_file(path):
+        return safe_torch_load(path)
+    if shards.is_dcp(path):
+        return shards.read_dcp(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if is_torch_file(f))
+        if files:
+            return shards.merge_rank_files(files)
+    return None
 
 
 def _read(path: Path) -> tuple[ModuleType, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
-    obj = safe_torch_load(path) if is_torch_file(path) else None
+    folders = [a for a in ADAPTERS if not getattr(a, "READS_OBJECT", True)]
+    for adapter in folders:  # recognized by their files' names: nothing is read yet
+        if adapter.sniff(path, None):
+            return adapter, None
+    obj = _object(path)
     for adapter in ADAPTERS:
-        if adapter.sniff(path, obj):
+        if adapter not in folders and obj is not None and adapter.sniff(path, obj):
             return adapter, obj
     known = "; ".join(f"{a.NAME} ({a.LAYOUT})" for a in ADAPTERS)
     if obj is not None:
-        raise UserError(f"{path} is a torch file, but its contents match no format recompress knows "
+        raise UserError(f"{path} holds torch tensors, but their layout matches no format recompress knows "
                         f"(top-level keys: {top_keys(obj)})", f"supported: {known}")
     raise UserError(f"{path} is not a checkpoint format recompress knows", f"supported: {known}")
 

@@ -10,6 +10,7 @@ from recompress.checkpoint import is_native, load_checkpoint, read_spec
 from .found import Found, FoundTable
 
 NAME = "recompress"
+READS_OBJECT = False  # recognized by its files' names
 LAYOUT = "a folder with spec.json and weights.safetensors"
 
 

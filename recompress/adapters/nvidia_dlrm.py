@@ -16,6 +16,7 @@ from .found import Found
 from .torch_files import safe_torch_load
 
 NAME = "nvidia_dlrm"
+READS_OBJECT = False  # recognized by its files' names
 LAYOUT = "a folder with metadata.pt and bottom_model.embeddings.K.bin (NVIDIA DeepLearningExamples DLRM)"
 FILES = ("bottom_model.mlp.pt", "top_model.mlp.pt", "top_model.out.pt")
 

@@ -16,8 +16,14 @@ Allow-list (what each name becomes):
   ``numpy.dtype``, ``numpy.ndarray`` (numbers and arrays; object arrays hold only allowed objects);
 - ``copyreg._reconstructor``, for the stubs only;
 - inert stubs, which keep their pickled arguments and state and never call upstream code: every name in
-  ``recbole.*`` (its ``Config``, enums and the model class the Config names) and ``yaml.loader.*`` (the
-  loader class RecBole's Config keeps).
+  ``recbole.*`` (its ``Config``, enums and the model class the Config names), ``yaml.loader.*`` (the
+  loader class RecBole's Config keeps), ``torch.distributed._shard.*`` and ``torch.distributed.remote_device``
+  (a per-rank ``ShardedTensor``: its local shards, their offsets and the global size), and
+  ``torch.distributed.checkpoint.*`` (a DCP folder's ``.metadata``: chunk offsets and file positions);
+- for those stubs only: ``torch._tensor._rebuild_from_type_v2`` and ``torch._utils._rebuild_wrapper_subclass``
+  (how a tensor subclass such as ``ShardedTensor`` pickles), and ``builtins.getattr`` (how an enum member
+  pickles); ``torch.serialization._get_layout`` for ``torch.strided`` and the other layouts; ``pathlib``
+  paths, as text.
 
 A global outside the list is refused with one of two messages: one that runs code (``os``/``posix``,
 ``subprocess``, ``builtins.eval``, ``runpy``, ``numpy.load``, ``torch.load``, ...) says the file would run
@@ -34,6 +40,8 @@ import collections
 import io
 import pickle
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +64,8 @@ SAFE_BUILTINS: dict[str, Any] = {t.__name__: t for t in (dict, list, tuple, set,
 # functions of otherwise harmless modules that read or write files or unpickle
 CODE_NAMES = {("numpy", n) for n in ("load", "save", "savez", "fromfile", "loadtxt", "genfromtxt", "memmap", "frompyfunc",
                                      "vectorize")} | {("torch", n) for n in ("load", "save", "compile", "jit", "hub")}
-STUB_PACKAGES = ("recbole", "yaml.loader")
+STUB_PACKAGES = ("recbole", "yaml.loader", "torch.distributed._shard", "torch.distributed.remote_device",
+                 "torch.distributed.checkpoint")
 
 
 class Stub:
@@ -67,6 +76,15 @@ class Stub:
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def attr(self, name: str) -> Any:
+        """An attribute of the pickled object: from its state dict, or a dataclass's ``(None, slots)`` state."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
+            state = state[1]
+        if isinstance(state, dict) and name in state:
+            return state[name]
+        raise BadFile(f"a pickled {type(self).__qualname__} has no {name!r}")
 
     def get(self, key: str, default: Any = None) -> Any:
         """A value of the pickled state (RecBole's Config keeps its settings in ``final_config_dict``)."""
@@ -144,6 +162,50 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     return obj
 
 
+def _stub_type(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, Stub)
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    """``torch._tensor._rebuild_from_type_v2`` for a stubbed subclass (kept as a stub with its state) or a
+    plain tensor/parameter (rebuilt by ``func``, itself from the allow-list)."""
+    if _stub_type(new_type):
+        obj = new_type()
+        obj.__setstate__(state)
+        return obj
+    if new_type in (torch.Tensor, torch.nn.Parameter) and callable(func):
+        return func(*args)
+    raise BadFile(f"a tensor of type {getattr(new_type, '__qualname__', new_type)!r} is rebuilt")
+
+
+def _rebuild_wrapper(cls: Any, *rest: Any) -> Any:
+    if not _stub_type(cls):
+        raise BadFile(f"a wrapper tensor of type {getattr(cls, '__qualname__', cls)!r} is rebuilt")
+    return cls(*rest[:2])  # placeholder: dtype and size; the stub's state arrives next
+
+
+def _getattr(obj: Any, name: Any) -> Any:
+    """``getattr`` on a stubbed class only (an enum member of it, or a class nested in it such as
+    ``ShardedTensor.ProcessGroupState``): an inert stub class named for the attribute."""
+    if not (_stub_type(obj) and isinstance(name, str) and name.isidentifier()):
+        raise UnsafeGlobal("builtins", "getattr")
+    return _stub_class(obj.__module__, f"{obj.__qualname__}.{name}")
+
+
+def _path(*parts: Any) -> str:
+    """A pickled ``pathlib`` path (DCP metadata records where it was saved), as plain text."""
+    return "/".join(str(p) for p in parts)
+
+
+LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+
+
+def _get_layout(name: Any) -> Any:
+    if name not in LAYOUTS:
+        raise BadFile(f"unknown tensor layout {name!r}")
+    return LAYOUTS[name]
+
+
 ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
@@ -155,6 +217,11 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("numpy", "ndarray"): np.ndarray,
     ("copyreg", "_reconstructor"): _reconstructor,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper,
+    ("torch.serialization", "_get_layout"): _get_layout,
+    ("builtins", "getattr"): _getattr,
+    **{("pathlib", k): _path for k in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")},
     **{("builtins", k): v for k, v in SAFE_BUILTINS.items()},
     **{("torch", k): v for k, v in STORAGES.items()},
 }
@@ -186,10 +253,12 @@ class _Unpickler(pickle.Unpickler):
         return self.storages(pid[2], pid[1].dtype, pid[4])
 
 
-def load(path: Path) -> Any:
-    """The object in the torch zip file ``path``, through the allow-list (see the module docstring)."""
-    try:
-        with zipfile.ZipFile(path) as z:
+def load(source: Path | bytes, where: str | Path | None = None) -> Any:
+    """The object in a ``torch.save`` zip (a file, or its bytes, e.g. one item of a DCP file), through the
+    allow-list (see the module docstring); ``where`` names it in errors."""
+    where = where or source
+    with _refusals(where, "torch file"):
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
             names = z.namelist()
             pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
             if len(pkl) != 1:
@@ -214,15 +283,30 @@ def load(path: Path) -> Any:
                 return cache[key]
 
             return _Unpickler(z.read(pkl[0]), storage).load()
+
+
+def load_pickle(data: bytes, where: str | Path) -> Any:
+    """A plain pickle (no tensors; e.g. a DCP folder's ``.metadata``), through the same allow-list."""
+    def no_storages(key: str, dtype: torch.dtype, numel: int) -> Any:
+        raise BadFile("a plain pickle refers to tensor storages")
+    with _refusals(where, "pickle"):
+        return _Unpickler(data, no_storages).load()
+
+
+@contextmanager
+def _refusals(where: str | Path, what: str) -> Iterator[None]:
+    """Whatever a broken or hostile file raises while it is read, as one clear error."""
+    try:
+        yield
     except UnsafeGlobal as e:
-        raise refusal(path, e) from None
+        raise refusal(where, e) from None
     except Exception as e:  # noqa: BLE001 - anything else a broken or hostile file raises is the file's fault
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path} is not a readable torch file ({type(e).__name__}: {first})",
+        raise UserError(f"{where} is not a readable {what} ({type(e).__name__}: {first})",
                         "the file is truncated, corrupt or not a checkpoint") from None
 
 
-def refusal(path: Path, e: UnsafeGlobal) -> UserError:
+def refusal(path: str | Path, e: UnsafeGlobal) -> UserError:
     """The error for a file whose pickle names a global outside the allow-list."""
     if e.runs_code:
         return UserError(f"{path} would run code when unpickled: it calls {e} (refused; nothing was run)",

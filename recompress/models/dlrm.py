@@ -133,7 +133,7 @@ def _ints(text: Any, what: str) -> list[int]:
 
 class DLRMFamily(Family):
     info = FAMILIES["dlrm"]
-    metrics = ("auc", "logloss")
+    metrics = ("auc", "logloss", "accuracy")
     record = "scores"
     protocols = ("pointwise",)
     inputs = {"dense": {0: "batch"}, "sparse": {0: "batch", 2: "bag"}}

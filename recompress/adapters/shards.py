@@ -1,0 +1,143 @@
+"""Tensors split across ranks, merged offline without a process group (nothing in the files runs):
+
+- a folder of per-rank ``torch.save`` files of a sharded state dict (TorchRec's ``DistributedModelParallel``
+  writes ``ShardedTensor`` values: each rank's file holds its local shards with their offsets and the
+  global metadata); replicated tensors are taken from the first file that has them;
+- a ``torch.distributed.checkpoint`` (DCP) folder: ``.metadata`` (read by the restricted unpickler; torch's
+  own reader unpickles it with ``pickle.load``) and ``*.distcp`` files holding each chunk as a
+  ``torch.save`` record at a recorded offset.
+
+Either way every chunk is placed at its offsets in a tensor of the global size, and a tensor whose chunks
+do not cover it exactly is refused, naming what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recompress.errors import UserError
+
+from . import safe_pickle
+from .safe_pickle import Stub
+
+SHARDED = "ShardedTensor"
+
+
+def is_dcp(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _place(name: str, size: tuple[int, ...], pieces: list[tuple[tuple[int, ...], torch.Tensor]], where: str) -> torch.Tensor:
+    """The tensor of ``size`` made of ``pieces`` (offsets, chunk); refused unless they cover it exactly once."""
+    if not pieces:
+        raise UserError(f"{where}: no chunk of {name} was found", "copy every rank's file (or the whole DCP folder)")
+    out = torch.empty(size, dtype=pieces[0][1].dtype)
+    covered = torch.zeros(size, dtype=torch.int8)
+    for offsets, chunk in pieces:
+        if len(offsets) != len(size) or any(o < 0 or o + c > s for o, c, s in zip(offsets, chunk.shape, size)):
+            raise UserError(f"{where}: a chunk of {name} at {list(offsets)} of shape {list(chunk.shape)} does not fit "
+                            f"its size {list(size)}", "the files are damaged or from different runs")
+        region = tuple(slice(o, o + c) for o, c in zip(offsets, chunk.shape))
+        out[region] = chunk
+        covered[region] += 1
+    if not bool((covered == 1).all()):
+        missing = int((covered == 0).sum())
+        raise UserError(f"{where}: the chunks of {name} cover it {'with gaps' if missing else 'twice in places'} "
+                        f"({missing:,} of {covered.numel():,} values missing)",
+                        "pass every rank's file of one save, and nothing else")
+    return out
+
+
+def is_sharded(v: Any) -> bool:
+    return isinstance(v, Stub) and type(v).__qualname__ == SHARDED
+
+
+def _shard_pieces(st: Stub) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
+    """(global size, [(offsets, local tensor)]) of one rank's ShardedTensor."""
+    local, meta = st.state[0], st.state[1]
+    size = tuple(int(s) for s in meta.attr("size"))
+    pieces = []
+    for shard in local:
+        tensor, md = shard.attr("tensor"), shard.attr("metadata")
+        pieces.append((tuple(int(o) for o in md.attr("shard_offsets")), tensor))
+    return size, pieces
+
+
+def merge_rank_files(files: list[Path]) -> dict[str, Any]:
+    """One state dict from per-rank files of a sharded state dict (``files`` in any order)."""
+    from .torch_files import safe_torch_load
+    objects = [(f, safe_torch_load(f)) for f in files]
+    for f, obj in objects:
+        if not isinstance(obj, Mapping):
+            raise UserError(f"{f} holds a {type(obj).__name__}, not a state dict", "pass a folder of per-rank state dicts")
+    keys = list(dict.fromkeys(k for _, obj in objects for k in obj))
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [(f, obj[k]) for f, obj in objects if k in obj]
+        if is_sharded(values[0][1]):
+            sizes = set()
+            pieces = []
+            for f, v in values:
+                if not is_sharded(v):
+                    raise UserError(f"{f}: {k} is not sharded there but is in {values[0][0].name}",
+                                    "the files come from different runs")
+                size, p = _shard_pieces(v)
+                sizes.add(size)
+                pieces += p
+            if len(sizes) != 1:
+                raise UserError(f"{k} has global sizes {sorted(sizes)} in different files", "the files come from different runs")
+            out[k] = _place(k, sizes.pop(), pieces, f"{files[0].parent}")
+        else:
+            out[k] = values[0][1]
+    if not any(is_sharded(obj[k]) for _, obj in objects for k in obj):
+        raise UserError(f"{files[0].parent} holds {len(files)} torch files that are not shards of one state dict",
+                        "pass one checkpoint file, or a folder of one save's per-rank files")
+    return out
+
+
+def read_dcp(path: Path) -> dict[str, Any]:
+    """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``)."""
+    meta = safe_pickle.load_pickle((path / ".metadata").read_bytes(), path / ".metadata")
+    try:
+        tensors = meta.attr("state_dict_metadata")
+        storage = meta.attr("storage_data")
+    except safe_pickle.BadFile:
+        raise UserError(f"{path / '.metadata'} is not DCP metadata", "pass a torch.distributed.checkpoint folder") from None
+    pieces: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
+    for index, info in storage.items():
+        fqn, offset = index.attr("fqn"), index.attr("offset")
+        if _optional(info, "transform_descriptors"):
+            raise UserError(f"{path}: {fqn} is stored with transforms {info.attr('transform_descriptors')}",
+                            "save the checkpoint without extensions (compression)")
+        file = path / str(info.attr("relative_path"))
+        if file.parent != path or not file.is_file():
+            raise UserError(f"{path}: {fqn} is in {info.attr('relative_path')!r}, which is missing",
+                            "copy the whole DCP folder")
+        start, length = int(info.attr("offset")), int(info.attr("length"))
+        with open(file, "rb") as f:
+            f.seek(start)
+            data = f.read(length)
+        if len(data) != length:
+            raise UserError(f"{file} ends before {fqn}'s chunk (truncated?)", "copy the DCP folder again")
+        value = safe_pickle.load(data, f"{file} ({fqn})")
+        if isinstance(value, torch.Tensor):
+            pieces.setdefault(fqn, []).append((tuple(int(o) for o in offset) if offset is not None else (), value))
+    out: dict[str, Any] = {}
+    for fqn, md in tensors.items():
+        if type(md).__qualname__ != "TensorStorageMetadata":
+            continue  # bytes items (optimizer steps, Python objects): not weights
+        size = tuple(int(s) for s in md.attr("size"))
+        got = pieces.get(fqn, [])
+        out[fqn] = _place(fqn, size, [(o or (0,) * len(size), t) for o, t in got], str(path))
+    return out
+
+
+def _optional(stub: Stub, name: str) -> Any:
+    try:
+        return stub.attr(name)
+    except safe_pickle.BadFile:
+        return None

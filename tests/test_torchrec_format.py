@@ -1,0 +1,168 @@
+"""TorchRec state dicts: DLRM rebuilt to score as TorchRec's forward does, from a flat state dict, from
+per-rank ShardedTensor files and from a DCP folder, all written here by torch's own sharding code in two
+gloo processes; missing shards and hostile metadata are refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recompress.adapters import describe, load_any
+from recompress.adapters.torchrec import triu_permutation
+from recompress.errors import UserError
+
+from .conftest import tree_hash
+
+ROWS, D = (40, 7, 23), 4
+PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags"
+
+
+def torchrec_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """torchrec.models.dlrm.DLRM's keys: 3 tables t_a, t_b, t_c of width 4, dense arch 5 -> 8 -> 4, over arch
+    (D + F + F(F-1)/2 = 4 + 3 + 3) -> 8 -> 1."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.4
+    sd = {f"{PREFIX}.{n}.weight": r(rows, D) for n, rows in zip(("t_a", "t_b", "t_c"), ROWS)}
+    for key, (o, i) in {"dense_arch.model._mlp.0._linear": (8, 5), "dense_arch.model._mlp.1._linear": (D, 8),
+                        "over_arch.model.0._mlp.0._linear": (8, D + 6), "over_arch.model.1": (1, 8)}.items():
+        sd[f"{key}.weight"], sd[f"{key}.bias"] = r(o, i), r(o)
+    return sd
+
+
+def torchrec_forward(sd, dense, ids):
+    """TorchRec's DLRM forward from its formulas: ReLU MLPs, one pooled row per feature, the dots of
+    [dense, sparse...] at triu_indices(F + 1, F + 1, offset=1), then the over arch (last layer linear)."""
+    x = F.relu(F.relu(dense @ sd["dense_arch.model._mlp.0._linear.weight"].T + sd["dense_arch.model._mlp.0._linear.bias"])
+               @ sd["dense_arch.model._mlp.1._linear.weight"].T + sd["dense_arch.model._mlp.1._linear.bias"])
+    rows = [sd[f"{PREFIX}.{n}.weight"][ids[:, t]] for t, n in enumerate(("t_a", "t_b", "t_c"))]
+    combined = torch.stack([x, *rows], 1)
+    z = combined @ combined.transpose(1, 2)
+    iu = torch.triu_indices(4, 4, offset=1)
+    h = torch.cat([x, z[:, iu[0], iu[1]]], 1)
+    h = F.relu(h @ sd["over_arch.model.0._mlp.0._linear.weight"].T + sd["over_arch.model.0._mlp.0._linear.bias"])
+    return (h @ sd["over_arch.model.1.weight"].T + sd["over_arch.model.1.bias"]).squeeze(-1)
+
+
+def inputs(n=17, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 5, generator=g), torch.stack([torch.randint(0, r, (n,), generator=g) for r in ROWS], 1)
+
+
+def assert_scores_like_torchrec(ckpt, sd):
+    dense, ids = inputs()
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(dense, ids.unsqueeze(-1)), torchrec_forward(sd, dense, ids), atol=1e-5)
+
+
+def test_triu_permutation_maps_dlrms_pair_order_to_torchrecs():
+    perm = triu_permutation(3)  # ours: (1,0) (2,0) (2,1) (3,0) (3,1) (3,2); TorchRec: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    assert perm == [0, 1, 3, 2, 4, 5]
+
+
+@pytest.mark.parametrize("wrap", ["", "model.", "_orig_mod.model."])  # DLRMTrain, and torch.compile around it
+def test_torchrec_dlrm_state_dict_scores_as_torchrec(tmp_path, wrap):
+    sd = torchrec_state()
+    torch.save({wrap + k: v for k, v in sd.items()}, tmp_path / "dlrm.pt")
+    found = describe(tmp_path / "dlrm.pt")
+    assert found.format == "torchrec" and [t.name for t in found.tables] == ["t_a", "t_b", "t_c"]
+    assert_scores_like_torchrec(load_any(tmp_path / "dlrm.pt"), sd)
+
+
+def test_a_bare_collection_is_described_not_built(tmp_path):
+    sd = {k: v for k, v in torchrec_state().items() if k.startswith(PREFIX)}
+    torch.save(sd, tmp_path / "ebc.pt")
+    found = describe(tmp_path / "ebc.pt")
+    assert [(t.name, t.rows, t.dim) for t in found.tables] == [("t_a", 40, 4), ("t_b", 7, 4), ("t_c", 23, 4)]
+    with pytest.raises(UserError, match="holds TorchRec embedding tables but no model"):
+        load_any(tmp_path / "ebc.pt")
+
+
+SHARD = '''
+import os, sys, torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+def work(rank, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    sd = torch.load(os.path.join(out, "full.pt"))
+    state = {}
+    for k, v in sd.items():
+        if ".embedding_bags." in k:  # row-wise: rank 0 the first half of the rows, rank 1 the rest
+            cut = v.shape[0] // 2 + 1
+            off, n = (0, cut) if rank == 0 else (cut, v.shape[0] - cut)
+            shard = Shard(v[off:off + n].clone(), ShardMetadata([off, 0], [n, v.shape[1]], f"rank:{rank}/cpu"))
+            state[k] = init_from_local_shards([shard], list(v.shape))
+        else:
+            state[k] = v
+    torch.save({"model." + k: v for k, v in state.items()}, os.path.join(out, "ranks", f"model_rank{rank}.pt"))
+    dcp.save({"model": state}, checkpoint_id=os.path.join(out, "dcp"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+'''
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    (out / "ranks").mkdir()
+    sd = torchrec_state(seed=4)
+    torch.save(sd, out / "full.pt")
+    (out / "shard.py").write_text(SHARD)
+    r = subprocess.run([sys.executable, str(out / "shard.py"), str(out), str(29400 + os.getpid() % 500)],
+                       capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, sd
+
+
+def test_per_rank_sharded_tensor_files_merge_offline(sharded):
+    out, sd = sharded
+    before = tree_hash(out / "ranks")
+    assert_scores_like_torchrec(load_any(out / "ranks"), sd)  # no process group here
+    assert tree_hash(out / "ranks") == before
+
+
+def test_a_dcp_folder_merges_offline(sharded):
+    out, sd = sharded
+    assert sorted(p.name for p in (out / "dcp").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    assert_scores_like_torchrec(load_any(out / "dcp"), sd)
+
+
+def test_missing_shards_are_refused_with_what_is_missing(sharded, tmp_path):
+    out, _ = sharded
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "model_rank0.pt").write_bytes((out / "ranks" / "model_rank0.pt").read_bytes())
+    with pytest.raises(UserError, match=r"cover it with gaps \(\d+ of 160 values missing\)"):
+        load_any(tmp_path / "one")
+    import shutil
+    shutil.copytree(out / "dcp", tmp_path / "dcp")
+    (tmp_path / "dcp" / "__1_0.distcp").unlink()
+    with pytest.raises(UserError, match="which is missing"):
+        load_any(tmp_path / "dcp")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-dcp",))
+
+
+def test_hostile_dcp_metadata_is_refused_without_running(sharded, tmp_path, monkeypatch):
+    import shutil
+    out, _ = sharded
+    shutil.copytree(out / "dcp", tmp_path / "dcp")
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": Evil()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"\.metadata would run code when unpickled: it calls posix\.system"):
+        load_any(tmp_path / "dcp")
+    assert not (tmp_path / "pwned-by-dcp").exists()
