@@ -7,7 +7,10 @@
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
 #                                          trt extra) stream-memory (writes up to 10.3 GB under /tmp)
-#                                          criteo-reader distributed-train
+#                                          criteo-reader distributed-train upstream-sasrec (needs SASREC_REPO: a
+#                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
+#                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
+#                                          DLRM_PYTHON, an interpreter with numpy 1, scikit-learn, mlperf_logging)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -77,6 +80,11 @@ for s in $sections; do
     seq-ranker-fusion) data seq-Beauty; bash bench/ranker_fusion.sh "$w" $r 2 ;;
     trt-build) python bench/trt_build.py --out $r/trt_build.json ;;
     trt-fusion) python bench/trt_fusion.py --out $r/trt_fusion.json ;;
+    upstream-sasrec) python bench/upstream_sasrec.py --repo "${SASREC_REPO:?set SASREC_REPO to a pmixer/SASRec.pytorch checkout (its python folder)}" \
+                       --data ../shared/data/seq_sasrec_amazon_video_games/Video.txt.gz --out $r/upstream_sasrec.json ;;
+    upstream-dlrm) python bench/upstream_dlrm.py --repo "${DLRM_REPO:?set DLRM_REPO to a facebookresearch/dlrm checkout}" \
+                     --python "${DLRM_PYTHON:?set DLRM_PYTHON to a python with numpy 1, scikit-learn, mlperf_logging}" \
+                     --data "$criteo" --out $r/upstream_dlrm.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1
