@@ -66,8 +66,11 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     path = Path(path)
     predictors: list[Predictor] = []
     ckpt: Checkpoint | None = None
-    if (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
+    manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+    if manifest is not None and manifest.get("artifact_is_checkpoint"):  # e.g. --target dlrm: a file the adapters read
+        path, hp = path / manifest["file"], {**(manifest.get("hp") or {}), **(hp or {})}
+        manifest = None
+    if manifest is not None:
         if manifest["target"] == "trt":  # the engine, and ONNX Runtime on the graph it was built from
             predictors.append(TrtPredictor(path / manifest["file"], manifest))
             if manifest.get("precision", "fp32") in ORT_PRECISIONS:

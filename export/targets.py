@@ -7,7 +7,8 @@ from types import ModuleType
 
 from recompress.errors import UserError
 
-TARGETS: dict[str, str] = {"onnx": "recompress.export.onnx", "trt": "recompress.export.tensorrt"}
+TARGETS: dict[str, str] = {"onnx": "recompress.export.onnx", "trt": "recompress.export.tensorrt",
+                           "dlrm": "recompress.export.dlrm_file"}
 
 
 def load_target(name: str) -> ModuleType:

@@ -295,3 +295,38 @@ def test_a_dlrm_checkpoint_is_scored_on_dlrms_own_test_rows(tmp_path):
     res = cli("evaluate", tmp_path / "short.pt", "--data", data.path, "--no-latency")
     assert res.exit_code == 2 and f"table emb_0 has {data.table_rows[0] - 1} rows but the dataset's sparse feature 1 " \
         f"has a vocabulary of {data.table_rows[0]}" in res.output
+
+
+def test_export_back_to_dlrms_layout_keeps_qr_and_mixed_dimension_tables(tmp_path):
+    """--target dlrm: QR rows as weight_q/weight_r, a low-rank table as dlrm's embs/proj, int8 rows as the dense
+    table they compute; the file reads back (and scores) as the checkpoint, and dlrm's counters are there."""
+    from .test_checkpoints import dlrm_state, reference_dlrm
+    sd = dlrm_state(rows=(30, 40, 12), m=4, seed=7)
+    torch.save({"state_dict": sd}, tmp_path / "dlrm.pt")
+    steps = "qr@emb_1,lowrank@emb_0,int8@emb_2"
+    res = cli("checkpoint", tmp_path / "dlrm.pt", "--method", steps, "--collisions", 3, "--op", "add", "--rank", 2,
+              "-o", tmp_path / "c")
+    assert res.exit_code == 0, res.output
+    res = cli("export", tmp_path / "c", "--target", "dlrm", "-o", tmp_path / "x")
+    assert res.exit_code == 0 and "parity max |diff| 0.00e+00" in res.output, res.output
+    out = torch.load(tmp_path / "x" / "model.pt", weights_only=True)
+    keys = {k: tuple(v.shape) for k, v in out["state_dict"].items() if k.startswith("emb_l")}
+    assert keys == {"emb_l.0.embs.weight": (30, 2), "emb_l.0.proj.weight": (4, 2), "emb_l.1.weight_q": (14, 4),
+                    "emb_l.1.weight_r": (3, 4), "emb_l.2.weight": (12, 4)}
+    assert {"iter", "epoch", "nepochs", "nbatches", "nbatches_test", "train_loss", "total_loss", "test_acc"} <= set(out)
+    from recompress.checkpoint import load_checkpoint
+    c = load_checkpoint(tmp_path / "c")
+    dense, ids = torch.rand(9, 13), torch.stack([torch.randint(0, r, (9,)) for r in (30, 40, 12)], 1)
+    with torch.no_grad():  # dlrm's forward on the written tensors = the compressed checkpoint
+        assert torch.allclose(reference_dlrm(out["state_dict"], dense, ids, qr_op="add"), c.model(dense, ids.unsqueeze(-1)),
+                              atol=1e-5)
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["hp"] == {"qr_operation": "add"} and manifest["tables_stored"]["emb_2"] == "dense (computed from dense+int8)"
+
+
+def test_export_to_dlrm_refuses_other_families(seq_data, tmp_path):  # noqa: F811
+    _, m = fresh("sasrec", seq_data)
+    path = write_pmixer(tmp_path / "run", m, {"norm_first": "False"})
+    res = cli("export", path, "--target", "dlrm", "-o", tmp_path / "x")
+    assert res.exit_code == 2 and "--target dlrm writes facebookresearch/dlrm files; this is a sasrec model" in res.output
+    assert not (tmp_path / "x").exists()

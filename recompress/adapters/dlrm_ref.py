@@ -50,8 +50,11 @@ def describe(path: Path, obj: Any) -> Found:
                         "a multi-process dlrm run saves only one rank's tables; save from a single process")
     pairs = lambda pre: [(sd[k], sd[k[:-len("weight")] + "bias"]) for _, k in indexed(sd, pre, ".weight")]
     found = dlrm_found(NAME, tables, pairs("bot_l"), pairs("top_l"), where=str(path))
+    made = obj.get("recompress") if isinstance(obj, dict) else None
+    if isinstance(made, dict):
+        found.notes.append(f"written by {made.get('tool')} after {', '.join(map(str, made.get('history') or [])) or 'no compression'}")
     metrics = {k: float(obj[k]) for k in METRICS if isinstance(obj, dict) and _number(obj.get(k))}
-    if metrics:
+    if metrics and not (made and not any(metrics.values())):
         found.provenance["upstream_metrics"] = metrics
         found.notes.append(f"upstream metrics: {metrics}")
     return found
