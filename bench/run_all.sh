@@ -11,6 +11,8 @@
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
 #                                          DLRM_PYTHON, an interpreter with numpy 1, scikit-learn, mlperf_logging)
+#                                          upstream-torchrec (needs TORCHREC_PYTHON: torchrec 1.9.2, fbgemm-gpu-cpu
+#                                          1.8.0 --no-deps, recompress --no-deps -e .)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -85,6 +87,8 @@ for s in $sections; do
     upstream-dlrm) python bench/upstream_dlrm.py --repo "${DLRM_REPO:?set DLRM_REPO to a facebookresearch/dlrm checkout}" \
                      --python "${DLRM_PYTHON:?set DLRM_PYTHON to a python with numpy 1, scikit-learn, mlperf_logging}" \
                      --data "$criteo" --out $r/upstream_dlrm.json ;;
+    upstream-torchrec) "${TORCHREC_PYTHON:?set TORCHREC_PYTHON to a python with torchrec and recompress}" \
+                         bench/upstream_torchrec.py --out $r/upstream_torchrec.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1

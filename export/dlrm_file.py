@@ -18,12 +18,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from recompress.errors import UserError
 from recompress.tables import DenseTable, FactorizedTable
 from recompress.tables.hashed import QRTable
+
+from .readback import run  # noqa: F401  (the target's runtime for parity)
 
 NAME = "dlrm"
 FILE = "model.pt"
@@ -78,11 +79,3 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     hp = {"qr_operation": qr_ops.pop()} if qr_ops and "concat" not in qr_ops else {}
     return {"file": FILE, "layout": "facebookresearch/dlrm --save-model", "tables_stored": stored, "hp": hp,
             "artifact_is_checkpoint": True, "parity_runtime": "recompress's reader of dlrm files"}
-
-
-def run(folder: Path, manifest: dict[str, Any], inputs: dict[str, torch.Tensor]) -> np.ndarray:
-    from recompress.adapters import load_any
-    from recompress.models import family_of
-    ckpt = load_any(folder / manifest["file"], manifest.get("hp") or None)
-    with torch.no_grad():
-        return family_of(ckpt.spec).scorer(ckpt.model).eval()(**inputs).numpy()

@@ -8,7 +8,7 @@ from types import ModuleType
 from recompress.errors import UserError
 
 TARGETS: dict[str, str] = {"onnx": "recompress.export.onnx", "trt": "recompress.export.tensorrt",
-                           "dlrm": "recompress.export.dlrm_file"}
+                           "dlrm": "recompress.export.dlrm_file", "torchrec": "recompress.export.torchrec_file"}
 
 
 def load_target(name: str) -> ModuleType:

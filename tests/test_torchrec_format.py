@@ -166,3 +166,50 @@ def test_hostile_dcp_metadata_is_refused_without_running(sharded, tmp_path, monk
     with pytest.raises(UserError, match=r"\.metadata would run code when unpickled: it calls posix\.system"):
         load_any(tmp_path / "dcp")
     assert not (tmp_path / "pwned-by-dcp").exists()
+
+
+def test_tbe_rows_are_the_bytes_torchrec_stores():
+    """The fused row TorchRec 1.9.2's quantized collection (QEBC.from_float, qint8) stored for [0, 1, ..., 6, 7.5]:
+    fp16 scale 7.5 / 255, fp16 bias 0, the values, zero padding to 16 bytes."""
+    from recompress.tables import DenseTable, tbe_rows
+    t = DenseTable(1, 8, torch.tensor([[0.0, 1, 2, 3, 4, 5, 6, 7.5]]))
+    t.quantize("int8")
+    fused = tbe_rows.pack(t.stores["weight"])
+    assert fused.tolist() == [[136, 39, 0, 0, 0, 34, 68, 102, 136, 170, 204, 255, 0, 0, 0, 0]]
+    back = tbe_rows.unpack(fused, 8, "int8")
+    assert back["data"].tolist() == [[0, 34, 68, 102, 136, 170, 204, 255]] and float(back["bias"][0]) == 0.0
+    assert tbe_rows.formats_of(32, 16) == ["int8"] and tbe_rows.formats_of(16, 20) == ["int4"]
+    assert tbe_rows.formats_of(16, 8) == ["int8", "int4"] and tbe_rows.formats_of(17, 8) == []
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4", "tt"])
+def test_export_to_torchrec_reads_back_as_the_checkpoint(tmp_path, method):
+    from click.testing import CliRunner
+
+    from recompress.checkpoint import load_checkpoint
+    from recompress.cli import main
+    sd = torchrec_state(seed=5)
+    torch.save(sd, tmp_path / "dlrm.pt")
+    src = tmp_path / "dlrm.pt"
+    if method:
+        args = ["checkpoint", str(src), "--method", method, "-o", str(tmp_path / "c")] + (["--tt-rank", "2"] if method == "tt" else [])
+        assert CliRunner().invoke(main, args).exit_code == 0
+        src = tmp_path / "c"
+    res = CliRunner().invoke(main, ["export", str(src), "--target", "torchrec", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    out = torch.load(tmp_path / "x" / "model.pt", weights_only=True)
+    assert list(out) == list(sd)  # TorchRec's keys, in its order
+    w = out[f"{PREFIX}.t_a.weight"]
+    assert (w.dtype, tuple(w.shape)) == {None: (torch.float32, (40, 4)), "tt": (torch.float32, (40, 4)),
+                                         "int8": (torch.uint8, (40, 16)), "int4": (torch.uint8, (40, 16))}[method]
+    reference = load_any(tmp_path / "dlrm.pt") if method is None else load_checkpoint(src)
+    dense, ids = inputs()
+    hp = {"quantized_rows": method} if method in ("int8", "int4") else None  # width 4: both pad to 16 bytes
+    if hp:
+        with pytest.raises(UserError, match="does not say quantized_rows"):
+            load_any(tmp_path / "x" / "model.pt")
+    with torch.no_grad():
+        got, want = load_any(tmp_path / "x" / "model.pt", hp).model(dense, ids.unsqueeze(-1)), reference.model(dense, ids.unsqueeze(-1))
+    assert torch.allclose(got, want, atol={"int8": 2e-3}.get(method, 1e-6))
+    if method is None:
+        assert torch.equal(out["over_arch.model.0._mlp.0._linear.weight"], sd["over_arch.model.0._mlp.0._linear.weight"])

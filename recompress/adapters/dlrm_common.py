@@ -25,29 +25,33 @@ Linear = tuple[Tensor, Tensor]  # (weight [out, in], bias [out])
 
 @dataclass
 class UpTable:
-    """One upstream table: ``dense`` {weight}, ``qr`` {q, r} (rows of id // c and id % c) or ``md``
-    {embs [rows, k], proj [dim, k]} (dlrm's mixed-dimension table: rows of width k projected to dim)."""
+    """One upstream table: ``dense`` {weight}, ``qr`` {q, r} (rows of id // c and id % c), ``md``
+    {embs [rows, k], proj [dim, k]} (dlrm's mixed-dimension table: rows of width k projected to dim), or
+    ``int8``/``int4`` {data, scale, bias} (quantized rows, e.g. TorchRec's fused TBE rows unpacked)."""
 
     name: str
     kind: str
     tensors: dict[str, Tensor]
     parts: tuple[str, ...]
+    dim: int | None = None  # quantized rows: the width they decode to
 
     @property
     def rows(self) -> int:
         if self.kind == "qr":  # dlrm keeps ceil(n / c) quotient rows: n itself is not stored
             return self.tensors["q"].shape[0] * self.tensors["r"].shape[0]
-        return self.tensors["embs" if self.kind == "md" else "weight"].shape[0]
+        return self.tensors[{"md": "embs", "int8": "data", "int4": "data"}.get(self.kind, "weight")].shape[0]
 
     def out_dim(self, concat: bool) -> int:
         if self.kind == "qr":
             return self.tensors["q"].shape[1] * (2 if concat else 1)
+        if self.kind in ("int8", "int4"):
+            return int(self.dim)
         return self.tensors["proj" if self.kind == "md" else "weight"].shape[0 if self.kind == "md" else 1]
 
     def found(self, concat: bool) -> FoundTable:
         t = next(iter(self.tensors.values()))
         nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
-        kind = {"dense": "dense", "qr": "qr", "md": "factorized"}[self.kind]
+        kind = {"dense": "dense", "qr": "qr", "md": "factorized", "int8": "dense+int8", "int4": "dense+int4"}[self.kind]
         return FoundTable(self.name, self.rows, self.out_dim(concat), str(t.dtype).removeprefix("torch."), nbytes,
                           kind, parts=self.parts)
 
@@ -96,14 +100,23 @@ def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[
 
 def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: list[Linear], where: str) -> Checkpoint:
     for t in up:
-        for part, tensor in zip(t.parts, t.tensors.values()):
-            check_finite(part, tensor, where)
+        for name, tensor in t.tensors.items():
+            check_finite(f"{t.name}.{name}", tensor, where)
     for i, (w, b) in enumerate(bottom + top):
         check_finite(f"mlp layer {i} weight", w, where)
         check_finite(f"mlp layer {i} bias", b, where)
     dim = hp["emb_dim"]
     tables: dict[str, Table] = {}
     for t in up:
+        if t.kind in ("int8", "int4"):
+            table = DenseTable(t.rows, dim)
+            table.quantize(t.kind, fill=False)
+            store = table.stores["weight"]
+            store.data[:, :t.tensors["data"].shape[1]] = t.tensors["data"]
+            store.scale.copy_(t.tensors["scale"])
+            store.bias.copy_(t.tensors["bias"])
+            tables[t.name] = table
+            continue
         x = {k: v.float() for k, v in t.tensors.items()}
         if t.kind == "dense":
             tables[t.name] = DenseTable(t.rows, dim, x["weight"])

@@ -1,4 +1,5 @@
-"""TorchRec state dicts: ``EmbeddingBagCollection`` tables (``...embedding_bags.{table}.weight``), plain or
+"""TorchRec state dicts: ``EmbeddingBagCollection`` tables (``...embedding_bags.{table}.weight``: float, or
+uint8 rows of its quantized inference collection, see ``tables/tbe_rows``), plain or
 merged from per-rank ``ShardedTensor`` files or a DCP folder (``shards``), with TorchRec's ``DLRM``
 (``torchrec/models/dlrm.py``: ``dense_arch.model._mlp.{j}._linear``, ``over_arch.model.0._mlp.{j}._linear``
 and ``over_arch.model.1``) rebuilt as recompress's DLRM. TorchRec orders the pairwise dots as
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from recompress.errors import UserError
+
+from recompress.tables import tbe_rows
 
 from .dlrm_common import UpTable, dlrm_found
 from .found import Found, FoundTable
@@ -62,20 +65,52 @@ def describe(path: Path, obj: Any) -> Found:
     if "over_arch.model.1.weight" in sd:
         over.append((sd["over_arch.model.1.weight"], sd["over_arch.model.1.bias"]))
     if bags and dense and over and not seqs:
-        tables = [UpTable(name, "dense", {"weight": sd[k]}, (k,)) for name, k in bags]
+        d = int(dense[-1][0].shape[0])
+        fmts = {name: _quantized(name, sd[k], d, path) for name, k in bags if sd[k].dtype == torch.uint8}
+        ambiguous = [n for n, f in fmts.items() if len(f) > 1]
+        tables = [_up_table(name, sd[k], k, d, fmts.get(name)) for name, k in bags]
         w0, b0 = over[0]
-        d, perm = int(dense[-1][0].shape[0]), triu_permutation(len(tables))
+        perm = triu_permutation(len(tables))
         if w0.shape[1] != d + len(perm):
             raise UserError(f"{path}: over_arch input width {w0.shape[1]} is not D + F + F(F-1)/2 = {d + len(perm)} for "
                             f"{len(tables)} tables of width {d}", "the state dict is inconsistent")
         over[0] = (torch.cat([w0[:, :d], w0[:, d:][:, perm]], 1), b0)
         found = dlrm_found(NAME, tables, dense, over, where=str(path))
         found.notes.append("the over-arch's first layer is read with its pairwise-dot columns in dlrm's order")
+        if ambiguous:  # the rows decode at build time, once the format is known
+            found.build = lambda hp: _build_quantized(hp, bags, sd, d, dense, over, path)
+            found.need("quantized_rows", ("int8", "int4"), f"tables {', '.join(ambiguous)} are uint8 rows of width {d}, "
+                       "which int8 and int4 pad to the same bytes; TorchRec keeps the type in its configs")
         return found
     found = Found(NAME, "none", [_table(name, sd[k], k) for name, k in bags + seqs], build=lambda hp: _no_model(path))
     found.notes.append("a TorchRec embedding collection without the DLRM around it (or with sequence embeddings): "
                        "its tables are listed; recompress builds TorchRec's DLRM only")
     return found
+
+
+def _quantized(name: str, w: torch.Tensor, dim: int, path: Path) -> list[str]:
+    fmts = tbe_rows.formats_of(int(w.shape[1]), dim)
+    if not fmts:
+        raise UserError(f"{path}: table {name} is uint8 [{w.shape[0]}, {w.shape[1]}], which is no TBE row layout of "
+                        f"width {dim} (int8: {tbe_rows.row_width('int8', dim)} B, int4: {tbe_rows.row_width('int4', dim)} B)",
+                        "recompress reads TorchRec's int8 and int4 tables")
+    return fmts
+
+
+def _up_table(name: str, w: torch.Tensor, key: str, dim: int, fmts: list[str] | None, fmt: str | None = None) -> UpTable:
+    """A float table, or a quantized one in TorchRec's fused TBE rows (uint8; ``recompress.tables.tbe_rows``)."""
+    if not fmts:
+        return UpTable(name, "dense", {"weight": w}, (key,))
+    fmt = fmt or fmts[0]
+    return UpTable(name, fmt, tbe_rows.unpack(w, dim, fmt), (key,), dim=dim)
+
+
+def _build_quantized(hp: dict[str, Any], bags: list[tuple[str, str]], sd: dict[str, torch.Tensor], dim: int,
+                     dense: list[Any], over: list[Any], path: Path) -> Any:
+    fmt = hp["quantized_rows"]
+    tables = [_up_table(name, sd[k], k, dim, tbe_rows.formats_of(int(sd[k].shape[1]), dim) if sd[k].dtype == torch.uint8
+                        else None, fmt) for name, k in bags]
+    return dlrm_found(NAME, tables, dense, over, where=str(path)).build(hp)
 
 
 def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
