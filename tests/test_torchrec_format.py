@@ -213,3 +213,38 @@ def test_export_to_torchrec_reads_back_as_the_checkpoint(tmp_path, method):
     assert torch.allclose(got, want, atol={"int8": 2e-3}.get(method, 1e-6))
     if method is None:
         assert torch.equal(out["over_arch.model.0._mlp.0._linear.weight"], sd["over_arch.model.0._mlp.0._linear.weight"])
+
+
+DLRM_V3 = '''
+import sys, torch
+import torch.distributed.checkpoint as dcp
+out = sys.argv[1]
+tables = {"item_id": torch.randn(50, 8), "user_id": torch.randn(30, 8)}
+dcp.save({"sparse_dict": {f"_embedding_collection.embeddings.{k}.weight": v for k, v in tables.items()}},
+         checkpoint_id=out + "/sparse")
+torch.save({"dense_dict": {"_hstu_transducer.w": torch.ones(3)}, "optimizer_dict": {},
+            "sparse_tensor_keys": {"_embedding_collection.embeddings.item_id.weight"}}, out + "/non_sparse.ckpt")
+'''
+
+
+def test_dlrm_v3_checkpoints_are_described_and_a_missing_part_is_named(tmp_path):
+    """save_dmp_checkpoint's layout: non_sparse.ckpt + a DCP sparse/ folder in one timestamped folder."""
+    run = tmp_path / "2026_12_06_10_00_00"
+    run.mkdir()
+    (tmp_path / "make.py").write_text(DLRM_V3)
+    r = subprocess.run([sys.executable, str(tmp_path / "make.py"), str(run)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = describe(run)
+    assert found.format == "dlrm_v3" and [(t.name, t.rows, t.dim) for t in found.tables] == [("item_id", 50, 8), ("user_id", 30, 8)]
+    with pytest.raises(UserError, match="describes but does not rebuild"):
+        load_any(run)
+    with pytest.raises(UserError, match="is one part of a dlrm_v3 checkpoint"):
+        describe(run / "sparse")
+    import shutil
+    shutil.move(run / "non_sparse.ckpt", tmp_path / "elsewhere.ckpt")
+    with pytest.raises(UserError, match=r"holds the sparse part \(sparse/\) of a dlrm_v3 checkpoint but not non_sparse.ckpt"):
+        describe(run)
+    shutil.move(tmp_path / "elsewhere.ckpt", run / "non_sparse.ckpt")
+    shutil.rmtree(run / "sparse")
+    with pytest.raises(UserError, match=r"holds the dense part \(non_sparse.ckpt\) of a dlrm_v3 checkpoint but not sparse"):
+        describe(run)

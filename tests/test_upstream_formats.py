@@ -330,3 +330,23 @@ def test_export_to_dlrm_refuses_other_families(seq_data, tmp_path):  # noqa: F81
     res = cli("export", path, "--target", "dlrm", "-o", tmp_path / "x")
     assert res.exit_code == 2 and "--target dlrm writes facebookresearch/dlrm files; this is a sasrec model" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_research_hstu_checkpoints_are_described_not_rebuilt(tmp_path):
+    """train.py's layout: ckpts/{dataset}-l{L}/HSTU-b..-h..-dqk..-dv.._ep{N}, keys under DDP's module."""
+    folder = tmp_path / "ckpts" / "ml-1m-l12"
+    folder.mkdir(parents=True)
+    path = folder / ("HSTU-b2-h2-dqk8-dv8-lsilud0.2-ad0.0_DotProduct_local-l2-eps1e-06_ssl-t0.05-n128-b128-lr0.001-wu0-"
+                     "wd0-2026-12-06_ep3")
+    sd = {"_embedding_module._item_emb.weight": torch.randn(41, 16),
+          "_input_features_preproc._pos_emb.weight": torch.randn(16, 16), "_attn_mask": torch.ones(16, 16).bool()}
+    for i in range(2):
+        sd[f"_hstu._attention_layers.{i}._uvqk"] = torch.randn(16, 64)
+        sd[f"_hstu._attention_layers.{i}._o.weight"], sd[f"_hstu._attention_layers.{i}._o.bias"] = torch.randn(16, 16), torch.zeros(16)
+    torch.save({"epoch": 3, "model_state_dict": {"module." + k: v for k, v in sd.items()}, "optimizer_state_dict": {}}, path)
+    found = describe(path)
+    assert found.format == "hstu-research" and found.family == "hstu"
+    assert (found.hparams["max_len"], found.hparams["heads"], found.hparams["dqk"], found.hparams["num_items"]) == (12, 2, 8, 40)
+    assert found.sources["max_len"] == "file name" and found.sources["dim"] == "shapes"
+    with pytest.raises(UserError, match="describes but does not rebuild"):
+        load_any(path)

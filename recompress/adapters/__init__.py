@@ -17,11 +17,12 @@ from typing import Any
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
-from . import dlrm_ref, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec
+from . import dlrm_ref, dlrm_v3, hstu_research, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec
 from .found import Found, parse_hp
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
-ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, recbole, dlrm_ref, sasrec_pmixer, torchrec]
+ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, sasrec_pmixer, hstu_research,
+                               torchrec]
 
 
 def _object(path: Path) -> Any:
