@@ -7,7 +7,7 @@
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
 #                                          trt extra) stream-memory (writes up to 10.3 GB under /tmp)
-#                                          criteo-reader distributed-train upstream-sasrec (needs SASREC_REPO: a
+#                                          criteo-reader distributed-train upstream-recbole upstream-sasrec (needs SASREC_REPO: a
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
 #                                          DLRM_PYTHON, an interpreter with numpy 1, scikit-learn, mlperf_logging)
@@ -38,7 +38,7 @@ seqsrc() {  # real sequence files in ../shared/data (research-only terms: never 
     bert4rec_beauty) echo ../shared/data/seq_bert4rec_amazon_beauty/beauty.txt.gz ;;
   esac
 }
-sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory criteo-reader distributed-train}
+sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory criteo-reader distributed-train upstream-recbole}
 frontier_sweeps="--sweep fp16 --sweep bf16 --sweep freqhash:ratio=8 --sweep hash:ratio=4,16,64 --sweep qr:ratio=32
   --sweep lowrank:rank=8,32 --sweep tt:tt_rank=16,32 --sweep tt,int8:tt_rank=16 --sweep hash,int8:ratio=8"
 scaling_args="--data $w/bert4rec_beauty --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 --seeds 0,1,2 --epochs 3
@@ -89,6 +89,7 @@ for s in $sections; do
                      --data "$criteo" --out $r/upstream_dlrm.json ;;
     upstream-torchrec) "${TORCHREC_PYTHON:?set TORCHREC_PYTHON to a python with torchrec and recompress}" \
                          bench/upstream_torchrec.py --out $r/upstream_torchrec.json ;;
+    upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1
