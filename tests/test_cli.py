@@ -281,7 +281,7 @@ def test_click_usage_errors_use_the_same_one_line_style(tiny_data):
     assert_user_error(res, "no such option '--dimm'. (Did you mean one of: '--dim', '--ffn-dim'?)")
     assert "recompress train --help" in res.stderr
     res = cli("export", "x", "-o", "y", "--target", "tflite")
-    assert_user_error(res, "invalid value for '--target': 'tflite' is not one of 'onnx', 'trt'; hint:")  # no '.;'
+    assert_user_error(res, "invalid value for '--target': 'tflite' is not one of 'onnx', 'trt', 'dlrm', 'torchrec'; hint:")  # no '.;'
     assert_user_error(cli("train", "--data", tiny_data.path, "-o", "x", "--dim", "wide"), "'wide' is not a valid integer")
 
 
@@ -330,7 +330,7 @@ def test_every_option_has_help_and_target_lists_choices():
             walk(sub, f"{path} {name}")
     walk(main, "recompress")
     assert not missing, missing
-    assert "[onnx|trt]" in cli("export", "--help").output
+    assert "[onnx|trt|dlrm|torchrec]" in cli("export", "--help").output
     from recompress.recipe import shipped
     listed = "".join(cli("run", "--help").output.split())  # (help text wraps at hyphens)
     assert all(name in listed for name in shipped())

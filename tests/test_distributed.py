@@ -180,4 +180,5 @@ def test_a_run_that_succeeds_closes_its_process_group_before_exit(work, tmp_path
            "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "3", "-o", str(tmp_path / "ck")]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [line for line in r.stdout.splitlines() if line.startswith("exit")] == ["exit 0, process group open: False"] * 2
+    # two ranks print into one pipe, so their lines may interleave: count the phrases
+    assert r.stdout.count("exit 0, process group open: False") == 2 and "open: True" not in r.stdout, r.stdout
