@@ -350,3 +350,10 @@ def test_research_hstu_checkpoints_are_described_not_rebuilt(tmp_path):
     assert found.sources["max_len"] == "file name" and found.sources["dim"] == "shapes"
     with pytest.raises(UserError, match="describes but does not rebuild"):
         load_any(path)
+
+
+def test_a_run_folder_with_one_checkpoint_file_reads_as_that_file(seq_data, tmp_path):  # noqa: F811
+    _, m = fresh("sasrec", seq_data)
+    write_pmixer(tmp_path / "Video_default", m, {"norm_first": "False"})  # its file name carries the heads
+    found = describe(tmp_path / "Video_default")
+    assert found.format == "sasrec.pytorch" and found.sources["heads"] == "file name"

@@ -27,8 +27,9 @@ ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, s
 
 def _object(path: Path) -> Any:
     """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else)."""
-    if is_torch_file(path):
-        return safe_torch_load(path)
+    if is_torch_file(path):  # one rank's file of a sharded save is stitched too (and refused if incomplete)
+        obj = safe_torch_load(path)
+        return shards.merge_objects([(path, obj)]) if shards.has_shards(obj) else obj
     if shards.is_dcp(path):
         return shards.read_dcp(path)
     if path.is_dir():
@@ -38,6 +39,16 @@ def _object(path: Path) -> Any:
     return None
 
 
+def _single_file(path: Path) -> Path:
+    """A folder (not DCP) holding exactly one torch file, e.g. a training run's: that file, which may carry
+    hyper-parameters in its name."""
+    if path.is_dir() and not shards.is_dcp(path):
+        files = [f for f in path.iterdir() if is_torch_file(f)]
+        if len(files) == 1:
+            return files[0]
+    return path
+
+
 def _read(path: Path) -> tuple[ModuleType, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
@@ -45,7 +56,7 @@ def _read(path: Path) -> tuple[ModuleType, Any]:
     for adapter in folders:  # recognized by their files' names: nothing is read yet
         if adapter.sniff(path, None):
             return adapter, None
-    obj = _object(path)
+    obj = _object(_single_file(path))
     for adapter in ADAPTERS:
         if adapter not in folders and obj is not None and adapter.sniff(path, obj):
             return adapter, obj
@@ -63,7 +74,7 @@ def detect_format(path: str | Path) -> str:
 def describe(path: str | Path, hp: dict[str, str] | None = None) -> Found:
     """What the checkpoint at ``path`` holds, with the user's ``--hp`` values applied; nothing is built."""
     adapter, obj = _read(Path(path))
-    found = adapter.describe(Path(path), obj)
+    found = adapter.describe(_single_file(Path(path)) if getattr(adapter, "READS_OBJECT", True) else Path(path), obj)
     if hp and not found.upstream:
         raise UserError(f"--hp does not apply to {path}: a {found.format} checkpoint records every hyper-parameter",
                         "drop --hp")

@@ -67,10 +67,19 @@ def _shard_pieces(st: Stub) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...]
     return size, pieces
 
 
+def has_shards(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(is_sharded(v) for v in obj.values())
+
+
 def merge_rank_files(files: list[Path]) -> dict[str, Any]:
     """One state dict from per-rank files of a sharded state dict (``files`` in any order)."""
     from .torch_files import safe_torch_load
-    objects = [(f, safe_torch_load(f)) for f in files]
+    return merge_objects([(f, safe_torch_load(f)) for f in files])
+
+
+def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
+    """One state dict from per-rank state dicts (path, object), sharded values stitched by offset."""
+    files = [f for f, _ in objects]
     for f, obj in objects:
         if not isinstance(obj, Mapping):
             raise UserError(f"{f} holds a {type(obj).__name__}, not a state dict", "pass a folder of per-rank state dicts")
