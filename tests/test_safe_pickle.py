@@ -204,3 +204,31 @@ def test_the_real_recbole_checkpoint_loads_without_recbole():
     assert cfg.get("MAX_ITEM_LIST_LENGTH") == 20 and cfg.get("hidden_act") == "gelu"
     assert tuple(ck["state_dict"]["item_embedding.weight"].shape) == (1683, 32)
     assert float(ck["best_valid_score"]) == pytest.approx(0.0185, abs=5e-5)
+
+
+@pytest.mark.parametrize("kind", ["object-array", "byte-array", "stride-0", "pickle-bomb"])
+def test_files_that_would_allocate_far_more_than_their_size_are_refused(tmp_path, kind):
+    """Found by an independent review: each of these made a file of under 1 MB allocate gigabytes."""
+    path = tmp_path / "x.pt"
+    shape = b"J\x00\x84\xd7\x17\x85"  # (400000000,)
+    if kind in ("object-array", "byte-array"):
+        dtype = b"O" if kind == "object-array" else b"b"
+        _zip(path, b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + shape
+             + b"X\x01\x00\x00\x00" + dtype + b"\x87R.")
+    elif kind == "stride-0":
+        torch.save({"state_dict": {"emb_l.0.weight": torch.zeros(1).expand(200_000_000, 16)}}, path)
+    else:
+        with zipfile.ZipFile(path, "w") as z:  # a 50 MB data.pkl deflated to about 50 KB
+            z.writestr("archive/data.pkl", b"\x80\x02}." + b"\0" * 50_000_000, compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(UserError, match=f"{path} is not a readable torch file"):
+        safe_torch_load(path)
+
+
+def test_a_file_cannot_change_how_later_files_are_read(tmp_path):
+    """BUILD on an allowed object (here the FloatStorage type's entry) would have made every later float
+    tensor int32."""
+    _zip(tmp_path / "poison.pt", b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypectorch\nint32\nsb0}.")
+    with pytest.raises(UserError, match="sets the state of a _Storage"):
+        safe_torch_load(tmp_path / "poison.pt")
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "ok.pt")
+    assert safe_torch_load(tmp_path / "ok.pt")["w"].dtype == torch.float32

@@ -248,3 +248,16 @@ def test_dlrm_v3_checkpoints_are_described_and_a_missing_part_is_named(tmp_path)
     shutil.rmtree(run / "sparse")
     with pytest.raises(UserError, match=r"holds the dense part \(non_sparse.ckpt\) of a dlrm_v3 checkpoint but not sparse"):
         describe(run)
+
+
+def test_a_size_the_metadata_states_is_checked_before_it_is_allocated(sharded, tmp_path):
+    """Found by an independent review: a DCP table claimed to be 10^6 x 10^6 was allocated (4 TB) first."""
+    import shutil
+    out, _ = sharded
+    shutil.copytree(out / "dcp", tmp_path / "dcp")
+    meta = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())  # our own test file: torch's classes
+    key = next(k for k in meta.state_dict_metadata if k.endswith("t_a.weight"))
+    meta.state_dict_metadata[key].size = torch.Size([10**6, 10**6])
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(UserError, match=r"cover it with gaps \(999,999,999,840 of 1,000,000,000,000 values missing\)"):
+        load_any(tmp_path / "dcp")

@@ -28,8 +28,11 @@ Allow-list (what each name becomes):
 A global outside the list is refused with one of two messages: one that runs code (``os``/``posix``,
 ``subprocess``, ``builtins.eval``, ``runpy``, ``numpy.load``, ``torch.load``, ...) says the file would run
 code and names the callable; any other name says that the file holds a type recompress does not know.
-Storages are bounds-checked against their records, and a compressed storage that inflates more than
-100-fold is refused (torch writes them uncompressed).
+Storages are bounds-checked against their records (a view may not hold more elements than its storage),
+a numpy array may not be larger than the pickle that fills it, a compressed record that inflates more than
+100-fold is refused (torch writes them uncompressed), and BUILD (setting an object's state) is allowed on
+instances the pickle made (stubs, numpy arrays, containers, tensors) only, so no file can change an
+allowed callable or type for later files.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pickle
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +117,9 @@ class BadFile(Exception):
     """The file's structure is broken (not an attack we can name): reported as an unreadable file."""
 
 
+@dataclass(frozen=True, slots=True)
 class _Storage:
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    dtype: torch.dtype
 
 
 def _storage_types() -> dict[str, _Storage]:
@@ -136,6 +140,11 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
         end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
         if end > storage.numel():
             raise BadFile(f"a tensor reaches element {end:,} of a storage of {storage.numel():,} (truncated?)")
+        numel = 1
+        for s in size:
+            numel *= s
+        if numel > storage.numel():  # stride 0 repeats elements: copying the view would allocate that much
+            raise BadFile(f"a tensor of {numel:,} elements views a storage of {storage.numel():,}")
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
 
 
@@ -143,6 +152,11 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None)
     if not isinstance(data, torch.Tensor):
         raise BadFile("a parameter record holds no tensor")
     return data
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """``numpy.dtype``, always a private copy (BUILD then sets its state, never a shared builtin dtype's)."""
+    return np.dtype(spec, bool(align), True)
 
 
 def _numpy(name: str) -> Any:
@@ -214,7 +228,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _dtype,
     ("numpy", "ndarray"): np.ndarray,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
@@ -227,10 +241,40 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+# instances this pickle made itself, whose state it may set (a state dict's OrderedDict keeps ``_metadata``)
+BUILDABLE = (Stub, np.ndarray, np.dtype, collections.OrderedDict, collections.defaultdict, torch.Tensor)
+
+
+class _Unpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler, whose BUILD can be checked
+    """pickle's unpickler with globals from the allow-list only, numpy arrays no larger than the pickle can
+    fill, and BUILD (set an object's state) only on instances the pickle made (``BUILDABLE``): never on an
+    allowed callable, class or storage type, which would change it for every later file."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+
     def __init__(self, data: bytes, storages: Any) -> None:
         super().__init__(io.BytesIO(data))
-        self.storages = storages
+        self.storages, self.size = storages, len(data)
+
+    def load_build(self) -> None:
+        if not isinstance(self.stack[-2], BUILDABLE):
+            raise BadFile(f"the pickle sets the state of a {type(self.stack[-2]).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> Any:
+        """numpy's ``_reconstruct`` for plain arrays whose bytes (or objects) the pickle itself can hold."""
+        if subtype is not np.ndarray or not isinstance(dtype, (bytes, str, np.dtype)):
+            raise BadFile(f"a numpy array of type {getattr(subtype, '__name__', subtype)!r} is rebuilt")
+        dims = shape if isinstance(shape, tuple) else (shape,)
+        if not all(isinstance(n, int) and n >= 0 for n in dims):
+            raise BadFile("a numpy array record is malformed")
+        count = int(np.prod(dims, dtype=np.float64))
+        itemsize = max(np.dtype(dtype).itemsize if not isinstance(dtype, bytes) else 1, 1)
+        if count * itemsize > self.size + 64:
+            raise BadFile(f"a numpy array of {count:,} elements in a pickle of {self.size:,} bytes")
+        return _numpy("_reconstruct")(subtype, shape, dtype)
 
     def find_class(self, module: str, name: str) -> Any:
         # the Python 2 names protocol <= 2 pickles use, mapped as pickle's own find_class maps them
@@ -239,7 +283,7 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-            return _numpy(name)
+            return self._reconstruct if name == "_reconstruct" else _numpy(name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if any(module == p or module.startswith(p + ".") for p in STUB_PACKAGES):
@@ -257,47 +301,54 @@ def load(source: Path | bytes, where: str | Path | None = None) -> Any:
     """The object in a ``torch.save`` zip (a file, or its bytes, e.g. one item of a DCP file), through the
     allow-list (see the module docstring); ``where`` names it in errors."""
     where = where or source
-    with _refusals(where, "torch file"):
+    with refusals(where, "torch file"):
         with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
             names = z.namelist()
             pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
             if len(pkl) != 1:
                 raise BadFile("no data.pkl record")
             root = pkl[0][:-len("data.pkl")]
-            if f"{root}byteorder" in names and z.read(f"{root}byteorder").strip() not in (b"", b"little"):
+            if f"{root}byteorder" in names and _member(z, f"{root}byteorder").strip() not in (b"", b"little"):
                 raise BadFile("a big-endian file")
-            cache: dict[str, torch.Tensor] = {}
+            cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
             def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-                if key not in cache:
+                if (key, dtype) not in cache:
                     name = f"{root}data/{key}"
                     if name not in names:
                         raise BadFile(f"the storage {name} is missing (truncated?)")
-                    info, itemsize = z.getinfo(name), torch.empty(0, dtype=dtype).element_size()
-                    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 100 * max(info.compress_size, 1):
-                        raise BadFile(f"the storage {name} inflates {info.file_size / max(info.compress_size, 1):.0f}-fold")
-                    raw = bytearray(z.read(name))
+                    raw, itemsize = bytearray(_member(z, name)), torch.empty(0, dtype=dtype).element_size()
                     if len(raw) < numel * itemsize:
                         raise BadFile(f"the storage {name} holds {len(raw):,} bytes, expected {numel * itemsize:,}")
-                    cache[key] = torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
-                return cache[key]
+                    cache[key, dtype] = torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+                return cache[key, dtype]
 
-            return _Unpickler(z.read(pkl[0]), storage).load()
+            return _Unpickler(_member(z, pkl[0]), storage).load()
+
+
+def _member(z: zipfile.ZipFile, name: str) -> bytes:
+    """A zip record, refused if compressed more than 100-fold (torch stores records uncompressed)."""
+    info = z.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 100 * max(info.compress_size, 1):
+        raise BadFile(f"the record {name} inflates {info.file_size / max(info.compress_size, 1):.0f}-fold")
+    return z.read(name)
 
 
 def load_pickle(data: bytes, where: str | Path) -> Any:
     """A plain pickle (no tensors; e.g. a DCP folder's ``.metadata``), through the same allow-list."""
     def no_storages(key: str, dtype: torch.dtype, numel: int) -> Any:
         raise BadFile("a plain pickle refers to tensor storages")
-    with _refusals(where, "pickle"):
+    with refusals(where, "pickle"):
         return _Unpickler(data, no_storages).load()
 
 
 @contextmanager
-def _refusals(where: str | Path, what: str) -> Iterator[None]:
+def refusals(where: str | Path, what: str) -> Iterator[None]:
     """Whatever a broken or hostile file raises while it is read, as one clear error."""
     try:
         yield
+    except UserError:
+        raise
     except UnsafeGlobal as e:
         raise refusal(where, e) from None
     except Exception as e:  # noqa: BLE001 - anything else a broken or hostile file raises is the file's fault

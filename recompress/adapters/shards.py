@@ -13,6 +13,7 @@ do not cover it exactly is refused, naming what is missing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,29 @@ def is_dcp(path: Path) -> bool:
 
 
 def _place(name: str, size: tuple[int, ...], pieces: list[tuple[tuple[int, ...], torch.Tensor]], where: str) -> torch.Tensor:
-    """The tensor of ``size`` made of ``pieces`` (offsets, chunk); refused unless they cover it exactly once."""
+    """The tensor of ``size`` made of ``pieces`` (offsets, chunk), refused unless they cover it exactly once;
+    checked before the size, which the file states, is allocated."""
     if not pieces:
         raise UserError(f"{where}: no chunk of {name} was found", "copy every rank's file (or the whole DCP folder)")
-    out = torch.empty(size, dtype=pieces[0][1].dtype)
-    covered = torch.zeros(size, dtype=torch.int8)
+    boxes = []
     for offsets, chunk in pieces:
-        if len(offsets) != len(size) or any(o < 0 or o + c > s for o, c, s in zip(offsets, chunk.shape, size)):
+        if len(offsets) != len(size) or chunk.dim() != len(size) or \
+                any(o < 0 or o + c > s for o, c, s in zip(offsets, chunk.shape, size)):
             raise UserError(f"{where}: a chunk of {name} at {list(offsets)} of shape {list(chunk.shape)} does not fit "
                             f"its size {list(size)}", "the files are damaged or from different runs")
-        region = tuple(slice(o, o + c) for o, c in zip(offsets, chunk.shape))
-        out[region] = chunk
-        covered[region] += 1
-    if not bool((covered == 1).all()):
-        missing = int((covered == 0).sum())
-        raise UserError(f"{where}: the chunks of {name} cover it {'with gaps' if missing else 'twice in places'} "
-                        f"({missing:,} of {covered.numel():,} values missing)",
+        boxes.append([(o, o + c) for o, c in zip(offsets, chunk.shape)])
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if all(lo < hi2 and lo2 < hi for (lo, hi), (lo2, hi2) in zip(a, b)):
+                raise UserError(f"{where}: the chunks of {name} cover it twice in places",
+                                "pass every rank's file of one save, and nothing else")
+    total, have = math.prod(size), sum(c.numel() for _, c in pieces)
+    if have != total:
+        raise UserError(f"{where}: the chunks of {name} cover it with gaps ({total - have:,} of {total:,} values missing)",
                         "pass every rank's file of one save, and nothing else")
+    out = torch.empty(size, dtype=pieces[0][1].dtype)
+    for offsets, chunk in pieces:
+        out[tuple(slice(o, o + c) for o, c in zip(offsets, chunk.shape))] = chunk
     return out
 
 
@@ -56,8 +63,13 @@ def is_sharded(v: Any) -> bool:
     return isinstance(v, Stub) and type(v).__qualname__ == SHARDED
 
 
-def _shard_pieces(st: Stub) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
+def _shard_pieces(st: Stub, where: Path) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
     """(global size, [(offsets, local tensor)]) of one rank's ShardedTensor."""
+    with safe_pickle.refusals(where, "ShardedTensor"):
+        return _pieces(st)
+
+
+def _pieces(st: Stub) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
     local, meta = st.state[0], st.state[1]
     size = tuple(int(s) for s in meta.attr("size"))
     pieces = []
@@ -94,7 +106,7 @@ def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
                 if not is_sharded(v):
                     raise UserError(f"{f}: {k} is not sharded there but is in {values[0][0].name}",
                                     "the files come from different runs")
-                size, p = _shard_pieces(v)
+                size, p = _shard_pieces(v, f)
                 sizes.add(size)
                 pieces += p
             if len(sizes) != 1:
@@ -111,11 +123,14 @@ def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
 def read_dcp(path: Path) -> dict[str, Any]:
     """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``)."""
     meta = safe_pickle.load_pickle((path / ".metadata").read_bytes(), path / ".metadata")
-    try:
-        tensors = meta.attr("state_dict_metadata")
-        storage = meta.attr("storage_data")
-    except safe_pickle.BadFile:
-        raise UserError(f"{path / '.metadata'} is not DCP metadata", "pass a torch.distributed.checkpoint folder") from None
+    with safe_pickle.refusals(path / ".metadata", "DCP metadata"):
+        return _read_dcp(path, meta)
+
+
+def _read_dcp(path: Path, meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, Stub):
+        raise safe_pickle.BadFile(f"it holds a {type(meta).__name__}, not DCP's Metadata")
+    tensors, storage = meta.attr("state_dict_metadata"), meta.attr("storage_data")
     pieces: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
     for index, info in storage.items():
         fqn, offset = index.attr("fqn"), index.attr("offset")

@@ -40,20 +40,16 @@ def safe_torch_load(path: Path) -> Any:
     through ``torch.load(weights_only=True)``; both refuse a global outside their allow-list by name."""
     if zipfile.is_zipfile(path):
         return safe_pickle.load(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)\.(\w+)", str(e))
-        if found:
-            raise safe_pickle.refusal(path, safe_pickle.UnsafeGlobal(found.group(1), found.group(2))) from None
-        first = str(e).strip().splitlines()[-1][:160]
-        raise UserError(f"{path} holds objects the safe loader refuses ({first})",
-                        "recompress never unpickles arbitrary objects; re-save the state_dict with plain tensors") from None
-    except Exception as e:  # noqa: BLE001 - any failure inside torch's unpickler (a hostile file raised
-        # LookupError, OverflowError, MemoryError, TypeError, AssertionError) is the file's fault, not a crash
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path} is not a readable torch file ({type(e).__name__}: {first})",
-                        "the file is truncated, corrupt or not a checkpoint") from None
+    with safe_pickle.refusals(path, "torch file"):  # any failure in torch's unpickler is the file's fault
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)\.(\w+)", str(e))
+            if found:
+                raise safe_pickle.UnsafeGlobal(found.group(1), found.group(2)) from None
+            first = str(e).strip().splitlines()[-1][:160]
+            raise UserError(f"{path} holds objects the safe loader refuses ({first})", "recompress never unpickles "
+                            "arbitrary objects; re-save the state_dict with plain tensors") from None
 
 
 def clean_keys(state: Mapping[str, Any], drop: tuple[str, ...] = ("total_ops", "total_params", "num_batches_tracked")
