@@ -57,9 +57,11 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     stored = {}
     qr_ops = set()
+    written = {}
     for i, (name, t) in enumerate(model.tables.items()):
         tensors, stored[name] = _table(i, t, bool(opts.get("materialize")))
         state.update(tensors)
+        written[name] = sum(v.numel() * v.element_size() for v in tensors.values())
         if any(k.endswith("weight_q") for k in tensors):
             qr_ops.add(t.op)
     if len(qr_ops) > 1:
@@ -72,10 +74,12 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
             if prefix == "top_l" and n == 0 and model.pad:
                 w = w[:, :w.shape[1] - model.pad]  # the padding columns only ever meet zeros
             state[f"{prefix}.{j}.weight"], state[f"{prefix}.{j}.bias"] = w.contiguous(), layer.bias.detach()
-    upstream = {k: v for k, v in ckpt.spec.provenance.get("upstream_metrics", {}).items() if k in COUNTERS}
+    upstream = {k: type(COUNTERS[k])(v) for k, v in ckpt.spec.provenance.get("upstream_metrics", {}).items()
+                if k in COUNTERS}  # dlrm formats the counters with {:d}
     written_by = {"tool": "recompress export --target dlrm", "history": [h.get("method") for h in ckpt.spec.history],
                   "tables": stored}
     torch.save({"state_dict": state, **COUNTERS, **upstream, "recompress": written_by}, folder / FILE)
     hp = {"qr_operation": qr_ops.pop()} if qr_ops and "concat" not in qr_ops else {}
     return {"file": FILE, "layout": "facebookresearch/dlrm --save-model", "tables_stored": stored, "hp": hp,
+            "exported_table_bytes": written,
             "artifact_is_checkpoint": True, "parity_runtime": "recompress's reader of dlrm files"}

@@ -154,7 +154,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
                               "format": stored.spec.provenance.get("source_format", "recompress")}
         manifest["model_spec"] = json.loads(stored.spec.to_json())
         manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}
-        manifest["exported_table_bytes"] = {n: t.stored_bytes() for n, t in ckpt.model.tables.items()}
+        manifest.setdefault("exported_table_bytes", {n: t.stored_bytes() for n, t in ckpt.model.tables.items()})
         manifest["lookup_cost"] = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
         manifest["options"] = {"materialize": bool(opts.get("materialize")), "quant_graph": opts["quant_graph"],
                                "dense": opts["dense"], "attention": opts.get("attention"),

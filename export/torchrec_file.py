@@ -33,6 +33,9 @@ INT8_TOLERANCE = (5e-3, 5e-3)  # int8 rows with their scale and bias rounded to 
 
 
 def check(family: Any, ckpt: Any, opts: dict[str, Any]) -> None:
+    if family.name != "dlrm":
+        raise UserError(f"--target torchrec writes torchrec.models.dlrm.DLRM state dicts; this is a {family.name} model",
+                        "export it with --target onnx (or trt)")
     check_dlrm(family, ckpt, opts)
     if ckpt.model.hparams.get("interaction_itself"):
         raise UserError("this DLRM's interaction includes each feature's dot with itself, which TorchRec's DLRM has "
@@ -76,7 +79,9 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     if len(ambiguous) > 1:
         raise UserError("int8 and int4 tables of this width have rows of the same bytes, and a reader can be told "
                         "only one type", "export them with one of the two, or with --materialize")
+    written = {n: state[f"{BAGS}.{n}.weight"].numel() * state[f"{BAGS}.{n}.weight"].element_size() for n in stored}
     out = {"file": FILE, "layout": "torchrec.models.dlrm.DLRM state dict", "tables_stored": stored,
+           "exported_table_bytes": written,
            "table_order": list(model.tables), "artifact_is_checkpoint": True,
            "hp": {"quantized_rows": ambiguous.pop()} if ambiguous else {},
            "parity_runtime": "recompress's reader of TorchRec state dicts"}

@@ -509,8 +509,13 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
                                 "timing_cache": timing_cache}, **kw)
     p = m["parity"]
     click.echo(f"wrote {out}: {', '.join(f'{k} ({v:,} B)' for k, v in m['files'].items())}; "
-               + (f"parity max |diff| {p['max_abs_diff']:.2e} ({p['runtime']})" if p["passed"] else
-                  f"parity not checked ({p['skipped']})"))
+               + (f"parity max |diff| {p['max_abs_diff']:.2e}, allowed {p['atol']:g} + {p['rtol']:g}*|y| ({p['runtime']})"
+                  if p["passed"] else f"parity not checked ({p['skipped']})"))
+    dense = [n for n, how in m.get("tables_stored", {}).items() if "computed from" in how]
+    if dense:
+        click.echo(f"note: {len(dense)} table(s) written dense, their form having no equivalent in the {target} layout "
+                   f"({', '.join(dense[:5])}{', ...' if len(dense) > 5 else ''}); table bytes "
+                   f"{sum(m['table_bytes'].values()):,} -> {sum(m['exported_table_bytes'].values()):,}")
     if "engine" in m:
         e, lay = m["engine"], m["engine"]["layers"]
         click.echo(f"engine: {e['flavor']} {e['version']}, {m['precision']}, built in {e['build_seconds']} s for "

@@ -13,6 +13,9 @@ from .export.manifest import MANIFEST, read_manifest
 
 def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, Any]:
     path = Path(source)
+    if (path / MANIFEST).is_file() and read_manifest(path).get("artifact_is_checkpoint"):
+        m = read_manifest(path)  # an export in an upstream layout: describe the file it wrote
+        return describe(path / m["file"], {**(m.get("hp") or {}), **(hp or {})})
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
         spec = m["model_spec"]

@@ -168,7 +168,8 @@ def test_recbole_config_loads_as_an_inert_stub_without_recbole(tmp_path, monkeyp
     for n in mods:
         monkeypatch.delitem(sys.modules, n)
     got = safe_torch_load(path)
-    assert got["config"].get("n_heads") == 2 and got["config"].get("MAX_ITEM_LIST_LENGTH") == 20
+    cfg = got["config"].attr("final_config_dict")
+    assert cfg["n_heads"] == 2 and cfg["MAX_ITEM_LIST_LENGTH"] == 20
     assert type(got["config"]).__module__ == "recbole.config.configurator"
     assert got["config"].state["model_type"].args == (2,) and got["best_valid_score"] == 0.0185
 
@@ -199,9 +200,9 @@ def test_broken_files_are_one_clear_error(tmp_path, damage):
 @pytest.mark.shared_data
 def test_the_real_recbole_checkpoint_loads_without_recbole():
     ck = safe_torch_load(shared_path("fixtures/checkpoints/recbole_SASRec.pth"))
-    cfg = ck["config"]
-    assert (cfg.get("n_layers"), cfg.get("n_heads"), cfg.get("hidden_size"), cfg.get("inner_size")) == (2, 2, 32, 64)
-    assert cfg.get("MAX_ITEM_LIST_LENGTH") == 20 and cfg.get("hidden_act") == "gelu"
+    cfg = ck["config"].attr("final_config_dict")
+    assert (cfg["n_layers"], cfg["n_heads"], cfg["hidden_size"], cfg["inner_size"]) == (2, 2, 32, 64)
+    assert cfg["MAX_ITEM_LIST_LENGTH"] == 20 and cfg["hidden_act"] == "gelu"
     assert tuple(ck["state_dict"]["item_embedding.weight"].shape) == (1683, 32)
     assert float(ck["best_valid_score"]) == pytest.approx(0.0185, abs=5e-5)
 

@@ -357,3 +357,55 @@ def test_a_run_folder_with_one_checkpoint_file_reads_as_that_file(seq_data, tmp_
     write_pmixer(tmp_path / "Video_default", m, {"norm_first": "False"})  # its file name carries the heads
     found = describe(tmp_path / "Video_default")
     assert found.format == "sasrec.pytorch" and found.sources["heads"] == "file name"
+
+
+def test_review_findings_on_hyper_parameters_are_one_line_errors(seq_data, tmp_path):  # noqa: F811
+    """Found by an independent review: these were tracebacks, or blamed the file for the user's flag."""
+    _, m = fresh("sasrec", seq_data)
+    path = write_pmixer(tmp_path / "a", m, {"norm_first": "False", "dropout_rate": "0.2"})
+    with pytest.raises(UserError, match=r"--hp dim=64: the tensors' shapes say dim = 16"):
+        describe(path, {"dim": "64"})
+    with pytest.raises(UserError, match=r"cannot be built with --hp dropout=-3.0 \(dropout -3.0 is not in \[0, 1\)\)"):
+        load_any(path, {"dropout": "-3"})
+    bad = write_pmixer(tmp_path / "b", m, None, name=PMIXER_NAME.replace("head=2", "head=two"))
+    with pytest.raises(UserError, match="the file name says heads = two, which does not divide the width 16"):
+        describe(bad)
+    three = write_pmixer(tmp_path / "c", m, None, name=PMIXER_NAME.replace("head=2", "head=3"))
+    with pytest.raises(UserError, match="the file name says heads = 3, which does not divide the width 16"):
+        describe(three)
+    (tmp_path / "a" / "args.txt").write_text("dropout_rate,abc\nnorm_first,False")
+    with pytest.raises(UserError, match="dropout_rate = 'abc' is not a number"):
+        describe(path)
+    (tmp_path / "a" / "args.txt").write_text("norm_first,true")  # lower case, as a hand-edited file may say
+    assert describe(path).hparams["wiring"] == "pre-ln"
+
+
+def test_a_dlrm_export_keeps_dlrms_integer_counters(tmp_path):
+    """dlrm's --load-model formats epoch, iter and the batch counts with {:d}: floats crash it (review)."""
+    from .test_checkpoints import dlrm_state
+    torch.save({"state_dict": dlrm_state(), "nepochs": 3, "nbatches": 10, "nbatches_test": 5, "epoch": 2, "iter": 7,
+                "test_acc": 0.7, "train_loss": 0.5, "total_loss": 5.0}, tmp_path / "dlrm.pt")
+    assert cli("export", tmp_path / "dlrm.pt", "--target", "dlrm", "-o", tmp_path / "x").exit_code == 0
+    out = torch.load(tmp_path / "x" / "model.pt", weights_only=True)
+    counters = {k: out[k] for k in ("nepochs", "nbatches", "nbatches_test", "epoch", "iter")}
+    assert counters == {"nepochs": 3, "nbatches": 10, "nbatches_test": 5, "epoch": 2, "iter": 7}
+    assert all(type(v) is int for v in counters.values())
+    "Saved at: epoch = {:d}/{:d}, batch = {:d}/{:d}, ntbatch = {:d}".format(
+        out["epoch"], out["nepochs"], out["iter"], out["nbatches"], out["nbatches_test"])  # dlrm's own line
+
+
+def test_broken_containers_say_what_is_wrong(tmp_path):
+    """Found by an independent review: a truncated .pt was 'not a checkpoint format', a DCP folder without its
+    .metadata 'holds a Tensor, not a state dict'."""
+    torch.save({"state_dict": {"emb_l.0.weight": torch.zeros(50, 4)}}, tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="starts as a zip .torch. file but cannot be read as one"):
+        describe(tmp_path / "trunc.pt")
+    (tmp_path / "dcp").mkdir()
+    torch.save(torch.zeros(3), tmp_path / "dcp" / "__0_0.distcp")
+    with pytest.raises(UserError, match=r"holds DCP data files \(\*\.distcp\) but no \.metadata"):
+        describe(tmp_path / "dcp")
+    torch.save({}, tmp_path / "empty.pt")
+    with pytest.raises(UserError, match=r"matches no format recompress knows \(it is empty\)"):
+        describe(tmp_path / "empty.pt")

@@ -10,6 +10,7 @@ listed in ADAPTERS (the first whose ``sniff`` says yes reads it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +28,11 @@ ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, s
 
 def _object(path: Path) -> Any:
     """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else)."""
+    if path.is_file() and not is_torch_file(path) and _head(path) == b"PK\x03\x04":
+        raise UserError(f"{path} starts as a zip (torch) file but cannot be read as one", "the file is truncated or "
+                        "damaged; copy it again")
+    if path.is_dir() and any(path.glob("*.distcp")) and not shards.is_dcp(path):
+        raise UserError(f"{path} holds DCP data files (*.distcp) but no .metadata", "copy the whole DCP folder")
     if is_torch_file(path):  # one rank's file of a sharded save is stitched too (and refused if incomplete)
         obj = safe_torch_load(path)
         return shards.merge_objects([(path, obj)]) if shards.has_shards(obj) else obj
@@ -39,10 +45,15 @@ def _object(path: Path) -> Any:
     return None
 
 
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def _single_file(path: Path) -> Path:
     """A folder (not DCP) holding exactly one torch file, e.g. a training run's: that file, which may carry
     hyper-parameters in its name."""
-    if path.is_dir() and not shards.is_dcp(path):
+    if path.is_dir() and not shards.is_dcp(path) and not any(path.glob("*.distcp")):
         files = [f for f in path.iterdir() if is_torch_file(f)]
         if len(files) == 1:
             return files[0]
@@ -62,8 +73,9 @@ def _read(path: Path) -> tuple[ModuleType, Any]:
             return adapter, obj
     known = "; ".join(f"{a.NAME} ({a.LAYOUT})" for a in ADAPTERS)
     if obj is not None:
-        raise UserError(f"{path} holds torch tensors, but their layout matches no format recompress knows "
-                        f"(top-level keys: {top_keys(obj)})", f"supported: {known}")
+        raise UserError(f"{path} is a torch file, but what it holds matches no format recompress knows "
+                        f"({'it is empty' if isinstance(obj, Mapping) and not obj else 'top-level keys: ' + top_keys(obj)})",
+                        f"supported: {known}")
     raise UserError(f"{path} is not a checkpoint format recompress knows", f"supported: {known}")
 
 

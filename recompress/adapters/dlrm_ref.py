@@ -15,7 +15,8 @@ from .torch_files import indexed, state_dict_of
 
 NAME = "dlrm"
 LAYOUT = "a facebookresearch/dlrm --save-model file (state_dict with emb_l/bot_l/top_l)"
-METRICS = ("nepochs", "nbatches", "epoch", "iter", "train_loss", "total_loss", "test_acc", "test_auc")
+COUNTERS = ("nepochs", "nbatches", "nbatches_test", "epoch", "iter")  # ints in dlrm's --load-model formats
+METRICS = ("train_loss", "total_loss", "test_acc", "test_auc")
 
 
 def sniff(path: Path, obj: Any) -> bool:
@@ -53,10 +54,11 @@ def describe(path: Path, obj: Any) -> Found:
     made = obj.get("recompress") if isinstance(obj, dict) else None
     if isinstance(made, dict):
         found.notes.append(f"written by {made.get('tool')} after {', '.join(map(str, made.get('history') or [])) or 'no compression'}")
-    metrics = {k: float(obj[k]) for k in METRICS if isinstance(obj, dict) and _number(obj.get(k))}
-    if metrics and not (made and not any(metrics.values())):
-        found.provenance["upstream_metrics"] = metrics
-        found.notes.append(f"upstream metrics: {metrics}")
+    values = {k: int(obj[k]) if k in COUNTERS else float(obj[k]) for k in (*COUNTERS, *METRICS)
+              if isinstance(obj, dict) and _number(obj.get(k))}
+    if values and not made:
+        found.provenance["upstream_metrics"] = values
+        found.notes.append("upstream: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return found
 
 

@@ -65,6 +65,9 @@ class Found:
                                 f"known: {', '.join(known)}")
             choices = self.missing.get(key)
             value = _typed(key, text, self.hparams.get(key, self.like.get(key)), choices)
+            if self.sources.get(key) == "shapes" and value != self.hparams[key]:
+                raise UserError(f"--hp {key}={text}: the tensors' shapes say {key} = {json.dumps(self.hparams[key])}",
+                                f"drop --hp {key}: what the weights' shapes give cannot be changed")
             self.missing.pop(key, None)
             self.set(key, value, "user")
         return self
@@ -75,7 +78,15 @@ class Found:
             hp = " ".join(f"--hp {k}={'|'.join(v) if v else 'VALUE'}" for k, v in self.missing.items())
             raise UserError(f"this {self.format} checkpoint does not say {', '.join(self.missing)} "
                             f"({'; '.join(self.why_missing.values())})", f"pass {hp}")
-        ckpt = self.build(dict(self.hparams))
+        try:
+            ckpt = self.build(dict(self.hparams))
+        except (ValueError, RuntimeError) as e:  # a model refusing the values it was given (e.g. --hp dropout=-3)
+            if not self.sources or "user" not in self.sources.values():
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            user = ", ".join(f"{k}={v}" for k, v in self.hparams.items() if self.sources.get(k) == "user")
+            raise UserError(f"this {self.format} checkpoint cannot be built with --hp {user} ({first})",
+                            "check the values against 'recompress inspect'") from None
         if not self.upstream:
             return ckpt
         ckpt.spec.provenance.update({"source_format": self.format, "hparam_source": dict(self.sources), **self.provenance})

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from recompress.blockfile import check_finite
-from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
-from recompress.families import get_family
-from recompress.spec import ModelSpec, TableSpec
-from recompress.tables import DenseTable
 
 from .found import Found, FoundTable
 from .safe_pickle import Stub
+from .sasrec_build import build_sasrec
 from .torch_files import indexed, state_dict_of
+
+if TYPE_CHECKING:
+    from recompress.checkpoint import Checkpoint
 
 NAME = "recbole"
 LAYOUT = "a RecBole checkpoint (config, state_dict, other_parameter, optimizer)"
@@ -35,7 +34,7 @@ def sniff(path: Path, obj: Any) -> bool:
 def _config(obj: Mapping[str, Any], path: Path) -> dict[str, Any]:
     cfg = obj["config"]
     state = cfg.state if isinstance(cfg, Stub) else None
-    final = state.get("final_config_dict") if isinstance(state, dict) else None
+    final = state.get("final_config_dict") if isinstance(state, dict) else None  # Config's pickled __dict__
     if not isinstance(final, dict):
         raise UserError(f"{path}: its config holds no final_config_dict", "is this a RecBole checkpoint?")
     return final
@@ -56,7 +55,7 @@ def describe(path: Path, obj: Any) -> Found:
     inner = sd.get("trm_encoder.layer.0.feed_forward.dense_1.weight")
     tables = [FoundTable("item", int(item.shape[0]), d, str(item.dtype).removeprefix("torch."),
                          item.numel() * item.element_size(), role="item", parts=("item_embedding.weight",)),
-              FoundTable("position", int(pos.shape[0]) + 1, d, str(pos.dtype).removeprefix("torch."),
+              FoundTable("position", int(pos.shape[0]), d, str(pos.dtype).removeprefix("torch."),
                          pos.numel() * pos.element_size(), role="position", parts=("position_embedding.weight",))]
     found = Found(NAME, "sasrec", tables, build=lambda hp: _build(hp, sd, str(path)))
     shapes = {"dim": d, "blocks": blocks, "max_len": int(pos.shape[0]), "num_items": int(item.shape[0]) - 1,
@@ -82,23 +81,15 @@ def describe(path: Path, obj: Any) -> Found:
         metric = str(cfg.get("valid_metric", "?"))
         found.provenance["upstream_metrics"] = {f"best valid {metric}": float(score)}
         found.notes.append(f"checkpoint: best valid {metric} = {float(score):.4f} (epoch {obj.get('epoch')})")
-    found.notes.append(f"checkpoint: trained on {cfg.get('dataset')}; evaluate on it with 'recompress data sequences "
-                       f"{cfg.get('dataset')}.inter --layout recbole'")
+    found.notes.append(f"checkpoint: trained on {cfg.get('dataset')}; prepare it with 'recompress data sequences "
+                       f"{cfg.get('dataset')}.inter --layout recbole -o DATA', then 'recompress evaluate ... --data DATA'")
     return found
 
 
 def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Checkpoint:
-    fam = get_family("sasrec")
-    if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
-        raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
-    params = fam.hparams({k: hp[k] for k in ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim",
-                                              "activation", "ln_eps")})
-    params.update(num_items=hp["num_items"], has_times=False, tied_output=True, loss="sampled-softmax")
-    rows = {"item": hp["num_items"] + 1, "position": hp["max_len"] + 1}
-    spec = ModelSpec(family="sasrec", hparams=params,
-                     tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
-    for k, v in sd.items():
-        check_finite(k, v, where)
+    need = ("item_embedding.weight", "position_embedding.weight", "LayerNorm.weight", "LayerNorm.bias")
+    if any(k not in sd for k in need):
+        raise UserError(f"{where} lacks {', '.join(k for k in need if k not in sd)}", "the file is damaged")
     state: dict[str, torch.Tensor] = {
         "tables.item.weight": sd["item_embedding.weight"],
         "tables.position.weight": torch.cat([torch.zeros(1, hp["dim"]), sd["position_embedding.weight"].float()]),
@@ -106,16 +97,16 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Check
     for i in range(hp["blocks"]):
         up = f"trm_encoder.layer.{i}."
         att, ffn = up + "multi_head_attention.", up + "feed_forward."
+        parts = {f"attention_layers.{i}.out_proj": att + "dense", f"attention_layernorms.{i}": att + "LayerNorm",
+                 f"forward_layers.{i}.conv1": ffn + "dense_1", f"forward_layers.{i}.conv2": ffn + "dense_2",
+                 f"forward_layernorms.{i}": ffn + "LayerNorm"}
+        qkv = [f"{att}{n}.{w}" for n in ("query", "key", "value") for w in ("weight", "bias")]
+        absent = [k for k in (*qkv, *(f"{t}.{w}" for t in parts.values() for w in ("weight", "bias"))) if k not in sd]
+        if absent:
+            raise UserError(f"{where} lacks {', '.join(absent[:3])}", "the file is damaged")
         state[f"attention_layers.{i}.in_proj_weight"] = torch.cat([sd[f"{att}{n}.weight"] for n in ("query", "key", "value")])
         state[f"attention_layers.{i}.in_proj_bias"] = torch.cat([sd[f"{att}{n}.bias"] for n in ("query", "key", "value")])
-        for ours, theirs in ((f"attention_layers.{i}.out_proj", att + "dense"), (f"attention_layernorms.{i}", att + "LayerNorm"),
-                             (f"forward_layers.{i}.conv1", ffn + "dense_1"), (f"forward_layers.{i}.conv2", ffn + "dense_2"),
-                             (f"forward_layernorms.{i}", ffn + "LayerNorm")):
+        for ours, theirs in parts.items():
             state[f"{ours}.weight"], state[f"{ours}.bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
-    model = fam.build(spec, {n: DenseTable(r, hp["dim"]) for n, r in rows.items()})
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as e:
-        raise UserError(f"{where} does not fit RecBole's SASRec ({str(e).strip().splitlines()[0][:200]})",
-                        "the file is damaged or from a RecBole version recompress does not know") from None
-    return Checkpoint(model.eval(), spec)
+    return build_sasrec(hp, ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim", "activation", "ln_eps"),
+                        {"loss": "sampled-softmax"}, state, where)

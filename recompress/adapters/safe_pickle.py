@@ -90,11 +90,6 @@ class Stub:
             return state[name]
         raise BadFile(f"a pickled {type(self).__qualname__} has no {name!r}")
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """A value of the pickled state (RecBole's Config keeps its settings in ``final_config_dict``)."""
-        state = self.state if isinstance(self.state, dict) else {}
-        config = state.get("final_config_dict")
-        return config.get(key, default) if isinstance(config, dict) else state.get(key, default)
 
 
 def _stub_class(module: str, name: str) -> type:

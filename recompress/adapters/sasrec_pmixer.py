@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
-from recompress.blockfile import check_finite
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
-from recompress.families import get_family
-from recompress.spec import ModelSpec, TableSpec
-from recompress.tables import DenseTable
 
 from .found import Found, FoundTable
+from .sasrec_build import build_sasrec
 from .torch_files import indexed, state_dict_of
 
 NAME = "sasrec.pytorch"
@@ -79,19 +76,31 @@ def describe(path: Path, obj: Any) -> Found:
                                 "the file was renamed or args.txt belongs to another run")
     heads = named.get("head") or args.get("num_heads")
     if heads is not None:
-        found.set("heads", int(heads), "file name" if named.get("head") else "sidecar: args.txt")
+        src = "file name" if named.get("head") else "sidecar: args.txt"
+        if not heads.isdigit() or int(heads) < 1 or d % int(heads):
+            raise UserError(f"{path}: the {src} says heads = {heads}, which does not divide the width {d}",
+                            "rename the file, or pass --hp heads=N with N dividing the width")
+        found.set("heads", int(heads), src)
     else:
         found.need("heads", (), "SASRec.pytorch stores the number of heads only in its file name and args.txt", like=1)
     if "norm_first" in args:
-        found.set("wiring", "pre-ln" if args["norm_first"] == "True" else "post-ln", "sidecar: args.txt")
+        flag = args["norm_first"].lower()
+        if flag not in ("true", "false"):
+            raise UserError(f"{path.parent / 'args.txt'}: norm_first = {args['norm_first']!r} is not True or False",
+                            "fix args.txt, or move it away and pass --hp wiring=...")
+        found.set("wiring", "pre-ln" if flag == "true" else "post-ln", "sidecar: args.txt")
     elif args:
         found.set("wiring", "pmixer-2020", "sidecar: args.txt")  # written before --norm_first existed
     else:
         found.need("wiring", ("post-ln", "pre-ln", "pmixer-2020"),
                    "its keys are the same in every version; the wiring is only in args.txt (norm_first, since "
                    "2025-05; files from before use pmixer-2020)")
-    found.set("dropout", float(args.get("dropout_rate", DEFAULT_DROPOUT)),
-              "sidecar: args.txt" if "dropout_rate" in args else "default")
+    try:
+        found.set("dropout", float(args.get("dropout_rate", DEFAULT_DROPOUT)),
+                  "sidecar: args.txt" if "dropout_rate" in args else "default")
+    except ValueError:
+        raise UserError(f"{path.parent / 'args.txt'}: dropout_rate = {args['dropout_rate']!r} is not a number",
+                        "fix args.txt, or move it away") from None
     found.set("attend_padding", True, "default")
     for k in ("epoch", "lr"):
         if k in named:
@@ -100,26 +109,8 @@ def describe(path: Path, obj: Any) -> Found:
 
 
 def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Checkpoint:
-    fam = get_family("sasrec")
-    if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
-        raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
-    params = fam.hparams({k: hp[k] for k in ("dim", "blocks", "heads", "max_len", "dropout", "wiring",
-                                              "attend_padding")})
-    params.update(num_items=hp["num_items"], has_times=False, tied_output=True)
-    spec = ModelSpec(family="sasrec", hparams=params, tables=[
-        TableSpec("item", hp["num_items"] + 1, hp["dim"], role="item"),
-        TableSpec("position", hp["max_len"] + 1, hp["dim"], role="position")])
     state = {}
     for k, v in sd.items():
-        check_finite(k, v, where)
         key = {"item_emb.weight": "tables.item.weight", "pos_emb.weight": "tables.position.weight"}.get(k, k)
         state[key] = v.squeeze(-1) if re.fullmatch(r"forward_layers\.\d+\.conv\d\.weight", k) else v  # Conv1d k=1
-    model = fam.build(spec, {"item": DenseTable(hp["num_items"] + 1, hp["dim"]),
-                             "position": DenseTable(hp["max_len"] + 1, hp["dim"])})
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"{where} does not fit SASRec with these hyper-parameters ({first})",
-                        "check --hp values against 'recompress inspect'") from None
-    return Checkpoint(model.eval(), spec)
+    return build_sasrec(hp, ("dim", "blocks", "heads", "max_len", "dropout", "wiring", "attend_padding"), {}, state, where)

@@ -1,0 +1,41 @@
+"""What the SASRec-format adapters share: recompress's SASRec built from hyper-parameters and a state dict
+already under recompress's keys, every tensor checked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from recompress.blockfile import check_finite
+from recompress.checkpoint import Checkpoint
+from recompress.errors import UserError
+from recompress.families import get_family
+from recompress.spec import ModelSpec, TableSpec
+from recompress.tables import DenseTable
+
+
+def build_sasrec(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
+                 where: str) -> Checkpoint:
+    """SASRec with the family's defaults, ``hp``'s values for ``keys`` and ``extra``; ``state`` loaded strictly."""
+    if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
+        raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
+    fam = get_family("sasrec")
+    params = fam.hparams({k: hp[k] for k in keys})
+    params.update(num_items=hp["num_items"], has_times=False, tied_output=True, **extra)
+    rows = {"item": hp["num_items"] + 1, "position": hp["max_len"] + 1}
+    spec = ModelSpec(family="sasrec", hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
+    for k, v in state.items():
+        check_finite(k, v, where)
+    model = fam.build(spec, {n: DenseTable(r, hp["dim"]) for n, r in rows.items()})
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    wrong = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        what = "; ".join(part for part in (
+            f"missing {sorted(missing)[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
+            f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(model.state_dict()[wrong[0]].shape)}" if wrong else "")
+            if part)
+        raise UserError(f"{where} does not fit SASRec with these hyper-parameters ({what})",
+                        "the file is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return Checkpoint(model.eval(), spec)
