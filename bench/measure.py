@@ -1,10 +1,13 @@
-"""Shared by the memory benchmarks: one command's wall time and peak memory, from ``/usr/bin/time -v``."""
+"""Shared by the benchmarks: running a command (exit on failure), and one command's wall time and peak memory
+from ``/usr/bin/time -v``."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 
 def timed(cmd: list[str], digits: int = 2) -> dict:
@@ -16,3 +19,17 @@ def timed(cmd: list[str], digits: int = 2) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
     return {"seconds": round(wall, digits), "peak_rss_bytes": peak}
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> str:
+    """Run ``cmd`` (echoed), its stdout; on failure exit with the command and the tails of its output."""
+    print("$", " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def recompress(*args: str) -> str:
+    """``python -m recompress ARGS`` in this interpreter, through :func:`run`."""
+    return run([sys.executable, "-m", "recompress", *args])

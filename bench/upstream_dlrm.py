@@ -19,7 +19,6 @@ import gzip
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +30,9 @@ FLAGS = ["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-64-16", "--arch-mlp
          "--mini-batch-size=128", "--print-freq=10", "--test-freq=20", "--mlperf-logging"]
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> str:
-    print("$", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r.stdout
-
-
 def main() -> None:
+    from measure import run  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", required=True, help="a facebookresearch/dlrm checkout (dlrm_s_pytorch.py)")
     ap.add_argument("--python", required=True, help="an interpreter that runs it (numpy < 2, scikit-learn, mlperf_logging)")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,14 +23,9 @@ DATA = SHARED / "data/movielens_100k_recbole/ml-100k.inter.gz"
 METRICS = ("mrr@10", "ndcg@10", "hr@10")
 
 
-def run(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "recompress", *args], capture_output=True, text=True, check=False)
-    if r.returncode:
-        sys.exit(f"recompress {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
 def main() -> None:
+    from measure import recompress as run  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     a = ap.parse_args()

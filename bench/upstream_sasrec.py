@@ -21,7 +21,6 @@ import gzip
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,15 +29,9 @@ from pathlib import Path
 TEST = re.compile(r"test \(NDCG@10: ([\d.]+), HR@10: ([\d.]+)\)")
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> str:
-    print("$", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return r.stdout
-
-
 def main() -> None:
+    from measure import run  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", required=True, help="SASRec.pytorch's python/ folder")
     ap.add_argument("--data", required=True, help="a 'u i' pairs file (gzip or plain), e.g. Video.txt.gz")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -73,13 +71,10 @@ def ours(path: Path, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return load_any(path).model(dense, ids.unsqueeze(-1))
 
 
-def recompress(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "recompress", *args], capture_output=True, text=True, check=False)
-    if r.returncode:
-        sys.exit(f"recompress {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-
 
 def main() -> None:
+    from measure import recompress  # bench/measure.py, beside this script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
