@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def main() -> None:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         size = generate(tmp / "train.txt", a.rows)
+        os.sync()  # the file's dirty pages written back before anything is timed
         print(f"generated {a.rows:,} rows, {size:,} bytes in {time.perf_counter() - t0:.0f} s", flush=True)
         if a.profile:
             t0 = time.perf_counter()

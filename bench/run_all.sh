@@ -92,7 +92,7 @@ for s in $sections; do
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
-    criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 96505a5 --repeats 1
+    criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
     *) echo "unknown section $s" >&2; exit 2 ;;

@@ -224,3 +224,100 @@ def test_criteo_dlrm_layout_refuses_options_it_fixes(tmp_path):
                                   "-o", str(tmp_path / "d")])
     assert r.exit_code == 2 and "--max-ind-range applies to --layout dlrm only" in r.output
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("min_count", "max_rows"), [(1, None), (2, 6)])
+def test_criteo_ids_match_a_plain_python_reference(tmp_path, monkeypatch, min_count, max_rows):
+    """Every id of every split against the rules written out in plain Python: vocabularies from train rows
+    only, values seen >= min_count times, most frequent first, ties by hash value (missing first), at most
+    max_rows - 1 values, row 0 for the rest; dense log(1 + max(x, 0))."""
+    from recompress.data import criteo
+    from recompress.data.ctr import split_of
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", 1 << 14)  # many chunks: counts merged across them
+    monkeypatch.setattr(criteo, "BATCH_ROWS", 300)
+    rng = np.random.default_rng(7)
+    lines = [criteo_line(rng) for _ in range(2500)]
+    lines[9] = lines[9].replace("a", "A")  # upper-case hex is the same value
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(lines) + "\n")
+    d = open_dataset(prepare_criteo(src, tmp_path / "d", min_count=min_count, max_rows=max_rows, seed=2))
+    fields = [ln.split("\t") for ln in lines]
+    split = split_of(np.arange(len(lines)), 2, 0.1, 0.1)
+    ids = np.zeros((len(lines), 26), np.int64)
+    for j in range(26):
+        values = [int(f[14 + j], 16) if f[14 + j] else -1 for f in fields]
+        counts = {}
+        for v, s in zip(values, split):
+            if s == 0:
+                counts[v] = counts.get(v, 0) + 1
+        kept = sorted((v for v, c in counts.items() if c >= min_count), key=lambda v: (-counts[v], v))
+        rank = {v: r + 1 for r, v in enumerate(kept[:(max_rows - 1) if max_rows else None])}
+        ids[:, j] = [rank.get(v, 0) for v in values]
+        assert d.table_rows[j] == len(rank) + 1
+    dense = np.log1p(np.maximum([[int(x or 0) for x in f[1:14]] for f in fields], 0)).astype(np.float32)
+    label = np.array([int(f[0]) for f in fields])
+    for s, name in enumerate(("train", "val", "test")):
+        got_dense, got_ids, got_label = d.arrays(name)
+        assert np.array_equal(got_ids, ids[split == s]) and np.array_equal(got_label, label[split == s])
+        np.testing.assert_allclose(got_dense, dense[split == s], rtol=1e-6)
+
+
+def test_criteo_hash_keys_decode_every_byte_as_int_does():
+    """Each 8-byte field read as a word: the values int(s, 16) gives, and every string int() refuses (or that
+    holds anything but hex digits: signs, spaces, control and non-ASCII bytes) flagged."""
+    import pyarrow as pa
+
+    from recompress.data.criteo import _keys, hex_values
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)
+    strings = [bytes(alphabet[rng.integers(0, len(alphabet), 8)]) for _ in range(2000)]
+    strings += [b"ffffffff", b"00000000", b"FFFFFFFF"]
+    for byte in range(256):  # one odd byte in a valid hash, at every position
+        s = bytearray(b"0123abcd")
+        s[byte % 8] = byte
+        strings.append(bytes(s))
+    strings += [b"+1234567", b" 1234567", b"0x123456", b"1_234567"]
+    keys = _keys(pa.array(strings + [b""], pa.binary()), "C1", 1, "t")
+    values, bad = hex_values(keys)
+    for s, v, b in zip(strings, values, bad):
+        ok = all(c in b"0123456789abcdefABCDEF" for c in s)
+        assert b == (not ok), s
+        if ok:
+            assert v == int(s, 16), s
+    assert values[-1] == -1 and not bad[-1]
+    with pytest.raises(UserError, match="line 2: C1 value is eight NUL bytes"):
+        _keys(pa.array([b"0000abcd", b"\0" * 8], pa.binary()), "C1", 1, "t")
+
+
+def test_same_sized_vocabularies_in_another_order_are_refused(tmp_path):
+    """Row counts alone cannot tell two vocabularies apart: a model is refused on a dataset whose ids stand for
+    other values, named by table, and accepted on the data it was made from."""
+    from recompress.families import get_family
+    from recompress.data.sequences import prepare_sequences
+    rng = np.random.default_rng(8)
+    lines = [criteo_line(rng) for _ in range(2000)]
+    swapped = []  # C1's two most common values exchanged everywhere: the same counts, other rows
+    for ln in lines:
+        f = ln.split("\t")
+        f[14] = {"00000000": "00000001", "00000001": "00000000"}.get(f[14], f[14])
+        swapped.append("\t".join(f))
+    for name, text in (("a.txt", lines), ("b.txt", swapped)):
+        (tmp_path / name).write_text("\n".join(text) + "\n")
+    a = open_dataset(prepare_criteo(tmp_path / "a.txt", tmp_path / "a", min_count=1))
+    b = open_dataset(prepare_criteo(tmp_path / "b.txt", tmp_path / "b", min_count=1))
+    assert a.table_rows == b.table_rows
+    dlrm = get_family("dlrm")
+    spec = dlrm.new_spec(a, {})
+    dlrm.check(spec, a)
+    with pytest.raises(UserError, match="table 'C1': the rows of the model's table stand for other values"):
+        dlrm.check(spec, b)
+    users = [" ".join(str(x) for x in rng.integers(1, 30, 8)) for _ in range(40)]
+    (tmp_path / "s.txt").write_text("\n".join(f"u{i} {u}" for i, u in enumerate(users)) + "\n")
+    (tmp_path / "t.txt").write_text("\n".join(f"u{i} {u}" for i, u in enumerate(users[::-1])) + "\n")
+    s, t = (open_dataset(prepare_sequences(tmp_path / f"{n}.txt", tmp_path / f"{n}d")) for n in "st")
+    assert s.num_items == t.num_items
+    sasrec = get_family("sasrec")
+    spec = sasrec.new_spec(s, {"max_len": 8})
+    sasrec.check(spec, s)
+    with pytest.raises(UserError, match="table 'item'"):
+        sasrec.check(spec, t)

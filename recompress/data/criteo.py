@@ -2,13 +2,18 @@
 
 Each line: label, I1..I13 (integers, may be empty), C1..C26 (8-hex-digit hashes, may be empty).
 Dense features become log(1 + max(x, 0)); categorical vocabularies are built from the train split
-only, keeping values seen at least ``min_count`` times (most frequent first); everything else maps
-to row 0, the one out-of-vocabulary row per table. The split is a hash of the row index, so it is
-deterministic and needs no second look at the data. Memory grows with the vocabulary, never with
-the number of rows: the file is read twice, block by block (count, then encode).
+only, keeping values seen at least ``min_count`` times (most frequent first, ties by value); everything
+else maps to row 0, the one out-of-vocabulary row per table. The split is a hash of the row index, so it is
+deterministic and needs no second look at the data.
 
-Blocks are parsed by pyarrow's CSV reader on a background thread (several times faster than splitting
-lines in Python; docs/benchmarks.md); where pyarrow refuses a block, the file is re-read line by line up to it by
+The text is parsed once: blocks are parsed by pyarrow's CSV reader (on its threads, while the previous chunk
+is encoded); each hash is kept as its 8 bytes read as one integer (no hex parsing per row) and numbered in
+order of first appearance per table (:class:`~recompress.data.first_seen.FirstSeen`: a hash table per chunk),
+counting train rows. The parsed rows wait in a spill file in the output's staging folder (157 bytes per row:
+the size of the output) while the vocabularies are cut; a second pass over that file maps first-seen ids to
+rows. The digits of every distinct hash are checked once. Memory grows with the distinct values of all
+splits (32 bytes each, twice that while a chunk's new values are inserted), never with the rows. Where
+pyarrow refuses a block, or a hash is not hexadecimal, the file is re-read line by line up to it by
 :func:`parse_chunk`, which names the offending line and column.
 """
 
@@ -29,11 +34,13 @@ from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
 from .ctr import SPLITS, DatasetWriter, split_of
+from .first_seen import FirstSeen
+from .vocabularies import fingerprint
 
 NUM_DENSE, NUM_CAT = 13, 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_CAT
 CHUNK_ROWS = 200_000  # lines per block when locating an error line by line
-BLOCK_BYTES = 1 << 20  # bytes per block parsed by pyarrow (fastest on 2 cores: the blocks stay in cache)
+BLOCK_BYTES = 1 << 22  # bytes per block, parsed on pyarrow's threads (4 MB: fastest of 1, 4, 16 MB on 2 cores)
 BATCH_ROWS = 1 << 18  # rows per chunk handed on (vocabulary merges cost O(vocabulary) per chunk)
 NAMES = ["label", *(f"I{j + 1}" for j in range(NUM_DENSE)), *(f"C{j + 1}" for j in range(NUM_CAT))]
 MISSING = -1
@@ -41,6 +48,8 @@ _HEX = np.full(256, 255, dtype=np.uint8)
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
 _HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_ONES = np.uint64(0x0101010101010101)
+_BIT6 = np.uint64(0x4040404040404040)  # shifted onto bit 5: 'A'-'F' -> 'a'-'f'; digits and controls unchanged
 
 
 def _open(path: Path) -> tuple[io.BufferedReader, io.BufferedReader | gzip.GzipFile]:
@@ -122,25 +131,46 @@ def _locate(path: Path, problem: str) -> UserError:
                      "tab-separated")
 
 
-def _hashes(col: Any, name: str, first_line: int, where: str) -> np.ndarray:
-    """An Arrow binary column of 8-hex-digit hashes (or empty) -> int64 values, -1 for empty."""
+def _keys(col: Any, name: str, first_line: int, where: str) -> np.ndarray:
+    """An Arrow binary column of 8-hex-digit hashes (or empty) -> uint64 keys: the 8 bytes read as one
+    little-endian integer, letters lower-cased, 0 for empty. Keys are not decoded (:func:`hex_values` does,
+    and checks the digits): comparing and counting them needs no parsing."""
     offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset:col.offset + len(col) + 1]
     data = np.frombuffer(col.buffers()[2], np.uint8) if col.buffers()[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offsets)
     present = lengths == 8
     bad = np.flatnonzero(~present & (lengths != 0))
-    if len(bad) == 0:  # every value is 8 bytes or empty: the data buffer is the present values, back to back
-        digits = _HEX[data[offsets[0]:offsets[-1]]].reshape(-1, 8)
-        if digits.max(initial=0) < 16:
-            values = np.full(len(col), MISSING, np.int64)
-            values[present] = ((digits[:, 0::2] << 4) | digits[:, 1::2]).view(">u4")[:, 0]
-            return values
-        bad = np.flatnonzero(present)[(digits == 255).any(-1)]
-    i = int(bad[0])
-    text = bytes(data[offsets[i]:offsets[i + 1]]).decode(errors="replace")
-    what = "an 8-hex-digit hash" if lengths[i] != 8 else "hexadecimal"
-    raise UserError(f"{where} line {first_line + i}: {name} value {text!r} is not {what}",
-                    "Criteo C1-C26 are 8 hex digits or empty")
+    if len(bad):
+        i = int(bad[0])
+        text = bytes(data[offsets[i]:offsets[i + 1]]).decode(errors="replace")
+        raise UserError(f"{where} line {first_line + i}: {name} value {text!r} is not an 8-hex-digit hash",
+                        "Criteo C1-C26 are 8 hex digits or empty")
+    keys = np.zeros(len(col), np.uint64)  # every value is 8 bytes or empty: the present ones lie back to back
+    v = data[offsets[0]:offsets[-1]].view("<u8")
+    keys[present] = v | ((v & _BIT6) >> np.uint64(1))
+    if not keys[present].all():  # eight NUL bytes would read as empty
+        i = int(np.flatnonzero(present & (keys == 0))[0])
+        raise UserError(f"{where} line {first_line + i}: {name} value is eight NUL bytes, not an 8-hex-digit hash",
+                        "Criteo C1-C26 are 8 hex digits or empty")
+    return keys
+
+
+def hex_values(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 keys (:func:`_keys`) -> (int64 hash values, -1 for empty; bool mask of keys that are not 8 hex
+    digits). Bytewise arithmetic on whole words (each byte below 0x80, so no carry crosses bytes)."""
+    x = keys.byteswap()  # the first character in the top byte
+    low = (x & _ONES * 0x80) == 0
+    ge = lambda v, lo: (v + _ONES * (0x80 - lo)) & (_ONES * 0x80)  # bytes >= lo (bytes < 0x80)
+    digit = ge(x, 0x30) & ~ge(x, 0x3A)
+    letter = ge(x, 0x61) & ~ge(x, 0x67)  # already lower-case
+    missing = keys == 0
+    bad = ~missing & ~(low & ((digit | letter) == _ONES * 0x80))
+    nib = (x & (_ONES * 0x0F)) + np.uint64(9) * ((x >> np.uint64(6)) & _ONES)  # '0'-'9' -> 0-9, 'a'-'f' -> 10-15
+    nib = (nib | (nib >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    nib = (nib | (nib >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    values = ((nib | (nib >> np.uint64(16))) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    values[missing] = MISSING
+    return values, bad
 
 
 def _batches(reader: Any, limit: int | None) -> Iterator[Any]:
@@ -174,7 +204,7 @@ def _parsed(path: Path, limit: int | None) -> Iterator[tuple[int, np.ndarray, np
         raw.seek(0)
         reader = pcsv.open_csv(pa.CompressedInputStream(raw, "gzip") if gz else raw,
                                read_options=pcsv.ReadOptions(column_names=NAMES, block_size=BLOCK_BYTES,
-                                                             use_threads=False),
+                                                             use_threads=True),
                                parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False,
                                                                ignore_empty_lines=False),
                                convert_options=pcsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False,
@@ -220,17 +250,17 @@ def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row index, label, dense, categorical) per chunk as the file has them (see :func:`_columns`),
-    with a progress bar over the file's bytes."""
+def _chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row index, label, dense, keys) per chunk as :func:`_columns` makes them, parsed ahead on a
+    background thread, with a progress bar over the file's bytes."""
     import pyarrow as pa
 
     rows = 0
     with progress(desc, path.stat().st_size) as advance:
         seen = 0
         try:
-            for row, label, dense, cats, read in _ahead(_parsed(path, limit)):
-                yield row, label, dense, cats
+            for row, label, dense, keys, read in _ahead(_parsed(path, limit)):
+                yield row, label, dense, keys
                 rows = row + len(label)
                 advance(read - seen)
                 seen = read
@@ -242,9 +272,19 @@ def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int,
         raise UserError(f"{path} has no data rows", "pass a Criteo TSV file")
 
 
+def iter_chunks(path: Path, desc: str, limit: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row index, label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical hash values int64
+    [n, 26] with -1 = missing) per chunk."""
+    for row, label, dense, keys in _chunks(path, desc, limit):
+        values, bad = hex_values(keys)
+        if bad.any():
+            raise _locate(path, f"C{int(np.argmax(bad.any(1))) + 1} has a value that is not hexadecimal")
+        yield row, label, dense, values.T
+
+
 def _columns(batch: Any, first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A parsed block -> (label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical int64 [n, 26]
-    with -1 = missing)."""
+    """A parsed block -> (label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical keys uint64
+    [26, n] (:func:`_keys`), one table per row)."""
     if batch.column(0).null_count:
         bad = first_line + int(np.argmax(batch.column(0).is_null().to_numpy(zero_copy_only=False)))
         raise UserError(f"{where} line {bad}: no label (an empty line?)", "every line starts with the 0/1 click label")
@@ -253,16 +293,45 @@ def _columns(batch: Any, first_line: int, where: str) -> tuple[np.ndarray, np.nd
         bad = first_line + int(np.argmax((label != 0) & (label != 1)))
         raise UserError(f"{where} line {bad}: label is not 0 or 1", "the first column must be the click label")
     dense = np.stack([batch.column(1 + j).fill_null(0).to_numpy() for j in range(NUM_DENSE)], 1)
-    cats = np.empty((batch.num_rows, NUM_CAT), np.int64)
+    keys = np.empty((NUM_CAT, batch.num_rows), np.uint64)
     for j in range(NUM_CAT):
-        cats[:, j] = _hashes(batch.column(1 + NUM_DENSE + j), f"C{j + 1}", first_line, where)
-    return label.astype(np.uint8), dense, cats
+        keys[j] = _keys(batch.column(1 + NUM_DENSE + j), f"C{j + 1}", first_line, where)
+    return label.astype(np.uint8), dense, keys
 
 
-def _merge_counts(keys: np.ndarray, counts: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    u, c = np.unique(new, return_counts=True)
-    allk, inv = np.unique(np.concatenate([keys, u]), return_inverse=True)
-    return allk, np.bincount(inv, weights=np.concatenate([counts, c]), minlength=len(allk)).astype(np.int64)
+class _Spill:
+    """The parsed rows, kept in raw files inside the output's staging folder between the reading and the
+    encoding pass, so that the text is parsed once: label, dense (float32) and first-seen ids (int32, one
+    table after another per chunk): 157 bytes per row, removed before the folder is renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = [root / f".criteo-{k}.bin" for k in ("label", "dense", "ids")]
+        self.files = [open(p, "wb") for p in self.paths]
+        self.rows: list[int] = []
+
+    def write(self, label: np.ndarray, dense: np.ndarray, ids: np.ndarray) -> None:
+        for f, a in zip(self.files, (label, dense, ids)):
+            np.ascontiguousarray(a).tofile(f)
+        self.rows.append(len(label))
+
+    def read(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first row index, label, dense, ids [26, n]) per chunk, in the order written, each chunk memory-mapped
+        on its own (so that the pages read are let go with it)."""
+        for f in self.files:
+            f.close()
+        try:
+            row = 0
+            for n in self.rows:
+                label, dense, ids = (np.memmap(p, dtype, "r", offset=row * width * np.dtype(dtype).itemsize,
+                                               shape=(n * width,))
+                                     for p, dtype, width in zip(self.paths, (np.uint8, np.float32, np.int32),
+                                                                (1, NUM_DENSE, NUM_CAT)))
+                yield row, label, dense.reshape(n, NUM_DENSE), ids.reshape(NUM_CAT, n)
+                del label, dense, ids
+                row += n
+        finally:
+            for p in self.paths:
+                p.unlink()
 
 
 def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max_rows: int | None = None,
@@ -277,46 +346,51 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
     if min_count < 1 or (max_rows is not None and max_rows < 2):
         raise UserError("min_count must be >= 1 and max_rows >= 2", "fix the option")
     check_output(out, overwrite=overwrite, inputs=[path])
-    keys = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
-    counts = [np.empty(0, np.int64) for _ in range(NUM_CAT)]
+    seen = [FirstSeen(np.uint64) for _ in range(NUM_CAT)]
     sizes = dict.fromkeys(SPLITS, 0)
-    for row, _, _, cats in iter_chunks(path, "criteo: counting", limit):
-        split = split_of(np.arange(row, row + len(cats)), seed, val, test)
-        for s, name in enumerate(SPLITS):
-            sizes[name] += int((split == s).sum())
-        train = cats[split == 0]
-        for j in range(NUM_CAT):
-            keys[j], counts[j] = _merge_counts(keys[j], counts[j], train[:, j])
-    lookup = []
-    for j in range(NUM_CAT):
-        keep = counts[j] >= min_count
-        k, c = keys[j][keep], counts[j][keep]
-        order = np.lexsort((k, -c))[: (max_rows - 1) if max_rows else None]
-        vocab = k[order]  # row r + 1 holds vocab[r]
-        srt = np.argsort(vocab)
-        lookup.append((vocab[srt], (srt + 1).astype(np.int32), vocab))
     with output_dir(out, kind="dataset", overwrite=overwrite, inputs=[path]) as tmp:
-        writer = DatasetWriter(tmp, sizes, NUM_DENSE, NUM_CAT)
-        for row, label, dense, cats in iter_chunks(path, "criteo: encoding", limit):
-            split = split_of(np.arange(row, row + len(cats)), seed, val, test)
-            ids = np.zeros(cats.shape, np.int32)
-            for j, (sk, sidx, _) in enumerate(lookup):
-                if len(sk):
-                    pos = np.minimum(np.searchsorted(sk, cats[:, j]), len(sk) - 1)
-                    ids[:, j] = np.where(sk[pos] == cats[:, j], sidx[pos], 0)
-            dense = np.log1p(np.maximum(dense, 0)).astype(np.float32)
+        spill = _Spill(tmp)
+        for row, label, dense, keys in _chunks(path, "criteo: reading", limit):
+            split = split_of(np.arange(row, row + len(label)), seed, val, test)
             for s, name in enumerate(SPLITS):
-                m = split == s
-                if m.any():
-                    writer.append(name, dense[m], ids[m], label[m])
-        np.savez(tmp / "vocab.npz", **{f"C{j + 1}": lk[2] for j, lk in enumerate(lookup)})
+                sizes[name] += int((split == s).sum())
+            train = split == 0
+            ids = np.empty(keys.shape, np.int32)
+            for j in range(NUM_CAT):
+                ids[j] = seen[j].encode(keys[j], counted=train)
+            spill.write(label, np.log1p(np.maximum(dense, 0)).astype(np.float32), ids)
+        remap, vocab_values = [], []
+        for j, sj in enumerate(seen):  # vocabulary: train values seen >= min_count times, most frequent first
+            v, bad = hex_values(sj.values())
+            if bad.any():
+                raise _locate(path, f"C{j + 1} has a value that is not hexadecimal")
+            keep = np.flatnonzero(sj.counts >= min_count)
+            order = keep[np.lexsort((v[keep], -sj.counts[keep]))][: (max_rows - 1) if max_rows else None]
+            r = np.zeros(len(sj), np.int32)  # first-seen id -> row (0: out of the vocabulary)
+            r[order] = np.arange(1, len(order) + 1)
+            remap.append(r)
+            vocab_values.append(v[order])
+        writer = DatasetWriter(tmp, sizes, NUM_DENSE, NUM_CAT)
+        with progress("criteo: encoding", sum(sizes.values())) as advance:
+            for row, label, dense, first in spill.read():
+                split = split_of(np.arange(row, row + len(label)), seed, val, test)
+                ids = np.empty((len(label), NUM_CAT), np.int32)
+                for j in range(NUM_CAT):
+                    ids[:, j] = remap[j][first[j]]
+                for s, name in enumerate(SPLITS):
+                    m = split == s
+                    if m.any():
+                        writer.append(name, dense[m], ids[m], label[m])
+                advance(len(label))
+        np.savez(tmp / "vocab.npz", **{f"C{j + 1}": v for j, v in enumerate(vocab_values)})
         st = path.stat()
         writer.finish({"source": "criteo_tsv", "source_path": str(path.resolve()), "source_size": st.st_size,
                        "source_mtime": int(st.st_mtime), "synthetic": False, "num_dense": NUM_DENSE,
                        "dense_transform": "log1p(max(x, 0))", "min_count": min_count, "max_rows": max_rows,
                        "split": {"method": "hash of row index", "seed": seed, "val": val, "test": test},
                        "row_limit": limit, "oov_row": 0,
-                       "tables": [{"name": f"C{j + 1}", "rows": len(lk[2]) + 1} for j, lk in enumerate(lookup)]})
+                       "tables": [{"name": f"C{j + 1}", "rows": len(v) + 1} for j, v in enumerate(vocab_values)],
+                       "vocabularies": {f"C{j + 1}": fingerprint(v) for j, v in enumerate(vocab_values)}})
     say(f"prepared {sum(sizes.values())} rows ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test) "
         f"-> {out}")
     return Path(out)

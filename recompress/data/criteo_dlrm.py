@@ -28,6 +28,8 @@ from recompress.progress import progress, say
 
 from .criteo import NUM_CAT, NUM_DENSE, _open, iter_chunks
 from .ctr import DatasetWriter
+from .first_seen import FirstSeen
+from .vocabularies import fingerprint
 
 DAYS = 7
 RULES = "facebookresearch/dlrm data_utils.getCriteoAdData + CriteoDataset (kaggle, no --memory-map)"
@@ -45,34 +47,6 @@ def dense_values(raw: np.ndarray) -> np.ndarray:
     """dlrm's dense input: negatives clipped to 0, then ``log(x + 1)`` computed in float32."""
     x = np.maximum(raw, 0).astype(np.float32)
     return np.log(x + np.float32(1.0)).astype(np.float32)
-
-
-class FirstSeen:
-    """Ids numbered in order of first appearance, built chunk by chunk (memory grows with the vocabulary)."""
-
-    def __init__(self) -> None:
-        self.keys = np.empty(0, np.int64)  # sorted
-        self.ids = np.empty(0, np.int64)  # id of keys[i]
-        self.order: list[np.ndarray] = []  # values in id order, per chunk
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        u, first = np.unique(values, return_index=True)
-        pos = np.minimum(np.searchsorted(self.keys, u), max(len(self.keys) - 1, 0))
-        known = (self.keys[pos] == u) if len(self.keys) else np.zeros(len(u), bool)
-        new = u[~known][np.argsort(first[~known], kind="stable")]
-        if len(new):
-            self.order.append(new)
-            keys = np.concatenate([self.keys, new])
-            ids = np.concatenate([self.ids, np.arange(len(self.keys), len(keys))])
-            srt = np.argsort(keys, kind="stable")
-            self.keys, self.ids = keys[srt], ids[srt]
-        return self.ids[np.searchsorted(self.keys, values)]
-
-    def values(self) -> np.ndarray:
-        return np.concatenate(self.order) if self.order else np.empty(0, np.int64)
 
 
 def count_lines(path: Path) -> int:
@@ -123,7 +97,8 @@ def prepare_criteo_dlrm(path: str | Path, out: str | Path, *, max_ind_range: int
                 if m.any():
                     writer.append(split, dense[m], ids[m], label[m])
         np.savez(tmp / "vocab.npz", **{f"C{j + 1}": v.values() for j, v in enumerate(vocab)})
-        _finish(writer, path, [len(v) for v in vocab], max_ind_range, "criteo_tsv", limit)
+        _finish(writer, path, [len(v) for v in vocab], max_ind_range, "criteo_tsv", limit,
+                {f"C{j + 1}": fingerprint(v.values()) for j, v in enumerate(vocab)})
     _said(sizes, vocab_sizes=[len(v) for v in vocab], out=out)
     return Path(out)
 
@@ -163,14 +138,15 @@ def _from_processed(path: Path, out: str | Path, max_ind_range: int | None, over
 
 
 def _finish(writer: DatasetWriter, path: Path, rows: list[int], max_ind_range: int | None, source: str,
-            limit: int | None) -> None:
+            limit: int | None, vocabularies: dict[str, str] | None = None) -> None:
     st = path.stat()
     writer.finish({"source": source, "source_path": str(path.resolve()), "source_size": st.st_size,
                    "source_mtime": int(st.st_mtime), "synthetic": False, "num_dense": NUM_DENSE, "layout": "dlrm",
                    "rules": RULES, "dense_transform": "log(max(x, 0) + 1) in float32",
                    "max_ind_range": max_ind_range, "row_limit": limit, "oov_row": None,
                    "split": {"method": "dlrm days: train = days 0-5, test = first half of day 6, val = second half"},
-                   "tables": [{"name": f"C{j + 1}", "rows": int(r)} for j, r in enumerate(rows)]})
+                   "tables": [{"name": f"C{j + 1}", "rows": int(r)} for j, r in enumerate(rows)],
+                   **({"vocabularies": vocabularies} if vocabularies else {})})
 
 
 def _said(sizes: dict[str, int], vocab_sizes: list[int], out: str | Path) -> None:

@@ -13,13 +13,18 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from recompress.distributed import shard
 from recompress.errors import UserError
+from recompress.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # readers that write datasets (recompress data) never need it
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"

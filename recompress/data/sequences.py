@@ -43,6 +43,8 @@ from recompress.errors import UserError
 from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
+from .vocabularies import fingerprint
+
 META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens")
 LAYOUTS = ("recompress", "sasrec", "recbole")
@@ -243,7 +245,8 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
     items = np.asarray(flat, dtype=np.int32)
     body = {**meta, "kind": "sequences", "num_users": len(keep), "num_items": len(item_index),
             "interactions": int(len(items)), "dropped_users": dropped, "min_items": min_items, "max_len": max_len,
-            "has_times": time_lists is not None, "split": "leave-one-out (test: last item, val: second to last)"}
+            "has_times": time_lists is not None, "split": "leave-one-out (test: last item, val: second to last)",
+            "vocabularies": {"item": fingerprint(np.asarray([str(k) for k in item_index]))}}
     h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
     h.update(items.tobytes())
     h.update(offsets.tobytes())

@@ -151,7 +151,8 @@ class DLRMFamily(Family):
                          tables=tables,
                          vocab={"dataset": str(data.path), "fingerprint": data.fingerprint,
                                 "tables": [{"name": n, "rows": r} for n, r in zip(data.table_names, data.table_rows)],
-                                "min_count": data.meta.get("min_count"), "synthetic": bool(data.meta.get("synthetic"))})
+                                "min_count": data.meta.get("min_count"), "synthetic": bool(data.meta.get("synthetic")),
+                                "vocabularies": data.meta.get("vocabularies") or {}})
 
     def build(self, spec: ModelSpec, tables: dict[str, Table]) -> DLRM:
         return DLRM(spec.hparams, tables)
@@ -184,6 +185,7 @@ class DLRMFamily(Family):
                                 f"has a vocabulary of {rows:,}: the model was trained on other ids, and its scores "
                                 "here would mean nothing", "use the dataset (vocabulary) the model was trained on, "
                                 "prepared the way its trainer prepared it (e.g. 'recompress data criteo --layout dlrm')")
+        self.check_vocabularies(spec, data)
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
         return dict(zip([t.name for t in spec.tables], data.id_counts("train")))

@@ -96,6 +96,19 @@ class Family(ABC):
     def check(self, spec: ModelSpec, data: Any) -> None:
         """Raise UserError unless ``data`` fits a model of ``spec`` (dataset kind, features, id ranges)."""
 
+    @staticmethod
+    def check_vocabularies(spec: ModelSpec, data: Any) -> None:
+        """Refuse a dataset whose table vocabularies differ from those the model was trained on, where both
+        are known (``recompress.data.vocabularies``): same row counts, other values behind the ids."""
+        theirs = data.meta.get("vocabularies") or {}
+        for name, mine in (spec.vocab.get("vocabularies") or {}).items():
+            if name in theirs and theirs[name] != mine:
+                raise UserError(f"table {name!r}: the rows of the model's table stand for other values than the ids "
+                                f"of {data.path} (vocabulary fingerprint {mine}, the dataset's {theirs[name]}): the same "
+                                "sizes, other ids, so its scores here would mean nothing",
+                                f"use the dataset the model was trained on ({spec.vocab.get('dataset', 'unknown')}), or "
+                                "prepare the data again with the same file and options")
+
     def table_roles(self, spec: ModelSpec) -> dict[str, str]:
         return {t.name: t.role for t in spec.tables}
 

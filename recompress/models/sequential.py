@@ -139,7 +139,8 @@ class SequentialFamily(Family):
                                    "position": (hp["max_len"] + 1 + self.extra_positions, hp["dim"], "position")})
         return ModelSpec(family=self.name, hparams=hp, tables=tables,
                          vocab={"dataset": str(data.path), "fingerprint": data.fingerprint, "num_items": data.num_items,
-                                "synthetic": bool(data.meta.get("synthetic"))})
+                                "synthetic": bool(data.meta.get("synthetic")),
+                                "vocabularies": data.meta.get("vocabularies") or {}})
 
     def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
         """SASRec.pytorch's rule: xavier-normal for every matrix; the biases it leaves to PyTorch's default
@@ -166,6 +167,7 @@ class SequentialFamily(Family):
         if self.uses_times(spec.hparams) and not data.meta.get("has_times"):
             raise UserError(f"this {self.name} model was trained with timestamps and {data.path} has none",
                             "use the dataset the model was trained on")
+        self.check_vocabularies(spec, data)
 
     def uses_times(self, hparams: dict[str, Any]) -> bool:
         return False
