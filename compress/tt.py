@@ -1,8 +1,10 @@
 """``tt``: tensor-train tables (TT-Rec). Post-training by streaming TT-SVD, optional fine-tune, or from scratch.
 
-TT-SVD (Oseledets 2011) with the first, largest unfolding done in a streaming way: its Gram matrix
-(``n_1 d_1`` square) is accumulated over column chunks gathered straight from the table, so a 10M-row
-table is never copied or permuted whole; the remaining unfoldings are small and go through exact SVDs.
+TT-SVD (Oseledets 2011) from Gram matrices accumulated over column chunks gathered straight from the table,
+so a 10M-row table is never copied or permuted whole. With 3 cores (the default) the second unfolding's Gram
+is accumulated the same way, from the first core's projection of each chunk, in a second pass, and the
+second core written in a third: memory grows with rows^(1/3) only (cores and an ``n_3 d_3``-square Gram).
+With more cores the remainder after the first core is held and its unfoldings truncated in memory.
 Ranks come from ``--tt-rank``, from ``--ratio`` (largest uniform rank that is that many times smaller),
 or from ``--tol`` (relative Frobenius error budget, split evenly over the K-1 truncations).
 """
@@ -110,38 +112,50 @@ def _pick_rank(vals: torch.Tensor, fixed: int | None, budget_sq: float) -> int:
     return max(1, int(ok[0]) if len(ok) else len(vals))
 
 
+def _factor(gram: torch.Tensor, fixed: int | None, budget_sq: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the float64 Gram ``M^T M`` of a matrix's columns: (top right singular vectors ``V_r``, ``1/s``
+    (0 for a zero singular value), ``s``) at the rank :func:`_pick_rank` picks, so ``M ~= (M V_r / s) (s V_r^T)``."""
+    basis, vals = linalg.principal_basis(gram, gram.shape[0])
+    r = _pick_rank(vals.clamp(min=0), fixed, budget_sq)
+    sv = vals[:r].clamp(min=0).sqrt()
+    live = sv > sv[0] * 1e-12 if r and sv[0] > 0 else torch.zeros(r, dtype=torch.bool)
+    scale = torch.where(live, 1 / torch.where(live, sv, 1), 0)  # a zero singular value: its column stays zero
+    return basis[:, :r], scale, sv * live
+
+
 def _truncate(mat: torch.Tensor, fixed: int | None, budget_sq: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-truncated ``mat ~= U @ R`` (``U`` orthonormal columns, ``R = S Vh``), as an SVD would give, from
     the float64 Gram matrix of ``mat``'s smaller side accumulated in blocks: no copy of ``mat`` is made."""
     m, n = mat.shape
-    side = min(m, n)
     step = max(1, GATHER_BYTES // (8 * max(m, n)))
-    g = torch.zeros(side, side, dtype=torch.float64)
-    if n <= m:
-        for s in range(0, m, step):
-            blk = mat[s:s + step].double()
-            g += blk.T @ blk
-    else:
+    if n > m:  # basis spans mat's columns: U = basis, R = U^T mat
+        g = torch.zeros(m, m, dtype=torch.float64)
         for s in range(0, n, step):
             blk = mat[:, s:s + step].double()
             g += blk @ blk.T
-    basis, vals = linalg.principal_basis(g, side)
-    r = _pick_rank(vals, fixed, budget_sq)
-    basis = basis[:, :r]
-    if n > m:  # basis spans mat's columns: U = basis, R = U^T mat
+        basis, vals = linalg.principal_basis(g, m)
+        basis = basis[:, :_pick_rank(vals, fixed, budget_sq)]
         return basis, torch.cat([basis.T @ mat[:, s:s + step].double() for s in range(0, n, step)], 1)
-    sv = vals[:r].sqrt()
-    live = sv > sv[0] * 1e-12 if r and sv[0] > 0 else torch.zeros(r, dtype=torch.bool)
-    scale = torch.where(live, 1 / torch.where(live, sv, 1), 0)  # a zero singular value: its column stays zero
+    g = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(0, m, step):
+        blk = mat[s:s + step].double()
+        g += blk.T @ blk
+    basis, scale, sv = _factor(g, fixed, budget_sq)
     u = torch.cat([(mat[s:s + step].double() @ basis) * scale for s in range(0, m, step)])
-    return u, (sv * live)[:, None] * basis.T
+    return u, sv[:, None] * basis.T
 
 
-def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int) -> Any:
+def _chunk(n1: int, d: int, align: int) -> int:
+    """Rows per chunk of :func:`_first_unfolding`: about GATHER_BYTES, a multiple of ``align``."""
+    return max(1, GATHER_BYTES // (n1 * d * 4) // align) * align
+
+
+def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int, align: int = 1) -> Any:
     """Column chunks ``[n1*d1, c*(d/d1)]`` of the first TT unfolding of the (unpadded) table: each chunk is
-    ``n1`` contiguous row ranges ``i * m_total + [m0, m0 + c)``, zero past the last row."""
+    ``n1`` contiguous row ranges ``i * m_total + [m0, m0 + c)`` (``m0`` and ``c`` multiples of ``align``), zero
+    past the last row."""
     n, d = weight.shape
-    chunk = max(1, GATHER_BYTES // (n1 * d * 4))
+    chunk = _chunk(n1, d, align)
     for m0 in range(0, m_total, chunk):
         c = min(chunk, m_total - m0)
         rows = torch.zeros(n1, c, d)
@@ -155,7 +169,8 @@ def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int) -> Any:
 def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list[int] | None,
            tol: float | None, desc: str = "TT-SVD") -> TTTable:
     """TT-SVD of ``weight`` [rows, dim] (a tensor, or rows read from a file by slices) with fixed ``ranks``
-    or a relative-error ``tol``."""
+    or a relative-error ``tol``. With 3 cores every pass streams the table (memory does not grow with its
+    rows); with more, the remainder after the first core (``r_1 * rows / n_1 * dim / d_1`` values) is held."""
     n, d = weight.shape
     K, n1, d1 = len(row_shape), row_shape[0], dim_shape[0]
     m_total, d_rest = math.prod(row_shape[1:]), d // d1
@@ -163,20 +178,25 @@ def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list
     norm_sq = float(sum(weight[s:s + step].double().pow(2).sum() for s in range(0, n, step)))
     budget_sq = (tol ** 2) * norm_sq / (K - 1) if tol is not None else 0.0
     fixed = (lambda k: ranks[k]) if ranks is not None else (lambda k: None)
-    chunks = -(-m_total // max(1, GATHER_BYTES // (n1 * d * 4)))
-    with progress.progress(desc, 2 * chunks) as advance:
+    align = row_shape[-1] if K == 3 else 1
+    chunks = -(-m_total // _chunk(n1, d, align))
+    table = lambda rank: tt_table.TTTable(n, d, row_shape, dim_shape, rank)
+    with progress.progress(desc, (3 if K == 3 else 2) * chunks) as advance:
         gram = torch.zeros(n1 * d1, n1 * d1, dtype=torch.float64)
-        for _, x in _first_unfolding(weight, n1, d1, m_total):
+        for _, x in _first_unfolding(weight, n1, d1, m_total, align):
             gram += (x @ x.T).double()
             advance(1)
         basis, vals = linalg.principal_basis(gram, n1 * d1)
         r = _pick_rank(vals.clamp(min=0), fixed(1), budget_sq)
         u = basis[:, :r].float()
+        first = u.reshape(n1, d1 * r)
+        if K == 3:
+            return _last_two(weight, u, table, first, row_shape, dim_shape, fixed(2), budget_sq, advance)
         rest = torch.empty(r, m_total, d_rest)
         for m0, x in _first_unfolding(weight, n1, d1, m_total):
             rest[:, m0:m0 + x.shape[1] // d_rest] = (u.T @ x).view(r, -1, d_rest)
             advance(1)
-    cores = [u.reshape(n1, d1 * r)]
+    cores = [first]
     out_ranks = [1, r]
     # rest: [r, (i_2..i_K), (j_2..j_K)] -> [r, n_2, d_2, ..., n_K, d_K]
     perm = [0] + [p for k in range(1, K) for p in (k, K - 1 + k)]
@@ -191,13 +211,48 @@ def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list
         cores.append(U.reshape(out_ranks[-1], row_shape[k], dim_shape[k], rk)
                      .permute(1, 0, 2, 3).reshape(row_shape[k], -1).float())
         out_ranks.append(rk)
-    last = cur.reshape(out_ranks[-1], row_shape[-1], dim_shape[-1]).permute(1, 0, 2).reshape(row_shape[-1], -1)
-    cores.append(last.float())
-    out_ranks.append(1)
-    table = tt_table.TTTable(n, d, row_shape, dim_shape, out_ranks)
+    cores.append(_last_core(cur, row_shape[-1], dim_shape[-1]))
+    return _filled(table([*out_ranks, 1]), cores)
+
+
+def _last_core(mat: torch.Tensor, nk: int, dk: int) -> torch.Tensor:
+    """The last TT core ``[n_K, r * d_K]`` from the remainder ``[r, n_K * d_K]``."""
+    return mat.reshape(-1, nk, dk).permute(1, 0, 2).reshape(nk, -1).float()
+
+
+def _filled(table: TTTable, cores: list[torch.Tensor]) -> TTTable:
     for k, c in enumerate(cores):
         getattr(table, f"core{k}").data.copy_(c)
     return table
+
+
+def _last_two(weight: Rows, u: torch.Tensor, table: Callable[[list[int]], TTTable], first: torch.Tensor,
+              row_shape: list[int], dim_shape: list[int], fixed: int | None, budget_sq: float,
+              advance: Callable[[int], None]) -> TTTable:
+    """The second and third cores of a 3-core TT-SVD in two more passes over the table, holding only the
+    ``(n_3 d_3)``-square Gram matrix and the cores. The remainder ``R = U_1^T A_1`` is recomputed chunk by
+    chunk; each chunk covers whole ``i_2`` slices, so its rows of the second unfolding ``[r_1 n_2 d_2, n_3 d_3]``
+    are complete: the Gram of the columns adds up over chunks, and the second core's rows are written per chunk."""
+    (n1, n2, n3), (d1, d2, d3) = row_shape, dim_shape
+    r1 = u.shape[1]
+
+    def rows_of_second_unfolding() -> Any:  # (i_2 range, [r_1, len, d_2, n_3 d_3] float64) per chunk
+        for m0, x in _first_unfolding(weight, n1, d1, n2 * n3, align=n3):
+            y = (u.T @ x).view(r1, -1, n3, d2, d3).permute(0, 1, 3, 2, 4).double()
+            yield slice(m0 // n3, m0 // n3 + y.shape[1]), y.reshape(r1, y.shape[1], d2, n3 * d3)
+            advance(1)
+
+    gram = torch.zeros(n3 * d3, n3 * d3, dtype=torch.float64)
+    for _, y in rows_of_second_unfolding():
+        flat = y.reshape(-1, n3 * d3)
+        gram += flat.T @ flat
+    basis, scale, sv = _factor(gram, fixed, budget_sq)
+    second = torch.empty(r1, n2, d2, basis.shape[1], dtype=torch.float64)
+    for i2, y in rows_of_second_unfolding():
+        second[:, i2] = (y @ basis) * scale
+    last = _last_core(sv[:, None] * basis.T, n3, d3)
+    r2 = basis.shape[1]
+    return _filled(table([1, r1, r2, 1]), [first, second.permute(1, 0, 2, 3).reshape(n2, -1).float(), last])
 
 
 def apply(ckpt: Checkpoint, params: dict[str, Any], ctx: Context,

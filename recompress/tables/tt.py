@@ -55,8 +55,13 @@ class TTTable(Table):
 
     @torch.no_grad()
     def dense_blocks(self) -> Iterator[tuple[int, Tensor]]:
-        """Rows in blocks of one first digit: core 0's slice times the contraction of the other cores,
-        one GEMM per block (far faster than per-row lookups for a full reconstruction)."""
+        """Rows in order, in blocks of about 65k rows computed by GEMMs (far faster than per-row lookups for a
+        full reconstruction). With 3 cores, memory does not grow with the rows: each block is the first
+        digit's slice of core 0 times core 1 (a few i_2 values) times core 2. With more, core 0's slice times
+        the contraction of the other cores (held whole: rows / n_1 * dim / d_1 * r_1 values)."""
+        if len(self.row_shape) == 3:
+            yield from self._blocks_of_three()
+            return
         r, n, d = self.ranks, self.row_shape, self.dim_shape
         rest = self.matrix("core1").view(n[1], r[1], d[1], r[2]).permute(1, 0, 2, 3)  # [r1, i2, j2, r2]
         for k in range(2, len(n)):
@@ -74,6 +79,21 @@ class TTTable(Table):
                 break
             block = (core0[i] @ rest).view(d[0], m, -1).permute(1, 0, 2).reshape(m, self.dim)
             yield start, block[:self.rows - start]
+
+    def _blocks_of_three(self) -> Iterator[tuple[int, Tensor]]:
+        (n1, n2, n3), (d1, d2, d3), r = self.row_shape, self.dim_shape, self.ranks
+        core0 = self.matrix("core0").view(n1, d1, r[1])
+        core1 = self.matrix("core1").view(n2, r[1], d2, r[2])
+        core2 = self.matrix("core2").view(n3, r[2], d3)
+        step = max(1, (1 << 16) // n3)  # i_2 values per block
+        for i1 in range(n1):
+            left = torch.einsum("ja,iakb->ijkb", core0[i1], core1)  # [i2, j1, j2, r2]
+            for i2 in range(0, n2, step):
+                start = (i1 * n2 + i2) * n3
+                if start >= self.rows:
+                    return
+                block = torch.einsum("ijkb,lbm->iljkm", left[i2:i2 + step], core2).reshape(-1, self.dim)
+                yield start, block[:self.rows - start]
 
     def flops(self) -> int:
         r, d, width, total = self.ranks, self.dim_shape, self.dim_shape[0], 0
