@@ -13,6 +13,8 @@
 #                                          DLRM_PYTHON, an interpreter with numpy 1, scikit-learn, mlperf_logging)
 #                                          upstream-torchrec (needs TORCHREC_PYTHON: torchrec 1.9.2, fbgemm-gpu-cpu
 #                                          1.8.0 --no-deps, recompress --no-deps -e .)
+#                                          upstream-hstu (needs GR_REPO, a facebookresearch/generative-recommenders
+#                                          checkout, and HSTU_PYTHON, an interpreter with torch, gin-config, pandas)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -90,6 +92,9 @@ for s in $sections; do
     upstream-torchrec) "${TORCHREC_PYTHON:?set TORCHREC_PYTHON to a python with torchrec and recompress}" \
                          bench/upstream_torchrec.py --out $r/upstream_torchrec.json ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
+    upstream-hstu) python bench/upstream_hstu.py --repo "${GR_REPO:?set GR_REPO to a facebookresearch/generative-recommenders checkout}" \
+                     --python "${HSTU_PYTHON:?set HSTU_PYTHON to an interpreter with torch, gin-config and pandas}" \
+                     --out $r/upstream_hstu.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2

@@ -90,7 +90,12 @@ declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the his
 declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},
-                        Param("time_bias", bool, "hstu: add the bucketed time bias when the data has timestamps", True))))
+                        Param("time_bias", bool, "hstu: add the bucketed time bias when the data has timestamps", True),
+                        Param("flavor", str, "hstu: recompress's HSTU, or generative-recommenders' research HSTU "
+                                             "(positions from the first item, max_len + 1 timestamps: the last the next "
+                                             "item's, float32 time buckets)", "recompress", ("recompress", "research")),
+                        Param("attn_norm", int, "hstu: divide the attention by this length (default: max_len; the "
+                                                "research HSTU's is L + gr_output_length + 1)", None))))
 declare(FamilyInfo("ranker", "appended-candidate ranker: each candidate is appended to the history and attends to "
                    "it; a CTR head scores it", "sequences", "recompress.models.ranker",
                    _seq({"dim": 64, "heads": 2, "negatives": 4},

@@ -332,24 +332,91 @@ def test_export_to_dlrm_refuses_other_families(seq_data, tmp_path):  # noqa: F81
     assert not (tmp_path / "x").exists()
 
 
-def test_research_hstu_checkpoints_are_described_not_rebuilt(tmp_path):
-    """train.py's layout: ckpts/{dataset}-l{L}/HSTU-b..-h..-dqk..-dv.._ep{N}, keys under DDP's module."""
-    folder = tmp_path / "ckpts" / "ml-1m-l12"
+def write_research_hstu(tmp_path, L=12, gr=3, d=16, heads=2, items=40, blocks=2, seed=0):
+    """train.py's layout: ckpts/{dataset}-l{L}/HSTU-b..-h..-dqk..-dv.._ep{N}, keys under DDP's module.; weights
+    N(0, 0.3) so that every term shows."""
+    g = torch.Generator().manual_seed(seed)
+    n = L + gr + 1
+    folder = tmp_path / "ckpts" / f"ml-1m-l{L}"
     folder.mkdir(parents=True)
-    path = folder / ("HSTU-b2-h2-dqk8-dv8-lsilud0.2-ad0.0_DotProduct_local-l2-eps1e-06_ssl-t0.05-n128-b128-lr0.001-wu0-"
-                     "wd0-2026-12-06_ep3")
-    sd = {"_embedding_module._item_emb.weight": torch.randn(41, 16),
-          "_input_features_preproc._pos_emb.weight": torch.randn(16, 16), "_attn_mask": torch.ones(16, 16).bool()}
-    for i in range(2):
-        sd[f"_hstu._attention_layers.{i}._uvqk"] = torch.randn(16, 64)
-        sd[f"_hstu._attention_layers.{i}._o.weight"], sd[f"_hstu._attention_layers.{i}._o.bias"] = torch.randn(16, 16), torch.zeros(16)
+    dh = d // heads
+    path = folder / (f"HSTU-b{blocks}-h{heads}-dqk{dh}-dv{dh}-lsilud0.2-ad0.0_DotProduct_local-l2-eps1e-06_ssl-t0.05-"
+                     "n128-b128-lr0.001-wu0-wd0-2026-12-06_ep3")
+    rnd = lambda *shape: 0.3 * torch.randn(*shape, generator=g)
+    sd = {"_embedding_module._item_emb.weight": rnd(items + 1, d), "_input_features_preproc._pos_emb.weight": rnd(n, d),
+          "_attn_mask": torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)}
+    for i in range(blocks):
+        p = f"_hstu._attention_layers.{i}."
+        sd[p + "_uvqk"], sd[p + "_o.weight"], sd[p + "_o.bias"] = rnd(d, 4 * d), rnd(d, d), rnd(d)
+        sd[p + "_rel_attn_bias._ts_w"], sd[p + "_rel_attn_bias._pos_w"] = rnd(129), rnd(2 * n - 1)
     torch.save({"epoch": 3, "model_state_dict": {"module." + k: v for k, v in sd.items()}, "optimizer_state_dict": {}}, path)
+    return path, sd, n
+
+
+def research_hstu_reference(sd, n, heads, ids, lengths, times):
+    """generative-recommenders' research HSTU forward written out from its rules (hstu.py at 2e81fab), on its
+    own right-padded layout: ids [B, N] oldest first, times [B, N] with the target's time at index length.
+    Positions 0..N-1 from the first item; per block LN -> SiLU(x W) -> u, v, q, k; attention
+    SiLU(q k + pos_w[N - 1 + j - i] + ts_w[bucket(t_{i+1} - t_j)]) / N, causal; bucket = float32
+    log(max(|gap|, 1)) / 0.301 truncated, clipped to 128; x + o(u * LN(y)); the last real position,
+    L2-normalized. Returns (user embedding [B, d], scores against every item [B, items])."""
+    item, pos = sd["_embedding_module._item_emb.weight"], sd["_input_features_preproc._pos_emb.weight"]
+    d = item.shape[1]
+    x = item[ids] * d ** 0.5 + pos[None]
+    x = x * (ids != 0).unsqueeze(-1)
+    ext = torch.cat([times, times[:, -1:]], 1)
+    bucket = (torch.log((ext[:, 1:, None] - ext[:, None, :-1]).abs().clamp(min=1).float()) / 0.301).long().clamp(0, 128)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    causal = (j <= i).float()
+    for b in range(sum(1 for k in sd if k.endswith("._uvqk"))):
+        p = f"_hstu._attention_layers.{b}."
+        u, v, q, k = torch.split(F.silu(F.layer_norm(x, [d], eps=1e-6) @ sd[p + "_uvqk"]), d, dim=-1)
+        v = v * (ids != 0).unsqueeze(-1)  # jagged: padded keys hold nothing
+        rab = sd[p + "_rel_attn_bias._pos_w"][n - 1 + j - i] + sd[p + "_rel_attn_bias._ts_w"][bucket]
+        dh = d // heads
+        y = torch.cat([(F.silu(q[..., h * dh:(h + 1) * dh] @ k[..., h * dh:(h + 1) * dh].transpose(1, 2) + rab) / n
+                        * causal) @ v[..., h * dh:(h + 1) * dh] for h in range(heads)], -1)
+        x = x + F.linear(u * F.layer_norm(y, [d], eps=1e-6), sd[p + "_o.weight"], sd[p + "_o.bias"])
+    user = x[torch.arange(len(ids)), lengths - 1]
+    user = user / user.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    rows = item[1:] / item[1:].norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    return user, user @ rows.T
+
+
+def test_research_hstu_checkpoints_rebuild_to_upstream_outputs(tmp_path):
+    L, heads = 12, 2
+    path, sd, n = write_research_hstu(tmp_path, L=L, heads=heads)
     found = describe(path)
     assert found.format == "hstu-research" and found.family == "hstu"
-    assert (found.hparams["max_len"], found.hparams["heads"], found.hparams["dqk"], found.hparams["num_items"]) == (12, 2, 8, 40)
-    assert found.sources["max_len"] == "file name" and found.sources["dim"] == "shapes"
-    with pytest.raises(UserError, match="describes but does not rebuild"):
-        load_any(path)
+    assert (found.hparams["max_len"], found.hparams["heads"], found.hparams["attn_norm"], found.hparams["num_items"]) == \
+        (L, heads, n, 40)
+    assert found.sources["max_len"] == "file name" and found.sources["attn_norm"] == "shapes"
+    model = load_any(path).model.eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([1, 2, 5, 12, 12, 7])
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    times = torch.zeros(len(lengths), n, dtype=torch.long)
+    hist, window_times = torch.zeros(len(lengths), L, dtype=torch.long), torch.zeros(len(lengths), L + 1, dtype=torch.long)
+    for r, m in enumerate(lengths.tolist()):
+        ids[r, :m] = torch.randint(1, 41, (m,), generator=g)
+        gaps = torch.randint(0, 10**6, (m + 1,), generator=g)
+        gaps[m // 2] = 417901  # a gap the float32 log puts in another bucket than exact arithmetic
+        times[r, :m + 1] = 10**9 + torch.cumsum(gaps, 0)
+        hist[r, L - m:] = ids[r, :m]
+        window_times[r, L - m:] = times[r, :m + 1]
+    want_user, want_scores = research_hstu_reference(sd, n, heads, ids, lengths, times)
+    with torch.no_grad():
+        got_user = model.encode(hist, window_times)[:, -1]
+        got_scores = model(hist, torch.arange(1, 41)[None], window_times)
+    assert float((got_user - want_user).abs().max()) < 1e-5 and float((got_scores - want_scores).abs().max()) < 1e-5
+    res = cli("export", path, "-o", tmp_path / "x")  # ONNX with max_len + 1 timestamps, checked for parity
+    assert res.exit_code == 0 and "parity" in res.output, res.output
+    res = cli("checkpoint", path, "--method", "int8", "-o", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    from recompress.checkpoint import load_checkpoint
+    with torch.no_grad():
+        q_scores = load_checkpoint(tmp_path / "q").model(hist, torch.arange(1, 41)[None], window_times)
+    assert 0 < float((q_scores - want_scores).abs().max()) < 0.02
 
 
 def test_a_run_folder_with_one_checkpoint_file_reads_as_that_file(seq_data, tmp_path):  # noqa: F811

@@ -1,5 +1,5 @@
-"""What the SASRec-format adapters share: recompress's SASRec built from hyper-parameters and a state dict
-already under recompress's keys, every tensor checked."""
+"""What the sequential-format adapters share: recompress's model of a sequential family (SASRec, HSTU) built
+from hyper-parameters and a state dict already under recompress's keys, every tensor checked."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from recompress.tables import DenseTable
 
 
 def build_sasrec(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
-                 where: str) -> Checkpoint:
-    """SASRec with the family's defaults, ``hp``'s values for ``keys`` and ``extra``; ``state`` loaded strictly."""
+                 where: str, family: str = "sasrec") -> Checkpoint:
+    """A ``family`` model (item and position tables) with the family's defaults, ``hp``'s values for ``keys``
+    and ``extra``; ``state`` loaded strictly."""
     if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
         raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
-    fam = get_family("sasrec")
+    fam = get_family(family)
     params = fam.hparams({k: hp[k] for k in keys})
-    params.update(num_items=hp["num_items"], has_times=False, tied_output=True, **extra)
+    params.update({"num_items": hp["num_items"], "has_times": False, "tied_output": True, **extra})
     rows = {"item": hp["num_items"] + 1, "position": hp["max_len"] + 1}
-    spec = ModelSpec(family="sasrec", hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
+    spec = ModelSpec(family=family, hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
     for k, v in state.items():
         check_finite(k, v, where)
     model = fam.build(spec, {n: DenseTable(r, hp["dim"]) for n, r in rows.items()})
@@ -35,7 +36,7 @@ def build_sasrec(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any
             f"missing {sorted(missing)[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
             f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(model.state_dict()[wrong[0]].shape)}" if wrong else "")
             if part)
-        raise UserError(f"{where} does not fit SASRec with these hyper-parameters ({what})",
+        raise UserError(f"{where} does not fit {family} with these hyper-parameters ({what})",
                         "the file is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return Checkpoint(model.eval(), spec)

@@ -9,6 +9,11 @@ next timestamp of the last position is its own); y = A v;
 out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized, and scored against
 L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax loss divides it by the
 temperature).
+
+``flavor=research`` reads generative-recommenders' research checkpoints as their own code computes them:
+positions count from the first real item, the timestamps carry one more column (the time of the item asked
+for, so the last position's time bias is bucket(t_query - t_j)), gaps are bucketed by the float32 log
+alone, and ``attn_norm`` (their L + gr_output_length + 1) divides the attention instead of the window.
 """
 
 from __future__ import annotations
@@ -43,15 +48,22 @@ TIME_BUCKETS = 128
 BUCKET_STARTS = [math.ceil(math.exp(0.301 * k)) for k in range(TIME_BUCKETS + 2)]
 
 
-def time_buckets(timestamps: Tensor) -> Tensor:
-    """``[B, L, L]`` bucket of t_{i+1} - t_j (the last position's next timestamp is its own).
+def time_buckets(timestamps: Tensor, query_time: bool = False, exact: bool = True) -> Tensor:
+    """``[B, L, L]`` bucket of t_{i+1} - t_j. ``timestamps`` is ``[B, L]`` (the last position's next timestamp
+    is its own) or, with ``query_time``, ``[B, L + 1]``: the last is the time the next item is asked for (the
+    research HSTU's target timestamp).
 
-    Exactly floor(ln max(|gap|, 1) / 0.301) clipped to [0, 128] for integer gaps, on every runtime:
-    upstream's float32 log lands a few gaps (e.g. 417901) one bucket off, and torch, ONNX Runtime and
-    TensorRT round differently there, so the float estimate is corrected against integer bucket starts."""
-    nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)
+    ``exact``: floor(ln max(|gap|, 1) / 0.301) clipped to [0, 128] for integer gaps, on every runtime.
+    Otherwise upstream's float32 estimate as it is: its float32 log lands a few gaps (e.g. 417901) one bucket
+    off, and torch, ONNX Runtime and TensorRT may round differently there."""
+    if query_time:
+        timestamps, nxt = timestamps[:, :-1], timestamps[:, 1:]
+    else:
+        nxt = torch.cat([timestamps[:, 1:], timestamps[:, -1:]], dim=1)
     gap = (nxt.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1)
     guess = (torch.log(gap.to(torch.float32)) / 0.301).long().clamp(0, TIME_BUCKETS)
+    if not exact:
+        return guess
     starts = torch.tensor(BUCKET_STARTS, dtype=gap.dtype, device=gap.device)
     exact = guess - (gap < starts[guess]).long() + (gap >= starts[guess + 1]).long()
     return exact.clamp(0, TIME_BUCKETS)
@@ -67,8 +79,9 @@ class STU(nn.Module):
     """One HSTU block."""
 
     def __init__(self, d: int, heads: int, attn_dim: int, linear_dim: int, max_len: int, dropout: float,
-                 time_bias: bool) -> None:
+                 time_bias: bool, norm: int | None = None, research: bool = False) -> None:
         super().__init__()
+        self.norm, self.research = norm, research
         self.d, self.heads, self.attn_dim, self.linear_dim = d, heads, attn_dim, linear_dim
         self.uvqk = nn.Parameter(torch.empty(d, 2 * heads * (linear_dim + attn_dim)))
         self.o = nn.Linear(heads * linear_dim, d)
@@ -82,7 +95,7 @@ class STU(nn.Module):
         j = torch.arange(length, device=self.pos_w.device).unsqueeze(0)
         bias = self.pos_w[(self.max_len - 1 + j - i).clamp(0, 2 * self.max_len - 2)].unsqueeze(0)  # [1, L, L]
         if self.ts_w is not None and timestamps is not None:
-            bias = bias + self.ts_w[time_buckets(timestamps)]
+            bias = bias + self.ts_w[time_buckets(timestamps, query_time=self.research, exact=not self.research)]
         return bias
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, real: Tensor, timestamps: Tensor | None,
@@ -95,13 +108,16 @@ class STU(nn.Module):
                 raise UserError("the Triton HSTU kernel is forward-only", "train with the decomposed form")
             from recompress.kernels.hstu_attention import hstu_attention
             y = hstu_attention(q.reshape(b, length, h, a), k.reshape(b, length, h, a), v.reshape(b, length, h, v_dim),
-                               self.pos_w, self.max_len, real, self.ts_w, timestamps)
+                               self.pos_w, self.max_len, real, self.ts_w, timestamps, norm=self.norm,
+                               query_time=self.research, exact_buckets=not self.research)
             return y.reshape(b, length, h * v_dim)
         bias = self.rel_bias(length, timestamps)
-        if form == "custom" and torch.onnx.is_in_onnx_export():
-            return hstu_node(q, k, v, bias, allowed, heads=h, attn_dim=a, linear_dim=v_dim)
+        norm = self.norm or length
+        if form == "custom" and torch.onnx.is_in_onnx_export():  # the node divides by L
+            y = hstu_node(q, k, v, bias, allowed, heads=h, attn_dim=a, linear_dim=v_dim)
+            return y if norm == length else y * (length / norm)
         qk = torch.einsum("bnhd,bmhd->bhnm", q.reshape(b, length, h, a), k.reshape(b, length, h, a))
-        attn = F.silu(qk + bias.unsqueeze(1)) / length * allowed.unsqueeze(1).to(q.dtype)
+        attn = F.silu(qk + bias.unsqueeze(1)) / norm * allowed.unsqueeze(1).to(q.dtype)
         return torch.einsum("bhnm,bmhd->bnhd", attn, v.reshape(b, length, h, v_dim)).reshape(b, length, h * v_dim)
 
     def forward(self, x: Tensor, allowed: Tensor, real: Tensor, timestamps: Tensor | None, form: str) -> Tensor:
@@ -123,13 +139,16 @@ class HSTU(nn.Module):
         self.tables = nn.ModuleDict(tables)
         self.emb_dropout = Dropout(hparams["dropout"])
         uses_time = bool(hparams["time_bias"] and hparams["has_times"])
+        self.research = hparams.get("flavor") == "research"
         self.blocks = nn.ModuleList(STU(d, heads, d // heads, d // heads, hparams["max_len"], hparams["dropout"],
-                                        uses_time) for _ in range(hparams["blocks"]))
+                                        uses_time, hparams.get("attn_norm"), self.research)
+                                    for _ in range(hparams["blocks"]))
         self.attention = self.attention_forms[0]
 
     def encode(self, history: Tensor, timestamps: Tensor | None = None) -> Tensor:
         real = (history > 0).unsqueeze(-1).to(torch.float32)
-        x = item_embed(self, history) * math.sqrt(self.hparams["dim"]) + self.tables["position"].lookup(positions(history))
+        pos = positions(history, from_first=self.research)
+        x = item_embed(self, history) * math.sqrt(self.hparams["dim"]) + self.tables["position"].lookup(pos)
         x = self.emb_dropout(x) * real
         allowed = causal_mask(history)
         for block in self.blocks:
@@ -157,6 +176,9 @@ class HSTUFamily(SequentialFamily):
 
     def uses_times(self, hparams: dict[str, Any]) -> bool:
         return bool(hparams.get("time_bias") and hparams.get("has_times"))
+
+    def query_time(self, hparams: dict[str, Any]) -> bool:
+        return hparams.get("flavor") == "research"
 
     def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
         """generative-recommenders' rule: uvqk and the relative biases N(0, 0.02), the output projection

@@ -169,6 +169,10 @@ class SequentialFamily(Family):
                             "use the dataset the model was trained on")
         self.check_vocabularies(spec, data)
 
+    def query_time(self, hparams: dict[str, Any]) -> bool:
+        """Whether the timestamps carry one more column: the time of the item asked for, after the history's."""
+        return False
+
     def uses_times(self, hparams: dict[str, Any]) -> bool:
         return False
 
@@ -200,7 +204,8 @@ class SequentialFamily(Family):
             batch = {"history": torch.from_numpy(history[mine]), "targets": torch.from_numpy(targets[mine]),
                      "negatives": torch.from_numpy(negatives)}
             if self.uses_times(hp):
-                batch["timestamps"] = torch.from_numpy(data.windows(users[mine], ends[users[mine]] - 1, length,
+                q = self.query_time(hp)
+                batch["timestamps"] = torch.from_numpy(data.windows(users[mine], ends[users[mine]] - 1 + q, length + q,
                                                                     data.times))
             yield batch
 
@@ -240,7 +245,8 @@ class SequentialFamily(Family):
             seen = self.seen(data, u, ends[u] + 1)  # history and target
             inputs = {"history": data.windows(u, ends[u], length)}
             if self.uses_times(hparams):
-                inputs["timestamps"] = data.windows(u, ends[u], length, data.times)
+                q = self.query_time(hparams)
+                inputs["timestamps"] = data.windows(u, ends[u] + q, length + q, data.times)
             if protocol == "full":  # RecBole's layout ranks the user's own items too (it masks only padding)
                 inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
                 exclude = seen.copy() if data.meta.get("full_ranking_excludes") != "padding" else np.zeros_like(seen)
@@ -304,7 +310,8 @@ class SequentialFamily(Family):
             history[:, : hp["max_len"] // 3] = 0  # some padding
         out = {"history": history, "candidates": torch.randint(1, hp["num_items"] + 1, (len(history), 101), generator=gen)}
         if self.uses_times(hp):
-            out["timestamps"] = torch.cumsum(torch.randint(0, 86_400, history.shape, generator=gen), dim=1)
+            shape = (len(history), hp["max_len"] + self.query_time(hp))
+            out["timestamps"] = torch.cumsum(torch.randint(0, 86_400, shape, generator=gen), dim=1)
         return out
 
     def parity_batches(self, model: nn.Module, n: int, data: Any | None) -> dict[str, dict[str, Tensor]]:
