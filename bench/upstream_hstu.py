@@ -78,7 +78,7 @@ def main() -> None:
             run("checkpoint", str(ckpt), "--method", "int8", "-o", str(work / "q"), "--overwrite")
             result["models"][ref_file.name.removesuffix("_reference.pt")] = {
                 "checkpoint": ref["hparams"]["checkpoint"], "format": info["format"],
-                "hparams": {k: info["hparams"][k] for k in ("max_len", "heads", "blocks", "attn_norm", "flavor")},
+                "hparams": {k: info["hparams"][k] for k in ("max_len", "heads", "blocks", "attn_norm", "variant")},
                 "hparam_source": {k: info["hparam_source"][k] for k in ("max_len", "heads", "attn_norm")},
                 "with_timestamps": compare(load_any(ckpt).model.eval(), timed),
                 "int8_with_timestamps": compare(load_checkpoint(work / "q").model.eval(), timed),

@@ -91,7 +91,7 @@ declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative po
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},
                         Param("time_bias", bool, "hstu: add the bucketed time bias when the data has timestamps", True),
-                        Param("flavor", str, "hstu: recompress's HSTU, or generative-recommenders' research HSTU "
+                        Param("variant", str, "hstu: recompress's HSTU, or generative-recommenders' research HSTU "
                                              "(positions from the first item, max_len + 1 timestamps: the last the next "
                                              "item's, float32 time buckets)", "recompress", ("recompress", "research")),
                         Param("attn_norm", int, "hstu: divide the attention by this length (default: max_len; the "

@@ -181,7 +181,10 @@ def train_model(family: Family, data: object, cfg: TrainConfig, hparams: dict[st
         made = make_table(t, counts.get(t.name), family.compressible) if make_table is not None else None
         two_layer = mlet_hidden is not None and t.role in family.compressible and t.rows >= mlet_min_rows
         tables[t.name] = made or (FactorizedTable(t.rows, t.dim, mlet_hidden) if two_layer else DenseTable(t.rows, t.dim))
-    model = family.build(spec, tables)
+    try:
+        model = family.build(spec, tables)
+    except ValueError as e:  # a model refusing the options it was given (e.g. --dropout 2)
+        raise UserError(f"a {family.name} model cannot be built with these options: {e}", "fix the option") from None
     family.init(model, cfg.seed)
     result = fit(model, data, cfg, family)
     spec.history = list(history)

@@ -203,6 +203,15 @@ def test_cli_tt_from_scratch_then_int8_export_and_lookup_costs(tiny_data, tmp_pa
     assert r["lookup"]["per_sample"]["bytes_read_gpu"] == sum(c["bytes_read_gpu"] for c in per_table.values())
 
 
+def test_train_refuses_impossible_model_options_in_one_line(tmp_path):
+    assert cli("data", "synthetic-sequences", "-o", tmp_path / "s", "--users", 60, "--items", 50).exit_code == 0
+    for args, fragment in [(["--model", "hstu", "--attn-norm", 0], "attn_norm 0 is not a length"),
+                           (["--model", "sasrec", "--dropout", 1.5], "--dropout 1.5 is impossible for sasrec")]:
+        res = cli("train", "--data", tmp_path / "s", *args, "--epochs", 1, "-o", tmp_path / "m")
+        assert_user_error(res, fragment)
+        assert not (tmp_path / "m").exists()
+
+
 def test_cli_bad_compression_parameters(workdir, tmp_path):
     for args, fragment in [(["--method", "int3"], "int3 is not a supported row-wise format"),
                            (["--method", "tt", "--tt-rank", "0"], "--tt-rank 0 is impossible"),

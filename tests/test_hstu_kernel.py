@@ -110,7 +110,7 @@ def test_triton_hstu_kernel_matches_the_dense_reference(tmp_path):
     history = torch.randint(1, 61, (4, 20), generator=g)
     history[1, :8] = 0
     history[3, :19] = 0
-    models = {"model": hstu_model(), "model_research": hstu_model(flavor="research", attn_norm=27)}
+    models = {"model": hstu_model(), "model_research": hstu_model(variant="research", attn_norm=27)}
     for name, (spec, model) in models.items():
         timestamps = torch.cumsum(torch.randint(0, 100_000, (4, 20 + model.research), generator=g), 1)
         cases[name] = {f"state.{k}": v for k, v in model.state_dict().items()}

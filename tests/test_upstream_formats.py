@@ -223,6 +223,16 @@ def test_recbole_sasrec_scores_as_recboles_forward(seq_data, tmp_path, monkeypat
     assert ck.spec.provenance["upstream_metrics"] == {"best valid MRR@10": pytest.approx(0.1234)}
 
 
+def test_recbole_layer_norm_epsilon_must_be_positive(tmp_path, monkeypatch):
+    """Review: --hp ln_eps=-1 was accepted (layer norm of a negative epsilon: NaN for constant rows)."""
+    path = write_recbole(tmp_path / "a.pth", recbole_state(), RECBOLE_CONFIG, monkeypatch)
+    with pytest.raises(UserError, match=r"ln_eps -1.0 is not a positive layer norm epsilon"):
+        load_any(path, {"ln_eps": "-1"})
+    bad = write_recbole(tmp_path / "b.pth", recbole_state(), {**RECBOLE_CONFIG, "layer_norm_eps": 0.0}, monkeypatch)
+    with pytest.raises(UserError, match=r"ln_eps 0.0 is not a positive layer norm epsilon"):
+        load_any(bad)
+
+
 def test_recbole_contradictions_and_other_models_are_refused(tmp_path, monkeypatch):
     sd = recbole_state()
     path = write_recbole(tmp_path / "a.pth", sd, {**RECBOLE_CONFIG, "inner_size": 32}, monkeypatch)
@@ -445,6 +455,11 @@ def test_review_findings_on_hyper_parameters_are_one_line_errors(seq_data, tmp_p
         describe(path)
     (tmp_path / "a" / "args.txt").write_text("norm_first,true")  # lower case, as a hand-edited file may say
     assert describe(path).hparams["wiring"] == "pre-ln"
+    research, _, _ = write_research_hstu(tmp_path / "r")
+    with pytest.raises(UserError, match=r"--hp attn_norm=0: the tensors' shapes say attn_norm = 16"):
+        load_any(research, {"attn_norm": "0"})
+    with pytest.raises(UserError, match=r"max_len 40 with N = 16 positions upstream"):
+        load_any(research, {"max_len": "40"})
 
 
 def test_a_dlrm_export_keeps_dlrms_integer_counters(tmp_path):

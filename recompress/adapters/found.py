@@ -81,9 +81,11 @@ class Found:
         try:
             ckpt = self.build(dict(self.hparams))
         except (ValueError, RuntimeError) as e:  # a model refusing the values it was given (e.g. --hp dropout=-3)
-            if not self.sources or "user" not in self.sources.values():
-                raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if not self.sources or "user" not in self.sources.values():
+                raise UserError(f"this {self.format} checkpoint cannot be built from what it says ({first})",
+                                "the file is damaged, or pass the right value with --hp ('recompress inspect' lists "
+                                "them and their sources)") from None
             user = ", ".join(f"{k}={v}" for k, v in self.hparams.items() if self.sources.get(k) == "user")
             raise UserError(f"this {self.format} checkpoint cannot be built with --hp {user} ({first})",
                             "check the values against 'recompress inspect'") from None

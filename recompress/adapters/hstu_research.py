@@ -4,7 +4,7 @@ model_state_dict, optimizer_state_dict}``, every key under DDP's ``module.``), s
 file name and its folder give the hyper-parameters, shapes the rest (``_attn_mask`` is N x N with
 N = L + gr_output_length + 1).
 
-Rebuilt as recompress's HSTU with ``flavor=research`` (positions from the first item, the next item's
+Rebuilt as recompress's HSTU with ``variant=research`` (positions from the first item, the next item's
 timestamp as a last timestamps column, float32 time buckets) and ``attn_norm=N``. Weights: position row
 r (r = 1..L) is ``_pos_emb`` row r - 1 (row 0, padding, zero); ``pos_w`` is ``_pos_w[N - L : N + L - 1]``
 (upstream indexes it by N - 1 + j - i, recompress by L - 1 + j - i); ``_ts_w``, ``_uvqk`` and ``_o`` as they
@@ -56,7 +56,7 @@ def describe(path: Path, obj: Any) -> Found:
     found.set("num_items", int(item.shape[0]) - 1, "shapes")
     found.set("blocks", len(indexed(sd, LAYER, "._uvqk")), "shapes")
     found.set("attn_norm", n, "shapes")
-    found.set("flavor", "research", "default")
+    found.set("variant", "research", "default")
     found.set("time_bias", f"{LAYER}.0._rel_attn_bias._ts_w" in sd, "shapes")
     m = DESC.search(f"{path.parent.name}/{path.name}")
     if m:
@@ -110,7 +110,7 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], n: int, where: str) 
         state[dst + "pos_w"] = pos_w[n - window: n + window - 1]
         if hp["time_bias"]:
             state[dst + "ts_w"] = sd[src + "_rel_attn_bias._ts_w"]
-    keys = ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "attn_norm", "time_bias", "loss", "temperature",
+    keys = ("dim", "blocks", "heads", "max_len", "dropout", "variant", "attn_norm", "time_bias", "loss", "temperature",
             "negatives")
     return build_sasrec({**hp}, tuple(k for k in keys if k in hp), {"has_times": bool(hp["time_bias"])}, state, where,
                         family="hstu")

@@ -10,7 +10,7 @@ out = x + Linear(dropout(u * layer_norm(y))). The output is L2-normalized, and s
 L2-normalized item rows of the tied table (cosine similarity; the sampled-softmax loss divides it by the
 temperature).
 
-``flavor=research`` reads generative-recommenders' research checkpoints as their own code computes them:
+``variant=research`` reads generative-recommenders' research checkpoints as their own code computes them:
 positions count from the first real item, the timestamps carry one more column (the time of the item asked
 for, so the last position's time bias is bucket(t_query - t_j)), gaps are bucketed by the float32 log
 alone, and ``attn_norm`` (their L + gr_output_length + 1) divides the attention instead of the window.
@@ -139,7 +139,9 @@ class HSTU(nn.Module):
         self.tables = nn.ModuleDict(tables)
         self.emb_dropout = Dropout(hparams["dropout"])
         uses_time = bool(hparams["time_bias"] and hparams["has_times"])
-        self.research = hparams.get("flavor") == "research"
+        self.research = hparams.get("variant") == "research"
+        if hparams.get("attn_norm") is not None and hparams["attn_norm"] < 1:
+            raise ValueError(f"attn_norm {hparams['attn_norm']} is not a length")
         self.blocks = nn.ModuleList(STU(d, heads, d // heads, d // heads, hparams["max_len"], hparams["dropout"],
                                         uses_time, hparams.get("attn_norm"), self.research)
                                     for _ in range(hparams["blocks"]))
@@ -178,7 +180,7 @@ class HSTUFamily(SequentialFamily):
         return bool(hparams.get("time_bias") and hparams.get("has_times"))
 
     def query_time(self, hparams: dict[str, Any]) -> bool:
-        return hparams.get("flavor") == "research"
+        return hparams.get("variant") == "research"
 
     def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
         """generative-recommenders' rule: uvqk and the relative biases N(0, 0.02), the output projection

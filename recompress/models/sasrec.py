@@ -73,7 +73,9 @@ class SASRec(nn.Module):
         if self.flavor not in FLAVORS:
             raise ValueError(f"unknown SASRec flavor {self.flavor!r}")
         recbole = self.flavor == "recbole"
-        eps = hparams.get("ln_eps") or 1e-8
+        eps = 1e-8 if hparams.get("ln_eps") is None else hparams["ln_eps"]
+        if not eps > 0:
+            raise ValueError(f"ln_eps {eps} is not a positive layer norm epsilon")
         self.tables = nn.ModuleDict(tables)
         self.emb_dropout = Dropout(p)
         if recbole:  # layer norm on the input (item + position rows), none at the end
