@@ -321,3 +321,24 @@ def test_same_sized_vocabularies_in_another_order_are_refused(tmp_path):
     sasrec.check(spec, s)
     with pytest.raises(UserError, match="table 'item'"):
         sasrec.check(spec, t)
+
+
+def test_criteo_bad_hash_is_refused_while_reading_not_after(tmp_path, monkeypatch):
+    """Review: a bad value on line 2 was only found once the whole file had been read and spilled."""
+    from recompress.data import criteo
+    rng = np.random.default_rng(6)
+    lines = [criteo_line(rng) for _ in range(3000)]
+    fields = lines[1].split("\t")
+    fields[39] = "0000000g"
+    lines[1] = "\t".join(fields)
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(criteo, "BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(criteo, "BATCH_ROWS", 250)
+    parsed = []
+    columns = criteo._columns
+    monkeypatch.setattr(criteo, "_columns", lambda *a: parsed.append(1) or columns(*a))
+    with pytest.raises(UserError, match="line 2: C26 value '0000000g' is not hexadecimal"):
+        prepare_criteo(tmp_path / "t.txt", tmp_path / "out")
+    assert len(parsed) <= 4  # the first chunk, and the few parsed ahead of it (12 in the file)
+    with pytest.raises(UserError, match="--limit 0 reads no rows"):
+        prepare_criteo(tmp_path / "t.txt", tmp_path / "out", limit=0)

@@ -419,6 +419,14 @@ def test_research_hstu_checkpoints_rebuild_to_upstream_outputs(tmp_path):
         got_user = model.encode(hist, window_times)[:, -1]
         got_scores = model(hist, torch.arange(1, 41)[None], window_times)
     assert float((got_user - want_user).abs().max()) < 1e-5 and float((got_scores - want_scores).abs().max()) < 1e-5
+    for tag, reason in (("-ad0.0_", "trained with -norab"), ("-dqk8-dv8-", "dqk = 4, dv = 8 with 2 heads")):
+        other = path.with_name(path.name.replace(tag, {"-ad0.0_": "-ad0.0-norab_", "-dqk8-dv8-": "-dqk4-dv8-"}[tag]))
+        other.write_bytes(path.read_bytes())
+        info = describe(other)  # inspect still describes what it cannot rebuild (review)
+        assert info.hparams["heads"] == heads and any(reason in n for n in info.notes)
+        with pytest.raises(UserError, match=f"is a research HSTU recompress does not rebuild: {reason}"):
+            load_any(other)
+        other.unlink()
     res = cli("export", path, "-o", tmp_path / "x")  # ONNX with max_len + 1 timestamps, checked for parity
     assert res.exit_code == 0 and "parity" in res.output, res.output
     res = cli("checkpoint", path, "--method", "int8", "-o", tmp_path / "q")

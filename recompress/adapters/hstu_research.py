@@ -43,19 +43,22 @@ def describe(path: Path, obj: Any) -> Found:
     sd = state_dict_of(obj, "model_state_dict")
     assert sd is not None
     item, pos = sd[ITEM], sd.get(POS)
-    if pos is None or MASK not in sd or item.dim() != 2 or pos.dim() != 2 or pos.shape[1] != item.shape[1]:
-        raise UserError(f"{path}: {POS} or {MASK} is missing, or the tables disagree in width",
-                        "is this a research HSTU saved by generative-recommenders' train.py?")
-    d, n = int(item.shape[1]), int(sd[MASK].shape[0])
+    d = int(item.shape[1])
     tables = [FoundTable("item", int(item.shape[0]), d, str(item.dtype).removeprefix("torch."),
-                         item.numel() * item.element_size(), role="item", parts=(ITEM,)),
-              FoundTable("position", int(pos.shape[0]), d, str(pos.dtype).removeprefix("torch."),
-                         pos.numel() * pos.element_size(), role="position", parts=(POS,))]
-    found = Found(NAME, "hstu", tables, build=lambda hp: _build(hp, sd, n, str(path)))
+                         item.numel() * item.element_size(), role="item", parts=(ITEM,))]
+    if pos is not None:
+        tables.append(FoundTable("position", int(pos.shape[0]), int(pos.shape[1]), str(pos.dtype).removeprefix("torch."),
+                                 pos.numel() * pos.element_size(), role="position", parts=(POS,)))
+    why: list[str] = []  # what rules a rebuild out; inspect still describes the file
+    if pos is None or MASK not in sd or item.dim() != 2 or pos.dim() != 2 or pos.shape[1] != d:
+        why.append(f"{POS} or {MASK} is missing, or the tables disagree in width")
+    found = Found(NAME, "hstu", tables, build=lambda hp: _build(hp, sd, int(sd[MASK].shape[0]) if MASK in sd else 0,
+                                                                str(path), why))
     found.set("dim", d, "shapes")
     found.set("num_items", int(item.shape[0]) - 1, "shapes")
     found.set("blocks", len(indexed(sd, LAYER, "._uvqk")), "shapes")
-    found.set("attn_norm", n, "shapes")
+    if MASK in sd:
+        found.set("attn_norm", int(sd[MASK].shape[0]), "shapes")
     found.set("variant", "research", "default")
     found.set("time_bias", f"{LAYER}.0._rel_attn_bias._ts_w" in sd, "shapes")
     m = DESC.search(f"{path.parent.name}/{path.name}")
@@ -66,14 +69,16 @@ def describe(path: Path, obj: Any) -> Found:
                             "the file was renamed")
         found.set("max_len", max_len, "file name")
         found.set("heads", heads, "file name")
+        found.set("dqk", dqk, "file name")
+        found.set("dv", dv, "file name")
         if dqk * heads != d or dv * heads != d:
-            raise UserError(f"{path}: dqk = {dqk}, dv = {dv} with {heads} heads, width {d}",
-                            "recompress's HSTU has dqk = dv = width / heads; this model cannot be rebuilt")
+            why.append(f"dqk = {dqk}, dv = {dv} with {heads} heads and width {d}: recompress's HSTU has dqk = dv = "
+                       "width / heads")
         if m.group(6) != "silu":
-            raise UserError(f"{path}: linear activation {m.group(6)!r}", "recompress's HSTU applies SiLU")
+            why.append(f"linear activation {m.group(6)!r}: recompress's HSTU applies SiLU")
         if m.group(9):
-            raise UserError(f"{path} was trained with -norab (softmax attention with a relative bias)",
-                            "recompress rebuilds HSTU's pointwise attention only")
+            why.append("trained with -norab (softmax attention with a relative bias): recompress rebuilds HSTU's "
+                       "pointwise attention only")
         found.set("dropout", float(m.group(7)), "file name")
         loss = LOSS.search(path.name)
         if loss:
@@ -86,10 +91,14 @@ def describe(path: Path, obj: Any) -> Found:
                    "name (…-l{L}/)", like=200)
     if isinstance(obj, dict) and "epoch" in obj:
         found.notes.append(f"checkpoint: epoch {obj['epoch']}")
+    found.notes.extend(f"not rebuilt: {w}" for w in why)
     return found
 
 
-def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], n: int, where: str) -> Checkpoint:
+def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], n: int, where: str, why: list[str]) -> Checkpoint:
+    if why:
+        raise UserError(f"{where} is a research HSTU recompress does not rebuild: {'; '.join(why)}",
+                        "'recompress inspect' lists its tables and hyper-parameters")
     d, window = hp["dim"], hp["max_len"]
     if not 1 <= window <= n - 1:
         raise UserError(f"max_len {window} with N = {n} positions upstream", f"pass --hp max_len=L with L < {n}")

@@ -11,7 +11,7 @@ is encoded); each hash is kept as its 8 bytes read as one integer (no hex parsin
 order of first appearance per table (:class:`~recompress.data.first_seen.FirstSeen`: a hash table per chunk),
 counting train rows. The parsed rows wait in a spill file in the output's staging folder (157 bytes per row:
 the size of the output) while the vocabularies are cut; a second pass over that file maps first-seen ids to
-rows. The digits of every distinct hash are checked once. Memory grows with the distinct values of all
+rows. The digits of every distinct hash are checked once, in the chunk that first has it. Memory grows with the distinct values of all
 splits (32 bytes each, twice that while a chunk's new values are inserted), never with the rows. Where
 pyarrow refuses a block, or a hash is not hexadecimal, the file is re-read line by line up to it by
 :func:`parse_chunk`, which names the offending line and column.
@@ -345,6 +345,8 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
         raise UserError(f"split fractions val={val}, test={test} are impossible", "each in [0, 1), sum below 1")
     if min_count < 1 or (max_rows is not None and max_rows < 2):
         raise UserError("min_count must be >= 1 and max_rows >= 2", "fix the option")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} reads no rows", "pass a positive number of rows, or leave it out")
     check_output(out, overwrite=overwrite, inputs=[path])
     seen = [FirstSeen(np.uint64) for _ in range(NUM_CAT)]
     sizes = dict.fromkeys(SPLITS, 0)
@@ -357,13 +359,15 @@ def prepare_criteo(path: str | Path, out: str | Path, *, min_count: int = 2, max
             train = split == 0
             ids = np.empty(keys.shape, np.int32)
             for j in range(NUM_CAT):
+                known = len(seen[j])
                 ids[j] = seen[j].encode(keys[j], counted=train)
+                if len(seen[j]) > known and hex_values(seen[j].order[-1])[1].any():  # this chunk's new values
+                    raise _locate(path, f"C{j + 1} has a value that is not hexadecimal")
             spill.write(label, np.log1p(np.maximum(dense, 0)).astype(np.float32), ids)
         remap, vocab_values = [], []
-        for j, sj in enumerate(seen):  # vocabulary: train values seen >= min_count times, most frequent first
-            v, bad = hex_values(sj.values())
-            if bad.any():
-                raise _locate(path, f"C{j + 1} has a value that is not hexadecimal")
+        for j in range(NUM_CAT):  # vocabulary: train values seen >= min_count times, most frequent first
+            sj = seen.pop(0)  # each table's distinct values freed once cut (remap: 4 bytes per value)
+            v = np.concatenate([hex_values(part)[0] for part in sj.order]) if sj.order else np.empty(0, np.int64)
             keep = np.flatnonzero(sj.counts >= min_count)
             order = keep[np.lexsort((v[keep], -sj.counts[keep]))][: (max_rows - 1) if max_rows else None]
             r = np.zeros(len(sj), np.int32)  # first-seen id -> row (0: out of the vocabulary)

@@ -72,6 +72,8 @@ def prepare_criteo_dlrm(path: str | Path, out: str | Path, *, max_ind_range: int
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file", "pass the Criteo train.txt (or .gz), or dlrm's "
                         "kaggleAdDisplayChallenge_processed.npz")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} reads no rows", "pass a positive number of rows, or leave it out")
     if max_ind_range is not None and max_ind_range < 1:
         raise UserError(f"--max-ind-range {max_ind_range} is impossible", "pass dlrm's --max-ind-range value (> 0), "
                         "or leave it out")
