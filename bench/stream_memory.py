@@ -3,6 +3,8 @@
     python bench/stream_memory.py --out bench/results/stream_memory.json [--rows 1000000,10000000,40000000]
                                   [--dim 64] [--methods int8,tt] [--in-memory-up-to 10000000]
     python bench/stream_memory.py --out bench/results/stream_memory_lowrank_hash.json --methods lowrank,hash,qr
+    python bench/stream_memory.py --out bench/results/stream_larger_than_ram.json --rows 130000000 --dim 64 \
+                                  --methods int8 --in-memory-up-to 0 --zeros
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (values N(0, 0.05), written in blocks
 so this script never holds it) is compressed by ``recompress checkpoint CKPT --method M`` in its own
@@ -34,8 +36,10 @@ save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], json.loads(sys.argv[4]
 """
 
 
-def make_checkpoint(path: Path, rows: int, dim: int) -> int:
-    """A native DLRM checkpoint with one ``rows x dim`` table, written block by block; its table bytes."""
+def make_checkpoint(path: Path, rows: int, dim: int, zeros: bool = False) -> int:
+    """A native DLRM checkpoint with one ``rows x dim`` table, written block by block (``zeros``: left as the
+    file's zeros, a sparse file, so that a table larger than the disk's free space or RAM costs nothing to
+    make); its table bytes."""
     from recompress.blockfile import TensorWriter
     from recompress.checkpoint import SPEC_FILE, WEIGHTS_FILE
     from recompress.models.dlrm import DLRM, default_hparams
@@ -43,7 +47,7 @@ def make_checkpoint(path: Path, rows: int, dim: int) -> int:
     from recompress.tables import DenseTable
 
     hp = default_hparams(13, dim, [64, dim], [64, 1])
-    model = DLRM(hp, {"C1": DenseTable(rows, dim)})  # the table: torch.empty, never touched
+    model = DLRM(hp, {"C1": DenseTable(rows, dim, torch.empty(rows, dim, device="meta"))})  # the table: never allocated
     spec = ModelSpec(family="dlrm", hparams=hp, tables=[TableSpec(name="C1", rows=rows, dim=dim, role="sparse_feature")])
     state = model.state_dict()
     key = next(k for k in state if k.endswith("C1.weight"))
@@ -55,8 +59,10 @@ def make_checkpoint(path: Path, rows: int, dim: int) -> int:
             if k != key:
                 w.write(k, 0, v)
         step = (1 << 24) // (4 * dim)
-        for s in range(0, rows, step):
+        for s in range(0, 0 if zeros else rows, step):
             w.write(key, s, torch.randn(min(step, rows - s), dim, generator=gen) * 0.05)
+        if zeros:
+            w.written[key] = rows
     (path / SPEC_FILE).write_text(spec.to_json() + "\n")
     return rows * dim * 4
 
@@ -70,12 +76,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--methods", default="int8,tt")
     ap.add_argument("--in-memory-up-to", type=int, default=10_000_000)
+    ap.add_argument("--zeros", action="store_true", help="tables of zeros in sparse files (sizes beyond RAM)")
     a = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for rows in [1000, *map(int, a.rows.split(","))]:
             src = Path(tmp) / f"t{rows}"
-            table = make_checkpoint(src, rows, a.dim)
+            table = make_checkpoint(src, rows, a.dim, a.zeros)
             for method in a.methods.split(","):
                 name, params = METHODS[method]
                 args = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
@@ -91,7 +98,8 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
             for done in [src, *Path(tmp).glob(f"?-{rows}-*")]:
                 shutil.rmtree(done)
-    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "results": results}, indent=2) + "\n")
+    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "zeros": a.zeros, "results": results},
+                                      indent=2) + "\n")
 
 
 if __name__ == "__main__":

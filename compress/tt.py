@@ -3,7 +3,9 @@
 TT-SVD (Oseledets 2011) from Gram matrices accumulated over column chunks gathered straight from the table,
 so a 10M-row table is never copied or permuted whole. With 3 cores (the default) the second unfolding's Gram
 is accumulated the same way, from the first core's projection of each chunk, in a second pass, and the
-second core written in a third: memory grows with rows^(1/3) only (cores and an ``n_3 d_3``-square Gram).
+second core written in a third: nothing of the remainder's size is held. What still grows is rows^(2/3): the
+two Gram matrices ((n_1 d_1)^2 and (n_3 d_3)^2 float64 values) and the chunks, which hold at least n_1 n_3
+rows (244 MB each for a 1B x 64 table).
 With more cores the remainder after the first core is held and its unfoldings truncated in memory.
 Ranks come from ``--tt-rank``, from ``--ratio`` (largest uniform rank that is that many times smaller),
 or from ``--tol`` (relative Frobenius error budget, split evenly over the K-1 truncations).
@@ -169,8 +171,9 @@ def _first_unfolding(weight: Rows, n1: int, d1: int, m_total: int, align: int = 
 def tt_svd(weight: Rows, row_shape: list[int], dim_shape: list[int], ranks: list[int] | None,
            tol: float | None, desc: str = "TT-SVD") -> TTTable:
     """TT-SVD of ``weight`` [rows, dim] (a tensor, or rows read from a file by slices) with fixed ``ranks``
-    or a relative-error ``tol``. With 3 cores every pass streams the table (memory does not grow with its
-    rows); with more, the remainder after the first core (``r_1 * rows / n_1 * dim / d_1`` values) is held."""
+    or a relative-error ``tol``. With 3 cores every pass streams the table (memory grows as rows^(2/3), see
+    the module docstring); with more, the remainder after the first core (``r_1 * rows / n_1 * dim / d_1``
+    values) is held."""
     n, d = weight.shape
     K, n1, d1 = len(row_shape), row_shape[0], dim_shape[0]
     m_total, d_rest = math.prod(row_shape[1:]), d // d1
@@ -229,8 +232,8 @@ def _filled(table: TTTable, cores: list[torch.Tensor]) -> TTTable:
 def _last_two(weight: Rows, u: torch.Tensor, table: Callable[[list[int]], TTTable], first: torch.Tensor,
               row_shape: list[int], dim_shape: list[int], fixed: int | None, budget_sq: float,
               advance: Callable[[int], None]) -> TTTable:
-    """The second and third cores of a 3-core TT-SVD in two more passes over the table, holding only the
-    ``(n_3 d_3)``-square Gram matrix and the cores. The remainder ``R = U_1^T A_1`` is recomputed chunk by
+    """The second and third cores of a 3-core TT-SVD in two more passes over the table, holding the
+    ``(n_3 d_3)``-square Gram matrix, the cores and one chunk. The remainder ``R = U_1^T A_1`` is recomputed chunk by
     chunk; each chunk covers whole ``i_2`` slices, so its rows of the second unfolding ``[r_1 n_2 d_2, n_3 d_3]``
     are complete: the Gram of the columns adds up over chunks, and the second core's rows are written per chunk."""
     (n1, n2, n3), (d1, d2, d3) = row_shape, dim_shape

@@ -133,3 +133,44 @@ def test_int8_of_a_big_table_does_not_load_it(tmp_path):
     packed = torch.ops.quantized.embedding_bag_byte_prepack(rows)
     assert torch.equal(got.read("tables.C1.stores.weight.data", 1_999_000), packed[:, :64])
     assert torch.equal(got.read("tables.C1.stores.weight.scale", 1_999_000), packed[:, 64:68].contiguous().view(torch.float32)[:, 0])
+
+
+def test_streaming_never_allocates_the_dense_table(tmp_path, monkeypatch):
+    """A table larger than memory must stream: no CPU tensor of the table's size is ever asked for (the model's
+    dense tables live on the meta device). The table here is a sparse file of zeros; any CPU allocation of more
+    than 64 MB fails the test (blocks are 16-32 MB)."""
+    from recompress.checkpoint import SPEC_FILE
+    from recompress.models.dlrm import DLRM, default_hparams
+    from recompress.spec import ModelSpec, TableSpec
+    from recompress.tables import DenseTable
+
+    rows, dim = 1_500_000, 32  # 192 MB
+    hp = default_hparams(13, dim, [16, dim], [16, 1])
+    model = DLRM(hp, {"C1": DenseTable(8, dim)})
+    state = {k: v for k, v in model.state_dict().items() if "C1" not in k}
+    src = tmp_path / "big"
+    src.mkdir()
+    layout = {**{k: (v.dtype, tuple(v.shape)) for k, v in state.items()}, "tables.C1.weight": (torch.float32, (rows, dim))}
+    with TensorWriter(src / WEIGHTS_FILE, layout, {"format": "recompress"}) as w:
+        for k, v in state.items():
+            w.write(k, 0, v)
+        w.written["tables.C1.weight"] = rows  # left as the file's zeros (sparse on disk)
+    spec = ModelSpec(family="dlrm", hparams=hp, tables=[TableSpec(name="C1", rows=rows, dim=dim, role="sparse_feature")])
+    (src / SPEC_FILE).write_text(spec.to_json() + "\n")
+    real_empty = torch.empty
+
+    def guarded(*size, **kw):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        if str(kw.get("device", torch.get_default_device())) != "meta" and numel * 4 > 64 << 20:
+            raise AssertionError(f"torch.empty{tuple(shape)} on the CPU: the table was allocated")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", guarded)
+    res = cli("checkpoint", src, "--method", "int8", "-o", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(torch, "empty", real_empty)
+    q = load_checkpoint(tmp_path / "q")
+    assert q.model.tables["C1"].rows == rows and float(q.model.tables["C1"].lookup(torch.tensor([0, rows - 1])).abs().max()) == 0
