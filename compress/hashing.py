@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from recompress.errors import UserError
 from recompress.lazy import lazy
 
-from .posttrain import finish, id_weights, relative_error, segment_fit, segment_mean, val_metrics
+from .posttrain import CHUNK, ErrorSum, finish, id_weights, relative_error, segment_fit, segment_mean, val_metrics
 from .registry import FINETUNE, RATIO, Context, Method, NoSaving, Param, register
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import torch
 
@@ -67,7 +67,7 @@ def make_hash(rows: int, dim: int, params: dict[str, Any], name: str, seed: int)
     return hashed.HashedTable(rows, dim, buckets, a, b)
 
 
-def make_qr(rows: int, dim: int, params: dict[str, Any]) -> QRTable:
+def make_qr(rows: int, dim: int, params: dict[str, Any], q_device: str | None = None) -> QRTable:
     op = params.get("op") or "mult"
     if op not in QR_OPS:
         raise UserError(f"unknown QR operation {op!r}", f"choose from {', '.join(QR_OPS)}")
@@ -83,7 +83,7 @@ def make_qr(rows: int, dim: int, params: dict[str, Any]) -> QRTable:
     if c < 2 or c > rows:
         raise UserError(f"--collisions {c} is impossible for a table of {rows} rows",
                         f"pick a number of collisions from 2 to {rows}")
-    return hashed.QRTable(rows, dim, c, op)
+    return hashed.QRTable(rows, dim, c, op, q_device)
 
 
 def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: int,
@@ -120,35 +120,88 @@ def _fit_hash(t: HashedTable, w: Rows, weights: torch.Tensor | None) -> None:
         w[s:e].double(), t.bucket(torch.arange(s, e)), None, _part(weights, s, e))).float())
 
 
-def _fit_qr(t: QRTable, w: Rows, weights: torch.Tensor | None) -> None:
-    """Bucket means for concat; alternating least squares for add and mult. Every half-step is one pass
-    over the table's rows in chunks (``w`` may be a file's rows)."""
-    c, nq = t.collisions, t.q.shape[0]
+def _qr_step(c: int) -> int:
+    """Rows per block of the QR passes: whole quotient segments (``c`` consecutive ids each)."""
+    return max(1, CHUNK // c) * c
 
-    def fit(segments: int, own: Callable[[torch.Tensor], torch.Tensor],
-            values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        def block(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-            ids = torch.arange(s, e)
-            vals, other = values(w[s:e].double(), ids)
-            return vals, own(ids), other, _part(weights, s, e)
-        return segment_fit(t.rows, segments, block)
-    quotient, remainder = (lambda ids: ids // c), (lambda ids: ids % c)
+
+def _quotient(t: QRTable, rows: torch.Tensor, ids: torch.Tensor, r: torch.Tensor,
+              weights: torch.Tensor | None) -> torch.Tensor:
+    """The quotient rows whose segments ``ids`` (consecutive, starting a segment) cover, fitted to ``rows``
+    given the remainder rows ``r``: they depend on these rows alone, so q is never needed whole."""
+    c, h = t.collisions, t.dim // 2
+    seg = ids // c - int(ids[0]) // c
     if t.op == "concat":
-        h = t.dim // 2
-        q = fit(nq, quotient, lambda rows, ids: (rows[:, :h], None))
-        r = fit(c, remainder, lambda rows, ids: (rows[:, h:], None))
+        values, other = rows[:, :h], None
     elif t.op == "add":
-        q = torch.zeros(nq, t.dim, dtype=torch.float64)
-        for _ in range(ALS_ITERS):
-            r = fit(c, remainder, lambda rows, ids: (rows - q[ids // c], None))
-            q = fit(nq, quotient, lambda rows, ids: (rows - r[ids % c], None))
-    else:  # mult: per column, q = sum w W r / sum w r^2 and the same for r
-        q = torch.ones(nq, t.dim, dtype=torch.float64)
-        for _ in range(ALS_ITERS):
-            r = fit(c, remainder, lambda rows, ids: (rows, q[ids // c]))
-            q = fit(nq, quotient, lambda rows, ids: (rows, r[ids % c]))
-    t.q.data.copy_(q.float())
+        values, other = rows - r[ids % c], None
+    else:
+        values, other = rows, r[ids % c]
+    return segment_fit(len(ids), int(seg[-1]) + 1, lambda a, b: (
+        values[a:b], seg[a:b], None if other is None else other[a:b], _part(weights, a, b)))
+
+
+def _qr_remainder(t: QRTable, w: Rows, weights: torch.Tensor | None) -> torch.Tensor:
+    """The remainder rows r (float64): concat's second-half means, or ALS_ITERS alternating least-squares
+    steps for add and mult (q from ones / zeros, then r | q, q | r, ...). Each step is one pass over the rows,
+    in blocks of whole quotient segments, each block's q recomputed from the previous r."""
+    c, h, step = t.collisions, t.dim // 2, _qr_step(t.collisions)
+    if t.op == "concat":
+        return segment_fit(t.rows, c, lambda s, e: (w[s:e].double()[:, h:], torch.arange(s, e) % c, None,
+                                                    _part(weights, s, e)), step)
+    r = None
+    for _ in range(ALS_ITERS):
+        def block(s: int, e: int, r: torch.Tensor | None = r) -> tuple[Any, Any, Any, Any]:
+            ids, rows = torch.arange(s, e), w[s:e].double()
+            if r is None:
+                q = (torch.zeros_like if t.op == "add" else torch.ones_like)(rows)
+            else:
+                q = _quotient(t, rows, ids, r, _part(weights, s, e))[ids // c - s // c]
+            return (rows - q, ids % c, None, _part(weights, s, e)) if t.op == "add" else \
+                (rows, ids % c, q, _part(weights, s, e))
+        r = segment_fit(t.rows, c, block, step)
+    return r
+
+
+def _qr_blocks(t: QRTable, w: Rows, weights: torch.Tensor | None, r: torch.Tensor,
+               errors: tuple[ErrorSum, ErrorSum | None]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first quotient row, quotient rows float32) given r, block by block; each block's fit, as the stored
+    float32 rows give it, is added to ``errors`` (unweighted, and weighted when there are weights)."""
+    c, step, r32 = t.collisions, _qr_step(t.collisions), r.float()
+    for s in range(0, t.rows, step):
+        e = min(s + step, t.rows)
+        ids, rows = torch.arange(s, e), w[s:e].double()
+        q = _quotient(t, rows, ids, r, _part(weights, s, e)).float()
+        qi, ri = q[ids // c - s // c], r32[ids % c]
+        approx = qi * ri if t.op == "mult" else qi + ri if t.op == "add" else torch.cat([qi, ri], 1)
+        errors[0].add(rows, approx)
+        if errors[1] is not None:
+            errors[1].add(rows, approx, _part(weights, s, e))
+        yield s // c, q
+
+
+def _fit_qr(t: QRTable, w: Rows, weights: torch.Tensor | None,
+            record: dict[str, Any]) -> Callable[[], Iterator[tuple[str, int, torch.Tensor]]] | None:
+    """r by :func:`_qr_remainder`; then q block by block, into ``t`` or (q on the meta device) by the returned
+    generator, which fills ``record``'s errors when it ends."""
+    r = _qr_remainder(t, w, weights)
     t.r.data.copy_(r.float())
+    errors = (ErrorSum(), ErrorSum() if weights is not None else None)
+
+    def done() -> None:
+        record["rel_error"] = round(errors[0].value(), 6)
+        record["rel_error_freq_weighted"] = round(errors[1].value(), 6) if errors[1] is not None else None
+
+    def blocks() -> Iterator[tuple[str, int, torch.Tensor]]:
+        for start, q in _qr_blocks(t, w, weights, r, errors):
+            yield "q", start, q
+        done()
+
+    if t.q.is_meta:
+        return blocks
+    for _, start, q in blocks():
+        t.q.data[start:start + len(q)] = q
+    return None
 
 
 def _part(weights: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
@@ -170,40 +223,50 @@ def _fit_freqhash(t: FreqHashTable, w: torch.Tensor, weights: torch.Tensor | Non
 
 
 def _apply(kind: str, ckpt: Checkpoint, params: dict[str, Any], ctx: Context,
-           sources: dict[str, Rows] | None = None) -> Checkpoint:
-    """Fit every selected table; one in ``sources`` is read from its file in chunks (hash and qr; the
-    tables they make are small)."""
+           sources: dict[str, Rows] | None = None) -> tuple[Checkpoint, dict[str, Any]]:
+    """Fit every selected table; one in ``sources`` is read from its file in chunks. hash tables are small
+    and made in memory; a qr table's quotient rows (rows / c of them) are written in blocks by the returned
+    generator, its remainder rows fitted first."""
     entry: dict[str, Any] = {"method": kind, "params": {k: v for k, v in params.items() if v is not None}, "tables": {}}
     before = val_metrics(ckpt, ctx)
     weights = id_weights(ckpt, ctx)
+    blocks = {}
     for name in ctx.select.pick(ckpt):
         t = ckpt.model.tables[name]
-        w = sources[name] if sources and name in sources else t.dense_weight()
+        streamed = bool(sources) and name in sources
+        w = sources[name] if streamed else t.dense_weight()
         tw = weights.get(name) if weights is not None else None
         new: Table
+        record: dict[str, Any] = {"rel_error": None, "rel_error_freq_weighted": None}  # filled once fitted
         try:
             if kind == "hash":
                 new = make_hash(t.rows, t.dim, params, name, ctx.train.seed)
-                _fit_hash(new, w, tw)
             elif kind == "qr":
-                new = make_qr(t.rows, t.dim, params)
-                _fit_qr(new, w, tw)
+                new = make_qr(t.rows, t.dim, params, "meta" if streamed else None)
             else:
                 new, hot_ids = make_freqhash(t.rows, t.dim, params, name, ctx.train.seed, tw)
-                _fit_freqhash(new, w, tw, hot_ids)
         except NoSaving as e:
             entry["tables"][name] = {"skipped": str(e)}
             continue
         if new.stored_bytes() >= t.stored_bytes():
             entry["tables"][name] = {"skipped": f"{kind} saves nothing on {t.rows} rows"}
             continue
-        entry["tables"][name] = {"rel_error": round(relative_error(w, new), 6),
-                                 "rel_error_freq_weighted": round(relative_error(w, new, tw), 6) if tw is not None else None,
-                                 "bytes_before": t.stored_bytes(), "bytes_after": new.stored_bytes(),
-                                 **new.config()}
-        entry["tables"][name].pop("hashes", None)
+        if kind == "hash":
+            _fit_hash(new, w, tw)
+        elif kind == "qr":
+            gen = _fit_qr(new, w, tw, record)
+            if gen is not None:
+                blocks[name] = gen
+        else:
+            _fit_freqhash(new, w, tw, hot_ids)
+        if kind != "qr":
+            record["rel_error"] = round(relative_error(w, new), 6)
+            record["rel_error_freq_weighted"] = round(relative_error(w, new, tw), 6) if tw is not None else None
+        entry["tables"][name] = record
+        record.update({"bytes_before": t.stored_bytes(), "bytes_after": new.stored_bytes(), **new.config()})
+        record.pop("hashes", None)
         ckpt.model.tables[name] = new
-    return finish(ckpt, params, ctx, entry, before)
+    return finish(ckpt, params, ctx, entry, before), blocks
 
 
 def _fresh(kind: str) -> Any:
@@ -229,7 +292,7 @@ for _kind, _help, _params, _needs in (
 ):
     register(Method(name=_kind, help=_help, params=(*_params, *COMMON), accepts=frozenset({"dense"}),
                     needs_data=(lambda p: True) if _needs else (lambda p: bool(p.get("finetune"))),
-                    apply=lambda ckpt, params, ctx, _k=_kind: _apply(_k, ckpt, params, ctx),
+                    apply=lambda ckpt, params, ctx, _k=_kind: _apply(_k, ckpt, params, ctx)[0],
                     fresh=_fresh(_kind),
                     stream=None if _needs else (lambda ckpt, params, ctx, sources, _k=_kind:
-                                                (_apply(_k, ckpt, params, ctx, sources), {}))))
+                                                _apply(_k, ckpt, params, ctx, sources))))

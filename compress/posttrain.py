@@ -76,13 +76,13 @@ def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[s
     return ckpt
 
 
-def segment_fit(n: int, segments: int, block: SegmentBlock) -> torch.Tensor:
+def segment_fit(n: int, segments: int, block: SegmentBlock, step: int = CHUNK) -> torch.Tensor:
     """Per segment and column, the weighted least-squares ``x`` of ``values ~ x[index] * other`` over ``n``
-    rows read in chunks: ``block(start, stop)`` gives that chunk's (values float64, segment index, other or
-    None for 1, i.e. the weighted mean, row weights or None). Empty segments get zeros."""
+    rows read in chunks of ``step``: ``block(start, stop)`` gives that chunk's (values float64, segment index,
+    other or None for 1, i.e. the weighted mean, row weights or None). Empty segments get zeros."""
     num = den = None
-    for s in range(0, n, CHUNK):
-        values, index, other, w = block(s, min(n, s + CHUNK))
+    for s in range(0, n, step):
+        values, index, other, w = block(s, min(n, s + step))
         w = torch.ones(len(index), dtype=torch.float64) if w is None else w
         if num is None:
             num = torch.zeros(segments, values.shape[1], dtype=torch.float64)

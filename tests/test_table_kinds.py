@@ -397,3 +397,39 @@ def test_tt_svd_truncates_as_plain_svds_do(monkeypatch, rows, dim, cores, rank):
     want = _plain_tt_svd(w, rs, ds, ranks)
     assert float((got.dense_weight().double() - want).norm() / want.norm()) < 1e-4
     assert float((want - w).norm() / w.norm()) > 1e-3 or rank == 40  # truncated: the test compares real choices
+
+
+def _plain_qr_fit(w: torch.Tensor, c: int, op: str, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """QR fitted to w by the closed forms written out row by row: concat's half means; add and mult by
+    alternating least squares from q = 0 / 1, r first (per column: q_j = sum W r / sum r^2 and so on)."""
+    w = w.double()
+    n, d = w.shape
+    nq = -(-n // c)
+    qi, ri = torch.arange(n) // c, torch.arange(n) % c
+    mean = lambda vals, idx, k: torch.stack([vals[idx == j].mean(0) for j in range(k)])
+    if op == "concat":
+        return mean(w[:, :d // 2], qi, nq), mean(w[:, d // 2:], ri, c)
+    q = torch.zeros(nq, d, dtype=torch.float64) if op == "add" else torch.ones(nq, d, dtype=torch.float64)
+    for _ in range(iters):
+        if op == "add":
+            r = mean(w - q[qi], ri, c)
+            q = mean(w - r[ri], qi, nq)
+        else:
+            r = torch.stack([(w[ri == k] * q[qi[ri == k]]).sum(0) / (q[qi[ri == k]] ** 2).sum(0) for k in range(c)])
+            q = torch.stack([(w[qi == j] * r[ri[qi == j]]).sum(0) / (r[ri[qi == j]] ** 2).sum(0) for j in range(nq)])
+    return q, r
+
+
+@pytest.mark.parametrize("op", ["mult", "add", "concat"])
+def test_qr_fit_is_the_alternating_least_squares_written_out(monkeypatch, op):
+    """Fitted in blocks of whole quotient segments (many, a last one cut short), q never held whole."""
+    import recompress.compress.hashing as hashing
+    monkeypatch.setattr(hashing, "CHUNK", 20)
+    w = torch.randn(203, 6, generator=_gen(4)) + 1.0
+    t = hashing.make_qr(203, 6, {"collisions": 7, "op": op})
+    record = {}
+    assert hashing._fit_qr(t, w, None, record) is None
+    q, r = _plain_qr_fit(w, 7, op)
+    assert torch.allclose(t.q.detach().double(), q, atol=1e-5) and torch.allclose(t.r.detach().double(), r, atol=1e-5)
+    ref = t.dense_weight().double()
+    assert record["rel_error"] == round(float((ref - w.double()).norm() / w.double().norm()), 6)

@@ -56,11 +56,11 @@ class QRTable(Table):
 
     kind = "qr"
 
-    def __init__(self, rows: int, dim: int, collisions: int, op: str) -> None:
+    def __init__(self, rows: int, dim: int, collisions: int, op: str, q_device: str | None = None) -> None:
         super().__init__(rows, dim)
         self.collisions, self.op = collisions, op
         width = dim // 2 if op == "concat" else dim
-        self.q = nn.Parameter(torch.empty(-(-rows // collisions), width))
+        self.q = nn.Parameter(torch.empty(-(-rows // collisions), width, device=q_device))  # meta: written in blocks
         self.r = nn.Parameter(torch.empty(collisions, width))
 
     def row_matrices(self) -> tuple[str, ...]:
