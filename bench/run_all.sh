@@ -96,7 +96,11 @@ for s in $sections; do
                      --python "${HSTU_PYTHON:?set HSTU_PYTHON to an interpreter with torch, gin-config and pandas}" \
                      --out $r/upstream_hstu.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
-                   python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr ;;
+                   python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr
+                   python bench/stream_memory.py --out $r/stream_memory_qr.json --rows 1000000,10000000,40000000 \
+                     --methods qr --in-memory-up-to 0 --zeros
+                   python bench/stream_memory.py --out $r/stream_larger_than_ram.json --rows 130000000 --dim 64 \
+                     --methods int8 --in-memory-up-to 0 --zeros ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
