@@ -6,8 +6,10 @@ Every error a user can cause, ours or Click's, prints one line ``error: ...; hin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +43,10 @@ class Group(click.Group):
 
     def _run(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> None:
         Group.argv = list(sys.argv[1:] if args is None else args)
+        with _sigterm_restored():
+            self._run_once(args, prog_name, complete_var, **extra)
+
+    def _run_once(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> None:
         try:
             try:
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -61,6 +67,23 @@ class Group(click.Group):
             click.echo("interrupted; no partial output was kept", err=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+@contextlib.contextmanager
+def _sigterm_restored() -> Iterator[None]:
+    """A command takes SIGTERM over (recompress.distributed.join: unwind as Ctrl-C does); in one process the
+    previous handler comes back afterwards, so that a caller running commands in-process (tests, notebooks)
+    keeps its own."""
+    import signal
+    import threading
+
+    from .distributed import size
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None and size() <= 1:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def ints(text: str | None, what: str = "value") -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -42,21 +43,24 @@ def is_main() -> bool:
 
 
 def _terminated(signum: int, frame: Any) -> None:
-    """torchrun stops the other ranks with SIGTERM when one fails: unwind once, keep nothing."""
+    """SIGTERM (torchrun stopping the other ranks when one fails, or anyone stopping a run): unwind once, as
+    Ctrl-C does, so that staged output is removed; keep nothing."""
     stopping()
     raise KeyboardInterrupt
 
 
 def stopping() -> None:
-    """This rank is on its way out: a SIGTERM from torchrun may no longer interrupt its clean-up (removing
-    staged output) or print a traceback while it exits."""
-    if size() > 1:
+    """This process is on its way out: a further SIGTERM may no longer interrupt its clean-up (removing staged
+    output) or print a traceback while it exits."""
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def join(command: str, allowed: Sequence[str]) -> None:
-    """Join the process group torchrun set up for ``command`` (no-op in one process)."""
+    """Join the process group torchrun set up for ``command`` (in one process: only SIGTERM is taken over)."""
     if size() <= 1:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)
         return
     if command not in allowed:
         raise UserError(f"'recompress {command}' does not run on several processes (WORLD_SIZE={size()})",

@@ -272,3 +272,24 @@ def test_files_added_while_a_run_is_writing_are_never_adopted(tmp_path):
         with run_folder(tmp_path / "run", overwrite=True):
             pass
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_sigterm_removes_the_staged_output_and_exits_as_interrupted(tmp_path):
+    """`kill` (SIGTERM) on a running command unwinds as Ctrl-C does: its hidden staging folder is removed and
+    it says so (before, the process died with the folder left behind)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "syn"
+    proc = subprocess.Popen([sys.executable, "-m", "recompress", "data", "synthetic", "-o", str(out), "--samples",
+                             "20000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".syn.*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".syn.*.tmp")), "the command never staged its output"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; no partial output was kept" in err, (proc.returncode, err[-500:])
+    assert list(tmp_path.iterdir()) == []
