@@ -29,8 +29,7 @@ from recompress.checkpoint import (
     read_spec,
     refresh_tables,
 )
-from recompress.errors import UserError
-from recompress.models import family_of
+from recompress.models import build_model
 from recompress.outputs import output_dir
 from recompress.progress import progress
 from recompress.spec import ModelSpec
@@ -127,12 +126,8 @@ def _shell(spec: ModelSpec) -> torch.nn.Module:
     """The model of ``spec`` with its plain dense tables on the meta device (no memory, not even virtual);
     every other tensor allocated, uninitialized. (Not ``with torch.device("meta")``: that imports
     torch._dynamo, 1.7 s and 150 MB.)"""
-    tables = {t.name: DenseTable(t.rows, t.dim, torch.empty(t.rows, t.dim, device="meta"))
-              if t.kind == "dense" and "quant" not in t.params else empty_table(t) for t in spec.tables}
-    try:
-        return family_of(spec).build(spec, tables)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"the model spec is inconsistent: {e}", "re-create the checkpoint") from None
+    return build_model(spec, {t.name: DenseTable(t.rows, t.dim, torch.empty(t.rows, t.dim, device="meta"))
+                              if t.kind == "dense" and "quant" not in t.params else empty_table(t) for t in spec.tables})
 
 
 def _embedding_bytes(path: Path) -> int:

@@ -23,7 +23,7 @@ from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
 from .found import Found, FoundTable
-from .sasrec_build import build_sasrec
+from .sequential_build import build_sequential
 from .torch_files import indexed, state_dict_of
 
 NAME = "hstu-research"
@@ -121,5 +121,5 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], n: int, where: str, 
             state[dst + "ts_w"] = sd[src + "_rel_attn_bias._ts_w"]
     keys = ("dim", "blocks", "heads", "max_len", "dropout", "variant", "attn_norm", "time_bias", "loss", "temperature",
             "negatives")
-    return build_sasrec({**hp}, tuple(k for k in keys if k in hp), {"has_times": bool(hp["time_bias"])}, state, where,
-                        family="hstu")
+    return build_sequential(hp, tuple(k for k in keys if k in hp), {"has_times": bool(hp["time_bias"])}, state, where,
+                            family="hstu")

@@ -16,7 +16,7 @@ from recompress.errors import UserError
 
 from .found import Found, FoundTable
 from .safe_pickle import Stub
-from .sasrec_build import build_sasrec
+from .sequential_build import build_sequential
 from .torch_files import indexed, state_dict_of
 
 if TYPE_CHECKING:
@@ -108,5 +108,5 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Check
         state[f"attention_layers.{i}.in_proj_bias"] = torch.cat([sd[f"{att}{n}.bias"] for n in ("query", "key", "value")])
         for ours, theirs in parts.items():
             state[f"{ours}.weight"], state[f"{ours}.bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
-    return build_sasrec(hp, ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim", "activation", "ln_eps"),
-                        {"loss": "sampled-softmax"}, state, where)
+    return build_sequential(hp, ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim", "activation",
+                                 "ln_eps"), {"loss": "sampled-softmax"}, state, where)

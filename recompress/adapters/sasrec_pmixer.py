@@ -17,7 +17,7 @@ from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
 from .found import Found, FoundTable
-from .sasrec_build import build_sasrec
+from .sequential_build import build_sequential
 from .torch_files import indexed, state_dict_of
 
 NAME = "sasrec.pytorch"
@@ -113,4 +113,5 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Check
     for k, v in sd.items():
         key = {"item_emb.weight": "tables.item.weight", "pos_emb.weight": "tables.position.weight"}.get(k, k)
         state[key] = v.squeeze(-1) if re.fullmatch(r"forward_layers\.\d+\.conv\d\.weight", k) else v  # Conv1d k=1
-    return build_sasrec(hp, ("dim", "blocks", "heads", "max_len", "dropout", "wiring", "attend_padding"), {}, state, where)
+    return build_sequential(hp, ("dim", "blocks", "heads", "max_len", "dropout", "wiring", "attend_padding"), {}, state,
+                            where)

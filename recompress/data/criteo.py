@@ -14,7 +14,7 @@ the size of the output) while the vocabularies are cut; a second pass over that 
 rows. The digits of every distinct hash are checked once, in the chunk that first has it. Memory grows with the distinct values of all
 splits (32 bytes each, twice that while a chunk's new values are inserted), never with the rows. Where
 pyarrow refuses a block, or a hash is not hexadecimal, the file is re-read line by line up to it by
-:func:`parse_chunk`, which names the offending line and column.
+:func:`_check_lines`, which names the offending line and column.
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ BLOCK_BYTES = 1 << 22  # bytes per block, parsed on pyarrow's threads (4 MB: fas
 BATCH_ROWS = 1 << 18  # rows per chunk handed on (vocabulary merges cost O(vocabulary) per chunk)
 NAMES = ["label", *(f"I{j + 1}" for j in range(NUM_DENSE)), *(f"C{j + 1}" for j in range(NUM_CAT))]
 MISSING = -1
-_HEX = np.full(256, 255, dtype=np.uint8)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 _ONES = np.uint64(0x0101010101010101)
 _BIT6 = np.uint64(0x4040404040404040)  # shifted onto bit 5: 'A'-'F' -> 'a'-'f'; digits and controls unchanged
 
@@ -73,9 +69,9 @@ def _first_non_integer(rows: list[list[bytes]], first_line: int, where: str) -> 
                                 "integer", "Criteo's label is 0 or 1 and I1-I13 are integers or empty") from None
 
 
-def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lines -> (label uint8 [n], dense int64 [n, 13] with 0 = missing, categorical int64 [n, 26] with
-    -1 = missing)."""
+def _check_lines(lines: list[bytes], first_line: int, where: str) -> None:
+    """Raise for the first line that is not a Criteo training line, naming its line and column (the slow
+    path that locates what the block reader refused)."""
     rows = []
     for i, line in enumerate(lines):
         f = line.rstrip(b"\r\n").split(b"\t")
@@ -86,7 +82,7 @@ def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.nda
     arr = np.array(rows, dtype=np.bytes_)
     try:
         label = arr[:, 0].astype(np.int64)
-        dense = np.where(arr[:, 1:1 + NUM_DENSE] == b"", b"0", arr[:, 1:1 + NUM_DENSE]).astype(np.int64)
+        np.where(arr[:, 1:1 + NUM_DENSE] == b"", b"0", arr[:, 1:1 + NUM_DENSE]).astype(np.int64)
     except ValueError:
         _first_non_integer(rows, first_line, where)
     if ((label != 0) & (label != 1)).any():
@@ -98,15 +94,12 @@ def parse_chunk(lines: list[bytes], first_line: int, where: str) -> tuple[np.nda
         r, c = np.argwhere((lengths != 0) & (lengths != 8))[0]
         raise UserError(f"{where} line {first_line + r}: C{c + 1} value {cats[r, c].decode(errors='replace')!r} is not "
                         "an 8-hex-digit hash", "Criteo C1-C26 are 8 hex digits or empty")
-    digits = _HEX[np.frombuffer(cats.astype("S8").tobytes(), np.uint8).reshape(len(lines), NUM_CAT, 8)]
-    present = lengths == 8
-    if (digits[present] == 255).any():
-        r, c = np.argwhere(present & (digits == 255).any(-1))[0]
+    keys = _lower(np.frombuffer(cats.astype("S8").tobytes(), "<u8").reshape(len(lines), NUM_CAT))
+    bad_hex = hex_values(np.where(lengths == 8, keys, np.uint64(0)))[1]
+    if bad_hex.any():
+        r, c = np.argwhere(bad_hex)[0]
         raise UserError(f"{where} line {first_line + r}: C{c + 1} value {cats[r, c].decode(errors='replace')!r} is not "
                         "hexadecimal", "Criteo C1-C26 are 8 hex digits or empty")
-    values = (digits.astype(np.int64) << (4 * np.arange(7, -1, -1))).sum(-1)
-    values[~present] = MISSING
-    return label.astype(np.uint8), dense, values
 
 
 def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, list[bytes]]]:
@@ -126,7 +119,7 @@ def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, list[bytes]]]:
 def _locate(path: Path, problem: str) -> UserError:
     """The error for the first bad line of ``path`` (read line by line), or pyarrow's ``problem``."""
     for row, lines in _lines(path, None):
-        parse_chunk(lines, row + 1, str(path))
+        _check_lines(lines, row + 1, str(path))
     return UserError(f"{path} could not be read as a Criteo TSV: {problem}", "Criteo lines are label, I1-I13, C1-C26, "
                      "tab-separated")
 
@@ -147,12 +140,17 @@ def _keys(col: Any, name: str, first_line: int, where: str) -> np.ndarray:
                         "Criteo C1-C26 are 8 hex digits or empty")
     keys = np.zeros(len(col), np.uint64)  # every value is 8 bytes or empty: the present ones lie back to back
     v = data[offsets[0]:offsets[-1]].view("<u8")
-    keys[present] = v | ((v & _BIT6) >> np.uint64(1))
+    keys[present] = _lower(v)
     if not keys[present].all():  # eight NUL bytes would read as empty
         i = int(np.flatnonzero(present & (keys == 0))[0])
         raise UserError(f"{where} line {first_line + i}: {name} value is eight NUL bytes, not an 8-hex-digit hash",
                         "Criteo C1-C26 are 8 hex digits or empty")
     return keys
+
+
+def _lower(words: np.ndarray) -> np.ndarray:
+    """8-byte words with their letters 'A'-'F' lower-cased (bit 6 copied onto bit 5; digits unchanged)."""
+    return words | ((words & _BIT6) >> np.uint64(1))
 
 
 def hex_values(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ from recompress.spec import ModelSpec, TableSpec
 from recompress.tables import DenseTable
 
 
-def build_sasrec(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
-                 where: str, family: str = "sasrec") -> Checkpoint:
+def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
+                     where: str, family: str = "sasrec") -> Checkpoint:
     """A ``family`` model (item and position tables) with the family's defaults, ``hp``'s values for ``keys``
     and ``extra``; ``state`` loaded strictly."""
     if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
