@@ -15,6 +15,8 @@
 #                                          1.8.0 --no-deps, recompress --no-deps -e .)
 #                                          upstream-hstu (needs GR_REPO, a facebookresearch/generative-recommenders
 #                                          checkout, and HSTU_PYTHON, an interpreter with torch, gin-config, pandas)
+#                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
+#                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -92,6 +94,10 @@ for s in $sections; do
     upstream-torchrec) "${TORCHREC_PYTHON:?set TORCHREC_PYTHON to a python with torchrec and recompress}" \
                          bench/upstream_torchrec.py --out $r/upstream_torchrec.json ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
+    upstream-recbole-models)
+        "${RECBOLE_PYTHON:?set RECBOLE_PYTHON to an interpreter with recbole 1.2.1 (see bench/upstream_recbole_build.py)}" \
+            bench/upstream_recbole_build.py --out "$w/recbole_runs"
+        python bench/upstream_recbole.py --runs "$w/recbole_runs" --out $r/upstream_recbole_models.json ;;
     upstream-hstu) python bench/upstream_hstu.py --repo "${GR_REPO:?set GR_REPO to a facebookresearch/generative-recommenders checkout}" \
                      --python "${HSTU_PYTHON:?set HSTU_PYTHON to an interpreter with torch, gin-config and pandas}" \
                      --out $r/upstream_hstu.json ;;

@@ -51,6 +51,9 @@ def all_hparams() -> dict[str, list[tuple[str, Param]]]:
 
 
 DIM = "embedding width d"
+FFN_DIM = "sasrec, bert4rec: feed-forward inner width (default: dim)"
+ACTIVATION = "sasrec, bert4rec: feed-forward activation"
+LN_EPS = "sasrec, bert4rec: layer norm epsilon"
 SEQUENTIAL = (
     Param("max_len", int, "history length L the model reads (the most recent items)", 50),
     Param("blocks", int, "transformer blocks", 2),
@@ -84,9 +87,23 @@ declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the his
                         Param("flavor", str, "sasrec: sasrec.pytorch's layout, or RecBole's (input layer norm, positions "
                                              "from the first item, no final norm)", "sasrec.pytorch",
                               ("sasrec.pytorch", "recbole")),
-                        Param("ffn_dim", int, "sasrec: feed-forward inner width (default: dim)", None),
-                        Param("activation", str, "sasrec: feed-forward activation", "relu", ("relu", "gelu")),
-                        Param("ln_eps", float, "sasrec: layer norm epsilon", 1e-8))))
+                        Param("ffn_dim", int, FFN_DIM, None), Param("activation", str, ACTIVATION, "relu", ("relu", "gelu")),
+                        Param("ln_eps", float, LN_EPS, 1e-8))))
+declare(FamilyInfo("bert4rec", "BERT4Rec (RecBole's): bidirectional self-attention over the history and a mask token "
+                   "appended after it; the output head scores the tied item table plus a per-item bias", "sequences",
+                   "recompress.models.bert4rec",
+                   _seq({"dim": 64, "heads": 2, "loss": "sampled-softmax", "negatives": 128},
+                        Param("ffn_dim", int, FFN_DIM, 256), Param("activation", str, ACTIVATION, "gelu", ("relu", "gelu")),
+                        Param("ln_eps", float, LN_EPS, 1e-12),
+                        Param("mask_ratio", float, "bert4rec: share of training positions masked (cloze); the last "
+                                                   "is always masked, as in serving", 0.2))))
+declare(FamilyInfo("gru4rec", "GRU4Rec (RecBole's): a GRU over the history's item rows, projected back to the item "
+                   "width and scored by the tied item table", "sequences", "recompress.models.gru4rec",
+                   (Param("dim", int, DIM, 64),
+                    *(Param(p.name, p.type, p.help, {"dropout": 0.3, "loss": "sampled-softmax", "negatives": 128}.get(
+                        p.name, p.default), p.choices) for p in SEQUENTIAL if p.name not in ("blocks", "heads")),
+                    Param("hidden", int, "gru4rec: GRU hidden size", 128),
+                    Param("layers", int, "gru4rec: stacked GRU layers", 1))))
 declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},

@@ -1,4 +1,4 @@
-"""What the sequential-format adapters share: recompress's model of a sequential family (SASRec, HSTU) built
+"""What the sequential-format adapters share: recompress's model of a sequential family (SASRec, HSTU, ...) built
 from hyper-parameters and a state dict already under recompress's keys, every tensor checked."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from recompress.tables import DenseTable
 
 def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
                      where: str, family: str = "sasrec") -> Checkpoint:
-    """A ``family`` model (item and position tables) with the family's defaults, ``hp``'s values for ``keys``
+    """A ``family`` model (its tables: ``Family.table_rows``) with the family's defaults, ``hp``'s values for ``keys``
     and ``extra``; ``state`` loaded strictly."""
-    if hp["heads"] < 1 or hp["dim"] % hp["heads"]:
+    if "heads" in keys and (hp["heads"] < 1 or hp["dim"] % hp["heads"]):
         raise UserError(f"heads = {hp['heads']} does not divide the width {hp['dim']}", "pass --hp heads=N with N | dim")
     fam = get_family(family)
     params = fam.hparams({k: hp[k] for k in keys})
     params.update({"num_items": hp["num_items"], "has_times": False, "tied_output": True, **extra})
-    rows = {"item": hp["num_items"] + 1, "position": hp["max_len"] + 1}
+    rows = fam.table_rows(params)
     spec = ModelSpec(family=family, hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
     for k, v in state.items():
         check_finite(k, v, where)

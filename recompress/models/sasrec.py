@@ -103,7 +103,7 @@ class SASRec(nn.Module):
         else:
             x = item_embed(self, history) * math.sqrt(d) + self.tables["position"].lookup(positions(history))
         x = self.emb_dropout(x) * real
-        allowed = causal_mask(history, with_padding=self.attend_padding)
+        allowed = self.allowed(history)
         for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
                                          self.forward_layers):
             if self.wiring == "pre-ln":
@@ -119,6 +119,10 @@ class SASRec(nn.Module):
             if not self.attend_padding:
                 x = x * real
         return self.last_layernorm(x) if self.last_layernorm is not None else x
+
+    def allowed(self, history: Tensor) -> Tensor:
+        """``[B, L, L]``: which keys each query attends (causal)."""
+        return causal_mask(history, with_padding=self.attend_padding)
 
     def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """Scores ``[B, M]`` of ``candidates`` (``[B, M]``, or ``[1, M]`` for every user) after ``history``."""

@@ -102,6 +102,13 @@ def causal_mask(history: Tensor, with_padding: bool = False) -> Tensor:
     return causal & (real | torch.eye(length, dtype=torch.bool, device=history.device))
 
 
+def key_mask(history: Tensor) -> Tensor:
+    """``[B, L, L]`` True where query i may attend key j in both directions: every real j (and a padded query
+    itself, so that every query has a key)."""
+    length = history.shape[1]
+    return (history > 0).unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=history.device)
+
+
 class SequentialFamily(Family):
     metrics = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr", "mrr@10", "uauc")
     record = "ranks"
@@ -118,25 +125,36 @@ class SequentialFamily(Family):
     compressible = ("item",)
     adam_betas = (0.9, 0.98)  # SASRec.pytorch's Adam
     extra_positions = 0  # position rows beyond 1..max_len (the ranker's candidate slot)
+    extra_items = 0  # item rows beyond padding and 1..num_items (BERT4Rec's mask token)
+    positional = True  # whether the model has a position table
     eval_batch = {"full": 512, "sampled": 2048}  # users per evaluation batch
+    # flag, the condition its value must meet (checked where the family declares the hyper-parameter)
+    CHECKS = {"dim": lambda hp: hp["dim"] >= 1, "blocks": lambda hp: hp["blocks"] >= 1,
+              "heads": lambda hp: hp["heads"] >= 1 and hp["dim"] % hp["heads"] == 0,
+              "max_len": lambda hp: hp["max_len"] >= 1, "dropout": lambda hp: 0 <= hp["dropout"] < 1,
+              "negatives": lambda hp: hp["negatives"] >= 1, "temperature": lambda hp: hp["temperature"] > 0,
+              "hidden": lambda hp: hp["hidden"] >= 1, "layers": lambda hp: hp["layers"] >= 1,
+              "mask_ratio": lambda hp: 0 <= hp["mask_ratio"] < 1}
 
     # --- model -----------------------------------------------------------------------------------------
+    def table_rows(self, hparams: dict[str, Any]) -> dict[str, int]:
+        """Rows of each table of a model with ``hparams``: the item table's padding row 0, items 1..num_items
+        (and ``extra_items``); the position table's padding row 0, slots 1..max_len (and ``extra_positions``)."""
+        rows = {"item": hparams["num_items"] + 1 + self.extra_items}
+        if self.positional:
+            rows["position"] = hparams["max_len"] + 1 + self.extra_positions
+        return rows
+
     def new_spec(self, data: Any, hparams: dict[str, Any]) -> ModelSpec:
         self.check_data(data)
         hp = self.hparams(hparams)
-        checks = [("--dim", hp["dim"], hp["dim"] >= 1), ("--blocks", hp["blocks"], hp["blocks"] >= 1),
-                  ("--heads", hp["heads"], hp["heads"] >= 1 and hp["dim"] % hp["heads"] == 0),
-                  ("--max-len", hp["max_len"], hp["max_len"] >= 1), ("--dropout", hp["dropout"], 0 <= hp["dropout"] < 1),
-                  ("--negatives", hp["negatives"], hp["negatives"] >= 1),
-                  ("--temperature", hp["temperature"], hp["temperature"] > 0)]
-        for flag, value, ok in checks:
-            if not ok:
-                raise UserError(f"{flag} {value} is impossible for {self.name}",
-                                "dim, blocks, heads and max-len are >= 1, heads divide dim, 0 <= dropout < 1, "
-                                "negatives >= 1, temperature > 0")
+        for name, ok in self.CHECKS.items():
+            if name in hp and not ok(hp):
+                raise UserError(f"--{name.replace('_', '-')} {hp[name]} is impossible for {self.name}",
+                                "dim, blocks, heads, layers, hidden and max-len are >= 1, heads divide dim, "
+                                "0 <= dropout < 1, 0 <= mask-ratio < 1, negatives >= 1, temperature > 0")
         hp = {**hp, "num_items": data.num_items, "has_times": bool(data.meta.get("has_times")), "tied_output": True}
-        tables = self.spec_tables({"item": (data.num_items + 1, hp["dim"], "item"),
-                                   "position": (hp["max_len"] + 1 + self.extra_positions, hp["dim"], "position")})
+        tables = self.spec_tables({n: (r, hp["dim"], n) for n, r in self.table_rows(hp).items()})
         return ModelSpec(family=self.name, hparams=hp, tables=tables,
                          vocab={"dataset": str(data.path), "fingerprint": data.fingerprint, "num_items": data.num_items,
                                 "synthetic": bool(data.meta.get("synthetic")),
@@ -159,8 +177,9 @@ class SequentialFamily(Family):
     def check(self, spec: ModelSpec, data: Any) -> None:
         self.check_data(data)
         rows = next(t.rows for t in spec.tables if t.name == "item")
-        if data.num_items + 1 != rows:
-            raise UserError(f"the model's item table has {rows:,} rows ({rows - 1:,} items and padding) but the dataset "
+        if self.table_rows({**spec.hparams, "num_items": data.num_items})["item"] != rows:
+            items = rows - 1 - self.extra_items
+            raise UserError(f"the model's item table has {rows:,} rows ({items:,} items and padding) but the dataset "
                             f"has {data.num_items:,} items: the model was trained on other ids, and its scores here "
                             "would mean nothing", "use the dataset the model was trained on, prepared the way its "
                             "trainer prepared it (e.g. 'recompress data sequences --layout sasrec')")

@@ -1,0 +1,132 @@
+"""BERT4Rec (Sun et al. 2019) as RecBole builds and serves it.
+
+The encoder is RecBole's transformer, as in its SASRec (``recompress.models.sasrec``, flavor ``recbole``:
+item plus position rows through a layer norm, post-LN blocks, positions from the first item) with
+bidirectional attention: every position attends every real one. The item table has one more row after the
+items, the mask token. Serving (RecBole's ``full_sort_predict``): the history's oldest item is dropped and
+the mask token appended after the newest (``reconstruct_test_data`` writes the mask after the last item and
+drops the first column, so the oldest item goes whatever the history's length); the mask position's state
+goes through a head (linear, GELU, layer norm) and scores each item by its tied row plus a per-item bias.
+
+Training (cloze): the window ending at the last training item, cut as serving cuts a history (the oldest item
+dropped), each real position replaced by the mask token with probability ``mask_ratio`` and the last always:
+the last position's input is then exactly what serving feeds for the same history. Masked positions predict
+the item they hid. (RecBole's own training keeps the oldest item, so a short history reads one item more in
+training than in its serving.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from recompress.distributed import shard
+from recompress.families import FAMILIES
+from recompress.spec import ModelSpec
+from recompress.tables import Table
+
+from .sasrec import SASRec
+from .sequential import SequentialFamily, dot_candidates, dot_negatives, item_embed, key_mask, sample_negatives
+
+
+class BERT4Rec(SASRec):
+    family = "bert4rec"
+
+    def __init__(self, hparams: dict[str, Any], tables: dict[str, Table]) -> None:
+        super().__init__({**hparams, "flavor": "recbole"}, tables)
+        self.hparams = dict(hparams)
+        d, eps = hparams["dim"], hparams["ln_eps"]
+        self.mask_id = hparams["num_items"] + 1
+        self.output_ffn = nn.Linear(d, d)
+        self.output_ln = nn.LayerNorm(d, eps=eps)
+        self.output_bias = nn.Parameter(torch.zeros(hparams["num_items"] + 1))
+
+    def allowed(self, history: Tensor) -> Tensor:
+        return key_mask(history)
+
+    def head(self, h: Tensor) -> Tensor:
+        """RecBole's output_ffn, GELU, output_ln (its input in float32: under a reduced-precision export the
+        GELU's output is float16 and the norm's weights float32, a LayerNormalization no runtime loads)."""
+        return self.output_ln(nn.functional.gelu(self.output_ffn(h)).float())
+
+    def served(self, history: Tensor) -> Tensor:
+        """RecBole's test input: the oldest real item dropped, the mask token appended after the newest."""
+        return torch.cat([drop_oldest(history), torch.full_like(history[:, :1], self.mask_id)], dim=1)
+
+    def bias(self, ids: Tensor) -> Tensor:
+        """Each item's bias (padding's: 0)."""
+        return self.output_bias[ids.clamp(0, self.mask_id - 1)] * (ids > 0).to(torch.float32)
+
+    def forward(self, history: Tensor, candidates: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        h = self.head(self.encode(self.served(history))[:, -1])
+        return dot_candidates(h, item_embed(self, candidates)) + self.bias(candidates)
+
+    def train_logits(self, history: Tensor, targets: Tensor, negatives: Tensor,
+                     timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``history``: a masked window; ``targets``: the item each masked position hid (0 elsewhere)."""
+        h = self.head(self.encode(history))
+        pos = (h * item_embed(self, targets)).sum(-1) + self.bias(targets)
+        neg = dot_negatives(h, item_embed(self, negatives), negatives.dim() == 1) + self.bias(negatives)
+        return pos, neg
+
+
+def drop_oldest(window: Tensor) -> Tensor:
+    """``[B, n]`` -> ``[B, n - 1]``: the window without its oldest real item (the first column when the window
+    is full; otherwise the oldest item is zeroed and a padding column goes)."""
+    real = window > 0
+    return window.masked_fill(real & (real.long().cumsum(1) == 1), 0)[:, 1:]
+
+
+class BERT4RecFamily(SequentialFamily):
+    info = FAMILIES["bert4rec"]
+    extra_items = 1  # the mask token
+
+    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> BERT4Rec:
+        return BERT4Rec(spec.hparams, tables)
+
+    def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
+        """RecBole's rule: linear weights N(0, 0.02), their biases 0, layer norms 1 and 0, the item bias 0."""
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.02, generator=gen)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.normal_(0.0, 0.02, generator=gen)
+                m.in_proj_bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        model.output_bias.zero_()
+
+    def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
+        """Training counts of each item; the mask token, in every request, counts as the most frequent."""
+        counts = data.id_counts("train")
+        return {"item": np.append(counts, counts.max(initial=0))}
+
+    def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
+        hp = model.hparams
+        length, k, mask_id = hp["max_len"], hp["negatives"], hp["num_items"] + 1
+        rng = np.random.default_rng(seed)
+        ends = data.history_end("train")
+        for users in np.array_split(rng.permutation(data.num_users), self.steps_per_epoch(data, batch_size)):
+            # the window as serving would see it with the last item asked for: oldest dropped, then masked
+            window = drop_oldest(torch.from_numpy(data.windows(users, ends[users], length + 1))).numpy()
+            masked = (window > 0) & (rng.random(window.shape) < hp["mask_ratio"])
+            masked[:, -1] = window[:, -1] > 0
+            if hp["loss"] == "sampled-softmax":
+                negatives = rng.integers(1, data.num_items + 1, k)
+            else:
+                negatives = sample_negatives(rng, data.num_items, (len(users), length, k), window)
+            mine = shard(len(users), part)
+            yield {"history": torch.from_numpy(np.where(masked, mask_id, window)[mine]),
+                   "targets": torch.from_numpy(np.where(masked, window, 0)[mine]),
+                   "negatives": torch.from_numpy(negatives if negatives.ndim == 1 else negatives[mine])}
+
+
+FAMILY = BERT4RecFamily()
