@@ -208,7 +208,8 @@ def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:
     bad = sorted({f for f in (ckpt.model.tables[n].form for n in picked) if not reads(m, f)})
     if bad:
         raise UserError(f"{m.name} cannot read {', '.join(bad)} tables (it takes {_accepted(m)})",
-                        "reorder the methods in the composition")
+                        f"put {m.name} before the method that made them in a composition, or leave them out with "
+                        "--tables ('recompress inspect' lists each table's kind)")
     return sctx
 
 

@@ -17,7 +17,8 @@ import torch
 from recompress.export.manifest import MANIFEST, read_manifest, versions
 from recompress.export.onnx import PRECISIONS as ORT_PRECISIONS
 
-from recompress.adapters import load_any
+from recompress.adapters import detect_format, load_any
+from recompress.adapters.native import NAME as NATIVE
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 from recompress.evaluation import Scored, score
@@ -78,8 +79,10 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
         else:
             predictors.append(OrtPredictor(path / manifest["file"], threads))
         src = source_checkpoint(path, manifest)
-        if src is not None:  # with the --hp values it was exported with
-            ckpt = load_any(src, manifest["model_spec"].get("provenance", {}).get("hparam_overrides"))
+        if src is not None:  # an upstream file with the --hp values it was exported with (a recompress checkpoint
+            # keeps those of the file it was made from in its provenance, and takes none)
+            given = manifest["model_spec"].get("provenance", {}).get("hparam_overrides")
+            ckpt = load_any(src, given if detect_format(src) != NATIVE else None)
         kind = manifest["target"]
         spec = ModelSpec.from_json(json.dumps(manifest["model_spec"]), str(path / MANIFEST))
         table_bytes = manifest["table_bytes"]

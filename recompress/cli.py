@@ -631,10 +631,12 @@ def inspect(source: str, as_json: bool, hp: tuple[str, ...]) -> None:
         return
     from .evaluate.report import fmt_bytes
     click.echo(f"{source}: {info['format']} checkpoint, family {info['family']}")
-    click.echo(f"  {'table':<14} {'role':<15} {'kind':<12} {'rows':>12}   {'dim':<5} {'dtype':<9} {'bytes':>11}")
+    name = max([14, *(len(t["name"]) for t in info["tables"])])  # columns as wide as their longest entry
+    kind = max([12, *(len(t["kind"]) for t in info["tables"])])
+    click.echo(f"  {'table':<{name}} {'role':<15} {'kind':<{kind}} {'rows':>12}   {'dim':<5} {'dtype':<9} {'bytes':>11}")
     for t in info["tables"]:
-        click.echo(f"  {t['name']:<14} {t.get('role') or '':<15} {t['kind']:<12} {t['rows']:>12,} x {t['dim']:<5} "
-                   f"{t.get('dtype', ''):<9} {fmt_bytes(t['bytes']):>11}")
+        click.echo(f"  {t['name']:<{name}} {t.get('role') or '':<15} {t['kind']:<{kind}} {t['rows']:>12,} x "
+                   f"{t['dim']:<5} {t.get('dtype', ''):<9} {fmt_bytes(t['bytes']):>11}")
     click.echo(f"  embeddings {fmt_bytes(info['embedding_bytes'])}; history: "
                f"{', '.join(h['method'] for h in info['history']) or 'none'}")
     click.echo("hyper-parameters (source):")
