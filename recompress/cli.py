@@ -358,7 +358,7 @@ def _model_choices() -> list[str]:
 @click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset folder")
 @out_option("checkpoint folder")
 @click.option("--model", "family_name", type=click.Choice(_model_choices()), default="dlrm", show_default=True,
-              help="model family (sasrec, hstu and ranker train on sequence datasets)")
+              help="model family (dlrm trains on CTR datasets, the others on sequence datasets)")
 @family_options
 @click.option("--mlet-hidden", type=int, default=None, help="train tables as MLET (rows x k)(k x d), k >= d")
 @click.option("--mlet-min-rows", default=0, show_default=True, help="only tables with at least this many rows")
