@@ -51,7 +51,7 @@ def all_hparams() -> dict[str, list[tuple[str, Param]]]:
 
 
 DIM = "embedding width d"
-FFN_DIM = "sasrec, bert4rec: feed-forward inner width (default: dim)"
+FFN_DIM = "sasrec, bert4rec: feed-forward inner width (sasrec without it: dim)"
 ACTIVATION = "sasrec, bert4rec: feed-forward activation"
 LN_EPS = "sasrec, bert4rec: layer norm epsilon"
 SEQUENTIAL = (
@@ -66,8 +66,9 @@ SEQUENTIAL = (
 )
 
 
-def _seq(defaults: dict[str, object], *extra: Param) -> tuple[Param, ...]:
-    base = [Param(p.name, p.type, p.help, defaults.get(p.name, p.default), p.choices) for p in SEQUENTIAL]
+def _seq(defaults: dict[str, object], *extra: Param, without: tuple[str, ...] = ()) -> tuple[Param, ...]:
+    base = [Param(p.name, p.type, p.help, defaults.get(p.name, p.default), p.choices) for p in SEQUENTIAL
+            if p.name not in without]
     return (Param("dim", int, DIM, defaults.get("dim", 50)), *base, *extra)
 
 
@@ -99,11 +100,9 @@ declare(FamilyInfo("bert4rec", "BERT4Rec (RecBole's): bidirectional self-attenti
                                                    "is always masked, as in serving", 0.2))))
 declare(FamilyInfo("gru4rec", "GRU4Rec (RecBole's): a GRU over the history's item rows, projected back to the item "
                    "width and scored by the tied item table", "sequences", "recompress.models.gru4rec",
-                   (Param("dim", int, DIM, 64),
-                    *(Param(p.name, p.type, p.help, {"dropout": 0.3, "loss": "sampled-softmax", "negatives": 128}.get(
-                        p.name, p.default), p.choices) for p in SEQUENTIAL if p.name not in ("blocks", "heads")),
-                    Param("hidden", int, "gru4rec: GRU hidden size", 128),
-                    Param("layers", int, "gru4rec: stacked GRU layers", 1))))
+                   _seq({"dim": 64, "dropout": 0.3, "loss": "sampled-softmax", "negatives": 128},
+                        Param("hidden", int, "gru4rec: GRU hidden size", 128),
+                        Param("layers", int, "gru4rec: stacked GRU layers", 1), without=("blocks", "heads"))))
 declare(FamilyInfo("hstu", "HSTU: pointwise SiLU attention / length, relative position and time bias, U-gating",
                    "sequences", "recompress.models.hstu",
                    _seq({"loss": "sampled-softmax", "negatives": 128, "temperature": 0.05},

@@ -242,3 +242,55 @@ def test_reduced_precision_onnx_and_tensorrt_engines(seq_data, tmp_path, model):
     res = cli("export", path, "--data", seq_data.path, "--target", "trt", "-o", tmp_path / "e", "--samples", "64")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "e" / "model.engine").stat().st_size > 0
+
+
+def test_bert4rec_training_scores_the_last_position_as_serving_does(seq_data):  # noqa: F811
+    """With no other position masked, a training window's last logits (target and negatives) are the scores
+    forward() gives them after the same history: head, bias and the window cut agree, for every user."""
+    fam = get_family("bert4rec")
+    model = fam.from_spec(fam.new_spec(seq_data, {"dim": 16, "max_len": 12, "mask_ratio": 0.0, "negatives": 5}))
+    fam.init(model, 0)
+    with torch.no_grad():
+        model.output_bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))  # make the bias count
+    model.eval()
+    (batch,) = fam.batches(model, seq_data, seq_data.num_users, seed=0)
+    with torch.no_grad():
+        pos, neg = model.train_logits(batch["history"], batch["targets"], batch["negatives"])
+    row_of = {tuple(np.where(h == seq_data.num_items + 1, t, h)): i
+              for i, (h, t) in enumerate(zip(batch["history"].numpy(), batch["targets"].numpy()))}
+    ends = seq_data.history_end("train")
+    rows, users = [], []
+    for u in range(seq_data.num_users):  # the training window of user u, cut as in test_bert4rec_cloze_batches
+        seq = list(np.asarray(seq_data.items[seq_data.offsets[u]:ends[u]]))
+        kept = seq[-12:] if len(seq) > 12 else seq[1:]
+        if kept:
+            rows.append(row_of[tuple([0] * (12 - len(kept)) + kept)])
+            users.append(u)
+    users = np.array(users)
+    history = torch.from_numpy(seq_data.windows(users, ends[users] - 1, 12))  # everything before the target
+    target = torch.from_numpy(np.asarray(seq_data.items)[ends[users] - 1].astype(np.int64))
+    with torch.no_grad():
+        assert torch.allclose(pos[rows, -1], model(history, target[:, None])[:, 0], atol=1e-5)
+        assert torch.allclose(neg[rows, -1], model(history, batch["negatives"][None]), atol=1e-5)
+
+
+def test_bert4rec_mask_token_counts_above_every_item(seq_data):  # noqa: F811
+    fam = get_family("bert4rec")
+    counts = fam.table_counts(fam.new_spec(seq_data, {"dim": 8, "max_len": 12}), seq_data)["item"]
+    assert len(counts) == seq_data.num_items + 2 and counts[-1] > counts[:-1].max()
+
+
+def test_impossible_widths_and_epsilons_are_refused_by_name(seq_data, tmp_path):  # noqa: F811
+    for model, flag, value, rule in [("bert4rec", "--ffn-dim", 0, ">= 1"), ("sasrec", "--ffn-dim", -3, ">= 1"),
+                                     ("bert4rec", "--ln-eps", 0.0, "> 0"), ("gru4rec", "--hidden", 0, ">= 1")]:
+        res = cli("train", "--data", seq_data.path, "--model", model, flag, value, "-o", tmp_path / "m")
+        assert res.exit_code == 2 and f"{flag} {value} is impossible for {model}" in res.output, res.output
+        assert f"{flag} must be {rule}" in res.output and "Traceback" not in res.output
+
+
+def test_bert4rec_files_of_recbole_before_1_2_are_refused_by_name(tmp_path, monkeypatch):
+    """RecBole < 1.2's BERT4Rec (no output head, L + 1 positions) scores differently: named, not 'damaged'."""
+    sd = recbole_state(d=D, inner=24, items=ITEMS + 1, length=L + 1)
+    path = write_recbole(tmp_path / "old.pth", sd, BERT4REC_CONFIG, monkeypatch)
+    with pytest.raises(UserError, match="a BERT4Rec written by RecBole before 1.2"):
+        describe(path)

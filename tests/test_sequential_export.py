@@ -62,7 +62,8 @@ def exported(ck, folder, **opts):
 
 
 @pytest.mark.parametrize("name,layout", [("sasrec", "shared"), ("hstu", "shared"), ("ranker", "per-row"),
-                                         ("sasrec", "per-row"), ("ranker", "shared")])
+                                         ("sasrec", "per-row"), ("ranker", "shared"), ("bert4rec", "per-row"),
+                                         ("gru4rec", "shared")])
 def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data, tmp_path, name, layout):
     times = name == "hstu"
     ck = fresh(name, data)
@@ -73,7 +74,7 @@ def test_every_family_exports_with_dynamic_axes_and_amortized_equals_naive(data,
     assert man_a["options"]["layout"] == layout
     cands = next(i for i in man_a["inputs"] if i["name"] == "candidates")
     assert cands["shape"] == ([1, "candidates"] if layout == "shared" else ["batch", "candidates"])
-    assert ("Attention" in man_a["ops"]) == (name != "hstu")  # the ONNX target prefers the fused form
+    assert ("Attention" in man_a["ops"]) == (name not in ("hstu", "gru4rec"))  # ONNX prefers the fused form
     assert [i["name"] for i in man_a["inputs"]] == ["history", "candidates"] + (["timestamps"] if times else [])
     hist = next(i for i in man_a["inputs"] if i["name"] == "history")
     assert hist["shape"] == ["batch", 10]  # windows as trained: max_len, left-padded
@@ -101,7 +102,7 @@ def test_naive_scorer_is_one_pass_per_candidate(data):
         torch.testing.assert_close(got, one, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "ranker"])
+@pytest.mark.parametrize("name", ["sasrec", "ranker", "bert4rec"])
 def test_softmax_attention_fused_and_decomposed(data, tmp_path, name):
     ck = fresh(name, data)
     man_f, fused = exported(ck, tmp_path / "f", attention="fused")

@@ -272,7 +272,7 @@ def test_finetune_recovers_accuracy_after_hashing(tiny_ckpt, tiny_data):
 
 
 def test_compositions_are_ordered_and_validated(tiny_ckpt):
-    with pytest.raises(UserError, match="tt cannot read dense\\+int8 tables.*reorder"):
+    with pytest.raises(UserError, match="tt cannot read dense\\+int8 tables.*put tt before the method that made them"):
         compress(_ck(tiny_ckpt), parse_methods("int8,tt", {"tt_rank": 2}), Context())
     with pytest.raises(UserError, match="int8 cannot read dense\\+int8"):
         compress(_ck(tiny_ckpt), parse_methods("int8,int8"), Context())

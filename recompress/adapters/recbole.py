@@ -81,7 +81,7 @@ def describe(path: Path, obj: Any) -> Found:
     return found
 
 
-# found, hyper-parameters from shapes, their config keys, the others with their sources
+# found, hyper-parameters read from shapes, the config keys that must agree with them, the others (value, source)
 Reading = tuple[Found, dict[str, int], dict[str, str], dict[str, tuple[Any, str]]]
 
 
@@ -118,6 +118,11 @@ def _sasrec(path: Path, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> Rea
 def _bert4rec(path: Path, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> Reading:
     """BERT4Rec: RecBole's transformer, an item table with the mask token as its last row, an output head."""
     head = ("output_ffn.weight", "output_ffn.bias", "output_ln.weight", "output_ln.bias", "output_bias")
+    pos, length = sd.get("position_embedding.weight"), cfg.get("MAX_ITEM_LIST_LENGTH")
+    if "output_ffn.weight" not in sd and pos is not None and length is not None and pos.shape[0] == int(length) + 1:
+        raise UserError(f"{path} is a BERT4Rec written by RecBole before 1.2 (L + 1 positions, no output head), "
+                        "which scores differently", "recompress rebuilds RecBole >= 1.2's BERT4Rec; its tables: "
+                        f"item_embedding {list(sd['item_embedding.weight'].shape)}, position_embedding {list(pos.shape)}")
     _need(sd, ("item_embedding.weight", "position_embedding.weight", *head), "BERT4Rec", path)
     tables = [_table("item", sd["item_embedding.weight"], "item_embedding.weight"),
               _table("position", sd["position_embedding.weight"], "position_embedding.weight")]

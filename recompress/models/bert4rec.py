@@ -10,8 +10,9 @@ goes through a head (linear, GELU, layer norm) and scores each item by its tied 
 
 Training (cloze): the window ending at the last training item, cut as serving cuts a history (the oldest item
 dropped), each real position replaced by the mask token with probability ``mask_ratio`` and the last always:
-the last position's input is then exactly what serving feeds for the same history. Masked positions predict
-the item they hid. (RecBole's own training keeps the oldest item, so a short history reads one item more in
+the window is cut as serving cuts the same history (with no other position masked, the last position's input
+is exactly serving's). Masked positions predict the item they hid. One window per user and epoch, as
+recompress's SASRec trains (RecBole trains on every prefix). (RecBole's own training keeps the oldest item, so a short history reads one item more in
 training than in its serving.)
 """
 
@@ -104,9 +105,10 @@ class BERT4RecFamily(SequentialFamily):
         model.output_bias.zero_()
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
-        """Training counts of each item; the mask token, in every request, counts as the most frequent."""
+        """Training counts of each item; the mask token, read by every request, counts one more than the most
+        frequent item (frequency-aware methods keep it in a row of its own)."""
         counts = data.id_counts("train")
-        return {"item": np.append(counts, counts.max(initial=0))}
+        return {"item": np.append(counts, counts.max(initial=0) + 1)}
 
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:

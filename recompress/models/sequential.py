@@ -134,7 +134,12 @@ class SequentialFamily(Family):
               "max_len": lambda hp: hp["max_len"] >= 1, "dropout": lambda hp: 0 <= hp["dropout"] < 1,
               "negatives": lambda hp: hp["negatives"] >= 1, "temperature": lambda hp: hp["temperature"] > 0,
               "hidden": lambda hp: hp["hidden"] >= 1, "layers": lambda hp: hp["layers"] >= 1,
-              "mask_ratio": lambda hp: 0 <= hp["mask_ratio"] < 1}
+              "mask_ratio": lambda hp: 0 <= hp["mask_ratio"] < 1,
+              "ffn_dim": lambda hp: hp["ffn_dim"] is None or hp["ffn_dim"] >= 1,
+              "ln_eps": lambda hp: hp["ln_eps"] > 0}
+    RULES = {"dim": ">= 1", "blocks": ">= 1", "heads": ">= 1 and divides dim", "max_len": ">= 1",
+             "dropout": "in [0, 1)", "negatives": ">= 1", "temperature": "> 0", "hidden": ">= 1", "layers": ">= 1",
+             "mask_ratio": "in [0, 1)", "ffn_dim": ">= 1 (or left out: dim)", "ln_eps": "> 0"}
 
     # --- model -----------------------------------------------------------------------------------------
     def table_rows(self, hparams: dict[str, Any]) -> dict[str, int]:
@@ -150,9 +155,8 @@ class SequentialFamily(Family):
         hp = self.hparams(hparams)
         for name, ok in self.CHECKS.items():
             if name in hp and not ok(hp):
-                raise UserError(f"--{name.replace('_', '-')} {hp[name]} is impossible for {self.name}",
-                                "dim, blocks, heads, layers, hidden and max-len are >= 1, heads divide dim, "
-                                "0 <= dropout < 1, 0 <= mask-ratio < 1, negatives >= 1, temperature > 0")
+                flag = f"--{name.replace('_', '-')}"
+                raise UserError(f"{flag} {hp[name]} is impossible for {self.name}", f"{flag} must be {self.RULES[name]}")
         hp = {**hp, "num_items": data.num_items, "has_times": bool(data.meta.get("has_times")), "tied_output": True}
         tables = self.spec_tables({n: (r, hp["dim"], n) for n, r in self.table_rows(hp).items()})
         return ModelSpec(family=self.name, hparams=hp, tables=tables,
@@ -179,7 +183,8 @@ class SequentialFamily(Family):
         rows = next(t.rows for t in spec.tables if t.name == "item")
         if self.table_rows({**spec.hparams, "num_items": data.num_items})["item"] != rows:
             items = rows - 1 - self.extra_items
-            raise UserError(f"the model's item table has {rows:,} rows ({items:,} items and padding) but the dataset "
+            parts = "items, padding and the mask token" if self.extra_items else "items and padding"
+            raise UserError(f"the model's item table has {rows:,} rows ({items:,} {parts}) but the dataset "
                             f"has {data.num_items:,} items: the model was trained on other ids, and its scores here "
                             "would mean nothing", "use the dataset the model was trained on, prepared the way its "
                             "trainer prepared it (e.g. 'recompress data sequences --layout sasrec')")
