@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -55,8 +56,8 @@ RUNS = {"BERT4Rec": ("BERT4Rec", {"n_layers": 2, "n_heads": 2, "hidden_size": 32
 
 
 def train(out: Path, run: str, model: str, extra: dict) -> dict:
-    folder = out / "saved" / run
-    shutil.rmtree(folder, ignore_errors=True)  # this script's own folder
+    (out / "saved").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{run}-", dir=out / "saved"))  # a fresh folder: one file in it
     res = run_recbole(model=model, dataset="ml-100k", config_dict={**COMMON, **extra, "checkpoint_dir": str(folder)})
     (written,) = folder.glob("*.pth")
     shutil.copyfile(written, out / f"{run}.pth")

@@ -47,6 +47,11 @@ def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
                       w.numel() * w.element_size(), role=name, parts=(key,))
 
 
+def _item_and_position(sd: dict[str, torch.Tensor]) -> list[FoundTable]:
+    return [_table("item", sd["item_embedding.weight"], "item_embedding.weight"),
+            _table("position", sd["position_embedding.weight"], "position_embedding.weight")]
+
+
 def _need(sd: dict[str, torch.Tensor], keys: tuple[str, ...], model: str, where: Path | str) -> None:
     absent = [k for k in keys if k not in sd]
     if absent:
@@ -106,8 +111,7 @@ TRANSFORMER_HP = ("dim", "blocks", "heads", "max_len", "dropout", "ffn_dim", "ac
 
 def _sasrec(path: Path, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> Reading:
     _need(sd, ("item_embedding.weight", "position_embedding.weight"), "SASRec", path)
-    tables = [_table("item", sd["item_embedding.weight"], "item_embedding.weight"),
-              _table("position", sd["position_embedding.weight"], "position_embedding.weight")]
+    tables = _item_and_position(sd)
     found = Found(NAME, "sasrec", tables, build=lambda hp: build_sequential(
         hp, (*TRANSFORMER_HP, "flavor"), {"loss": "sampled-softmax"}, _transformer_state(hp, sd, str(path)), str(path)))
     shapes, given = _transformer(cfg, sd, path)
@@ -124,8 +128,7 @@ def _bert4rec(path: Path, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> R
                         "which scores differently", "recompress rebuilds RecBole >= 1.2's BERT4Rec; its tables: "
                         f"item_embedding {list(sd['item_embedding.weight'].shape)}, position_embedding {list(pos.shape)}")
     _need(sd, ("item_embedding.weight", "position_embedding.weight", *head), "BERT4Rec", path)
-    tables = [_table("item", sd["item_embedding.weight"], "item_embedding.weight"),
-              _table("position", sd["position_embedding.weight"], "position_embedding.weight")]
+    tables = _item_and_position(sd)
 
     def build(hp: dict[str, Any]) -> Checkpoint:
         state = _transformer_state(hp, sd, str(path))

@@ -128,18 +128,17 @@ class SequentialFamily(Family):
     extra_items = 0  # item rows beyond padding and 1..num_items (BERT4Rec's mask token)
     positional = True  # whether the model has a position table
     eval_batch = {"full": 512, "sampled": 2048}  # users per evaluation batch
-    # flag, the condition its value must meet (checked where the family declares the hyper-parameter)
-    CHECKS = {"dim": lambda hp: hp["dim"] >= 1, "blocks": lambda hp: hp["blocks"] >= 1,
-              "heads": lambda hp: hp["heads"] >= 1 and hp["dim"] % hp["heads"] == 0,
-              "max_len": lambda hp: hp["max_len"] >= 1, "dropout": lambda hp: 0 <= hp["dropout"] < 1,
-              "negatives": lambda hp: hp["negatives"] >= 1, "temperature": lambda hp: hp["temperature"] > 0,
-              "hidden": lambda hp: hp["hidden"] >= 1, "layers": lambda hp: hp["layers"] >= 1,
-              "mask_ratio": lambda hp: 0 <= hp["mask_ratio"] < 1,
-              "ffn_dim": lambda hp: hp["ffn_dim"] is None or hp["ffn_dim"] >= 1,
-              "ln_eps": lambda hp: hp["ln_eps"] > 0}
-    RULES = {"dim": ">= 1", "blocks": ">= 1", "heads": ">= 1 and divides dim", "max_len": ">= 1",
-             "dropout": "in [0, 1)", "negatives": ">= 1", "temperature": "> 0", "hidden": ">= 1", "layers": ">= 1",
-             "mask_ratio": "in [0, 1)", "ffn_dim": ">= 1 (or left out: dim)", "ln_eps": "> 0"}
+    # hyper-parameter -> (what its value must be, the test), checked where the family declares it
+    CHECKS = {"dim": (">= 1", lambda hp: hp["dim"] >= 1), "blocks": (">= 1", lambda hp: hp["blocks"] >= 1),
+              "heads": (">= 1 and divides dim", lambda hp: hp["heads"] >= 1 and hp["dim"] % hp["heads"] == 0),
+              "max_len": (">= 1", lambda hp: hp["max_len"] >= 1),
+              "dropout": ("in [0, 1)", lambda hp: 0 <= hp["dropout"] < 1),
+              "negatives": (">= 1", lambda hp: hp["negatives"] >= 1),
+              "temperature": ("> 0", lambda hp: hp["temperature"] > 0),
+              "hidden": (">= 1", lambda hp: hp["hidden"] >= 1), "layers": (">= 1", lambda hp: hp["layers"] >= 1),
+              "mask_ratio": ("in [0, 1)", lambda hp: 0 <= hp["mask_ratio"] < 1),
+              "ffn_dim": (">= 1 (or left out: dim)", lambda hp: hp["ffn_dim"] is None or hp["ffn_dim"] >= 1),
+              "ln_eps": ("> 0", lambda hp: hp["ln_eps"] > 0)}
 
     # --- model -----------------------------------------------------------------------------------------
     def table_rows(self, hparams: dict[str, Any]) -> dict[str, int]:
@@ -153,10 +152,10 @@ class SequentialFamily(Family):
     def new_spec(self, data: Any, hparams: dict[str, Any]) -> ModelSpec:
         self.check_data(data)
         hp = self.hparams(hparams)
-        for name, ok in self.CHECKS.items():
+        for name, (rule, ok) in self.CHECKS.items():
             if name in hp and not ok(hp):
                 flag = f"--{name.replace('_', '-')}"
-                raise UserError(f"{flag} {hp[name]} is impossible for {self.name}", f"{flag} must be {self.RULES[name]}")
+                raise UserError(f"{flag} {hp[name]} is impossible for {self.name}", f"{flag} must be {rule}")
         hp = {**hp, "num_items": data.num_items, "has_times": bool(data.meta.get("has_times")), "tied_output": True}
         tables = self.spec_tables({n: (r, hp["dim"], n) for n, r in self.table_rows(hp).items()})
         return ModelSpec(family=self.name, hparams=hp, tables=tables,
