@@ -6,7 +6,7 @@
 #                                          seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
-#                                          trt extra) stream-memory (writes up to 10.3 GB under /tmp)
+#                                          trt extra) stream-memory (writes up to 20.5 GB under /tmp)
 #                                          criteo-reader distributed-train upstream-recbole upstream-sasrec (needs SASREC_REPO: a
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
@@ -106,7 +106,12 @@ for s in $sections; do
                    python bench/stream_memory.py --out $r/stream_memory_qr.json --rows 1000000,10000000,40000000 \
                      --methods qr --in-memory-up-to 0 --zeros
                    python bench/stream_memory.py --out $r/stream_larger_than_ram.json --rows 130000000 --dim 64 \
-                     --methods int8 --in-memory-up-to 0 --zeros ;;
+                     --methods int8 --in-memory-up-to 0 --zeros
+                   python bench/stream_memory.py --out $r/stream_memory_dcp.json --source dcp
+                   python bench/stream_memory.py --out $r/stream_memory_dcp_vs_native.json --source native,dcp \
+                     --rows 10000000 --in-memory-up-to 0 --repeats 2
+                   python bench/stream_memory.py --out $r/stream_memory_dcp_vs_native_40m.json --source native,dcp \
+                     --rows 40000000 --in-memory-up-to 0 ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;

@@ -6,12 +6,21 @@
     python bench/stream_memory.py --out bench/results/stream_larger_than_ram.json --rows 130000000 --dim 64 \
                                   --methods int8 --in-memory-up-to 0 --zeros
 
+    python bench/stream_memory.py --out bench/results/stream_memory_dcp.json --source dcp
+    python bench/stream_memory.py --out bench/results/stream_memory_dcp_vs_native.json --source native,dcp \
+                                  --rows 10000000 --in-memory-up-to 0 --repeats 2
+    python bench/stream_memory.py --out bench/results/stream_memory_dcp_vs_native_40m.json --source native,dcp \
+                                  --rows 40000000 --in-memory-up-to 0
+
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (values N(0, 0.05), written in blocks
 so this script never holds it) is compressed by ``recompress checkpoint CKPT --method M`` in its own
 process under ``/usr/bin/time -v``: its maximum resident set size and wall time. The same command on a
 1,000-row table gives the process's fixed memory (Python, torch, recompress). For sizes up to
 ``--in-memory-up-to`` the load-compress-save path that the CLI used before streaming (and still uses
-for methods that need data) runs too, for comparison.
+for methods that need data) runs too, for comparison. ``--source dcp``: the checkpoint is TorchRec's DLRM
+(one table) saved by ``torch.distributed.checkpoint`` instead of a native one; the table is a memory-mapped
+file filled in blocks, so neither this script nor DCP holds it in memory. ``--source native,dcp`` makes and
+compresses both, one after the other for each size and repeat, so that their times compare within one run.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,9 +39,10 @@ METHODS = {"int8": ("int8", {}), "tt": ("tt", {"tt_rank": 16}), "lowrank": ("low
            "hash": ("hash", {"ratio": 16.0}), "qr": ("qr", {"collisions": 4})}
 IN_MEMORY = """
 import json, sys
-from recompress.checkpoint import load_checkpoint, save_checkpoint
+from recompress.checkpoint import save_checkpoint
 from recompress.compress.registry import Context, compress, parse_methods
-ckpt = load_checkpoint(sys.argv[1])
+from recompress.adapters import load_any
+ckpt = load_any(sys.argv[1])
 save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], json.loads(sys.argv[4])), Context()), sys.argv[2])
 """
 
@@ -67,6 +78,28 @@ def make_checkpoint(path: Path, rows: int, dim: int, zeros: bool = False) -> int
     return rows * dim * 4
 
 
+def make_dcp(path: Path, rows: int, dim: int) -> int:
+    """TorchRec's DLRM with one ``rows x dim`` table (``sparse_arch.embedding_bag_collection.embedding_bags.t``)
+    saved as a DCP folder by one process; its table bytes."""
+    import torch.distributed.checkpoint as dcp
+    raw = path.with_suffix(".table")
+    gen = torch.Generator().manual_seed(0)
+    step = (1 << 24) // (4 * dim)
+    with open(raw, "wb") as f:
+        for s in range(0, rows, step):
+            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
+    state = {"sparse_arch.embedding_bag_collection.embedding_bags.t.weight":
+             torch.from_file(str(raw), size=rows * dim, dtype=torch.float32).view(rows, dim)}
+    for key, shape in {"dense_arch.model._mlp.0._linear": (64, 13), "dense_arch.model._mlp.1._linear": (dim, 64),
+                       "over_arch.model.0._mlp.0._linear": (64, dim + 1), "over_arch.model.1": (1, 64)}.items():
+        state[f"{key}.weight"], state[f"{key}.bias"] = torch.randn(*shape, generator=gen) * 0.1, torch.zeros(shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP without a process group: saved as one process, as it says
+        dcp.save({"model": state}, checkpoint_id=str(path))
+    raw.unlink()
+    return rows * dim * 4
+
+
 def main() -> None:
     from measure import timed  # bench/measure.py, beside this script
 
@@ -77,27 +110,33 @@ def main() -> None:
     ap.add_argument("--methods", default="int8,tt")
     ap.add_argument("--in-memory-up-to", type=int, default=10_000_000)
     ap.add_argument("--zeros", action="store_true", help="tables of zeros in sparse files (sizes beyond RAM)")
+    ap.add_argument("--source", default="native", help="native, dcp, or both (native,dcp: one after the other per size)")
+    ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for rows in [1000, *map(int, a.rows.split(","))]:
-            src = Path(tmp) / f"t{rows}"
-            table = make_checkpoint(src, rows, a.dim, a.zeros)
-            for method in a.methods.split(","):
-                name, params = METHODS[method]
-                args = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-                runs = [("streamed", ["recompress", "checkpoint", str(src), "--method", name, *args, "-o",
-                                      str(Path(tmp) / f"s-{rows}-{method}")])]
-                if rows <= a.in_memory_up_to:
-                    runs.append(("in memory (before)", [sys.executable, "-c", IN_MEMORY, str(src),
-                                                        str(Path(tmp) / f"m-{rows}-{method}"), name, json.dumps(params)]))
-                for path, cmd in runs:
-                    r = {"rows": rows, "dim": a.dim, "table_bytes": table, "method": method, "path": path, **timed(cmd, digits=1)}
-                    r["peak_over_table"] = round(r["peak_rss_bytes"] / table, 3)
-                    results.append(r)
-                    print(json.dumps(r), flush=True)
-            for done in [src, *Path(tmp).glob(f"?-{rows}-*")]:
-                shutil.rmtree(done)
+            for repeat in range(a.repeats):
+                for source in a.source.split(","):
+                    src = Path(tmp) / f"t{rows}-{source}"
+                    table = make_checkpoint(src, rows, a.dim, a.zeros) if source == "native" else make_dcp(src, rows, a.dim)
+                    for method in a.methods.split(","):
+                        name, params = METHODS[method]
+                        args = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+                        runs = [("streamed", ["recompress", "checkpoint", str(src), "--method", name, *args, "-o",
+                                              str(Path(tmp) / f"s-{rows}-{method}")])]
+                        if rows <= a.in_memory_up_to:
+                            runs.append(("in memory (before)", [sys.executable, "-c", IN_MEMORY, str(src),
+                                                                str(Path(tmp) / f"m-{rows}-{method}"), name,
+                                                                json.dumps(params)]))
+                        for path, cmd in runs:
+                            r = {"rows": rows, "dim": a.dim, "table_bytes": table, "source": source, "repeat": repeat,
+                                 "method": method, "path": path, **timed(cmd, digits=1)}
+                            r["peak_over_table"] = round(r["peak_rss_bytes"] / table, 3)
+                            results.append(r)
+                            print(json.dumps(r), flush=True)
+                            shutil.rmtree(cmd[-1] if path == "streamed" else cmd[-3])
+                    shutil.rmtree(src)
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "zeros": a.zeros, "results": results},
                                       indent=2) + "\n")
 

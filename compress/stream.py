@@ -1,15 +1,16 @@
 """Data-free compression that never loads a dense table: its rows are read from the checkpoint file in
 blocks and the compressed table is written in blocks, so peak memory does not grow with the table.
 
-Used for a native checkpoint when every method of the composition declares ``stream`` (the row-wise
-formats, TT-SVD, lowrank, hash and qr) and nothing trains. For each step: the model is built from the spec with its dense
-tables' weights on the meta device (never allocated), every other tensor is loaded and checked,
-and the method's ``stream`` gets each dense table as :class:`~recompress.blockfile.FileRows`. It returns the
-new tables, in memory when they are small (TT cores, hashed and QR rows, a low-rank table's right factor) or
-empty on the meta device with a block generator (quantized rows, a low-rank table's left factor). The new weights file is laid out from the model's state dict and filled from those
-generators, from the untouched dense tables' rows in the source file, and from tensors in memory. A
-composition runs step by step through intermediate checkpoints inside the staged output folder.
-"""
+Used when every method of the composition declares ``stream`` (the row-wise formats, TT-SVD, lowrank, hash
+and qr) and nothing trains, for a native checkpoint and for upstream files whose plain tables are stored
+row by row (torch files, per-rank shard files, DCP folders: ``adapters.load_streamed``). The source is a
+model whose plain tables are on the meta device (never allocated), every other tensor loaded and checked,
+with a :class:`~recompress.blockfile.Rows` reader of each such table. For each step the method's ``stream``
+gets those readers; it returns the new tables, in memory when they are small (TT cores, hashed and QR rows,
+a low-rank table's right factor) or empty on the meta device with a block generator (quantized rows, a
+low-rank table's left factor). The new weights file is laid out from the model's state dict and filled from
+those generators, from the untouched tables' rows in the source, and from tensors in memory. A composition
+runs step by step through intermediate checkpoints inside the staged output folder."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from recompress.blockfile import FileRows, TensorFile, TensorWriter, check_finite
+from recompress.blockfile import FileRows, Rows, TensorFile, TensorWriter, check_finite
 from recompress.checkpoint import (
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -45,9 +46,12 @@ def streams(steps: list[Step], ctx: Context) -> bool:
     return ctx.data is None and all(s.method.stream is not None and not s.method.trains(s.own_params()) for s in steps)
 
 
-def _load(src: Path) -> tuple[Checkpoint, TensorFile, dict[str, str]]:
-    """The checkpoint at ``src`` with its dense tables' weights left in the file (on the meta device: no
-    memory, not even virtual, so a table larger than RAM streams too); their keys, by table."""
+Source = tuple[Checkpoint, dict[str, Rows]]  # a model whose plain tables may be on the meta device; their rows
+
+
+def native_source(src: Path) -> Source:
+    """The native checkpoint at ``src`` with its dense tables' weights left in the file (on the meta device:
+    no memory, not even virtual, so a table larger than RAM streams too), each read by row blocks."""
     spec, weights = read_spec(src)
     f = TensorFile(weights)
     model = _shell(spec)
@@ -55,22 +59,27 @@ def _load(src: Path) -> tuple[Checkpoint, TensorFile, dict[str, str]]:
     check_keys(weights, expected, set(f.keys()))
     for k, e in f.entries.items():
         check_shape(weights, k, e.shape, expected[k])
-    where = {id(m): p for p, m in model.named_modules()}
-    in_file = {name: f"{where[id(t)]}.weight" for name, t in model.tables.items() if t.kind == "dense" and not t.stores}
+    in_file = _table_keys(model, [n for n, t in model.tables.items() if t.kind == "dense" and not t.stores])
     state = {}
     for k in f.keys():  # noqa: SIM118 (a TensorFile, not a dict)
         if k not in in_file.values():
             state[k] = f.read(k)
             check_finite(k, state[k], str(weights))
     model.load_state_dict(state, strict=False)
-    return Checkpoint(model.eval(), spec, src), f, in_file
+    return Checkpoint(model.eval(), spec, src), {name: FileRows(f, key) for name, key in in_file.items()}
 
 
-def _step(src: Path, step: Step, ctx: Context, dst: Path, provenance: dict[str, Any]) -> Checkpoint:
-    ckpt, f, in_file = _load(src)
+def _table_keys(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """The state-dict key of each named dense table's weight."""
+    where = {id(m): p for p, m in model.named_modules()}
+    return {name: f"{where[id(model.tables[name])]}.weight" for name in names}
+
+
+def _step(source: Source, step: Step, ctx: Context, dst: Path, provenance: dict[str, Any]) -> Checkpoint:
+    ckpt, sources = source
     model = ckpt.model
     untouched = dict(model.tables.items())
-    sources = {name: FileRows(f, key) for name, key in in_file.items()}
+    in_file = _table_keys(model, list(sources))
     ckpt, blocks = step.method.stream(ckpt, step.own_params(), check_step(step, ckpt, ctx), sources)
     refresh_tables(model, ckpt.spec)
     state = model.state_dict()
@@ -103,22 +112,23 @@ def _step(src: Path, step: Step, ctx: Context, dst: Path, provenance: dict[str, 
     return ckpt
 
 
-def stream_compress(source: Path, steps: list[Step], ctx: Context, out: str | Path, *, overwrite: bool = False,
+def stream_compress(source: Source, steps: list[Step], ctx: Context, out: str | Path, *, overwrite: bool = False,
                     inputs: tuple[Any, ...] = (), provenance: dict[str, Any] | None = None) -> tuple[Checkpoint, int]:
-    """Apply ``steps`` streamed from the native checkpoint ``source`` into the folder ``out`` (atomic), with
-    ``provenance`` entries added to the spec where it has none of that name.
-    Returns the written checkpoint (its compressed tables on the meta device when written in blocks) and the
-    source's embedding bytes."""
-    before = _embedding_bytes(source)
+    """Apply ``steps`` streamed from ``source`` (``native_source``, or ``adapters.load_streamed`` for an
+    upstream file) into the folder ``out`` (atomic), with ``provenance`` entries added to the spec where it
+    has none of that name. Returns the written checkpoint (its compressed tables on the meta device when
+    written in blocks) and the source's embedding bytes."""
+    before = sum(t.stored_bytes() for t in source[0].model.tables.values())
     with output_dir(out, kind="checkpoint", overwrite=overwrite, inputs=inputs) as tmp:
-        src = source
+        previous: Path | None = None
         for i, step in enumerate(steps):
             dst = tmp if i == len(steps) - 1 else tmp / f".step{i}"
             dst.mkdir(exist_ok=True)
-            ckpt = _step(src, step, ctx, dst, provenance or {})
-            if src.parent == tmp:  # an intermediate checkpoint this command wrote inside its staged folder
-                shutil.rmtree(src)
-            src = dst
+            ckpt = _step(source, step, ctx, dst, provenance or {})
+            if previous is not None:  # an intermediate checkpoint this command wrote inside its staged folder
+                shutil.rmtree(previous)
+            if dst != tmp:
+                source, previous = native_source(dst), dst
     return ckpt, before
 
 
@@ -128,8 +138,3 @@ def _shell(spec: ModelSpec) -> torch.nn.Module:
     torch._dynamo, 1.7 s and 150 MB.)"""
     return build_model(spec, {t.name: DenseTable(t.rows, t.dim, torch.empty(t.rows, t.dim, device="meta"))
                               if t.kind == "dense" and "quant" not in t.params else empty_table(t) for t in spec.tables})
-
-
-def _embedding_bytes(path: Path) -> int:
-    spec, _ = read_spec(path)
-    return sum(t.stored_bytes() for t in _shell(spec).tables.values())

@@ -60,6 +60,19 @@ def _bad(path: Path, why: str) -> UserError:
                      "the file is truncated or corrupt; copy it again or re-create it")
 
 
+def read_into(fd: int, offset: int, out: Tensor) -> bool:
+    """Fill the contiguous tensor ``out`` with the file's bytes from ``offset`` (positioned reads into its own
+    memory: no copy, and the page cache, not this process, holds the file); False if the file ends first."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            return False
+        done += got
+    return True
+
+
 class TensorFile:
     """Read-only access to a safetensors file's tensors, whole or by rows (dimension 0)."""
 
@@ -105,15 +118,10 @@ class TensorFile:
             stop = e.shape[0] if stop is None else min(stop, e.shape[0])
             shape = (max(0, stop - start), *e.shape[1:])
         out = torch.empty(shape, dtype=e.dtype)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
         if self.fd is None:
             self.fd = os.open(self.path, os.O_RDONLY)
-        done, offset = 0, e.begin + start * e.row_bytes
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got == 0:
-                raise _bad(self.path, f"tensor {name!r} is cut short")
-            done += got
+        if not read_into(self.fd, e.begin + start * e.row_bytes, out):
+            raise _bad(self.path, f"tensor {name!r} is cut short")
         return out
 
     def __del__(self) -> None:

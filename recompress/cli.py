@@ -434,9 +434,9 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     cfg = train_config(kw)
     cfg.validate()
     steps = parse_methods(method, kw)
-    from .adapters import describe, load_any, parse_hp
-    from .checkpoint import is_native, read_spec, save_checkpoint
-    from .compress.stream import stream_compress, streams
+    from .adapters import describe, load_any, load_streamed, parse_hp
+    from .checkpoint import is_native, save_checkpoint
+    from .compress.stream import native_source, stream_compress, streams
     overrides = parse_hp(hp)
     if overrides:
         describe(source, overrides)  # refuses --hp where it does not apply, or a key or value it does not know
@@ -444,11 +444,12 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .distributed import is_main
     from .models import family_of
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
-    if is_native(Path(source)) and streams(steps, ctx):  # tables read and written in blocks: flat memory
+    if streams(steps, ctx):  # plain tables read and written in blocks where the format allows: flat memory
         if not is_main():  # nothing to train: rank 0 streams alone
             return
-        done = len(read_spec(Path(source))[0].history)
-        ckpt, before = stream_compress(Path(source), steps, ctx, out, overwrite=overwrite, inputs=tuple(inputs),
+        first = native_source(Path(source)) if is_native(Path(source)) else load_streamed(source, overrides)
+        done = len(first[0].spec.history)
+        ckpt, before = stream_compress(first, steps, ctx, out, overwrite=overwrite, inputs=tuple(inputs),
                                        provenance={"compressed_from": str(source)})
     else:
         ckpt = load_any(source, overrides)

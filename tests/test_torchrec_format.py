@@ -1,6 +1,7 @@
 """TorchRec state dicts: DLRM rebuilt to score as TorchRec's forward does, from a flat state dict, from
-per-rank ShardedTensor files and from a DCP folder, all written here by torch's own sharding code in two
-gloo processes; missing shards and hostile metadata are refused."""
+per-rank ShardedTensor files and from DCP folders (row-wise and column-wise shards), all written here by
+torch's own sharding code in two gloo processes; missing shards and hostile metadata are refused; the tables
+of each stream through data-free compression without being loaded."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ ROWS, D = (40, 7, 23), 4
 PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags"
 
 
-def torchrec_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def torchrec_state(seed: int = 0, rows: tuple[int, ...] = ROWS, dim: int = D) -> dict[str, torch.Tensor]:
     """torchrec.models.dlrm.DLRM's keys: 3 tables t_a, t_b, t_c of width 4, dense arch 5 -> 8 -> 4, over arch
     (D + F + F(F-1)/2 = 4 + 3 + 3) -> 8 -> 1."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.4
-    sd = {f"{PREFIX}.{n}.weight": r(rows, D) for n, rows in zip(("t_a", "t_b", "t_c"), ROWS)}
-    for key, (o, i) in {"dense_arch.model._mlp.0._linear": (8, 5), "dense_arch.model._mlp.1._linear": (D, 8),
-                        "over_arch.model.0._mlp.0._linear": (8, D + 6), "over_arch.model.1": (1, 8)}.items():
+    sd = {f"{PREFIX}.{n}.weight": r(n_rows, dim) for n, n_rows in zip(("t_a", "t_b", "t_c"), rows)}
+    for key, (o, i) in {"dense_arch.model._mlp.0._linear": (8, 5), "dense_arch.model._mlp.1._linear": (dim, 8),
+                        "over_arch.model.0._mlp.0._linear": (8, dim + 6), "over_arch.model.1": (1, 8)}.items():
         sd[f"{key}.weight"], sd[f"{key}.bias"] = r(o, i), r(o)
     return sd
 
@@ -105,6 +106,20 @@ def work(rank, out, port):
             state[k] = v
     torch.save({"model." + k: v for k, v in state.items()}, os.path.join(out, "ranks", f"model_rank{rank}.pt"))
     dcp.save({"model": state}, checkpoint_id=os.path.join(out, "dcp"))
+    for k, v in sd.items():  # column-wise: rank 0 the first 3 columns of every row, rank 1 the last one
+        if ".embedding_bags." in k:
+            off, n = (0, 3) if rank == 0 else (3, 1)
+            shard = Shard(v[:, off:off + n].clone(), ShardMetadata([0, off], [v.shape[0], n], f"rank:{rank}/cpu"))
+            state[k] = init_from_local_shards([shard], list(v.shape))
+    dcp.save({"model": state}, checkpoint_id=os.path.join(out, "dcp_cols"))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard as Cut, distribute_tensor
+    mesh = init_device_mesh("cpu", (2,))  # FSDP2's layout: rows cut as torch.chunk cuts them (40: 20+20, 7: 4+3)
+    placed = {k: distribute_tensor(v, mesh, [Cut(1) if k.endswith("t_c.weight") else Cut(0) if ".embedding_bags." in k
+                                             else Replicate()]) if "bias" not in k else v for k, v in sd.items()}
+    torch.save(placed, os.path.join(out, "dtensor", f"rank{rank}.pt"))
+    partial = DTensor.from_local(sd[next(iter(sd))] / 2, mesh, [Partial()])
+    torch.save({**sd, next(iter(sd)): partial}, os.path.join(out, "partial", f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -116,7 +131,8 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    (out / "ranks").mkdir()
+    for folder in ("ranks", "dtensor", "partial"):
+        (out / folder).mkdir()
     sd = torchrec_state(seed=4)
     torch.save(sd, out / "full.pt")
     (out / "shard.py").write_text(SHARD)
@@ -131,6 +147,21 @@ def test_per_rank_sharded_tensor_files_merge_offline(sharded):
     before = tree_hash(out / "ranks")
     assert_scores_like_torchrec(load_any(out / "ranks"), sd)  # no process group here
     assert tree_hash(out / "ranks") == before
+
+
+def test_per_rank_dtensor_files_merge_offline(sharded, tmp_path):
+    """FSDP2-style DTensor state dicts, one torch.save per rank: rows and columns cut as torch.chunk cuts them,
+    replicated layers taken once; a missing rank and a Partial placement are refused by name."""
+    out, sd = sharded
+    before = tree_hash(out / "dtensor")
+    assert_scores_like_torchrec(load_any(out / "dtensor"), sd)
+    assert tree_hash(out / "dtensor") == before
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "rank1.pt").write_bytes((out / "dtensor" / "rank1.pt").read_bytes())
+    with pytest.raises(UserError, match=r"the chunks of \S*t_a\.weight cover it with gaps \(80 of 160 values missing\)"):
+        load_any(tmp_path / "one")
+    with pytest.raises(UserError, match=r"is a DTensor placed as Partial \(Partial is not read\)"):
+        load_any(out / "partial")
 
 
 def test_a_dcp_folder_merges_offline(sharded):
@@ -261,3 +292,80 @@ def test_a_size_the_metadata_states_is_checked_before_it_is_allocated(sharded, t
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(UserError, match=r"cover it with gaps \(999,999,999,840 of 1,000,000,000,000 values missing\)"):
         load_any(tmp_path / "dcp")
+
+
+STREAMED = [("int8", {}), ("tt,int8", {"tt_rank": 2}), ("lowrank", {"rank": 2})]
+
+
+@pytest.mark.parametrize("source", ["full.pt", "ranks", "dtensor", "dcp", "dcp_cols"])
+@pytest.mark.parametrize("method,params", STREAMED, ids=[m for m, _ in STREAMED])
+def test_upstream_tables_stream_into_the_checkpoint_the_in_memory_path_writes(sharded, tmp_path, monkeypatch, source,
+                                                                             method, params):
+    """Every table left in the upstream files (a plain torch file, per-rank shard files, DCP with row-wise and
+    column-wise chunks) and read by row blocks: the same checkpoint, bit for bit, as loading the model whole."""
+    from click.testing import CliRunner
+
+    import recompress.adapters
+    from recompress.adapters import load_streamed, stored
+    from recompress.checkpoint import load_checkpoint, save_checkpoint
+    from recompress.cli import main
+    from recompress.compress.registry import Context, compress, parse_methods
+    out, sd = sharded
+    src = out / source
+    ref = compress(load_any(src), parse_methods(method, params), Context())
+    ref.spec.provenance.setdefault("compressed_from", str(src))
+    save_checkpoint(ref, tmp_path / "ref")
+    monkeypatch.setattr(stored, "LAZY_MIN_BYTES", 0)  # these tables are tiny: leave every tensor in the files
+    ckpt, rows = load_streamed(src)
+    assert sorted(rows) == ["t_a", "t_b", "t_c"] and all(t.weight.is_meta for t in ckpt.model.tables.values())
+    assert torch.equal(rows["t_a"][5:33], sd[f"{PREFIX}.t_a.weight"][5:33])  # rows that straddle the shards
+    before = tree_hash(out)
+    monkeypatch.setattr(recompress.adapters, "load_any", lambda *a: pytest.fail("the model was loaded whole"))
+    flags = [str(x) for k, v in params.items() for x in (f"--{k.replace('_', '-')}", v)]
+    res = CliRunner().invoke(main, ["checkpoint", str(src), "--method", method, *flags, "-o", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(tmp_path / "s")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.spec.to_json() == b.spec.to_json()
+    assert tree_hash(out) == before
+
+
+def test_a_nan_in_a_table_left_in_its_file_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from recompress.adapters import stored
+    from recompress.cli import main
+    sd = torchrec_state(seed=6)
+    sd[f"{PREFIX}.t_b.weight"][3, 1] = float("inf")
+    torch.save(sd, tmp_path / "dlrm.pt")
+    monkeypatch.setattr(stored, "LAZY_MIN_BYTES", 0)
+    res = CliRunner().invoke(main, ["checkpoint", str(tmp_path / "dlrm.pt"), "--method", "int8", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "'t_b.weight' has 1 NaN/Inf values" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dlrm.pt"]
+
+
+BIG_DCP = """
+import sys, warnings, torch
+import torch.distributed.checkpoint as dcp
+sys.path.insert(0, sys.argv[3])
+from tests.test_torchrec_format import torchrec_state
+warnings.simplefilter("ignore")  # DCP without a process group says it saves as one process
+sd = torchrec_state(rows=(int(sys.argv[2]), 7, 23), dim=64)
+dcp.save({"model": sd}, checkpoint_id=sys.argv[1])
+print(sd[next(k for k in sd if k.endswith("t_a.weight"))].numel() * 4)
+"""
+
+
+def test_int8_of_a_big_dcp_table_does_not_load_it(tmp_path):
+    """A 2M x 64 table (512 MB) in a DCP folder: the streamed int8 run stays within 0.25x the table of the same
+    command on a 1,000-row table; merging the chunks in memory, as before, took > 1x."""
+    from .test_stream import _peak_rss
+    root = str(Path(__file__).resolve().parents[1])
+    make = lambda name, rows: int(subprocess.run([sys.executable, "-c", BIG_DCP, str(tmp_path / name), str(rows), root],
+                                                 capture_output=True, text=True, check=True).stdout)
+    table, _ = make("big", 2_000_000), make("small", 1000)
+    run = [sys.executable, "-m", "recompress", "checkpoint"]
+    base = _peak_rss([*run, str(tmp_path / "small"), "--method", "int8", "-o", str(tmp_path / "o1")])
+    peak = _peak_rss([*run, str(tmp_path / "big"), "--method", "int8", "-o", str(tmp_path / "o2")])
+    assert peak - base < 0.25 * table, (peak, base)

@@ -15,33 +15,36 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from recompress.blockfile import Rows
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
 from . import dlrm_ref, dlrm_v3, hstu_research, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec
 from .found import Found, parse_hp
+from .stored import materialize
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
 ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, sasrec_pmixer, hstu_research,
                                torchrec]
 
 
-def _object(path: Path) -> Any:
-    """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else)."""
+def _object(path: Path, lazy: bool) -> Any:
+    """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else);
+    ``lazy``: its large tensors left in the files (``stored``)."""
     if path.is_file() and not is_torch_file(path) and _head(path) == b"PK\x03\x04":
         raise UserError(f"{path} starts as a zip (torch) file but cannot be read as one", "the file is truncated or "
                         "damaged; copy it again")
     if path.is_dir() and any(path.glob("*.distcp")) and not shards.is_dcp(path):
         raise UserError(f"{path} holds DCP data files (*.distcp) but no .metadata", "copy the whole DCP folder")
     if is_torch_file(path):  # one rank's file of a sharded save is stitched too (and refused if incomplete)
-        obj = safe_torch_load(path)
+        obj = safe_torch_load(path, lazy=lazy)
         return shards.merge_objects([(path, obj)]) if shards.has_shards(obj) else obj
     if shards.is_dcp(path):
-        return shards.read_dcp(path)
+        return shards.read_dcp(path, lazy=lazy)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if is_torch_file(f))
         if files:
-            return shards.merge_rank_files(files)
+            return shards.merge_rank_files(files, lazy=lazy)
     return None
 
 
@@ -60,14 +63,14 @@ def _single_file(path: Path) -> Path:
     return path
 
 
-def _read(path: Path) -> tuple[ModuleType, Any]:
+def _read(path: Path, lazy: bool) -> tuple[ModuleType, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
     folders = [a for a in ADAPTERS if not getattr(a, "READS_OBJECT", True)]
     for adapter in folders:  # recognized by their files' names: nothing is read yet
         if adapter.sniff(path, None):
             return adapter, None
-    obj = _object(_single_file(path))
+    obj = _object(_single_file(path), lazy)
     for adapter in ADAPTERS:
         if adapter not in folders and obj is not None and adapter.sniff(path, obj):
             return adapter, obj
@@ -80,24 +83,46 @@ def _read(path: Path) -> tuple[ModuleType, Any]:
 
 
 def detect_format(path: str | Path) -> str:
-    return _read(Path(path))[0].NAME
+    return _read(Path(path), lazy=True)[0].NAME
 
 
-def describe(path: str | Path, hp: dict[str, str] | None = None) -> Found:
-    """What the checkpoint at ``path`` holds, with the user's ``--hp`` values applied; nothing is built."""
-    adapter, obj = _read(Path(path))
-    found = adapter.describe(_single_file(Path(path)) if getattr(adapter, "READS_OBJECT", True) else Path(path), obj)
+def _found(adapter: ModuleType, path: Path, obj: Any, hp: dict[str, str] | None) -> Found:
+    found = adapter.describe(_single_file(path) if getattr(adapter, "READS_OBJECT", True) else path, obj)
     if hp and not found.upstream:
         raise UserError(f"--hp does not apply to {path}: a {found.format} checkpoint records every hyper-parameter",
                         "drop --hp")
     return found.apply(hp or {})
 
 
+def describe(path: str | Path, hp: dict[str, str] | None = None) -> Found:
+    """What the checkpoint at ``path`` holds, with the user's ``--hp`` values applied; nothing is built, and
+    large tensors are not read (only their shapes and where they are)."""
+    adapter, obj = _read(Path(path), lazy=True)
+    return _found(adapter, Path(path), obj, hp)
+
+
 def load_any(path: str | Path, hp: dict[str, str] | None = None) -> Checkpoint:
     """Read a checkpoint in any supported format, validated; the source files are never modified."""
-    ckpt = describe(path, hp).checkpoint()
+    adapter, obj = _read(Path(path), lazy=False)
+    ckpt = _found(adapter, Path(path), obj, hp).checkpoint()
     ckpt.path = ckpt.path or Path(path)
     return ckpt
 
 
-__all__ = ["ADAPTERS", "Found", "describe", "detect_format", "load_any", "parse_hp"]
+def load_streamed(path: str | Path, hp: dict[str, str] | None = None) -> tuple[Checkpoint, dict[str, Rows]]:
+    """``load_any``, except that the plain tables a format stores row by row stay in their files: the model
+    holds them on the meta device, and each comes with a reader of its rows by blocks (``{table: rows}``,
+    what ``compress.stream`` takes). Every other tensor is read and checked."""
+    adapter, obj = _read(Path(path), lazy=True)
+    first = _found(adapter, Path(path), obj, None)  # which lazy tensors end up as plain tables
+    obj = materialize(obj, {id(t.stored) for t in first.tables if t.stored is not None})
+    found = _found(adapter, Path(path), obj, hp)  # described again over the tensors now in memory
+    ckpt = found.checkpoint()
+    ckpt.path = ckpt.path or Path(path)
+    for t in found.tables:
+        if t.stored is not None:
+            t.stored.name = f"{t.name}.weight"
+    return ckpt, {t.name: t.stored for t in found.tables if t.stored is not None}
+
+
+__all__ = ["ADAPTERS", "Found", "describe", "detect_format", "load_any", "load_streamed", "parse_hp"]

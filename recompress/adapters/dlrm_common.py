@@ -19,6 +19,7 @@ from recompress.tables import DenseTable, FactorizedTable, Table
 from recompress.tables.hashed import QRTable
 
 from .found import Found, FoundTable
+from .stored import rows_of
 
 Linear = tuple[Tensor, Tensor]  # (weight [out, in], bias [out])
 
@@ -53,7 +54,7 @@ class UpTable:
         nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
         kind = {"dense": "dense", "qr": "qr", "md": "factorized", "int8": "dense+int8", "int4": "dense+int4"}[self.kind]
         return FoundTable(self.name, self.rows, self.out_dim(concat), str(t.dtype).removeprefix("torch."), nbytes,
-                          kind, parts=self.parts)
+                          kind, parts=self.parts, stored=rows_of(t) if self.kind == "dense" else None)
 
 
 def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[Linear], *, where: str,
@@ -101,7 +102,8 @@ def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[
 def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: list[Linear], where: str) -> Checkpoint:
     for t in up:
         for name, tensor in t.tensors.items():
-            check_finite(f"{t.name}.{name}", tensor, where)
+            if not tensor.is_meta:  # a table left in its file is checked block by block as it is read
+                check_finite(f"{t.name}.{name}", tensor, where)
     for i, (w, b) in enumerate(bottom + top):
         check_finite(f"mlp layer {i} weight", w, where)
         check_finite(f"mlp layer {i} bias", b, where)

@@ -25,6 +25,7 @@ class FoundTable:
     kind: str = "dense"
     role: str = "sparse_feature"
     parts: tuple[str, ...] = ()  # the upstream keys or files that hold it
+    stored: Any = field(default=None, repr=False, compare=False)  # left in its file: read by row blocks (``stored``)
 
 
 @dataclass

@@ -18,7 +18,9 @@ Allow-list (what each name becomes):
 - inert stubs, which keep their pickled arguments and state and never call upstream code: every name in
   ``recbole.*`` (its ``Config``, enums and the model class the Config names), ``yaml.loader.*`` (the
   loader class RecBole's Config keeps), ``torch.distributed._shard.*`` and ``torch.distributed.remote_device``
-  (a per-rank ``ShardedTensor``: its local shards, their offsets and the global size), and
+  (a per-rank ``ShardedTensor``: its local shards, their offsets and the global size),
+  ``torch.distributed.tensor.*``, ``torch.distributed.device_mesh.*`` and ``torch.distributed._mesh_layout.*``
+  (a per-rank ``DTensor``: its local tensor, placements, global shape and the rank's mesh coordinates), and
   ``torch.distributed.checkpoint.*`` (a DCP folder's ``.metadata``: chunk offsets and file positions);
 - for those stubs only: ``torch._tensor._rebuild_from_type_v2`` and ``torch._utils._rebuild_wrapper_subclass``
   (how a tensor subclass such as ``ShardedTensor`` pickles), and ``builtins.getattr`` (how an enum member
@@ -44,7 +46,7 @@ import io
 import pickle
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,8 @@ import numpy as np
 import torch
 
 from recompress.errors import UserError
+
+from . import stored
 
 # modules whose callables execute code, touch files or processes, or reach any other callable
 CODE = {"os", "posix", "nt", "subprocess", "sys", "shutil", "runpy", "importlib", "pickle", "_pickle", "marshal",
@@ -69,11 +73,17 @@ SAFE_BUILTINS: dict[str, Any] = {t.__name__: t for t in (dict, list, tuple, set,
 CODE_NAMES = {("numpy", n) for n in ("load", "save", "savez", "fromfile", "loadtxt", "genfromtxt", "memmap", "frompyfunc",
                                      "vectorize")} | {("torch", n) for n in ("load", "save", "compile", "jit", "hub")}
 STUB_PACKAGES = ("recbole", "yaml.loader", "torch.distributed._shard", "torch.distributed.remote_device",
-                 "torch.distributed.checkpoint")
+                 "torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.device_mesh",
+                 "torch.distributed._mesh_layout")
 
 
 class Stub:
     """An inert stand-in for an upstream object: its constructor arguments and pickled state, nothing run."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Stub:  # noqa: PYI034
+        obj = super().__new__(cls)  # pickle's NEWOBJ calls only this: keep the arguments (a NamedTuple's fields)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs, self.state = args, kwargs, None
@@ -128,6 +138,7 @@ STORAGES = _storage_types()
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+    """A tensor over ``storage``; over a storage left in its file (lazy loading), a lazy tensor (``stored``)."""
     if not isinstance(storage, torch.Tensor) or not all(isinstance(v, int) and v >= 0
                                                         for v in (offset, *size, *stride)) or len(size) != len(stride):
         raise BadFile("a tensor record is malformed")
@@ -140,6 +151,11 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
             numel *= s
         if numel > storage.numel():  # stride 0 repeats elements: copying the view would allocate that much
             raise BadFile(f"a tensor of {numel:,} elements views a storage of {storage.numel():,}")
+    at = getattr(storage, STORAGE_AT, None)
+    if storage.is_meta and at is not None:
+        path, begin = at
+        span = stored.Span(path, begin + offset * storage.element_size(), storage.dtype, tuple(size), tuple(stride))
+        return stored.lazy(stored.Stored(tuple(size), storage.dtype, [((0,) * len(size), span)], str(path)))
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
 
 
@@ -292,12 +308,76 @@ class _Unpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler, who
         return self.storages(pid[2], pid[1].dtype, pid[4])
 
 
-def load(source: Path | bytes, where: str | Path | None = None) -> Any:
-    """The object in a ``torch.save`` zip (a file, or its bytes, e.g. one item of a DCP file), through the
-    allow-list (see the module docstring); ``where`` names it in errors."""
-    where = where or source
+@dataclass(frozen=True)
+class Window:
+    """Bytes ``[start, start + length)`` of a file (one item of a DCP data file)."""
+
+    path: Path
+    start: int = 0
+    length: int | None = None  # to the end of the file
+
+
+class _WindowReader(io.RawIOBase):
+    """A read-only, seekable file object over a :class:`Window`, as ``zipfile`` needs."""
+
+    def __init__(self, w: Window) -> None:
+        super().__init__()
+        self.f, self.start, self.pos = open(w.path, "rb"), w.start, 0  # noqa: SIM115 (closed with the reader)
+        size = self.f.seek(0, io.SEEK_END)
+        self.length = size - w.start if w.length is None else w.length
+        if w.start + self.length > size:
+            self.f.close()
+            raise BadFile(f"the file ends {w.start + self.length - size:,} bytes before the record does (truncated?)")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence] + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n]) if n else 0
+        self.pos += got
+        return got
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _data_offset(r: _WindowReader, info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) zip record's bytes begin, from the start of the window."""
+    r.seek(info.header_offset)
+    head = r.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+        raise BadFile(f"the record {info.filename} has no stored local header")
+    name, extra = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+    return info.header_offset + 30 + name + extra
+
+
+STORAGE_AT = "_recompress_at"  # (path, byte offset) on a meta storage left in its file
+
+
+def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy: bool = False) -> Any:
+    """The object in a ``torch.save`` zip (a file, its bytes, or a window of a file such as one item of a DCP
+    data file), through the allow-list (see the module docstring); ``where`` names it in errors. ``lazy``
+    (files and windows): storages of ``stored.LAZY_MIN_BYTES`` or more stay in the file, and the tensors
+    over them are lazy (``stored``): meta tensors that know where their bytes are."""
+    where = where or (source.path if isinstance(source, Window) else source)
+    window = Window(source) if isinstance(source, Path) and lazy else source
     with refusals(where, "torch file"):
-        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else \
+            _WindowReader(window) if isinstance(window, Window) else source
+        with handle if isinstance(handle, _WindowReader) else nullcontext(), zipfile.ZipFile(handle) as z:
             names = z.namelist()
             pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
             if len(pkl) != 1:
@@ -306,12 +386,21 @@ def load(source: Path | bytes, where: str | Path | None = None) -> Any:
             if f"{root}byteorder" in names and _member(z, f"{root}byteorder").strip() not in (b"", b"little"):
                 raise BadFile("a big-endian file")
             cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+            handle_path = window.path if isinstance(window, Window) else None
 
             def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
                 if (key, dtype) not in cache:
                     name = f"{root}data/{key}"
                     if name not in names:
                         raise BadFile(f"the storage {name} is missing (truncated?)")
+                    info, nbytes = z.getinfo(name), numel * dtype.itemsize
+                    if lazy and isinstance(handle, _WindowReader) and nbytes >= stored.LAZY_MIN_BYTES:
+                        begin = _data_offset(handle, info)
+                        if info.file_size < nbytes or begin + nbytes > handle.length:
+                            raise BadFile(f"the storage {name} holds {info.file_size:,} bytes, expected {nbytes:,}")
+                        cache[key, dtype] = torch.empty(numel, dtype=dtype, device="meta")
+                        setattr(cache[key, dtype], STORAGE_AT, (handle_path, handle.start + begin))
+                        return cache[key, dtype]
                     raw, itemsize = bytearray(_member(z, name)), torch.empty(0, dtype=dtype).element_size()
                     if len(raw) < numel * itemsize:
                         raise BadFile(f"the storage {name} holds {len(raw):,} bytes, expected {numel * itemsize:,}")

@@ -1,14 +1,17 @@
 """Tensors split across ranks, merged offline without a process group (nothing in the files runs):
 
-- a folder of per-rank ``torch.save`` files of a sharded state dict (TorchRec's ``DistributedModelParallel``
-  writes ``ShardedTensor`` values: each rank's file holds its local shards with their offsets and the
-  global metadata); replicated tensors are taken from the first file that has them;
+- a folder of per-rank ``torch.save`` files of a sharded state dict: ``ShardedTensor`` values (TorchRec's
+  ``DistributedModelParallel``: each rank's file holds its local shards with their offsets and the global
+  metadata) or ``DTensor`` values (FSDP2, TorchRec with DTensor output: the local tensor, the global shape,
+  the placements and the rank's mesh coordinates); replicated tensors are taken from the first file that has
+  them;
 - a ``torch.distributed.checkpoint`` (DCP) folder: ``.metadata`` (read by the restricted unpickler; torch's
   own reader unpickles it with ``pickle.load``) and ``*.distcp`` files holding each chunk as a
   ``torch.save`` record at a recorded offset.
 
 Either way every chunk is placed at its offsets in a tensor of the global size, and a tensor whose chunks
-do not cover it exactly is refused, naming what is missing.
+do not cover it exactly is refused, naming what is missing. Read lazily, chunks stay in their files and
+the tensor is a lazy one made of them (``stored``): nothing of the size of a table is read or allocated.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import torch
 
 from recompress.errors import UserError
 
-from . import safe_pickle
+from . import safe_pickle, stored
 from .safe_pickle import Stub
 
-SHARDED = "ShardedTensor"
+SHARDED, DTENSOR = "ShardedTensor", "DTensor"
 
 
 def is_dcp(path: Path) -> bool:
@@ -53,40 +56,87 @@ def _place(name: str, size: tuple[int, ...], pieces: list[tuple[tuple[int, ...],
     if have != total:
         raise UserError(f"{where}: the chunks of {name} cover it with gaps ({total - have:,} of {total:,} values missing)",
                         "pass every rank's file of one save, and nothing else")
+    left = stored.merged(size, pieces, where)  # every chunk left in its file: so is the tensor
+    if left is not None:
+        return left
     out = torch.empty(size, dtype=pieces[0][1].dtype)
     for offsets, chunk in pieces:
-        out[tuple(slice(o, o + c) for o, c in zip(offsets, chunk.shape))] = chunk
+        out[tuple(slice(o, o + c) for o, c in zip(offsets, chunk.shape))] = stored.loaded(chunk)
     return out
 
 
 def is_sharded(v: Any) -> bool:
-    return isinstance(v, Stub) and type(v).__qualname__ == SHARDED
+    return isinstance(v, Stub) and type(v).__qualname__ in (SHARDED, DTENSOR)
 
 
-def _shard_pieces(st: Stub, where: Path) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
-    """(global size, [(offsets, local tensor)]) of one rank's ShardedTensor."""
-    with safe_pickle.refusals(where, "ShardedTensor"):
-        return _pieces(st)
+Pieces = list[tuple[tuple[int, ...], torch.Tensor]]
 
 
-def _pieces(st: Stub) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]:
-    local, meta = st.state[0], st.state[1]
-    size = tuple(int(s) for s in meta.attr("size"))
-    pieces = []
-    for shard in local:
-        tensor, md = shard.attr("tensor"), shard.attr("metadata")
-        pieces.append((tuple(int(o) for o in md.attr("shard_offsets")), tensor))
-    return size, pieces
+def _sharded_tensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[int, ...], Pieces]:
+    """(global size, [(offsets, local tensor)]) of a ShardedTensor from every rank's file: each local shard
+    records its offsets."""
+    sizes, pieces = set(), []
+    for f, st in values:
+        with safe_pickle.refusals(f, "ShardedTensor"):
+            local, meta = st.state[0], st.state[1]
+            sizes.add(tuple(int(s) for s in meta.attr("size")))
+            for shard in local:
+                tensor, md = shard.attr("tensor"), shard.attr("metadata")
+                pieces.append((tuple(int(o) for o in md.attr("shard_offsets")), tensor))
+    return _one_size(key, sizes), pieces
+
+
+def _dtensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[int, ...], Pieces]:
+    """(global size, [(offsets, local tensor)]) of a DTensor from every rank's file. A DTensor records the global
+    shape, its placements (Shard(d) or Replicate per mesh dimension) and the rank's coordinates on the mesh;
+    Shard(d) cuts dimension d as ``torch.chunk`` does (chunks of ceil(n / k), the last ones shorter or empty),
+    so a rank's offset along d is its coordinate times that chunk. Replicas are taken once."""
+    ranks, sizes = [], set()
+    for f, st in values:
+        with safe_pickle.refusals(f, "DTensor"):
+            spec = st.attr("_spec")
+            sizes.add(tuple(int(n) for n in spec.attr("tensor_meta").args[0]))  # TensorMeta(shape, stride, dtype)
+            coords = spec.attr("mesh").attr("_coordinate_on_dim")
+            placements = [type(p).__qualname__ for p in spec.attr("placements")]
+            dims = [int(p.attr("dim")) if kind == "Shard" else None for p, kind in zip(spec.attr("placements"), placements)]
+            local = st.attr("_local_tensor")
+        bad = [kind for kind in placements if kind not in ("Shard", "Replicate")]
+        if bad or coords is None or len(coords) != len(dims):
+            raise UserError(f"{f}: {key} is a DTensor placed as {', '.join(placements)}"
+                            + ("" if not bad else f" ({bad[0]} is not read)"),
+                            "save it with Shard(d) or Replicate placements (full_tensor() gathers any other)")
+        sharded = [d for d in dims if d is not None]
+        if len(sharded) != len(set(sharded)):
+            raise UserError(f"{f}: {key} is sharded twice along one dimension ({placements})",
+                            "save it with one mesh dimension per tensor dimension, or as a DCP folder")
+        ranks.append(([int(c) for c in coords], dims, local))
+    size = _one_size(key, sizes)
+    mesh = [max(r[0][i] for r in ranks) + 1 for i in range(len(ranks[0][0]))]
+    pieces: dict[tuple[int, ...], torch.Tensor] = {}
+    for coords, dims, local in ranks:
+        offsets = [0] * len(size)
+        for i, d in enumerate(dims):
+            if d is not None:
+                offsets[d] = coords[i] * -(-size[d] // mesh[i])
+        pieces.setdefault(tuple(offsets), local)
+    return size, list(pieces.items())
+
+
+def _one_size(key: str, sizes: set[tuple[int, ...]]) -> tuple[int, ...]:
+    if len(sizes) != 1:
+        raise UserError(f"{key} has global sizes {sorted(sizes)} in different files", "the files come from different runs")
+    return sizes.pop()
 
 
 def has_shards(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(is_sharded(v) for v in obj.values())
 
 
-def merge_rank_files(files: list[Path]) -> dict[str, Any]:
-    """One state dict from per-rank files of a sharded state dict (``files`` in any order)."""
+def merge_rank_files(files: list[Path], *, lazy: bool = False) -> dict[str, Any]:
+    """One state dict from per-rank files of a sharded state dict (``files`` in any order); ``lazy``: large
+    tensors left in the files (``stored``)."""
     from .torch_files import safe_torch_load
-    return merge_objects([(f, safe_torch_load(f)) for f in files])
+    return merge_objects([(f, safe_torch_load(f, lazy=lazy)) for f in files])
 
 
 def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
@@ -100,18 +150,13 @@ def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
     for k in keys:
         values = [(f, obj[k]) for f, obj in objects if k in obj]
         if is_sharded(values[0][1]):
-            sizes = set()
-            pieces = []
+            kind = type(values[0][1]).__qualname__
             for f, v in values:
-                if not is_sharded(v):
-                    raise UserError(f"{f}: {k} is not sharded there but is in {values[0][0].name}",
+                if not is_sharded(v) or type(v).__qualname__ != kind:
+                    raise UserError(f"{f}: {k} is not a {kind} there but is in {values[0][0].name}",
                                     "the files come from different runs")
-                size, p = _shard_pieces(v, f)
-                sizes.add(size)
-                pieces += p
-            if len(sizes) != 1:
-                raise UserError(f"{k} has global sizes {sorted(sizes)} in different files", "the files come from different runs")
-            out[k] = _place(k, sizes.pop(), pieces, f"{files[0].parent}")
+            size, pieces = (_sharded_tensor if kind == SHARDED else _dtensor)(k, values)
+            out[k] = _place(k, size, pieces, f"{files[0].parent}")
         else:
             out[k] = values[0][1]
     if not any(is_sharded(obj[k]) for _, obj in objects for k in obj):
@@ -120,14 +165,15 @@ def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
     return out
 
 
-def read_dcp(path: Path) -> dict[str, Any]:
-    """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``)."""
+def read_dcp(path: Path, *, lazy: bool = False) -> dict[str, Any]:
+    """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``); ``lazy``: large
+    tensors left in the data files (``stored``), only the chunks' records read."""
     meta = safe_pickle.load_pickle((path / ".metadata").read_bytes(), path / ".metadata")
     with safe_pickle.refusals(path / ".metadata", "DCP metadata"):
-        return _read_dcp(path, meta)
+        return _read_dcp(path, meta, lazy)
 
 
-def _read_dcp(path: Path, meta: Any) -> dict[str, Any]:
+def _read_dcp(path: Path, meta: Any, lazy: bool) -> dict[str, Any]:
     if not isinstance(meta, Stub):
         raise safe_pickle.BadFile(f"it holds a {type(meta).__name__}, not DCP's Metadata")
     tensors, storage = meta.attr("state_dict_metadata"), meta.attr("storage_data")
@@ -142,12 +188,9 @@ def _read_dcp(path: Path, meta: Any) -> dict[str, Any]:
             raise UserError(f"{path}: {fqn} is in {info.attr('relative_path')!r}, which is missing",
                             "copy the whole DCP folder")
         start, length = int(info.attr("offset")), int(info.attr("length"))
-        with open(file, "rb") as f:
-            f.seek(start)
-            data = f.read(length)
-        if len(data) != length:
+        if start < 0 or length < 0 or start + length > file.stat().st_size:
             raise UserError(f"{file} ends before {fqn}'s chunk (truncated?)", "copy the DCP folder again")
-        value = safe_pickle.load(data, f"{file} ({fqn})")
+        value = safe_pickle.load(safe_pickle.Window(file, start, length), f"{file} ({fqn})", lazy=lazy)
         if isinstance(value, torch.Tensor):
             pieces.setdefault(fqn, []).append((tuple(int(o) for o in offset) if offset is not None else (), value))
     out: dict[str, Any] = {}

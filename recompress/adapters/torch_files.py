@@ -34,12 +34,13 @@ def is_torch_file(path: Path) -> bool:
         return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
 
 
-def safe_torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path, *, lazy: bool = False) -> Any:
     """A torch file's object without running anything: zip files (torch >= 1.6) through recompress's
-    restricted unpickler (``safe_pickle``: tensors, containers, numpy values, inert stubs), legacy files
-    through ``torch.load(weights_only=True)``; both refuse a global outside their allow-list by name."""
+    restricted unpickler (``safe_pickle``: tensors, containers, numpy values, inert stubs; ``lazy``: large
+    tensors left in the file, see ``stored``), legacy files through ``torch.load(weights_only=True)``; both
+    refuse a global outside their allow-list by name."""
     if zipfile.is_zipfile(path):
-        return safe_pickle.load(path)
+        return safe_pickle.load(path, lazy=lazy)
     with safe_pickle.refusals(path, "torch file"):  # any failure in torch's unpickler is the file's fault
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,157 @@
+"""Tensors left in their files. Read lazily, a large tensor of a torch zip file, of per-rank shard files or
+of a DCP folder becomes a meta tensor (shape and dtype, no memory) that carries where its bytes are: a
+:class:`Stored`, the pieces (``Span``) that make it up at their offsets. ``load()`` reads it whole; a 2-D
+floating-point tensor whose every piece is stored row by row also reads by row blocks (``stored[a:b]``, the
+:class:`~recompress.blockfile.Rows` the streamed compression takes), so that an embedding table never has to
+be in memory whole. ``materialize`` reads every lazy tensor of an object except those a caller streams.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from recompress.blockfile import check_finite, read_into
+from recompress.errors import UserError
+
+LAZY_MIN_BYTES = 1 << 20  # smaller tensors are read at once: leaving them in the file saves nothing
+ATTR = "_recompress_stored"
+
+
+@dataclass(frozen=True)
+class Span:
+    """A tensor stored in ``path`` from byte ``begin`` (its first element), viewed with ``shape``/``stride``."""
+
+    path: Path
+    begin: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def row_major(self) -> bool:
+        """Stored contiguously, row after row (strides of size-1 dimensions do not matter)."""
+        expect = 1
+        for n, st in reversed(list(zip(self.shape, self.stride))):
+            if n != 1 and st != expect:
+                return False
+            expect *= n
+        return True
+
+    def read(self, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Rows ``[start, stop)``, or the whole tensor; row-major spans read straight into ``out`` if given
+        (contiguous, of those rows' shape)."""
+        stop = (self.shape[0] if self.shape else 1) if stop is None else stop
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if self.row_major:
+                if out is None:
+                    out = torch.empty((stop - start, *self.shape[1:]) if self.shape else (), dtype=self.dtype)
+                ok = read_into(fd, self.begin + start * math.prod(self.shape[1:]) * self.dtype.itemsize, out)
+            else:  # a strided view (never a table of ours): its storage's extent, then the view copied
+                extent = sum((n - 1) * st for n, st in zip(self.shape, self.stride)) + 1 if all(self.shape) else 0
+                raw = torch.empty(extent, dtype=self.dtype)
+                ok = read_into(fd, self.begin, raw)
+                out = torch.as_strided(raw, self.shape, self.stride).clone()[start:stop]
+        finally:
+            os.close(fd)
+        if not ok:
+            raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
+        return out
+
+
+class Stored:
+    """A tensor of ``size`` made of pieces ``(offsets, Span)`` that cover it exactly once (the caller checks)."""
+
+    def __init__(self, size: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[tuple[int, ...], Span]],
+                 where: str) -> None:
+        self.size, self.dtype, self.pieces, self.where = tuple(size), dtype, pieces, where
+        self.shape = torch.Size(self.size)
+        self.name = "a stored tensor"  # in messages; the reader that knows what it is names it
+
+    @property
+    def streams(self) -> bool:
+        """Readable by row blocks: a 2-D floating-point tensor stored row by row."""
+        return len(self.size) == 2 and self.dtype.is_floating_point and all(s.row_major for _, s in self.pieces)
+
+    def load(self) -> Tensor:
+        out = torch.empty(self.size, dtype=self.dtype)
+        for offsets, span in self.pieces:
+            out[tuple(slice(o, o + n) for o, n in zip(offsets, span.shape))] = span.read()
+        return out
+
+    def __len__(self) -> int:
+        return self.size[0]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        """Rows ``[start, stop)`` as float32, assembled from the pieces that hold them, checked for NaN/Inf."""
+        start, stop, step = rows.indices(self.size[0])
+        if step != 1 or not self.streams:
+            raise IndexError("stored tensors are read by contiguous row ranges of row-major 2-D tensors")
+        out = torch.empty((max(0, stop - start), self.size[1]), dtype=self.dtype)
+        for (r0, c0), span in self.pieces:
+            lo, hi = max(start, r0), min(stop, r0 + span.shape[0])
+            if lo < hi and span.shape[1] == self.size[1]:  # whole rows: read in place
+                span.read(lo - r0, hi - r0, out[lo - start:hi - start])
+            elif lo < hi:  # a column-wise chunk: its part of each row
+                out[lo - start:hi - start, c0:c0 + span.shape[1]] = span.read(lo - r0, hi - r0)
+        check_finite(self.name, out, self.where)
+        return out.float()
+
+
+def lazy(stored: Stored) -> Tensor:
+    """A meta tensor standing for ``stored`` (which it carries)."""
+    t = torch.empty(stored.size, dtype=stored.dtype, device="meta")
+    setattr(t, ATTR, stored)
+    return t
+
+
+def stored_of(t: Any) -> Stored | None:
+    return getattr(t, ATTR, None) if isinstance(t, Tensor) and t.is_meta else None
+
+
+def rows_of(t: Any) -> Stored | None:
+    """What the streamed compression reads of ``t`` by row blocks, if ``t`` is left in its file and can be."""
+    s = stored_of(t)
+    return s if s is not None and s.streams else None
+
+
+def merged(size: tuple[int, ...], chunks: Iterable[tuple[tuple[int, ...], Tensor]], where: str) -> Tensor | None:
+    """The lazy tensor made of lazy ``chunks`` (offsets, meta tensor of one piece), or None if one is in memory."""
+    pieces = []
+    for offsets, chunk in chunks:
+        s = stored_of(chunk)
+        if s is None or len(s.pieces) != 1:
+            return None
+        pieces.append((tuple(o + p for o, p in zip(offsets, s.pieces[0][0])), s.pieces[0][1]))
+    dtypes = {s.dtype for _, s in pieces}
+    return lazy(Stored(size, dtypes.pop(), pieces, where)) if len(dtypes) == 1 else None
+
+
+def loaded(t: Any) -> Any:
+    """``t`` read into memory if it is a lazy tensor."""
+    s = stored_of(t)
+    return s.load() if s is not None else t
+
+
+def materialize(obj: Any, keep: set[int] = frozenset()) -> Any:  # type: ignore[assignment]
+    """``obj`` with every lazy tensor read into memory, except those whose Stored's id is in ``keep``;
+    containers are updated in place (they are the reader's own)."""
+    s = stored_of(obj)
+    if s is not None:
+        return obj if id(s) in keep else s.load()
+    if isinstance(obj, MutableMapping):
+        for k, v in obj.items():
+            obj[k] = materialize(v, keep)
+    elif isinstance(obj, list):
+        obj[:] = [materialize(v, keep) for v in obj]
+    elif isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(materialize(v, keep) for v in obj)
+    return obj
