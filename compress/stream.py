@@ -106,6 +106,8 @@ def _step(source: Source, step: Step, ctx: Context, dst: Path, provenance: dict[
         for key, t in state.items():
             if key not in done:
                 put(key, 0, t)
+        for rows in sources.values():  # before the output is kept: the source's checksums, where it has them
+            rows.verify()
     for k, v in provenance.items():
         ckpt.spec.provenance.setdefault(k, v)
     (dst / SPEC_FILE).write_text(ckpt.spec.to_json() + "\n")

@@ -130,12 +130,16 @@ class TensorFile:
 
 
 class Rows(Protocol):
-    """What a data-free method reads of a table: its shape and contiguous row slices (a Tensor is one)."""
+    """What a data-free method reads of a table: its shape and contiguous row slices (a Tensor serves); the
+    streamed path calls ``verify`` on its sources once it has read them."""
 
     @property
     def shape(self) -> torch.Size: ...
 
     def __getitem__(self, rows: slice) -> Tensor: ...
+
+    def verify(self) -> None:
+        """After the rows were read: refuse them if the file's own checksums say they were damaged."""
 
 
 class FileRows:
@@ -157,6 +161,9 @@ class FileRows:
         block = self.file.read(self.name, start, stop)
         check_finite(self.name, block, str(self.file.path))
         return block.float()
+
+    def verify(self) -> None:
+        """Nothing to check: safetensors records no checksum (each tensor's byte range was checked on opening)."""
 
 
 class TensorWriter:

@@ -114,9 +114,9 @@ def work(rank, out, port):
     dcp.save({"model": state}, checkpoint_id=os.path.join(out, "dcp_cols"))
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard as Cut, distribute_tensor
-    mesh = init_device_mesh("cpu", (2,))  # FSDP2's layout: rows cut as torch.chunk cuts them (40: 20+20, 7: 4+3)
-    placed = {k: distribute_tensor(v, mesh, [Cut(1) if k.endswith("t_c.weight") else Cut(0) if ".embedding_bags." in k
-                                             else Replicate()]) if "bias" not in k else v for k, v in sd.items()}
+    mesh = init_device_mesh("cpu", (2,))  # FSDP2's layout: cut as torch.chunk cuts (40: 20+20, 7: 4+3, 1: 1+0)
+    placed = {k: distribute_tensor(v, mesh, [Cut(1) if k.endswith("t_c.weight") else Replicate() if "_linear.weight" in k
+                                             else Cut(0)]) for k, v in sd.items()}
     torch.save(placed, os.path.join(out, "dtensor", f"rank{rank}.pt"))
     partial = DTensor.from_local(sd[next(iter(sd))] / 2, mesh, [Partial()])
     torch.save({**sd, next(iter(sd)): partial}, os.path.join(out, "partial", f"rank{rank}.pt"))
@@ -150,8 +150,9 @@ def test_per_rank_sharded_tensor_files_merge_offline(sharded):
 
 
 def test_per_rank_dtensor_files_merge_offline(sharded, tmp_path):
-    """FSDP2-style DTensor state dicts, one torch.save per rank: rows and columns cut as torch.chunk cuts them,
-    replicated layers taken once; a missing rank and a Partial placement are refused by name."""
+    """FSDP2-style DTensor state dicts, one torch.save per rank: rows and columns cut as torch.chunk cuts them
+    (the last layer's one bias value: rank 1's shard is empty, placed at the end as torch places it), replicated
+    layers taken once; a missing rank and a Partial placement are refused by name."""
     out, sd = sharded
     before = tree_hash(out / "dtensor")
     assert_scores_like_torchrec(load_any(out / "dtensor"), sd)
@@ -162,6 +163,39 @@ def test_per_rank_dtensor_files_merge_offline(sharded, tmp_path):
         load_any(tmp_path / "one")
     with pytest.raises(UserError, match=r"is a DTensor placed as Partial \(Partial is not read\)"):
         load_any(out / "partial")
+
+
+FSDP2 = '''
+import os, sys, torch, torch.distributed as dist
+import torch.multiprocessing as mp
+
+def work(rank, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (4,))
+    sd = torch.load(os.path.join(out, "full.pt"))
+    torch.save({k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in sd.items()}, os.path.join(out, "ranks", f"r{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], int(sys.argv[2])), nprocs=4)
+'''
+
+
+def test_fsdp2_files_of_four_ranks_place_empty_shards_where_torch_does(tmp_path):
+    """Found by an independent review: FSDP2's default, every parameter Shard(0) over 4 ranks; the last layer's
+    single bias value leaves ranks 1-3 empty shards, which torch places at offset 1 (not 1, 2, 3): refused before."""
+    sd = torchrec_state(seed=8)
+    (tmp_path / "ranks").mkdir()
+    torch.save(sd, tmp_path / "full.pt")
+    (tmp_path / "fsdp2.py").write_text(FSDP2)
+    r = subprocess.run([sys.executable, str(tmp_path / "fsdp2.py"), str(tmp_path), str(29900 + os.getpid() % 90)],
+                       capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_scores_like_torchrec(load_any(tmp_path / "ranks"), sd)
 
 
 def test_a_dcp_folder_merges_offline(sharded):
@@ -306,7 +340,7 @@ def test_upstream_tables_stream_into_the_checkpoint_the_in_memory_path_writes(sh
     from click.testing import CliRunner
 
     import recompress.adapters
-    from recompress.adapters import load_streamed, stored
+    from recompress.adapters import load_streamed
     from recompress.checkpoint import load_checkpoint, save_checkpoint
     from recompress.cli import main
     from recompress.compress.registry import Context, compress, parse_methods
@@ -315,7 +349,6 @@ def test_upstream_tables_stream_into_the_checkpoint_the_in_memory_path_writes(sh
     ref = compress(load_any(src), parse_methods(method, params), Context())
     ref.spec.provenance.setdefault("compressed_from", str(src))
     save_checkpoint(ref, tmp_path / "ref")
-    monkeypatch.setattr(stored, "LAZY_MIN_BYTES", 0)  # these tables are tiny: leave every tensor in the files
     ckpt, rows = load_streamed(src)
     assert sorted(rows) == ["t_a", "t_b", "t_c"] and all(t.weight.is_meta for t in ckpt.model.tables.values())
     assert torch.equal(rows["t_a"][5:33], sd[f"{PREFIX}.t_a.weight"][5:33])  # rows that straddle the shards
@@ -331,15 +364,13 @@ def test_upstream_tables_stream_into_the_checkpoint_the_in_memory_path_writes(sh
     assert tree_hash(out) == before
 
 
-def test_a_nan_in_a_table_left_in_its_file_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+def test_a_nan_in_a_table_left_in_its_file_is_refused_and_nothing_is_written(tmp_path):
     from click.testing import CliRunner
 
-    from recompress.adapters import stored
     from recompress.cli import main
     sd = torchrec_state(seed=6)
     sd[f"{PREFIX}.t_b.weight"][3, 1] = float("inf")
     torch.save(sd, tmp_path / "dlrm.pt")
-    monkeypatch.setattr(stored, "LAZY_MIN_BYTES", 0)
     res = CliRunner().invoke(main, ["checkpoint", str(tmp_path / "dlrm.pt"), "--method", "int8", "-o", str(tmp_path / "q")])
     assert res.exit_code == 2 and "'t_b.weight' has 1 NaN/Inf values" in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dlrm.pt"]
@@ -369,3 +400,29 @@ def test_int8_of_a_big_dcp_table_does_not_load_it(tmp_path):
     base = _peak_rss([*run, str(tmp_path / "small"), "--method", "int8", "-o", str(tmp_path / "o1")])
     peak = _peak_rss([*run, str(tmp_path / "big"), "--method", "int8", "-o", str(tmp_path / "o2")])
     assert peak - base < 0.25 * table, (peak, base)
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "a local header moved"])
+def test_a_damaged_record_left_in_its_file_is_refused_by_its_crc(tmp_path, damage):
+    """Found by an independent review: the streamed path read a table's bytes without the zip's CRC-32 check that
+    torch.load and the in-memory path make, and wrote a checkpoint from a damaged file (a moved header: every value
+    shifted by one)."""
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    torch.save(torchrec_state(seed=7), tmp_path / "dlrm.pt")
+    with zipfile.ZipFile(tmp_path / "dlrm.pt") as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size == 40 * D * 4)  # t_a's rows
+    raw = bytearray((tmp_path / "dlrm.pt").read_bytes())
+    head = info.header_offset
+    begin = head + 30 + int.from_bytes(raw[head + 26:head + 28], "little") + int.from_bytes(raw[head + 28:head + 30], "little")
+    if damage == "a flipped byte":
+        raw[begin + 101] ^= 0x10
+    else:  # the extra field 4 bytes longer: the record's data seems to start 4 bytes later
+        raw[head + 28:head + 30] = (int.from_bytes(raw[head + 28:head + 30], "little") + 4).to_bytes(2, "little")
+    (tmp_path / "dlrm.pt").write_bytes(bytes(raw))
+    res = CliRunner().invoke(main, ["checkpoint", str(tmp_path / "dlrm.pt"), "--method", "int8", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "do not match the CRC-32 its archive records" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dlrm.pt"]

@@ -153,9 +153,9 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
             raise BadFile(f"a tensor of {numel:,} elements views a storage of {storage.numel():,}")
     at = getattr(storage, STORAGE_AT, None)
     if storage.is_meta and at is not None:
-        path, begin = at
-        span = stored.Span(path, begin + offset * storage.element_size(), storage.dtype, tuple(size), tuple(stride))
-        return stored.lazy(stored.Stored(tuple(size), storage.dtype, [((0,) * len(size), span)], str(path)))
+        span = stored.Span(at.path, at.begin + offset * storage.element_size(), storage.dtype, tuple(size), tuple(stride),
+                           at)
+        return stored.lazy(stored.Stored(tuple(size), storage.dtype, [((0,) * len(size), span)], str(at.path)))
     return torch.as_strided(storage, tuple(size), tuple(stride), offset)
 
 
@@ -361,16 +361,19 @@ def _data_offset(r: _WindowReader, info: zipfile.ZipInfo) -> int:
     if len(head) != 30 or head[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
         raise BadFile(f"the record {info.filename} has no stored local header")
     name, extra = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+    if r.read(name) != info.orig_filename.encode():  # as zipfile checks before it reads a record
+        raise BadFile(f"the record {info.filename}'s local header names another file")
     return info.header_offset + 30 + name + extra
 
 
-STORAGE_AT = "_recompress_at"  # (path, byte offset) on a meta storage left in its file
+STORAGE_AT = "_recompress_at"  # a stored.Record, on a meta storage left in its file
 
 
 def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy: bool = False) -> Any:
     """The object in a ``torch.save`` zip (a file, its bytes, or a window of a file such as one item of a DCP
     data file), through the allow-list (see the module docstring); ``where`` names it in errors. ``lazy``
-    (files and windows): storages of ``stored.LAZY_MIN_BYTES`` or more stay in the file, and the tensors
+    (files and windows): every storage stays in the file (however small: a small shard of a big table must
+    not make the table eager), and the tensors
     over them are lazy (``stored``): meta tensors that know where their bytes are."""
     where = where or (source.path if isinstance(source, Window) else source)
     window = Window(source) if isinstance(source, Path) and lazy else source
@@ -394,12 +397,13 @@ def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy
                     if name not in names:
                         raise BadFile(f"the storage {name} is missing (truncated?)")
                     info, nbytes = z.getinfo(name), numel * dtype.itemsize
-                    if lazy and isinstance(handle, _WindowReader) and nbytes >= stored.LAZY_MIN_BYTES:
+                    if lazy and isinstance(handle, _WindowReader) and info.compress_type == zipfile.ZIP_STORED:
                         begin = _data_offset(handle, info)
                         if info.file_size < nbytes or begin + nbytes > handle.length:
                             raise BadFile(f"the storage {name} holds {info.file_size:,} bytes, expected {nbytes:,}")
                         cache[key, dtype] = torch.empty(numel, dtype=dtype, device="meta")
-                        setattr(cache[key, dtype], STORAGE_AT, (handle_path, handle.start + begin))
+                        setattr(cache[key, dtype], STORAGE_AT,
+                                stored.Record(handle_path, handle.start + begin, info.file_size, info.CRC))
                         return cache[key, dtype]
                     raw, itemsize = bytearray(_member(z, name)), torch.empty(0, dtype=dtype).element_size()
                     if len(raw) < numel * itemsize:

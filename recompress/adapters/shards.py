@@ -90,7 +90,8 @@ def _dtensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[int, ...]
     """(global size, [(offsets, local tensor)]) of a DTensor from every rank's file. A DTensor records the global
     shape, its placements (Shard(d) or Replicate per mesh dimension) and the rank's coordinates on the mesh;
     Shard(d) cuts dimension d as ``torch.chunk`` does (chunks of ceil(n / k), the last ones shorter or empty),
-    so a rank's offset along d is its coordinate times that chunk. Replicas are taken once."""
+    so a rank's offset along d is its coordinate times that chunk (an empty one's is n). Replicas are taken
+    once."""
     ranks, sizes = [], set()
     for f, st in values:
         with safe_pickle.refusals(f, "DTensor"):
@@ -116,8 +117,8 @@ def _dtensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[int, ...]
     for coords, dims, local in ranks:
         offsets = [0] * len(size)
         for i, d in enumerate(dims):
-            if d is not None:
-                offsets[d] = coords[i] * -(-size[d] // mesh[i])
+            if d is not None:  # torch's own rule: chunks of ceil(n / k); one starting past the end is empty, at n
+                offsets[d] = min(coords[i] * -(-size[d] // mesh[i]), size[d])
         pieces.setdefault(tuple(offsets), local)
     return size, list(pieces.items())
 

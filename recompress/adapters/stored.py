@@ -1,17 +1,19 @@
-"""Tensors left in their files. Read lazily, a large tensor of a torch zip file, of per-rank shard files or
-of a DCP folder becomes a meta tensor (shape and dtype, no memory) that carries where its bytes are: a
+"""Tensors left in their files. Read lazily, a tensor of a torch zip file, of per-rank shard files or of a
+DCP folder becomes a meta tensor (shape and dtype, no memory) that carries where its bytes are: a
 :class:`Stored`, the pieces (``Span``) that make it up at their offsets. ``load()`` reads it whole; a 2-D
 floating-point tensor whose every piece is stored row by row also reads by row blocks (``stored[a:b]``, the
 :class:`~recompress.blockfile.Rows` the streamed compression takes), so that an embedding table never has to
-be in memory whole. ``materialize`` reads every lazy tensor of an object except those a caller streams.
+be in memory whole; ``verify()`` then checks what was read against the zip records' CRC-32, as reading the
+records whole would. ``materialize`` reads every lazy tensor of an object except those a caller streams.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,56 @@ from torch import Tensor
 from recompress.blockfile import check_finite, read_into
 from recompress.errors import UserError
 
-LAZY_MIN_BYTES = 1 << 20  # smaller tensors are read at once: leaving them in the file saves nothing
 ATTR = "_recompress_stored"
+
+
+class Record:
+    """A zip record's bytes in a file and the CRC-32 its archive records for them. Reads that continue where the
+    checked part ends extend the check (streamed compression reads a table block after block); ``verify`` reads
+    what was not seen so and refuses a mismatch, as ``zipfile`` does when it reads a record whole."""
+
+    def __init__(self, path: Path, begin: int, length: int, crc: int) -> None:
+        self.path, self.begin, self.length, self.crc = path, begin, length, crc
+        self.seen, self.running, self.ok = 0, 0, False
+
+    def saw(self, offset: int, data: Tensor) -> None:
+        """``data`` was read from byte ``offset`` of the file."""
+        if not self.ok and offset == self.begin + self.seen and data.numel():
+            raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())[:self.length - self.seen]
+            self.running, self.seen = zlib.crc32(raw, self.running), self.seen + len(raw)
+
+    def verify(self) -> None:
+        if self.ok:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while self.seen < self.length:
+                block = torch.empty(min(BLOCK_BYTES, self.length - self.seen), dtype=torch.uint8)
+                if not read_into(fd, self.begin + self.seen, block):
+                    raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
+                self.saw(self.begin + self.seen, block)
+        finally:
+            os.close(fd)
+        if self.running != self.crc:
+            raise UserError(f"{self.path}: a tensor's bytes do not match the CRC-32 its archive records (damaged)",
+                            "copy the checkpoint again")
+        self.ok = True
+
+
+BLOCK_BYTES = 1 << 24
 
 
 @dataclass(frozen=True)
 class Span:
-    """A tensor stored in ``path`` from byte ``begin`` (its first element), viewed with ``shape``/``stride``."""
+    """A tensor stored in ``path`` from byte ``begin`` (its first element), viewed with ``shape``/``stride``;
+    ``record``: the zip record that holds it, whose checksum covers it."""
 
     path: Path
     begin: int
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    record: Record | None = field(default=None, compare=False)
 
     @property
     def row_major(self) -> bool:
@@ -54,16 +93,20 @@ class Span:
             if self.row_major:
                 if out is None:
                     out = torch.empty((stop - start, *self.shape[1:]) if self.shape else (), dtype=self.dtype)
-                ok = read_into(fd, self.begin + start * math.prod(self.shape[1:]) * self.dtype.itemsize, out)
+                offset = self.begin + start * math.prod(self.shape[1:]) * self.dtype.itemsize
+                ok = read_into(fd, offset, out)
+                seen = out
             else:  # a strided view (never a table of ours): its storage's extent, then the view copied
                 extent = sum((n - 1) * st for n, st in zip(self.shape, self.stride)) + 1 if all(self.shape) else 0
-                raw = torch.empty(extent, dtype=self.dtype)
-                ok = read_into(fd, self.begin, raw)
-                out = torch.as_strided(raw, self.shape, self.stride).clone()[start:stop]
+                offset, seen = self.begin, torch.empty(extent, dtype=self.dtype)
+                ok = read_into(fd, offset, seen)
+                out = torch.as_strided(seen, self.shape, self.stride).clone()[start:stop]
         finally:
             os.close(fd)
         if not ok:
             raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
+        if self.record is not None:
+            self.record.saw(offset, seen)
         return out
 
 
@@ -82,10 +125,18 @@ class Stored:
         return len(self.size) == 2 and self.dtype.is_floating_point and all(s.row_major for _, s in self.pieces)
 
     def load(self) -> Tensor:
+        """The whole tensor, read and checked against its records' checksums."""
         out = torch.empty(self.size, dtype=self.dtype)
         for offsets, span in self.pieces:
             out[tuple(slice(o, o + n) for o, n in zip(offsets, span.shape))] = span.read()
+        self.verify()
         return out
+
+    def verify(self) -> None:
+        """Check what was read against the archive's checksums (reading whatever was not read in order)."""
+        for _, span in self.pieces:
+            if span.record is not None:
+                span.record.verify()
 
     def __len__(self) -> int:
         return self.size[0]
