@@ -6,6 +6,11 @@ a torch file through the restricted unpickler (``safe_pickle``), a DCP folder or
 sharded files merged into one state dict (``shards``). Add a format with one module that defines ``NAME``,
 ``LAYOUT`` (one line for messages), ``sniff(path, obj) -> bool`` and ``describe(path, obj) -> Found``,
 listed in ADAPTERS (the first whose ``sniff`` says yes reads it).
+
+``sniff`` and ``describe`` see shapes and dtypes only: ``describe`` (hence ``inspect``) reads files lazily,
+every tensor a meta tensor that knows where its bytes are (``stored``), so a value read there fails on any
+file, tiny test files included; values are for ``Found.build``. ``load_any`` reads everything;
+``load_streamed`` leaves the plain tables an adapter reports with ``FoundTable.stored`` in their files.
 """
 
 from __future__ import annotations
