@@ -124,10 +124,10 @@ def load_streamed(path: str | Path, hp: dict[str, str] | None = None) -> tuple[C
     found = _found(adapter, Path(path), obj, hp)  # described again over the tensors now in memory
     ckpt = found.checkpoint()
     ckpt.path = ckpt.path or Path(path)
-    for t in found.tables:
-        if t.stored is not None:
-            t.stored.name = f"{t.name}.weight"
-    return ckpt, {t.name: t.stored for t in found.tables if t.stored is not None}
+    rows = {t.name: t.stored for t in found.tables if t.stored is not None}
+    for table in rows.values():  # named in messages after every table it holds (one tensor may be saved for two)
+        table.name = " and ".join(f"{name}.weight" for name, other in rows.items() if other is table)
+    return ckpt, rows
 
 
 __all__ = ["ADAPTERS", "Found", "describe", "detect_format", "load_any", "load_streamed", "parse_hp"]

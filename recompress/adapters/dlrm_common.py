@@ -58,9 +58,10 @@ class UpTable:
 
 
 def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[Linear], *, where: str,
-               pad: int | None = None) -> Found:
+               pad: int | None = None, top_columns: list[int] | None = None) -> Found:
     """Tables and MLP layers of a DLRM; ``pad``: zero columns after the interaction (NVIDIA's padded dot),
-    found from the top MLP's input width when None."""
+    found from the top MLP's input width when None; ``top_columns``: the top MLP's first-layer columns in
+    recompress's order, taken at build time (describing reads shapes only)."""
     if not tables or not bottom or not top:
         raise UserError(f"{where}: no embedding tables or MLP layers found", "is this a DLRM checkpoint?")
     dim = int(bottom[-1][0].shape[0])
@@ -81,7 +82,7 @@ def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[
         raise UserError(f"{where}: top MLP input width {got} matches no dot interaction of {len(tables)} tables "
                         f"at width {dim} (dot: {widths[False]}, dot with itself: {widths[True]})",
                         "only the 'dot' interaction is supported ('cat' is not)")
-    found = Found(fmt, "dlrm", [t.found(concat) for t in tables], build=lambda hp: _build(hp, tables, bottom, top, where))
+    found = Found(fmt, "dlrm", [t.found(concat) for t in tables], build=lambda hp: _build(hp, tables, bottom, _reordered(top, top_columns), where))
     found.set("num_dense", int(bottom[0][0].shape[1]), "shapes")
     found.set("emb_dim", dim, "shapes")
     found.set("bottom", [int(w.shape[0]) for w, _ in bottom], "shapes")
@@ -97,6 +98,10 @@ def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[
         found.notes.append(f"QR tables ({', '.join(t.name for t in qr)}): rows = quotient rows x collisions, an upper "
                            "bound (dlrm stores ceil(n / c) quotient rows, not n)")
     return found
+
+
+def _reordered(top: list[Linear], columns: list[int] | None) -> list[Linear]:
+    return top if columns is None else [(top[0][0][:, columns], top[0][1]), *top[1:]]
 
 
 def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: list[Linear], where: str) -> Checkpoint:

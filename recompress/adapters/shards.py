@@ -82,6 +82,8 @@ def _sharded_tensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[in
             sizes.add(tuple(int(s) for s in meta.attr("size")))
             for shard in local:
                 tensor, md = shard.attr("tensor"), shard.attr("metadata")
+                if not isinstance(tensor, torch.Tensor):
+                    raise safe_pickle.BadFile(f"a local shard of {key} holds a {type(tensor).__name__}, not a tensor")
                 pieces.append((tuple(int(o) for o in md.attr("shard_offsets")), tensor))
     return _one_size(key, sizes), pieces
 
@@ -96,22 +98,28 @@ def _dtensor(key: str, values: list[tuple[Path, Stub]]) -> tuple[tuple[int, ...]
     for f, st in values:
         with safe_pickle.refusals(f, "DTensor"):
             spec = st.attr("_spec")
-            sizes.add(tuple(int(n) for n in spec.attr("tensor_meta").args[0]))  # TensorMeta(shape, stride, dtype)
-            coords = spec.attr("mesh").attr("_coordinate_on_dim")
-            placements = [type(p).__qualname__ for p in spec.attr("placements")]
-            dims = [int(p.attr("dim")) if kind == "Shard" else None for p, kind in zip(spec.attr("placements"), placements)]
+            size = tuple(int(n) for n in spec.attr("tensor_meta").args[0])  # TensorMeta(shape, stride, dtype)
+            placements = list(spec.attr("placements"))
+            kinds = [type(p).__qualname__ for p in placements]
+            bad = [kind for kind in kinds if kind not in ("Shard", "Replicate")]
+            if bad:
+                raise UserError(f"{f}: {key} is a DTensor placed as {', '.join(kinds)} ({bad[0]} is not read)",
+                                "save it with Shard(d) or Replicate placements (full_tensor() gathers any other)")
+            dims = [int(p.attr("dim")) if kind == "Shard" else None for p, kind in zip(placements, kinds)]
+            coords = [int(c) for c in spec.attr("mesh").attr("_coordinate_on_dim")]
             local = st.attr("_local_tensor")
-        bad = [kind for kind in placements if kind not in ("Shard", "Replicate")]
-        if bad or coords is None or len(coords) != len(dims):
-            raise UserError(f"{f}: {key} is a DTensor placed as {', '.join(placements)}"
-                            + ("" if not bad else f" ({bad[0]} is not read)"),
-                            "save it with Shard(d) or Replicate placements (full_tensor() gathers any other)")
-        sharded = [d for d in dims if d is not None]
-        if len(sharded) != len(set(sharded)):
-            raise UserError(f"{f}: {key} is sharded twice along one dimension ({placements})",
-                            "save it with one mesh dimension per tensor dimension, or as a DCP folder")
-        ranks.append(([int(c) for c in coords], dims, local))
+            sharded = [d for d in dims if d is not None]
+            if not isinstance(local, torch.Tensor) or len(coords) != len(dims) or min(coords, default=0) < 0 \
+                    or any(not 0 <= d < len(size) for d in sharded):
+                raise safe_pickle.BadFile(f"{key}'s DTensor record is inconsistent")
+            if len(sharded) != len(set(sharded)):
+                raise UserError(f"{f}: {key} is sharded twice along one dimension ({', '.join(kinds)})",
+                                "save it with one mesh dimension per tensor dimension, or as a DCP folder")
+        sizes.add(size)
+        ranks.append((coords, dims, local))
     size = _one_size(key, sizes)
+    if len({len(r[0]) for r in ranks}) != 1:
+        raise UserError(f"{key}: the files place it on meshes of different shapes", "the files come from different runs")
     mesh = [max(r[0][i] for r in ranks) + 1 for i in range(len(ranks[0][0]))]
     pieces: dict[tuple[int, ...], torch.Tensor] = {}
     for coords, dims, local in ranks:

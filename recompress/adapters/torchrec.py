@@ -69,16 +69,15 @@ def describe(path: Path, obj: Any) -> Found:
         fmts = {name: _quantized(name, sd[k], d, path) for name, k in bags if sd[k].dtype == torch.uint8}
         ambiguous = [n for n, f in fmts.items() if len(f) > 1]
         tables = [_up_table(name, sd[k], k, d, fmts.get(name)) for name, k in bags]
-        w0, b0 = over[0]
         perm = triu_permutation(len(tables))
-        if w0.shape[1] != d + len(perm):
-            raise UserError(f"{path}: over_arch input width {w0.shape[1]} is not D + F + F(F-1)/2 = {d + len(perm)} for "
-                            f"{len(tables)} tables of width {d}", "the state dict is inconsistent")
-        over[0] = (torch.cat([w0[:, :d], w0[:, d:][:, perm]], 1), b0)
-        found = dlrm_found(NAME, tables, dense, over, where=str(path))
+        if over[0][0].shape[1] != d + len(perm):
+            raise UserError(f"{path}: over_arch input width {over[0][0].shape[1]} is not D + F + F(F-1)/2 = "
+                            f"{d + len(perm)} for {len(tables)} tables of width {d}", "the state dict is inconsistent")
+        columns = [*range(d), *(d + p for p in perm)]
+        found = dlrm_found(NAME, tables, dense, over, where=str(path), top_columns=columns)
         found.notes.append("the over-arch's first layer is read with its pairwise-dot columns in dlrm's order")
         if ambiguous:  # the rows decode at build time, once the format is known
-            found.build = lambda hp: _build_quantized(hp, bags, sd, d, dense, over, path)
+            found.build = lambda hp: _build_quantized(hp, bags, sd, d, dense, over, path, columns)
             found.need("quantized_rows", ("int8", "int4"), f"tables {', '.join(ambiguous)} are uint8 rows of width {d}, "
                        "which int8 and int4 pad to the same bytes; TorchRec keeps the type in its configs")
         return found
@@ -106,11 +105,11 @@ def _up_table(name: str, w: torch.Tensor, key: str, dim: int, fmts: list[str] | 
 
 
 def _build_quantized(hp: dict[str, Any], bags: list[tuple[str, str]], sd: dict[str, torch.Tensor], dim: int,
-                     dense: list[Any], over: list[Any], path: Path) -> Any:
+                     dense: list[Any], over: list[Any], path: Path, columns: list[int]) -> Any:
     fmt = hp["quantized_rows"]
     tables = [_up_table(name, sd[k], k, dim, tbe_rows.formats_of(int(sd[k].shape[1]), dim) if sd[k].dtype == torch.uint8
                         else None, fmt) for name, k in bags]
-    return dlrm_found(NAME, tables, dense, over, where=str(path)).build(hp)
+    return dlrm_found(NAME, tables, dense, over, where=str(path), top_columns=columns).build(hp)
 
 
 def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
