@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +75,7 @@ def profile(path: Path, out: Path) -> list[dict]:
 
 
 def main() -> None:
-    from measure import timed  # bench/measure.py, beside this script
+    from measure import checkouts, timed  # bench/measure.py, beside this script
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -85,7 +84,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile this checkout's reader instead of timing it")
     a = ap.parse_args()
-    here = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -99,14 +97,8 @@ def main() -> None:
                                                "profiled_seconds": round(time.perf_counter() - t0, 2),
                                                "top_own_time": top}, indent=2) + "\n")
             return
-        readers = {"this checkout": here}
-        if a.baseline:
-            wt = tmp / "baseline"
-            subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(wt), a.baseline], check=True,
-                           capture_output=True)
-            readers[f"baseline {a.baseline}"] = wt
         results = []
-        try:
+        with checkouts(a.baseline, tmp / "baseline") as readers:
             for rep in range(a.repeats):
                 for name, root in readers.items():
                     out = tmp / f"ds-{rep}-{len(results)}"
@@ -118,9 +110,6 @@ def main() -> None:
                     results.append(r)
                     print(json.dumps(r), flush=True)
                     shutil.rmtree(out)
-        finally:
-            if a.baseline:
-                subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(wt)], check=False)
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "rows": a.rows, "file_bytes": size,
                                        "results": results}, indent=2) + "\n")
 

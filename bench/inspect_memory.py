@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import timed  # bench/measure.py, beside this script
+from measure import checkouts, timed  # bench/measure.py, beside this script
 from stream_memory import make_dcp
 
 
@@ -28,17 +28,11 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="git revision whose inspect runs too, interleaved")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    here = Path(__file__).resolve().parents[1]
     results = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         src = Path(tmp) / "dcp"
         table = make_dcp(src, a.rows, 64)
-        trees = {"this checkout": here}
-        if a.baseline:
-            trees[f"baseline {a.baseline}"] = Path(tmp) / "baseline"
-            subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(trees[f"baseline {a.baseline}"]),
-                            a.baseline], check=True, capture_output=True)
-        try:
+        with checkouts(a.baseline, Path(tmp) / "baseline") as trees:
             outputs = {}
             for repeat in range(a.repeats):
                 for name, tree in trees.items():
@@ -50,10 +44,6 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
             if len(set(outputs.values())) != 1:
                 raise SystemExit(f"the outputs differ: {outputs}")
-        finally:
-            if a.baseline:
-                subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(trees[f"baseline {a.baseline}"])],
-                               check=False)
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "results": results}, indent=2) + "\n")
 
 

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,6 +21,23 @@ def timed(cmd: list[str], digits: int = 2) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
     return {"seconds": round(wall, digits), "peak_rss_bytes": peak}
+
+
+@contextmanager
+def checkouts(baseline: str | None, at: Path) -> Iterator[dict[str, Path]]:
+    """{"this checkout": the repository, "baseline REV": a git worktree of REV made at ``at``} (the worktree only
+    when ``baseline`` is given, and removed afterwards), for benchmarks that compare revisions in one run."""
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this checkout": here}
+    if baseline:
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(at), baseline], check=True,
+                       capture_output=True)
+        trees[f"baseline {baseline}"] = at
+    try:
+        yield trees
+    finally:
+        if baseline:
+            subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(at)], check=False)
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> str:

@@ -46,7 +46,7 @@ import io
 import pickle
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,7 +322,7 @@ class _WindowReader(io.RawIOBase):
 
     def __init__(self, w: Window) -> None:
         super().__init__()
-        self.f, self.start, self.pos = open(w.path, "rb"), w.start, 0  # noqa: SIM115 (closed with the reader)
+        self.f, self.path, self.start, self.pos = open(w.path, "rb"), w.path, w.start, 0  # noqa: SIM115 (closed with the reader)
         size = self.f.seek(0, io.SEEK_END)
         self.length = size - w.start if w.length is None else w.length
         if w.start + self.length > size:
@@ -373,14 +373,13 @@ def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy
     """The object in a ``torch.save`` zip (a file, its bytes, or a window of a file such as one item of a DCP
     data file), through the allow-list (see the module docstring); ``where`` names it in errors. ``lazy``
     (files and windows): every storage stays in the file (however small: a small shard of a big table must
-    not make the table eager), and the tensors
-    over them are lazy (``stored``): meta tensors that know where their bytes are."""
+    not make the table eager), and the tensors over them are lazy (``stored``): meta tensors that know where
+    their bytes are."""
     where = where or (source.path if isinstance(source, Window) else source)
-    window = Window(source) if isinstance(source, Path) and lazy else source
     with refusals(where, "torch file"):
         handle = io.BytesIO(source) if isinstance(source, bytes) else \
-            _WindowReader(window) if isinstance(window, Window) else source
-        with handle if isinstance(handle, _WindowReader) else nullcontext(), zipfile.ZipFile(handle) as z:
+            _WindowReader(source if isinstance(source, Window) else Window(source))
+        with handle, zipfile.ZipFile(handle) as z:
             names = z.namelist()
             pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
             if len(pkl) != 1:
@@ -389,7 +388,6 @@ def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy
             if f"{root}byteorder" in names and _member(z, f"{root}byteorder").strip() not in (b"", b"little"):
                 raise BadFile("a big-endian file")
             cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-            handle_path = window.path if isinstance(window, Window) else None
 
             def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
                 if (key, dtype) not in cache:
@@ -403,7 +401,7 @@ def load(source: Path | bytes | Window, where: str | Path | None = None, *, lazy
                             raise BadFile(f"the storage {name} holds {info.file_size:,} bytes, expected {nbytes:,}")
                         cache[key, dtype] = torch.empty(numel, dtype=dtype, device="meta")
                         setattr(cache[key, dtype], STORAGE_AT,
-                                stored.Record(handle_path, handle.start + begin, info.file_size, info.CRC))
+                                stored.Record(handle.path, handle.start + begin, info.file_size, info.CRC))
                         return cache[key, dtype]
                     raw, itemsize = bytearray(_member(z, name)), torch.empty(0, dtype=dtype).element_size()
                     if len(raw) < numel * itemsize:

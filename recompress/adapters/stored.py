@@ -24,6 +24,13 @@ from recompress.blockfile import check_finite, read_into
 from recompress.errors import UserError
 
 ATTR = "_recompress_stored"
+BLOCK_BYTES = 1 << 24
+
+
+def _read_at(fd: int, path: Path, offset: int, out: Tensor) -> None:
+    """``read_into``, refusing a file that ends first."""
+    if not read_into(fd, offset, out):
+        raise UserError(f"{path} ends inside a tensor (truncated?)", "copy the checkpoint again")
 
 
 class Record:
@@ -48,8 +55,7 @@ class Record:
         try:
             while self.seen < self.length:
                 block = torch.empty(min(BLOCK_BYTES, self.length - self.seen), dtype=torch.uint8)
-                if not read_into(fd, self.begin + self.seen, block):
-                    raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
+                _read_at(fd, self.path, self.begin + self.seen, block)
                 self.saw(self.begin + self.seen, block)
         finally:
             os.close(fd)
@@ -57,9 +63,6 @@ class Record:
             raise UserError(f"{self.path}: a tensor's bytes do not match the CRC-32 its archive records (damaged)",
                             "copy the checkpoint again")
         self.ok = True
-
-
-BLOCK_BYTES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -93,18 +96,15 @@ class Span:
             if self.row_major:
                 if out is None:
                     out = torch.empty((stop - start, *self.shape[1:]) if self.shape else (), dtype=self.dtype)
-                offset = self.begin + start * math.prod(self.shape[1:]) * self.dtype.itemsize
-                ok = read_into(fd, offset, out)
-                seen = out
+                offset, seen = self.begin + start * math.prod(self.shape[1:]) * self.dtype.itemsize, out
+                _read_at(fd, self.path, offset, seen)
             else:  # a strided view (never a table of ours): its storage's extent, then the view copied
                 extent = sum((n - 1) * st for n, st in zip(self.shape, self.stride)) + 1 if all(self.shape) else 0
                 offset, seen = self.begin, torch.empty(extent, dtype=self.dtype)
-                ok = read_into(fd, offset, seen)
+                _read_at(fd, self.path, offset, seen)
                 out = torch.as_strided(seen, self.shape, self.stride).clone()[start:stop]
         finally:
             os.close(fd)
-        if not ok:
-            raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
         if self.record is not None:
             self.record.saw(offset, seen)
         return out
