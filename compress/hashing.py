@@ -116,8 +116,9 @@ def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: 
 
 
 def _fit_hash(t: HashedTable, w: Rows, weights: torch.Tensor | None) -> None:
-    t.weight.data.copy_(segment_fit(t.rows, t.buckets, lambda s, e: (
-        w[s:e].double(), t.bucket(torch.arange(s, e)), None, _part(weights, s, e))).float())
+    """Each bucket's weighted mean, summed straight into the table (float32: about ``ratio`` rows per bucket)."""
+    segment_fit(t.rows, t.buckets, lambda s, e: (w[s:e].double(), t.bucket(torch.arange(s, e)), None,
+                                                 _part(weights, s, e)), out=t.weight.data)
 
 
 def _qr_step(c: int) -> int:

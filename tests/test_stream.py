@@ -115,12 +115,17 @@ def _peak_rss(args: list[str]) -> int:
     return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout)
 
 
-def test_int8_of_a_big_table_does_not_load_it(tmp_path):
-    """A 2M x 64 table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on a
-    1,000-row table (the process's own memory); loading the table, as the old path did, takes > 1x."""
+def _bench():
     spec = importlib.util.spec_from_file_location("stream_memory", ROOT / "bench" / "stream_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_int8_of_a_big_table_does_not_load_it(tmp_path):
+    """A 2M x 64 table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on a
+    1,000-row table (the process's own memory); loading the table, as the old path did, takes > 1x."""
+    bench = _bench()
     table = bench.make_checkpoint(tmp_path / "big", 2_000_000, 64)
     bench.make_checkpoint(tmp_path / "small", 1000, 64)
     run = [sys.executable, "-m", "recompress", "checkpoint"]
@@ -133,6 +138,22 @@ def test_int8_of_a_big_table_does_not_load_it(tmp_path):
     packed = torch.ops.quantized.embedding_bag_byte_prepack(rows)
     assert torch.equal(got.read("tables.C1.stores.weight.data", 1_999_000), packed[:, :64])
     assert torch.equal(got.read("tables.C1.stores.weight.scale", 1_999_000), packed[:, 64:68].contiguous().view(torch.float32)[:, 0])
+
+
+def test_the_hashing_fit_holds_its_output_once(tmp_path):
+    """hash --ratio 4 of a 2M x 64 table (512 MB) -> 500k buckets (128 MB of float32 output): the fit sums into
+    the output itself, so the run stays within 1.5x the output plus ~160 MB of row blocks (65,536 rows in
+    float64, a few at a time) over the same command on 1,000 rows. Summing in a float64 accumulator, then
+    copying it to float32, took 2x the output more (394 MB over, here 343 MB is the limit)."""
+    bench = _bench()
+    bench.make_checkpoint(tmp_path / "big", 2_000_000, 64)
+    bench.make_checkpoint(tmp_path / "small", 1000, 64)
+    run = [sys.executable, "-m", "recompress", "checkpoint"]
+    hashed = ["--method", "hash", "--ratio", "4"]
+    base = _peak_rss([*run, str(tmp_path / "small"), *hashed, "-o", str(tmp_path / "o1")])
+    peak = _peak_rss([*run, str(tmp_path / "big"), *hashed, "-o", str(tmp_path / "o2")])
+    output = 500_000 * 64 * 4
+    assert peak - base < 1.5 * output + (160 << 20), (peak, base)
 
 
 def test_streaming_never_allocates_the_dense_table(tmp_path, monkeypatch):
