@@ -314,19 +314,24 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @data.command("sequences")
 @click.argument("source", type=click.Path(dir_okay=False))
 @out_option("dataset folder")
-@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens", "gr"]), default=None,
               help="lines: 'u i1 i2 ...'; pairs: 'u i' per line in time order; recbole: an atomic .inter file; "
-                   "movielens: ratings.csv (default: detected from the first lines)")
+                   "movielens: ratings.csv; gr: generative-recommenders' sasrec_format.csv (default: detected from "
+                   "the first lines)")
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
 @click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "
               "leave-one-out needs; 4 with --layout sasrec]")
-@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole"]), default="recompress",
+@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole", "gr"]), default="recompress",
               show_default=True,
               help="whose ids, order and evaluation rules, to evaluate a model another trainer made on this file: "
                    "recompress (ids numbered by first appearance); sasrec (SASRec.pytorch's data_partition and "
                    "evaluate: the file's own ids, users with 4+ items, negatives not in the user's training items); "
                    "recbole (RecBole's atomic-file pipeline: ids by first appearance in the file, its float32 time "
-                   "order, full ranking over every item)")
+                   "order, full ranking over every item); gr (generative-recommenders' research trainer: the file's "
+                   "own ids, full ranking over the catalogue less the history window's items)")
+@click.option("--items", type=click.Path(dir_okay=False), default=None,
+              help="--layout gr: the catalogue full ranking ranks, a CSV with a movie_id, movieId or item_id column "
+                   "(e.g. the movies.csv its DataProcessor writes) [default: every item of the file]")
 @OVERWRITE
 def data_sequences(source: str, out: str, fmt: str | None, **kw: Any) -> None:
     """Read item sequences (one per user) into a leave-one-out dataset: the last item is the test target,

@@ -115,7 +115,8 @@ def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = N
     Ties are broken uniformly at random (seeded, so reruns agree): the target ranks after the candidates
     that score higher and at a uniform place among those that score the same, as an arbitrary pick by a
     server would in expectation. A constant scorer thus ranks like a random one, and items that share a
-    row (hashed tables) share its rank fairly instead of all ranking last.
+    row (hashed tables) share its rank fairly instead of all ranking last. A target that ``exclude`` marks
+    ranks after every candidate.
     """
     scores = np.asarray(scores, dtype=np.float64)
     rows = np.arange(len(scores))
@@ -127,4 +128,8 @@ def ranks(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = N
         tied &= ~exclude
     ties = tied.sum(1)
     place = np.floor(np.random.default_rng(0).random(len(scores)) * (ties + 1)).astype(np.int64)
-    return ahead.sum(1).astype(np.int64) + place
+    out = ahead.sum(1).astype(np.int64) + place
+    if exclude is not None:
+        missed = exclude[rows, target]
+        out[missed] = (~exclude[missed]).sum(1)
+    return out

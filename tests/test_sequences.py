@@ -182,3 +182,100 @@ def test_sasrec_layout_draws_negatives_outside_the_training_items_only(tmp_path)
         drawn[layout] = set(inputs["candidates"][0, 1:].tolist())
     assert {3, 4} <= drawn["sasrec"] and not drawn["sasrec"] & {1, 2}  # SASRec.pytorch: anything not in train[u]
     assert drawn["recompress"] <= set(range(5, 31))  # ours: items the user never had
+
+
+def write_gr(path, users):
+    """``sasrec_format.csv`` as generative-recommenders' DataProcessor.to_seq_data + to_csv write it: an index
+    column, users shuffled, each list comma-joined (so quoted) in time order."""
+    lines = ["index,user_id,sequence_item_ids,sequence_ratings,sequence_timestamps"]
+    for k, (u, items) in enumerate(users.items()):
+        times = [1_000_000 + 60 * j for j in range(len(items))]
+        lines.append(f'{k},{u},"{",".join(map(str, items))}","{",".join("4.0" for _ in items)}",'
+                     f'"{",".join(map(str, times))}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GR_USERS = {7: [3, 9, 4, 12, 9], 2: [5, 3, 4], 11: [8, 3, 5, 9, 2, 6, 3], 4: [2, 20, 4, 6]}
+
+
+def test_gr_layout_keeps_the_files_ids_order_and_times_and_the_catalogue(tmp_path):
+    src = write_gr(tmp_path / "sasrec_format.csv", GR_USERS)
+    assert detect_format(src) == "gr"
+    (tmp_path / "movies.csv").write_text("movie_id,title,genres\n" + "".join(
+        f'{i},"Film {i}, The (1999)",Drama\n' for i in (2, 3, 4, 5, 6, 8, 9, 12, 25)))
+    d = open_dataset(prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "movies.csv"))
+    assert np.load(d.path / "user_ids.npy").tolist() == ["7", "2", "11", "4"]  # the file's order
+    for u, items in enumerate(GR_USERS.values()):  # the file's ids as rows, in the file's order
+        assert np.asarray(d.items[d.offsets[u]:d.offsets[u + 1]]).tolist() == items
+    assert np.asarray(d.times[d.offsets[2]:d.offsets[3]]).tolist() == [1_000_000 + 60 * j for j in range(7)]
+    assert d.num_items == 25  # rows up to the catalogue's largest id (upstream: expected_max_item_id + 1 rows)
+    assert np.flatnonzero(d.catalogue).tolist() == [2, 3, 4, 5, 6, 8, 9, 12, 25]  # 20 is rated, not listed
+    plain = open_dataset(prepare_sequences(src, tmp_path / "p", layout="gr"))
+    assert plain.num_items == 20 and np.flatnonzero(plain.catalogue).tolist() == [2, 3, 4, 5, 6, 8, 9, 12, 20]
+
+
+def test_gr_layout_shifts_zero_based_ids_by_one_as_amzn_books_reads_them(tmp_path):
+    src = write_gr(tmp_path / "s.csv", {1: [0, 4, 2], 2: [3, 0, 1, 2]})
+    d = open_dataset(prepare_sequences(src, tmp_path / "d", layout="gr"))
+    assert np.asarray(d.items).tolist() == [1, 5, 3, 4, 1, 2, 3] and d.num_items == 5 and d.meta["id_shift"] == 1
+    assert d.catalogue.tolist() == [False] + [True] * 5
+
+
+def upstream_rank(scores, catalogue, window, target, max_k=2500):
+    """generative-recommenders' eval_metrics_v2_from_tensors, written out: candidates = the catalogue less the
+    window's ids; the target's 1-based place among them by score, or max_k + 1 when it is not among the first
+    max_k (or filtered)."""
+    cands = [i for i in catalogue if i not in set(window)]
+    top = sorted(cands, key=lambda i: -scores[i])[:max_k]
+    return top.index(target) + 1 if target in top else max_k + 1
+
+
+def test_gr_layout_ranks_as_generative_recommenders_eval(tmp_path):
+    """The window (max_len 3) is filtered, not the whole history: user 11's target 3 is also its first item
+    (outside the window) and is ranked; user 7's target 9 is in its window, so upstream never finds it."""
+    from recompress.families import get_family
+    src = write_gr(tmp_path / "sasrec_format.csv", GR_USERS)
+    (tmp_path / "movies.csv").write_text("movieId,title\n" + "".join(f"{i},x\n" for i in (2, 3, 4, 5, 6, 8, 9, 12, 25)))
+    d = open_dataset(prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "movies.csv"))
+    fam = get_family("hstu")
+    (inputs, truth), = fam.eval_batches({"max_len": 3}, d, "test", "full")
+    assert inputs["history"].tolist() == [[9, 4, 12], [0, 5, 3], [9, 2, 6], [2, 20, 4]]
+    scores = np.random.default_rng(0).normal(size=(4, d.num_items + 1))
+    mine, count = fam.reduce(scores, truth)
+    catalogue = np.flatnonzero(d.catalogue).tolist()
+    for u, items in enumerate(GR_USERS.values()):
+        expected = upstream_rank(scores[u], catalogue, items[-4:-1], items[-1])
+        if items[-1] in items[-4:-1]:  # filtered: upstream gives MAX_K + 1; here it ranks after every candidate
+            assert u == 0 and expected == 2501 and mine[u] == count[u] - 1 == len(set(catalogue) - set(items[-4:-1]))
+        else:
+            assert mine[u] + 1 == expected
+    assert mine[2] + 1 == upstream_rank(scores[2], catalogue, [9, 2, 6], 3)  # in its history, not its window
+
+
+@pytest.mark.parametrize("text,message", [
+    ("user_id,sequence_item_ids\n1,\"1,2,3\"\n", "no sequence_timestamps column"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,2\"\n", "has 3 items and 2 timestamps"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,2,x\"\n", "timestamp of user 1 is not a number"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,2,3\"\n1,\"4,5,6\",\"1,2,3\"\n",
+     "user 1 has a second row"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"a,b,c\",\"1,2,3\"\n", "item ids are not all integers"),
+])
+def test_gr_files_that_are_wrong_are_refused_by_name(tmp_path, text, message):
+    (tmp_path / "s.csv").write_text(text)
+    with pytest.raises(UserError, match=message):
+        prepare_sequences(tmp_path / "s.csv", tmp_path / "d", layout="gr", fmt="gr")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_gr_catalogue_must_be_one(tmp_path):
+    src = write_gr(tmp_path / "s.csv", GR_USERS)
+    (tmp_path / "m.csv").write_text("title\nx\n")
+    with pytest.raises(UserError, match="none of the columns movie_id, movieId, item_id"):
+        prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("movie_id\n3\n-1\n")
+    with pytest.raises(UserError, match="item id '-1' is not a positive integer"):
+        prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")
+    with pytest.raises(UserError, match="--items names the catalogue of --layout gr"):
+        prepare_sequences(src, tmp_path / "d", items=tmp_path / "m.csv")
+    assert not (tmp_path / "d").exists()

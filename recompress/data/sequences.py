@@ -5,7 +5,10 @@ Readers (``--format``, detected from the first lines when not given):
 - ``pairs``: ``u i`` per line, a user's lines in time order (SASRec's and BERT4Rec's files);
 - ``recbole``: RecBole atomic ``.inter`` files (typed header, e.g. ``user_id:token item_id:token
   timestamp:float``); each user's rows sorted by timestamp (file order breaks ties);
-- ``movielens``: MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``), sorted the same way.
+- ``movielens``: MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``), sorted the same way;
+- ``gr``: generative-recommenders' ``sasrec_format.csv`` (what its DataProcessor writes and its research
+  trainer reads): a header, then one user per row, ``user_id`` and comma-joined ``sequence_item_ids`` and
+  ``sequence_timestamps`` (quoted), already in time order (kept as the file has it).
 
 Users with fewer than ``min_items`` (3) interactions are dropped (and counted): leave-one-out needs a
 training item, a validation item (the second to last) and a test item (the last). Item ids are remapped
@@ -21,14 +24,22 @@ Layouts (``--layout``), so that a model trained elsewhere sees the ids and users
 - ``recbole``: RecBole's sequential pipeline for atomic files (leave-one-out, time order): items numbered
   by first appearance in the file (every item of the file has a row), each user's interactions sorted
   by the timestamp min-max scaled to float32 (ties in file order), and full ranking excludes only the
-  padding item, not the user's history (RecBole masks only [PAD] for sequential models). Layout:
+  padding item, not the user's history (RecBole masks only [PAD] for sequential models);
+- ``gr``: generative-recommenders' research DatasetV2 and eval: the file's own ids (item N is row N; a file
+  with id 0, amzn-books' 0-based codes, is shifted by one, as its ``shift_id_by=1``), users in file order,
+  and full ranking as its ``eval_metrics_v2_from_tensors`` ranks: every item of the catalogue
+  (``items``: e.g. its processed ``movies.csv``, rated or not; default every item of the file) except the
+  ids in the model's history window (the last ``max_len`` items), which it filters from its top k.
+Layout:
 ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
 start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
-``user_ids.npy`` (original ids). Splits are views of these arrays, never copies.
+``user_ids.npy`` (original ids), ``catalogue.npy`` (bool per row: ranked by full ranking; when the layout
+names a catalogue). Splits are views of these arrays, never copies.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -46,8 +57,9 @@ from recompress.progress import progress, say
 from .vocabularies import fingerprint
 
 META = "meta.json"
-FORMATS = ("lines", "pairs", "recbole", "movielens")
-LAYOUTS = ("recompress", "sasrec", "recbole")
+FORMATS = ("lines", "pairs", "recbole", "movielens", "gr")
+LAYOUTS = ("recompress", "sasrec", "recbole", "gr")
+CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
 SPLITS = ("train", "val", "test")
 
 
@@ -84,6 +96,8 @@ def detect_format(path: Path) -> str:
         return "recbole"
     if head.replace(" ", "").lower().startswith("userid,movieid"):
         return "movielens"
+    if "sequence_item_ids" in head.split(","):
+        return "gr"
     widths = {len(x.split()) for x in first}
     if widths == {2}:
         return "pairs"
@@ -93,11 +107,88 @@ def detect_format(path: Path) -> str:
                     f"name it with --format ({', '.join(FORMATS)})")
 
 
+def _catalogue(path: Path) -> list[int]:
+    """The item ids of a catalogue CSV: its ``movie_id``, ``movieId`` or ``item_id`` column (e.g. the
+    ``movies.csv`` that generative-recommenders' DataProcessor writes, or GroupLens's own)."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file", "pass the catalogue CSV (e.g. movies.csv) to --items")
+    with _open_text(path) as f:
+        try:
+            rows = csv.reader(f)
+            header = next(rows, [])
+            column = next((header.index(c) for c in CATALOGUE_COLUMNS if c in header), None)
+            if column is None:
+                raise UserError(f"{path} line 1: header has none of the columns {', '.join(CATALOGUE_COLUMNS)}",
+                                "pass a CSV whose header names the item id column (e.g. movies.csv)")
+            ids = [row[column].strip() for row in rows if row]
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a text file (not UTF-8)", "pass the catalogue CSV (e.g. movies.csv)") from None
+    bad = next((x for x in ids if not x.isdigit() or int(x) < 1), None)
+    if bad is not None or not ids:
+        raise UserError(f"{path}: item id {bad!r} is not a positive integer" if ids else f"{path} lists no item",
+                        "the catalogue lists the positive integer ids that the sequence file uses")
+    return sorted({int(x) for x in ids})
+
+
+def _gr_events(path: Path) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
+    """:func:`_events` of a generative-recommenders ``sasrec_format.csv``: each row's lists as the file orders
+    them (its DataProcessor sorted them by time; its DatasetV2 reads them as they are)."""
+    where = str(path)
+    with _open_text(path) as f:
+        try:
+            return _gr_rows(csv.reader(f), where)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a text file (not UTF-8)", "pass generative-recommenders' sasrec_format.csv") from None
+
+
+def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
+    """The rows of a ``csv.reader`` over a ``sasrec_format.csv`` (see :func:`_gr_events`)."""
+    header = next(rows, None)
+    if header is None:
+        raise UserError(f"{where} is empty", "pass generative-recommenders' sasrec_format.csv")
+    want = ("user_id", "sequence_item_ids", "sequence_timestamps")
+    missing = [w for w in want if w not in header]
+    if missing:
+        raise UserError(f"{where} line 1: header has no {', '.join(missing)} column",
+                        "a generative-recommenders sequence file starts with a header naming " + ", ".join(want))
+    at = [header.index(w) for w in want]
+    users, items, times = [], [], []
+    seen: set[str] = set()
+    for row in rows:
+        number = rows.line_num
+        if not row:
+            continue
+        if len(row) < len(header):
+            raise UserError(f"{where} line {number}: {len(row)} fields, the header has {len(header)}",
+                            "every row needs a value for every header column")
+        user, ids, ts = (row[i].strip() for i in at)
+        its = [x.strip() for x in ids.split(",")]
+        try:
+            tss = [float(x) for x in ts.split(",")]
+        except ValueError:
+            raise UserError(f"{where} line {number}: a timestamp of user {user} is not a number",
+                            "timestamps are seconds since the epoch") from None
+        if not user or not all(its):
+            raise UserError(f"{where} line {number}: empty user or item id", "every row names a user and its items")
+        if len(its) != len(tss):
+            raise UserError(f"{where} line {number}: user {user} has {len(its)} items and {len(tss)} timestamps",
+                            "sequence_item_ids and sequence_timestamps list one entry per interaction")
+        if user in seen:
+            raise UserError(f"{where} line {number}: user {user} has a second row", "one row per user")
+        seen.add(user)
+        users.append(user)
+        items.append(its)
+        times.append(tss)
+    return users, items, times, list(dict.fromkeys(it for s in items for it in s))
+
+
 def _events(path: Path, fmt: str, recbole_order: bool = False
             ) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """(users in order of first appearance, their item lists, their timestamps or None, every item in order of
     first appearance in the file), in time order: ties in file order; ``recbole_order``: by the timestamp
     min-max scaled and stored in float32, as RecBole sorts (which ties some distinct seconds)."""
+    if fmt == "gr":
+        return _gr_events(path)
     seqs: dict[str, list[tuple[float, int, str]]] = {}
     has_time = fmt in ("recbole", "movielens")
     where = str(path)
@@ -167,11 +258,14 @@ def _recbole_key(times: list[float]) -> Any:
 
 
 def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
-                      min_items: int | None = None, layout: str = "recompress", overwrite: bool = False) -> Path:
+                      min_items: int | None = None, layout: str = "recompress", items: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
     """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out`` (``layout``: whose
-    ids, users and sampled negatives; see the module docstring)."""
+    ids, users and evaluation rules; ``items``: the catalogue of ``--layout gr``; see the module docstring)."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}", f"choose from {', '.join(LAYOUTS)}")
+    if items is not None and layout != "gr":
+        raise UserError("--items names the catalogue of --layout gr", "pass --layout gr, or leave --items out")
     min_items = min_items if min_items is not None else (4 if layout == "sasrec" else 3)
     if min_items < 3:
         raise UserError(f"--min-items {min_items} leaves users without a training, validation and test item",
@@ -186,7 +280,8 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     if max_len is not None and max_len < min_items:
         raise UserError(f"--max-len {max_len} leaves no user with the {min_items} items leave-one-out needs",
                         f"pass --max-len {min_items} or more")
-    check_output(out, overwrite=overwrite, inputs=[source])
+    catalogue = _catalogue(Path(items)) if items is not None else None
+    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None else []))
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
     users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole")
@@ -195,19 +290,29 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
         meta["sampled_negatives"] = "not in train"
     if layout == "recbole":
         meta["full_ranking_excludes"] = "padding"
+    if layout == "gr":
+        meta["full_ranking_excludes"] = "window"
+        meta["catalogue"] = str(Path(items).resolve()) if items is not None else "the items of the file"
+        if any(it == "0" for s in item_lists for it in s):  # 0-based ids: amzn-books' DatasetV2(shift_id_by=1)
+            item_lists = [[str(int(it) + 1) if it.isdigit() else it for it in s] for s in item_lists]
+            catalogue = [i + 1 for i in catalogue] if catalogue is not None else None
+            meta["id_shift"] = 1
+        if catalogue is None:
+            catalogue = sorted({int(it) for s in item_lists for it in s if it.isdigit()})
     write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source], meta=meta,
-                    max_len=max_len, min_items=min_items, keep_ids=layout == "sasrec", where=str(source),
-                    item_order=first_seen if layout == "recbole" else None)
+                    max_len=max_len, min_items=min_items, keep_ids=layout in ("sasrec", "gr"), where=str(source),
+                    item_order=first_seen if layout == "recbole" else None, catalogue=catalogue)
     return Path(out)
 
 
 def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any]], time_lists: list[list[float]] | None,
                     *, meta: dict[str, Any], max_len: int | None = None, min_items: int = 3, overwrite: bool = False,
                     inputs: tuple = (), keep_ids: bool = False, where: str = "the source",
-                    item_order: list[Any] | None = None) -> Path:
+                    item_order: list[Any] | None = None, catalogue: list[int] | None = None) -> Path:
     """Remap ids (by first appearance in the kept users' sequences, or in ``item_order``; or, ``keep_ids``,
-    use the source's positive integer ids as rows), drop short users, and write the dataset folder (used by
-    the readers and the generator)."""
+    use the source's positive integer ids as rows, up to the largest of the file and ``catalogue``), drop short
+    users, and write the dataset folder (used by the readers and the generator); ``catalogue``: the ids full
+    ranking ranks (``keep_ids`` only)."""
     if keep_ids:
         try:
             item_lists = [[int(it) for it in s] for s in item_lists]
@@ -229,8 +334,8 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
     if item_order is not None:  # every item of the file has a row, the dropped users' too
         item_index = {it: i + 1 for i, it in enumerate(item_order)}
         flat = [item_index[it] for i in keep for it in item_lists[i]]
-    elif keep_ids:  # row = id; every id up to the largest in the whole file has a row
-        top = max(max(s) for s in item_lists)
+    elif keep_ids:  # row = id; every id up to the largest in the whole file (and the catalogue) has a row
+        top = max(max(max(s) for s in item_lists), max(catalogue, default=0) if catalogue is not None else 0)
         item_index = {i: i for i in range(1, top + 1)}
         flat = [it for i in keep for it in item_lists[i]]
     else:
@@ -258,6 +363,10 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
             np.save(tmp / "times.npy", np.asarray([t for i in keep for t in time_lists[i]], dtype=np.int64))
         np.save(tmp / "item_ids.npy", np.asarray([""] + [str(k) for k in item_index]))
         np.save(tmp / "user_ids.npy", np.asarray([str(users[i]) for i in keep]))
+        if catalogue is not None:
+            ranked = np.zeros(len(item_index) + 1, dtype=bool)
+            ranked[np.asarray(catalogue, dtype=np.int64)] = True
+            np.save(tmp / "catalogue.npy", ranked)
         (tmp / META).write_text(json.dumps(body, indent=2) + "\n")
     say(f"{len(keep):,} users, {len(item_index):,} items, {len(items):,} interactions"
         + (f"; dropped {dropped:,} users with fewer than {min_items} interactions" if dropped else "") + f" -> {out}")
@@ -277,6 +386,8 @@ class SequenceDataset:
         self.items = np.load(path / "items.npy", mmap_mode="r")
         self.offsets = np.load(path / "offsets.npy")
         self.times = np.load(path / "times.npy", mmap_mode="r") if self.meta.get("has_times") else None
+        ranked = path / "catalogue.npy"
+        self.catalogue: np.ndarray | None = np.load(ranked) if ranked.exists() else None  # items full ranking ranks
 
     @property
     def fingerprint(self) -> str:

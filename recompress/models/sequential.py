@@ -270,18 +270,36 @@ class SequentialFamily(Family):
             if self.uses_times(hparams):
                 q = self.query_time(hparams)
                 inputs["timestamps"] = data.windows(u, ends[u] + q, length + q, data.times)
-            if protocol == "full":  # RecBole's layout ranks the user's own items too (it masks only padding)
+            if protocol == "full":
                 inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
-                exclude = seen.copy() if data.meta.get("full_ranking_excludes") != "padding" else np.zeros_like(seen)
-                exclude[np.arange(len(u)), targets[s:s + len(u)]] = False
-                exclude[:, 0] = True
-                yield inputs, (targets[s:s + len(u)], exclude)
+                yield inputs, (targets[s:s + len(u)], self.excluded(data, seen, inputs["history"], targets[s:s + len(u)]))
             else:  # SASRec.pytorch's evaluate excludes only the training items (--layout sasrec)
                 train_only = data.meta.get("sampled_negatives") == "not in train"
                 neg = sample_negatives(rng, data.num_items, (len(u), negatives),
                                        seen=self.seen(data, u, data.history_end("val")[u]) if train_only else seen)
                 inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
                 yield inputs, (np.zeros(len(u), dtype=np.int64), None)
+
+    @staticmethod
+    def excluded(data: Any, seen: np.ndarray, history: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """``[B, N + 1]`` True for items full ranking skips, by the dataset's rule (``full_ranking_excludes``):
+        ``history`` (the default) the user's earlier items but not the target; ``padding`` nothing else (RecBole's
+        layout); ``window`` the items of the model's history window, the target too when it is one of them, so
+        that it ranks after every candidate (generative-recommenders' eval filters the window's ids from its top
+        k); and the items outside the dataset's catalogue, where it has one."""
+        rule = data.meta.get("full_ranking_excludes", "history")
+        if rule == "window":
+            exclude = np.zeros_like(seen)
+            exclude[np.arange(len(history))[:, None], history] = True
+        elif rule == "padding":
+            exclude = np.zeros_like(seen)
+        else:
+            exclude = seen.copy()
+            exclude[np.arange(len(targets)), targets] = False
+        exclude[:, 0] = True
+        if data.catalogue is not None:
+            exclude |= ~data.catalogue
+        return exclude
 
     @staticmethod
     def seen(data: Any, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -299,8 +317,10 @@ class SequentialFamily(Family):
         scores = np.asarray(output)
         if scores.shape[0] != len(target):  # candidates shared by the batch
             scores = np.broadcast_to(scores, (len(target), scores.shape[1]))
-        count = (~exclude).sum(1) if exclude is not None else np.full(len(target), scores.shape[1])
-        return ranks(scores, target, exclude), count
+        if exclude is None:
+            return ranks(scores, target), np.full(len(target), scores.shape[1])
+        missed = exclude[np.arange(len(target)), target]  # a target the rule skips counts as ranked last
+        return ranks(scores, target, exclude), (~exclude).sum(1) + missed
 
     # --- serving ----------------------------------------------------------------------------------------
     def scorer(self, model: nn.Module, scoring: str | None = None) -> nn.Module:
