@@ -15,6 +15,7 @@
 #                                          1.8.0 --no-deps, recompress --no-deps -e .)
 #                                          upstream-hstu (needs GR_REPO, a facebookresearch/generative-recommenders
 #                                          checkout, and HSTU_PYTHON, an interpreter with torch, gin-config, pandas)
+#                                          upstream-hstu-accuracy (the same two; upstream trains ~20 min)
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
@@ -101,6 +102,10 @@ for s in $sections; do
     upstream-hstu) python bench/upstream_hstu.py --repo "${GR_REPO:?set GR_REPO to a facebookresearch/generative-recommenders checkout}" \
                      --python "${HSTU_PYTHON:?set HSTU_PYTHON to an interpreter with torch, gin-config and pandas}" \
                      --out $r/upstream_hstu.json ;;
+    upstream-hstu-accuracy) python bench/upstream_hstu_accuracy.py \
+                     --repo "${GR_REPO:?set GR_REPO to a facebookresearch/generative-recommenders checkout}" \
+                     --python "${HSTU_PYTHON:?set HSTU_PYTHON to an interpreter with torch, gin-config and pandas}" \
+                     --movielens ../shared/data/movielens_latest_small --out $r/upstream_hstu_accuracy.json ;;
     stream-memory) python bench/stream_memory.py --out $r/stream_memory.json
                    python bench/stream_memory.py --out $r/stream_memory_lowrank_hash.json --methods lowrank,hash,qr
                    python bench/stream_memory.py --out $r/stream_memory_qr.json --rows 1000000,10000000,40000000 \
