@@ -72,9 +72,9 @@ def _read(path: Path, lazy: bool) -> tuple[ModuleType, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
     folders = [a for a in ADAPTERS if not getattr(a, "READS_OBJECT", True)]
-    for adapter in folders:  # recognized by their files' names: nothing is read yet
+    for adapter in folders:  # recognized by their files' names; those with raw tensor files read them here
         if adapter.sniff(path, None):
-            return adapter, None
+            return adapter, adapter.read(path, lazy) if hasattr(adapter, "read") else None
     obj = _object(_single_file(path), lazy)
     for adapter in ADAPTERS:
         if adapter not in folders and obj is not None and adapter.sniff(path, obj):

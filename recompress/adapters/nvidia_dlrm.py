@@ -8,15 +8,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from recompress.errors import UserError
 
+from . import stored
 from .dlrm_common import UpTable, dlrm_found
 from .found import Found
 from .torch_files import safe_torch_load
 
 NAME = "nvidia_dlrm"
-READS_OBJECT = False  # recognized by its files' names
+READS_OBJECT = False  # recognized by its files' names; its tables are read by ``read``
 LAYOUT = "a folder with metadata.pt and bottom_model.embeddings.K.bin (NVIDIA DeepLearningExamples DLRM)"
 FILES = ("bottom_model.mlp.pt", "top_model.mlp.pt", "top_model.out.pt")
 
@@ -25,16 +27,12 @@ def sniff(path: Path, obj: Any) -> bool:
     return path.is_dir() and (path / "metadata.pt").is_file() and any(path.glob("bottom_model.embeddings.*.bin"))
 
 
-def describe(path: Path, obj: Any) -> Found:
-    missing = [f for f in FILES if not (path / f).is_file()]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}", "copy the whole checkpoint folder")
-    meta = safe_torch_load(path / "metadata.pt")
-    config = meta.get("config", {}) if isinstance(meta, dict) else {}
-    if config.get("interaction_op", "cuda_dot") == "cat":
-        raise UserError(f"{path} uses the 'cat' interaction", "only the dot interaction is supported")
+def read(path: Path, lazy: bool) -> dict[str, tuple[str, Tensor]]:
+    """Each table's number -> (its .bin file's name, its rows): memory-mapped (paged in on use, never written),
+    or, ``lazy``, left in the file (a meta tensor whose rows are read by blocks: ``stored``). Sizes are checked
+    against the shape files first."""
     bins = sorted(path.glob("bottom_model.embeddings.*.bin"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
-    tables = []
+    out = {}
     for b in bins:
         k = re.findall(r"\d+", b.name)[0]
         meta_file = path / f"embeddings.{k}.meta.pt"
@@ -45,8 +43,24 @@ def describe(path: Path, obj: Any) -> Found:
         if b.stat().st_size != expect:
             raise UserError(f"{b} has {b.stat().st_size} bytes but its meta file says {list(shape)} float32 "
                             f"({expect} bytes)", "the file is truncated; copy the checkpoint again")
-        weight = torch.from_numpy(np.memmap(b, dtype="<f4", mode="c", shape=shape))  # paged in on use, never written
-        tables.append(UpTable(f"emb_{k}", "dense", {"weight": weight}, (b.name,)))
+        if lazy:
+            span = stored.Span(b, 0, torch.float32, shape, (shape[1], 1))
+            weight = stored.lazy(stored.Stored(shape, torch.float32, [((0, 0), span)], str(b)))
+        else:
+            weight = torch.from_numpy(np.memmap(b, dtype="<f4", mode="c", shape=shape))
+        out[k] = (b.name, weight)
+    return out
+
+
+def describe(path: Path, obj: dict[str, tuple[str, Tensor]]) -> Found:
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}", "copy the whole checkpoint folder")
+    meta = safe_torch_load(path / "metadata.pt")
+    config = meta.get("config", {}) if isinstance(meta, dict) else {}
+    if config.get("interaction_op", "cuda_dot") == "cat":
+        raise UserError(f"{path} uses the 'cat' interaction", "only the dot interaction is supported")
+    tables = [UpTable(f"emb_{k}", "dense", {"weight": weight}, (name,)) for k, (name, weight) in obj.items()]
     bot = safe_torch_load(path / "bottom_model.mlp.pt")
     top = safe_torch_load(path / "top_model.mlp.pt")
     out = safe_torch_load(path / "top_model.out.pt")
