@@ -35,6 +35,7 @@ hashed = lazy("recompress.tables.hashed")
 QR_OPS = ("mult", "add", "concat")
 
 ALS_ITERS = 10
+HASH_STEP = 1 << 14  # rows a block of the hashing fit (4 MB at d = 64): 65,536 held ~50 MB more, no faster
 
 
 def hash_constants(seed: int, table: str, count: int) -> list[list[int]]:
@@ -116,9 +117,10 @@ def make_freqhash(rows: int, dim: int, params: dict[str, Any], name: str, seed: 
 
 
 def _fit_hash(t: HashedTable, w: Rows, weights: torch.Tensor | None) -> None:
-    """Each bucket's weighted mean, summed straight into the table (float32: about ``ratio`` rows per bucket)."""
-    segment_fit(t.rows, t.buckets, lambda s, e: (w[s:e].double(), t.bucket(torch.arange(s, e)), None,
-                                                 _part(weights, s, e)), out=t.weight.data)
+    """Each bucket's weighted mean, summed straight into the table in float32 (about ``ratio`` rows a bucket;
+    the weights' sums stay float64)."""
+    segment_fit(t.rows, t.buckets, lambda s, e: (w[s:e].float(), t.bucket(torch.arange(s, e)), None,
+                                                 _part(weights, s, e)), HASH_STEP, out=t.weight.data)
 
 
 def _qr_step(c: int) -> int:

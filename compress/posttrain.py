@@ -79,22 +79,27 @@ def finish(ckpt: Checkpoint, params: dict[str, Any], ctx: Context, entry: dict[s
 def segment_fit(n: int, segments: int, block: SegmentBlock, step: int = CHUNK,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Per segment and column, the weighted least-squares ``x`` of ``values ~ x[index] * other`` over ``n``
-    rows read in chunks of ``step``: ``block(start, stop)`` gives that chunk's (values float64, segment index,
-    other or None for 1, i.e. the weighted mean, row weights or None). Empty segments get zeros. Sums are
-    float64 (returned) or, given ``out`` ([segments, d]), summed into ``out`` in its dtype and divided there:
-    a table's worth of float64 is then never held (the hashing fit's output grows with the rows)."""
+    rows read in chunks of ``step``: ``block(start, stop)`` gives that chunk's (values, segment index, other or
+    None for 1, i.e. the weighted mean, row weights or None). Empty segments get zeros. Sums are float64
+    (returned; pass float64 values) or, given ``out`` ([segments, d]), summed into ``out`` in its dtype and
+    divided there, the values in theirs: neither a table's worth nor a block's of float64 is then held (the
+    hashing fit's output grows with the rows)."""
     num = out.zero_() if out is not None else None
     den = None
     for s in range(0, n, step):
         values, index, other, w = block(s, min(n, s + step))
-        w = torch.ones(len(index), dtype=torch.float64) if w is None else w
         if num is None:
             num = torch.zeros(segments, values.shape[1], dtype=torch.float64)
         if den is None:
             den = torch.zeros(segments, 1 if other is None else values.shape[1], dtype=torch.float64)
-        w = w.unsqueeze(1)
-        num.index_add_(0, index, (w * values if other is None else w * values * other).to(num.dtype))
-        den.index_add_(0, index, w if other is None else w * other ** 2)
+        unit = w is None
+        w = torch.ones(len(index), 1, dtype=torch.float64) if unit else w.unsqueeze(1)
+        if other is None:  # a mean: no product for unit weights, and in the rows' own dtype otherwise
+            num.index_add_(0, index, (values if unit else w.to(values.dtype) * values).to(num.dtype))
+            den.index_add_(0, index, w)
+        else:
+            num.index_add_(0, index, (w * values * other).to(num.dtype))
+            den.index_add_(0, index, w * other ** 2)
     if den is None:
         raise ValueError("no rows to fit")
     return num.div_(den.clamp_(min=1e-12).to(num.dtype))  # in place: the accumulator is the output's size

@@ -197,8 +197,8 @@ class TensorWriter:
                 or start < 0 or start + rows > (e.shape[0] if e.shape else 1):
             raise ValueError(f"block {block.dtype} {list(block.shape)} at row {start} does not fit {name} "
                              f"{e.dtype} {list(e.shape)}")
-        data = block.reshape(-1).view(torch.uint8).numpy().tobytes() if block.numel() else b""
-        done = 0
+        data = memoryview(block.reshape(-1).view(torch.uint8).numpy()) if block.numel() else memoryview(b"")
+        done = 0  # written from the tensor's own memory (a bytes copy would double a large tensor)
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], self.base + e.begin + start * e.row_bytes + done)
         self.written[name] += rows
