@@ -330,8 +330,9 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
                    "order, full ranking over every item); gr (generative-recommenders' research trainer: the file's "
                    "own ids, full ranking over the catalogue less the history window's items)")
 @click.option("--items", type=click.Path(dir_okay=False), default=None,
-              help="--layout gr: the catalogue full ranking ranks, a CSV with a movie_id, movieId or item_id column "
-                   "(e.g. the movies.csv its DataProcessor writes) [default: every item of the file]")
+              help="--layout gr: the catalogue full ranking ranks: a CSV with a movie_id, movieId or item_id column "
+                   "(e.g. the movies.csv its DataProcessor writes), or a number N for ids 1..N (amzn-books: its "
+                   "expected_num_unique_items, 695762) [default: every item of the file]")
 @OVERWRITE
 def data_sequences(source: str, out: str, fmt: str | None, **kw: Any) -> None:
     """Read item sequences (one per user) into a leave-one-out dataset: the last item is the test target,

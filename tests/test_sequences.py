@@ -274,8 +274,54 @@ def test_a_gr_catalogue_must_be_one(tmp_path):
     with pytest.raises(UserError, match="none of the columns movie_id, movieId, item_id"):
         prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")
     (tmp_path / "m.csv").write_text("movie_id\n3\n-1\n")
-    with pytest.raises(UserError, match="item id '-1' is not a positive integer"):
+    with pytest.raises(UserError, match="item id .-1. is not an integer from 0"):
         prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")
     with pytest.raises(UserError, match="--items names the catalogue of --layout gr"):
         prepare_sequences(src, tmp_path / "d", items=tmp_path / "m.csv")
     assert not (tmp_path / "d").exists()
+
+
+def test_gr_catalogue_as_a_count_and_in_the_fingerprint(tmp_path):
+    """amzn-books ranks ids 1..expected_num_unique_items, codes the file may lack (a review found the catalogue
+    could not be given for 0-based files, and two catalogues gave one fingerprint)."""
+    src = write_gr(tmp_path / "s.csv", {1: [0, 4, 2], 2: [3, 0, 1, 2]})  # codes 0..4; 5 and 6 never occur
+    d = open_dataset(prepare_sequences(src, tmp_path / "d", layout="gr", items="7"))
+    assert d.num_items == 7 and np.flatnonzero(d.catalogue).tolist() == list(range(1, 8))
+    (tmp_path / "m.csv").write_text("item_id\n0\n1\n2\n3\n4\n")  # a list in the file's own 0-based codes
+    listed = open_dataset(prepare_sequences(src, tmp_path / "l", layout="gr", items=tmp_path / "m.csv"))
+    assert np.flatnonzero(listed.catalogue).tolist() == [1, 2, 3, 4, 5] and listed.num_items == 5
+    plain = open_dataset(prepare_sequences(src, tmp_path / "p", layout="gr"))
+    assert np.flatnonzero(plain.catalogue).tolist() == [1, 2, 3, 4, 5] and plain.num_items == 5
+    (tmp_path / "m.csv").write_text("item_id\n0\n1\n2\n3\n")
+    fewer = open_dataset(prepare_sequences(src, tmp_path / "f", layout="gr", items=tmp_path / "m.csv"))
+    assert fewer.num_items == 5 and fewer.fingerprint != listed.fingerprint  # same path, same items, other catalogue
+
+
+def test_gr_rows_longer_than_the_csv_field_limit_are_read(tmp_path):
+    items = list(range(1, 15_001))
+    d = open_dataset(prepare_sequences(write_gr(tmp_path / "s.csv", {9: items}), tmp_path / "d", layout="gr"))
+    assert np.asarray(d.items).tolist() == items
+
+
+@pytest.mark.parametrize("text,message", [
+    ("user_id,sequence_item_ids,sequence_timestamps\n", "has a header and no user"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,nan,3\"\n", "not a number of seconds"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,2,1e30\"\n", "not a number of seconds"),
+    ("user_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,900000000\",\"1,2,3\"\n", "almost all empty rows"),
+    ("\ufeffuser_id,sequence_item_ids,sequence_timestamps\n1,\"1,2,3\",\"1,2,3\"\n", None),  # a BOM is not a column
+])
+def test_gr_edge_files(tmp_path, text, message):
+    (tmp_path / "s.csv").write_text(text, encoding="utf-8")
+    if message is None:
+        assert open_dataset(prepare_sequences(tmp_path / "s.csv", tmp_path / "d", layout="gr")).num_users == 1
+        return
+    with pytest.raises(UserError, match=message):
+        prepare_sequences(tmp_path / "s.csv", tmp_path / "d", layout="gr", fmt="gr")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_short_catalogue_row_is_refused_by_line(tmp_path):
+    src = write_gr(tmp_path / "s.csv", GR_USERS)
+    (tmp_path / "m.csv").write_text("title,movie_id\nx,3\ny\n")
+    with pytest.raises(UserError, match="m.csv line 3: 1 fields, no item id"):
+        prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")

@@ -28,7 +28,8 @@ Layouts (``--layout``), so that a model trained elsewhere sees the ids and users
 - ``gr``: generative-recommenders' research DatasetV2 and eval: the file's own ids (item N is row N; a file
   with id 0, amzn-books' 0-based codes, is shifted by one, as its ``shift_id_by=1``), users in file order,
   and full ranking as its ``eval_metrics_v2_from_tensors`` ranks: every item of the catalogue
-  (``items``: e.g. its processed ``movies.csv``, rated or not; default every item of the file) except the
+  (``items``: e.g. its processed ``movies.csv``, rated or not, or a count N for ids 1..N as it ranks
+  amzn-books; default every item of the file) except the
   ids in the model's history window (the last ``max_len`` items), which it filters from its top k.
 Layout:
 ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
@@ -60,6 +61,7 @@ META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens", "gr")
 LAYOUTS = ("recompress", "sasrec", "recbole", "gr")
 CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
+MAX_ID = 2**31 - 1  # items are stored as int32
 SPLITS = ("train", "val", "test")
 
 
@@ -67,7 +69,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     raw = open(path, "rb")
     head = raw.read(2)
     raw.seek(0)
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw, encoding="utf-8",
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw, encoding="utf-8-sig",
                             errors="strict")
 
 
@@ -107,11 +109,18 @@ def detect_format(path: Path) -> str:
                     f"name it with --format ({', '.join(FORMATS)})")
 
 
-def _catalogue(path: Path) -> list[int]:
-    """The item ids of a catalogue CSV: its ``movie_id``, ``movieId`` or ``item_id`` column (e.g. the
-    ``movies.csv`` that generative-recommenders' DataProcessor writes, or GroupLens's own)."""
+def _catalogue(items: str) -> list[int]:
+    """The item ids of ``--items``: a count N (ids 1..N, as generative-recommenders ranks amzn-books), or a
+    catalogue CSV's ``movie_id``, ``movieId`` or ``item_id`` column (e.g. the ``movies.csv`` that its
+    DataProcessor writes, or GroupLens's own), in the sequence file's numbering."""
+    if items.isdigit():
+        if not 1 <= int(items) <= MAX_ID:
+            raise UserError(f"--items {items} is not a number of items", f"pass 1 to {MAX_ID:,}, or a catalogue CSV")
+        return list(range(1, int(items) + 1))
+    path = Path(items)
     if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file", "pass the catalogue CSV (e.g. movies.csv) to --items")
+        raise UserError(f"{path} does not exist or is not a file",
+                        "pass the catalogue CSV (e.g. movies.csv), or the number of items, to --items")
     with _open_text(path) as f:
         try:
             rows = csv.reader(f)
@@ -120,13 +129,19 @@ def _catalogue(path: Path) -> list[int]:
             if column is None:
                 raise UserError(f"{path} line 1: header has none of the columns {', '.join(CATALOGUE_COLUMNS)}",
                                 "pass a CSV whose header names the item id column (e.g. movies.csv)")
-            ids = [row[column].strip() for row in rows if row]
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not a text file (not UTF-8)", "pass the catalogue CSV (e.g. movies.csv)") from None
-    bad = next((x for x in ids if not x.isdigit() or int(x) < 1), None)
+            ids = []
+            for row in rows:
+                if row and len(row) <= column:
+                    raise UserError(f"{path} line {rows.line_num}: {len(row)} fields, no item id",
+                                    "every row needs a value for every header column")
+                if row:
+                    ids.append(row[column].strip())
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})", "pass the catalogue CSV (e.g. movies.csv)") from None
+    bad = next((x for x in ids if not x.isdigit() or int(x) > MAX_ID), None)
     if bad is not None or not ids:
-        raise UserError(f"{path}: item id {bad!r} is not a positive integer" if ids else f"{path} lists no item",
-                        "the catalogue lists the positive integer ids that the sequence file uses")
+        raise UserError(f"{path}: item id {bad!r} is not an integer from 0 to {MAX_ID:,}" if ids else f"{path} lists no item",
+                        "the catalogue lists the integer ids that the sequence file uses")
     return sorted({int(x) for x in ids})
 
 
@@ -134,11 +149,13 @@ def _gr_events(path: Path) -> tuple[list[str], list[list[str]], list[list[float]
     """:func:`_events` of a generative-recommenders ``sasrec_format.csv``: each row's lists as the file orders
     them (its DataProcessor sorted them by time; its DatasetV2 reads them as they are)."""
     where = str(path)
+    csv.field_size_limit(1 << 30)  # a user's whole history is one field (pandas, which upstream reads with, has no limit)
     with _open_text(path) as f:
         try:
             return _gr_rows(csv.reader(f), where)
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not a text file (not UTF-8)", "pass generative-recommenders' sasrec_format.csv") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})",
+                            "pass generative-recommenders' sasrec_format.csv") from None
 
 
 def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
@@ -165,8 +182,10 @@ def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[li
         its = [x.strip() for x in ids.split(",")]
         try:
             tss = [float(x) for x in ts.split(",")]
+            if not all(0 <= t < 2**62 for t in tss):
+                raise ValueError
         except ValueError:
-            raise UserError(f"{where} line {number}: a timestamp of user {user} is not a number",
+            raise UserError(f"{where} line {number}: a timestamp of user {user} is not a number of seconds",
                             "timestamps are seconds since the epoch") from None
         if not user or not all(its):
             raise UserError(f"{where} line {number}: empty user or item id", "every row names a user and its items")
@@ -179,6 +198,8 @@ def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[li
         users.append(user)
         items.append(its)
         times.append(tss)
+    if not users:
+        raise UserError(f"{where} has a header and no user", "pass the whole sasrec_format.csv")
     return users, items, times, list(dict.fromkeys(it for s in items for it in s))
 
 
@@ -280,8 +301,8 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     if max_len is not None and max_len < min_items:
         raise UserError(f"--max-len {max_len} leaves no user with the {min_items} items leave-one-out needs",
                         f"pass --max-len {min_items} or more")
-    catalogue = _catalogue(Path(items)) if items is not None else None
-    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None else []))
+    catalogue = _catalogue(str(items)) if items is not None else None
+    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items and not str(items).isdigit() else []))
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
     users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole")
@@ -292,11 +313,16 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
         meta["full_ranking_excludes"] = "padding"
     if layout == "gr":
         meta["full_ranking_excludes"] = "window"
-        meta["catalogue"] = str(Path(items).resolve()) if items is not None else "the items of the file"
+        meta["catalogue"] = ("the items of the file" if items is None else f"ids 1..{items}" if str(items).isdigit()
+                             else str(Path(items).resolve()))
         if any(it == "0" for s in item_lists for it in s):  # 0-based ids: amzn-books' DatasetV2(shift_id_by=1)
             item_lists = [[str(int(it) + 1) if it.isdigit() else it for it in s] for s in item_lists]
-            catalogue = [i + 1 for i in catalogue] if catalogue is not None else None
+            if catalogue is not None and not str(items).isdigit():  # a list in the file's numbering; a count is not
+                catalogue = [i + 1 for i in catalogue]
             meta["id_shift"] = 1
+        elif catalogue and catalogue[0] == 0:
+            raise UserError(f"--items {items} lists item id 0, which the file does not use",
+                            "pass the catalogue in the file's numbering")
         if catalogue is None:
             catalogue = sorted({int(it) for s in item_lists for it in s if it.isdigit()})
     write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source], meta=meta,
@@ -322,6 +348,11 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
         if min(min(s) for s in item_lists) < 1:
             raise UserError(f"{where}: an item id is below 1 (0 is padding in SASRec.pytorch)",
                             "use --layout recompress, which numbers items itself")
+        top = max(max(max(s) for s in item_lists), max(catalogue, default=0) if catalogue is not None else 0)
+        distinct = len({it for s in item_lists for it in s})
+        if top > MAX_ID or (top > 10_000_000 and top > 100 * distinct):
+            raise UserError(f"{where}: item ids reach {top:,} for {distinct:,} distinct items, so kept as rows the "
+                            "table would be almost all empty rows", "use --layout recompress, which numbers items itself")
     if max_len is not None:
         item_lists = [s[-max_len:] for s in item_lists]
         time_lists = [t[-max_len:] for t in time_lists] if time_lists is not None else None
@@ -335,7 +366,6 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
         item_index = {it: i + 1 for i, it in enumerate(item_order)}
         flat = [item_index[it] for i in keep for it in item_lists[i]]
     elif keep_ids:  # row = id; every id up to the largest in the whole file (and the catalogue) has a row
-        top = max(max(max(s) for s in item_lists), max(catalogue, default=0) if catalogue is not None else 0)
         item_index = {i: i for i in range(1, top + 1)}
         flat = [it for i in keep for it in item_lists[i]]
     else:
@@ -352,9 +382,15 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
             "interactions": int(len(items)), "dropped_users": dropped, "min_items": min_items, "max_len": max_len,
             "has_times": time_lists is not None, "split": "leave-one-out (test: last item, val: second to last)",
             "vocabularies": {"item": fingerprint(np.asarray([str(k) for k in item_index]))}}
+    ranked = None
+    if catalogue is not None:
+        ranked = np.zeros(len(item_index) + 1, dtype=bool)
+        ranked[np.asarray(catalogue, dtype=np.int64)] = True
     h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
     h.update(items.tobytes())
     h.update(offsets.tobytes())
+    if ranked is not None:
+        h.update(ranked.tobytes())
     body["fingerprint"] = h.hexdigest()[:16]
     with output_dir(out, kind="dataset", overwrite=overwrite, inputs=inputs) as tmp:
         np.save(tmp / "items.npy", items)
@@ -363,9 +399,7 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
             np.save(tmp / "times.npy", np.asarray([t for i in keep for t in time_lists[i]], dtype=np.int64))
         np.save(tmp / "item_ids.npy", np.asarray([""] + [str(k) for k in item_index]))
         np.save(tmp / "user_ids.npy", np.asarray([str(users[i]) for i in keep]))
-        if catalogue is not None:
-            ranked = np.zeros(len(item_index) + 1, dtype=bool)
-            ranked[np.asarray(catalogue, dtype=np.int64)] = True
+        if ranked is not None:
             np.save(tmp / "catalogue.npy", ranked)
         (tmp / META).write_text(json.dumps(body, indent=2) + "\n")
     say(f"{len(keep):,} users, {len(item_index):,} items, {len(items):,} interactions"
