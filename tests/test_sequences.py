@@ -325,3 +325,14 @@ def test_a_short_catalogue_row_is_refused_by_line(tmp_path):
     (tmp_path / "m.csv").write_text("title,movie_id\nx,3\ny\n")
     with pytest.raises(UserError, match="m.csv line 3: 1 fields, no item id"):
         prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv")
+
+
+def test_sampled_negatives_of_a_gr_dataset_come_from_its_catalogue(tmp_path):
+    """Found by the review: negatives were drawn over every row, most of them ids outside the catalogue."""
+    from recompress.families import get_family
+    src = write_gr(tmp_path / "s.csv", GR_USERS)
+    (tmp_path / "m.csv").write_text("movie_id\n" + "".join(f"{i}\n" for i in (2, 3, 4, 5, 6, 8, 9, 12, 25, 400)))
+    d = open_dataset(prepare_sequences(src, tmp_path / "d", layout="gr", items=tmp_path / "m.csv"))
+    (inputs, _), = get_family("hstu").eval_batches({"max_len": 3}, d, "test", "sampled", negatives=50)
+    drawn = set(inputs["candidates"][:, 1:].ravel().tolist())
+    assert drawn <= {2, 3, 4, 5, 6, 8, 9, 12, 25, 400} and 400 in drawn and d.num_items == 400

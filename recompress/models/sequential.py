@@ -276,7 +276,8 @@ class SequentialFamily(Family):
             else:  # SASRec.pytorch's evaluate excludes only the training items (--layout sasrec)
                 train_only = data.meta.get("sampled_negatives") == "not in train"
                 neg = sample_negatives(rng, data.num_items, (len(u), negatives),
-                                       seen=self.seen(data, u, data.history_end("val")[u]) if train_only else seen)
+                                       seen=self.seen(data, u, data.history_end("val")[u]) if train_only else seen,
+                                       pool=None if data.catalogue is None else np.flatnonzero(data.catalogue))
                 inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
                 yield inputs, (np.zeros(len(u), dtype=np.int64), None)
 
@@ -408,10 +409,13 @@ class PerCandidate(nn.Module):
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int, ...], window: np.ndarray | None = None,
-                     seen: np.ndarray | None = None) -> np.ndarray:
-    """Uniform item ids in 1..num_items of ``shape`` [B, ...], redrawn while one hits the row's ``window``
-    items (or ``seen`` [B, N+1] mask); after 20 redraws a hit is kept (only when a user has almost every item)."""
-    neg = rng.integers(1, num_items + 1, shape)
+                     seen: np.ndarray | None = None, pool: np.ndarray | None = None) -> np.ndarray:
+    """Uniform item ids in 1..num_items (or among ``pool``'s ids) of ``shape`` [B, ...], redrawn while one hits
+    the row's ``window`` items (or ``seen`` [B, N+1] mask); after 20 redraws a hit is kept (only when a user
+    has almost every item)."""
+    draw = (lambda: rng.integers(1, num_items + 1, shape)) if pool is None else \
+        (lambda: pool[rng.integers(0, len(pool), shape)])
+    neg = draw()
     rows = np.arange(shape[0]).reshape(-1, *([1] * (len(shape) - 1)))
     for _ in range(20):
         if seen is not None:
@@ -420,5 +424,5 @@ def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int,
             hit = (neg[..., None] == window.reshape(shape[0], *([1] * (len(shape) - 1)), -1)).any(-1)
         if not hit.any():
             break
-        neg = np.where(hit, rng.integers(1, num_items + 1, shape), neg)
+        neg = np.where(hit, draw(), neg)
     return neg
