@@ -119,6 +119,9 @@ for s in $sections; do
                      --rows 40000000 --in-memory-up-to 0
                    python bench/stream_memory.py --out $r/stream_memory_dcp_final.json --source dcp --rows 10000000 \
                      --in-memory-up-to 0
+                   python bench/stream_memory.py --out $r/stream_memory_hash.json --methods hash --in-memory-up-to 0
+                   python bench/stream_memory.py --out $r/stream_memory_nvidia.json --source nvidia --methods int8,tt \
+                     --rows 1000000,10000000
                    python bench/inspect_memory.py --out $r/inspect_dcp.json --baseline bfe3d5c ;;
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;

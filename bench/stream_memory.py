@@ -11,6 +11,9 @@
                                   --rows 10000000 --in-memory-up-to 0 --repeats 2
     python bench/stream_memory.py --out bench/results/stream_memory_dcp_vs_native_40m.json --source native,dcp \
                                   --rows 40000000 --in-memory-up-to 0
+    python bench/stream_memory.py --out bench/results/stream_memory_hash.json --methods hash --in-memory-up-to 0
+    python bench/stream_memory.py --out bench/results/stream_memory_nvidia.json --source nvidia --methods int8,tt \
+                                  --rows 1000000,10000000
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (values N(0, 0.05), written in blocks
 so this script never holds it) is compressed by ``recompress checkpoint CKPT --method M`` in its own
@@ -19,7 +22,8 @@ process under ``/usr/bin/time -v``: its maximum resident set size and wall time.
 ``--in-memory-up-to`` the load-compress-save path that the CLI used before streaming (and still uses
 for methods that need data) runs too, for comparison. ``--source dcp``: the checkpoint is TorchRec's DLRM
 (one table) saved by ``torch.distributed.checkpoint`` instead of a native one; the table is a memory-mapped
-file filled in blocks, so neither this script nor DCP holds it in memory. ``--source native,dcp`` makes and
+file filled in blocks, so neither this script nor DCP holds it in memory; ``--source nvidia``: NVIDIA
+DeepLearningExamples' DLRM folder (a raw .bin table). ``--source native,dcp`` makes and
 compresses both, one after the other for each size and repeat, so that their times compare within one run.
 """
 
@@ -100,6 +104,29 @@ def make_dcp(path: Path, rows: int, dim: int) -> int:
     return rows * dim * 4
 
 
+def make_nvidia(path: Path, rows: int, dim: int) -> int:
+    """NVIDIA DeepLearningExamples' DLRM checkpoint folder with one ``rows x dim`` table (a raw float32 .bin
+    written in blocks, its shape file, the MLPs, metadata.pt); its table bytes."""
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    step = (1 << 24) // (4 * dim)
+    with open(path / "bottom_model.embeddings.0.bin", "wb") as f:
+        for s in range(0, rows, step):
+            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
+    torch.save({"shape": torch.Size([rows, dim])}, path / "embeddings.0.meta.pt")
+    pad = -(-(dim + 1) // 8) * 8  # the dot interaction of two vectors plus the dense one, padded to 8
+    torch.save({"weights": [torch.randn(dim, 13, generator=gen) * 0.1], "biases": [torch.zeros(dim)]},
+               path / "bottom_model.mlp.pt")
+    torch.save({"weights": [torch.randn(64, pad, generator=gen) * 0.1], "biases": [torch.zeros(64)]},
+               path / "top_model.mlp.pt")
+    torch.save({"weight": torch.randn(1, 64, generator=gen) * 0.1, "bias": torch.zeros(1)}, path / "top_model.out.pt")
+    torch.save({"config": {"embedding_dim": dim, "interaction_op": "cuda_dot"}}, path / "metadata.pt")
+    return rows * dim * 4
+
+
+MAKERS = {"native": make_checkpoint, "dcp": make_dcp, "nvidia": make_nvidia}
+
+
 def main() -> None:
     from measure import timed  # bench/measure.py, beside this script
 
@@ -110,7 +137,8 @@ def main() -> None:
     ap.add_argument("--methods", default="int8,tt")
     ap.add_argument("--in-memory-up-to", type=int, default=10_000_000)
     ap.add_argument("--zeros", action="store_true", help="tables of zeros in sparse files (sizes beyond RAM)")
-    ap.add_argument("--source", default="native", help="native, dcp, or both (native,dcp: one after the other per size)")
+    ap.add_argument("--source", default="native", help="native, dcp, nvidia, or several (native,dcp: one after the "
+                    "other per size)")
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
     results = []
@@ -119,7 +147,8 @@ def main() -> None:
             for repeat in range(a.repeats):
                 for source in a.source.split(","):
                     src = Path(tmp) / f"t{rows}-{source}"
-                    table = make_checkpoint(src, rows, a.dim, a.zeros) if source == "native" else make_dcp(src, rows, a.dim)
+                    table = make_checkpoint(src, rows, a.dim, a.zeros) if source == "native" else \
+                        MAKERS[source](src, rows, a.dim)
                     for method in a.methods.split(","):
                         name, params = METHODS[method]
                         args = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
