@@ -509,3 +509,34 @@ def test_a_column_major_table_is_read_whole_with_its_strides(tmp_path, monkeypat
     assert CliRunner().invoke(main, [*args, str(tmp_path / "m")]).exit_code == 0
     a, b = load_checkpoint(tmp_path / "s").model.state_dict(), load_checkpoint(tmp_path / "m").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("layout", ["dlrm", "torchrec", "hstu"])
+def test_optimizer_state_saved_beside_the_model_is_never_read_by_streaming(tmp_path, monkeypatch, layout):
+    """Adagrad/Adam state is as large as the tables (dlrm --optimizer adagrad, TorchRec's fused optimizers,
+    train.py's Adam): a streamed compression reads the model and leaves the optimizer's tensors in the file.
+    The optimizer tensors here are 41 x 3 (a shape nothing in the model has); none may be read."""
+    from click.testing import CliRunner
+
+    from recompress.adapters import stored
+    from recompress.cli import main
+
+    from .test_checkpoints import dlrm_state
+    from .test_upstream_formats import write_research_hstu
+    moments = {"state": {i: {"exp_avg": torch.randn(41, 3), "sum": torch.randn(41, 3)} for i in range(3)},
+               "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}
+    name = tmp_path / "model.pt"
+    if layout == "dlrm":
+        obj = {"state_dict": dlrm_state(), "opt_state_dict": moments, "nepochs": 1}
+    elif layout == "torchrec":
+        obj = {"model": torchrec_state(seed=3), "optimizer": moments}
+    else:
+        name = write_research_hstu(tmp_path)[0]
+        obj = {**torch.load(name, weights_only=True), "optimizer_state_dict": moments}
+    torch.save(obj, name)
+    shapes = []
+    load = stored.Stored.load
+    monkeypatch.setattr(stored.Stored, "load", lambda self: shapes.append(tuple(self.size)) or load(self))
+    res = CliRunner().invoke(main, ["checkpoint", str(name), "--method", "int8", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert shapes and (41, 3) not in shapes, shapes

@@ -15,6 +15,7 @@ file, tiny test files included; values are for ``Found.build``. ``load_any`` rea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +30,7 @@ from .found import Found, parse_hp
 from .stored import materialize
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
+OPTIMIZER_KEY = re.compile(r"optim|^opt_state", re.IGNORECASE)
 ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, sasrec_pmixer, hstu_research,
                                torchrec]
 
@@ -114,13 +116,21 @@ def load_any(path: str | Path, hp: dict[str, str] | None = None) -> Checkpoint:
     return ckpt
 
 
+def _optimizer(key: Any) -> bool:
+    """A key under which a training script saved its optimizer's state beside the model (dlrm's
+    ``opt_state_dict``, RecBole's ``optimizer``, generative-recommenders' ``optimizer_state_dict``, TorchRec
+    apps' ``optim``...): moments as large as the tables, which no adapter builds from, so never read."""
+    return isinstance(key, str) and (OPTIMIZER_KEY.search(key) is not None)
+
+
 def load_streamed(path: str | Path, hp: dict[str, str] | None = None) -> tuple[Checkpoint, dict[str, Rows]]:
     """``load_any``, except that the plain tables a format stores row by row stay in their files: the model
     holds them on the meta device, and each comes with a reader of its rows by blocks (``{table: rows}``,
-    what ``compress.stream`` takes). Every other tensor is read and checked."""
+    what ``compress.stream`` takes). Every other tensor is read and checked, except an optimizer's state saved
+    beside the model, which is left in the file."""
     adapter, obj = _read(Path(path), lazy=True)
     first = _found(adapter, Path(path), obj, None)  # which lazy tensors end up as plain tables
-    obj = materialize(obj, {id(t.stored) for t in first.tables if t.stored is not None})
+    obj = materialize(obj, {id(t.stored) for t in first.tables if t.stored is not None}, skip=_optimizer)
     found = _found(adapter, Path(path), obj, hp)  # described again over the tensors now in memory
     ckpt = found.checkpoint()
     ckpt.path = ckpt.path or Path(path)

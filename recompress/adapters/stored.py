@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,17 +196,18 @@ def loaded(t: Any) -> Any:
     return s.load() if s is not None else t
 
 
-def materialize(obj: Any, keep: set[int] = frozenset()) -> Any:  # type: ignore[assignment]
-    """``obj`` with every lazy tensor read into memory, except those whose Stored's id is in ``keep``;
-    containers are updated in place (they are the reader's own)."""
+def materialize(obj: Any, keep: set[int] = frozenset(), skip: Callable[[Any], bool] = lambda key: False) -> Any:  # type: ignore[assignment]
+    """``obj`` with every lazy tensor read into memory, except those whose Stored's id is in ``keep`` and those
+    under a mapping key that ``skip`` names; containers are updated in place (they are the reader's own)."""
     s = stored_of(obj)
     if s is not None:
         return obj if id(s) in keep else s.load()
     if isinstance(obj, MutableMapping):
         for k, v in obj.items():
-            obj[k] = materialize(v, keep)
+            if not skip(k):
+                obj[k] = materialize(v, keep, skip)
     elif isinstance(obj, list):
-        obj[:] = [materialize(v, keep) for v in obj]
+        obj[:] = [materialize(v, keep, skip) for v in obj]
     elif isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(materialize(v, keep) for v in obj)
+        return tuple(materialize(v, keep, skip) for v in obj)
     return obj
