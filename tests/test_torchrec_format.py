@@ -540,3 +540,31 @@ def test_optimizer_state_saved_beside_the_model_is_never_read_by_streaming(tmp_p
     res = CliRunner().invoke(main, ["checkpoint", str(name), "--method", "int8", "-o", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
     assert shapes and (41, 3) not in shapes, shapes
+
+
+def test_a_table_whose_name_contains_optim_is_still_read(tmp_path):
+    """Found by a review: the optimizer filter matched 'optim' anywhere, so a column-major table named
+    t_optimization_goal (read whole, not streamed) was left unread and the streamed run failed."""
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    sd = {k.replace(".t_b.", ".t_optimization_goal."): v for k, v in torchrec_state(seed=4).items()}
+    key = f"{PREFIX}.t_optimization_goal.weight"
+    sd[key] = sd[key].t().contiguous().t()  # column-major: read whole
+    torch.save({"model": sd, "optim": {"state": {}}}, tmp_path / "m.pt")
+    res = CliRunner().invoke(main, ["checkpoint", str(tmp_path / "m.pt"), "--method", "lowrank", "--rank", "2",
+                                    "-o", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_table_of_zero_rows_is_refused_by_name(tmp_path):
+    """Found by a review: a 0-row table left in its file reached the writer as a meta tensor (traceback streamed;
+    in memory, a checkpoint written that its own loader refuses)."""
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    torch.save(torchrec_state(rows=(40, 0, 23)), tmp_path / "m.pt")
+    for method in ("int8", "tt"):
+        res = CliRunner().invoke(main, ["checkpoint", str(tmp_path / "m.pt"), "--method", method, "-o", str(tmp_path / "q")])
+        assert res.exit_code == 2 and "table t_b has no rows" in res.output and "Traceback" not in res.output, res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]

@@ -190,3 +190,31 @@ def test_int8_of_a_big_nvidia_table_does_not_map_it_whole(tmp_path):
     peak = _peak_rss([*run, str(tmp_path / "big"), "--method", "int8", "-o", str(tmp_path / "o2")])
     assert peak - base < 0.25 * table, (peak, base)
     assert subprocess.run(run[:-1] + ["inspect", str(tmp_path / "o2")], capture_output=True).returncode == 0
+
+
+def test_an_nvidia_folder_exports(tmp_path):
+    """Found by a review: export hashed a source folder as if it were a native checkpoint (spec.json missing)."""
+    from recompress.checkpoint import checkpoint_hash
+    write_nvidia(tmp_path / "nv", padded_state())
+    res = cli("export", tmp_path / "nv", "-o", tmp_path / "x")
+    assert res.exit_code == 0, res.output
+    before = checkpoint_hash(tmp_path / "nv")
+    (tmp_path / "nv" / "bottom_model.mlp.pt").write_bytes((tmp_path / "nv" / "bottom_model.mlp.pt").read_bytes() + b"x")
+    assert checkpoint_hash(tmp_path / "nv") != before
+
+
+@pytest.mark.parametrize("shape,message", [
+    ([120], r"does not give a table's shape \(rows, width >= 1\): \[120\]"),
+    (None, "does not give a table's shape"),
+    ([-30, -4], r"\[-30, -4\]"),
+    ([30, 4, 1], r"\[30, 4, 1\]"),
+    ([0, 4], r"\[0, 4\]"),
+])
+def test_nvidia_shape_files_that_give_no_table_shape_are_refused(tmp_path, shape, message):
+    """Found by a review: tracebacks (IndexError, KeyError, RuntimeError), or a 3-D shape accepted by inspect."""
+    from recompress.errors import UserError
+    write_nvidia(tmp_path / "nv", padded_state())
+    torch.save({"shape": shape} if shape is not None else {"size": [30, 4]}, tmp_path / "nv" / "embeddings.0.meta.pt")
+    for call in (lambda: load_any(tmp_path / "nv"), lambda: __import__("recompress.adapters").adapters.describe(tmp_path / "nv")):
+        with pytest.raises(UserError, match=message):
+            call()

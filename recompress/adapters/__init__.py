@@ -15,7 +15,6 @@ file, tiny test files included; values are for ``Found.build``. ``load_any`` rea
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -30,7 +29,8 @@ from .found import Found, parse_hp
 from .stored import materialize
 from .torch_files import is_torch_file, safe_torch_load, top_keys
 
-OPTIMIZER_KEY = re.compile(r"optim|^opt_state", re.IGNORECASE)
+OPTIMIZER_NAMES = {"optim", "optimizer", "optimizers", "optimizer_state_dict", "optimizer_states", "optimizer_dict",
+                   "opt_state_dict", "opt_state"}
 ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, sasrec_pmixer, hstu_research,
                                torchrec]
 
@@ -119,8 +119,9 @@ def load_any(path: str | Path, hp: dict[str, str] | None = None) -> Checkpoint:
 def _optimizer(key: Any) -> bool:
     """A key under which a training script saved its optimizer's state beside the model (dlrm's
     ``opt_state_dict``, RecBole's ``optimizer``, generative-recommenders' ``optimizer_state_dict``, TorchRec
-    apps' ``optim``...): moments as large as the tables, which no adapter builds from, so never read."""
-    return isinstance(key, str) and (OPTIMIZER_KEY.search(key) is not None)
+    apps' ``optim``, DCP's flattened ``app.optim.…``): moments as large as the tables, which no adapter builds
+    from, so never read. Whole names or dotted parts only: a table may be called ``optimization_goal``."""
+    return isinstance(key, str) and any(part.lower() in OPTIMIZER_NAMES for part in key.split("."))
 
 
 def load_streamed(path: str | Path, hp: dict[str, str] | None = None) -> tuple[Checkpoint, dict[str, Rows]]:

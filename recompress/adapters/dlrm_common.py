@@ -68,6 +68,9 @@ def dlrm_found(fmt: str, tables: list[UpTable], bottom: list[Linear], top: list[
     qr = [t for t in tables if t.kind == "qr"]
     concat = bool(qr) and all(t.tensors["q"].shape[1] * 2 == dim for t in qr)
     for t in tables:
+        if t.rows < 1:
+            raise UserError(f"{where}: table {t.name} has no rows", "a table needs at least one row; drop it from the "
+                            "checkpoint, or train it with its vocabulary")
         if t.out_dim(concat) != dim:
             raise UserError(f"{where}: table {t.name} gives rows of width {t.out_dim(concat)}, but the bottom MLP "
                             f"ends at {dim}", "the checkpoint is inconsistent (or uses an interaction recompress "

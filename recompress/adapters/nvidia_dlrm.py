@@ -38,7 +38,12 @@ def read(path: Path, lazy: bool) -> dict[str, tuple[str, Tensor]]:
         meta_file = path / f"embeddings.{k}.meta.pt"
         if not meta_file.is_file():
             raise UserError(f"{path} has {b.name} but no {meta_file.name} (its shape)", "copy the whole checkpoint folder")
-        shape = tuple(int(s) for s in safe_torch_load(meta_file)["shape"])
+        meta = safe_torch_load(meta_file)
+        shape = tuple(meta["shape"]) if isinstance(meta, dict) and "shape" in meta else ()
+        if len(shape) != 2 or not all(isinstance(n, int) and n >= 1 for n in shape):
+            raise UserError(f"{meta_file} does not give a table's shape (rows, width >= 1): "
+                            f"{meta.get('shape') if isinstance(meta, dict) else type(meta).__name__}",
+                            "the checkpoint is damaged; copy it again")
         expect = shape[0] * shape[1] * 4
         if b.stat().st_size != expect:
             raise UserError(f"{b} has {b.stat().st_size} bytes but its meta file says {list(shape)} float32 "
