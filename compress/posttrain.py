@@ -23,6 +23,7 @@ torch = lazy("torch")
 training = lazy("recompress.training")
 
 CHUNK = 1 << 16
+ERROR_ROWS = 1 << 13  # rows of float64 at a time in ErrorSum (65,536 held ~130 MB of copies at d = 64)
 
 
 def id_weights(ckpt: Checkpoint, ctx: Context) -> dict[str, torch.Tensor] | None:
@@ -41,11 +42,11 @@ class ErrorSum:
         self.num = self.den = 0.0
 
     def add(self, ref: torch.Tensor, approx: torch.Tensor, w: torch.Tensor | None = None) -> None:
-        ref = ref.double()
-        err = (ref - approx.double()).pow(2).sum(1)
-        w = w if w is not None else torch.ones_like(err)
-        self.num += float((w * err).sum())
-        self.den += float((w * ref.pow(2).sum(1)).sum())
+        for s in range(0, len(ref), ERROR_ROWS):  # float64 copies of a few thousand rows at a time
+            r, a = ref[s:s + ERROR_ROWS].double(), approx[s:s + ERROR_ROWS].double()
+            ws = w[s:s + ERROR_ROWS] if w is not None else torch.ones(len(r), dtype=torch.float64)
+            self.num += float((ws * (r - a).pow(2).sum(1)).sum())
+            self.den += float((ws * r.pow(2).sum(1)).sum())
 
     def value(self) -> float:
         return (self.num / self.den) ** 0.5 if self.den > 0 else 0.0
