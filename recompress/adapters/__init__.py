@@ -5,7 +5,8 @@ Detection is by layout and never runs anything from the file: a folder format by
 a torch file through the restricted unpickler (``safe_pickle``), a DCP folder or a folder of per-rank
 sharded files merged into one state dict (``shards``). Add a format with one module that defines ``NAME``,
 ``LAYOUT`` (one line for messages), ``sniff(path, obj) -> bool`` and ``describe(path, obj) -> Found``,
-listed in ADAPTERS (the first whose ``sniff`` says yes reads it).
+listed in ADAPTERS (the first whose ``sniff`` says yes reads it). A folder format whose tensors are raw files
+also defines ``read(path, lazy)``: what ``describe`` then gets as ``obj`` (lazy: left in the files).
 
 ``sniff`` and ``describe`` see shapes and dtypes only: ``describe`` (hence ``inspect``) reads files lazily,
 every tensor a meta tensor that knows where its bytes are (``stored``), so a value read there fails on any
