@@ -124,7 +124,7 @@ def make_nvidia(path: Path, rows: int, dim: int) -> int:
     return rows * dim * 4
 
 
-MAKERS = {"native": make_checkpoint, "dcp": make_dcp, "nvidia": make_nvidia}
+MAKERS = {"dcp": make_dcp, "nvidia": make_nvidia}  # the upstream sources; native is make_checkpoint (with --zeros)
 
 
 def main() -> None:

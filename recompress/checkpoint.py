@@ -57,14 +57,13 @@ def checkpoint_hash(path: Path) -> str:
     """sha256 over the spec and weights files of a native checkpoint, over every file of any other folder (an
     upstream one: DCP, per-rank files, NVIDIA's; names and bytes, in sorted order), or over one file."""
     h = hashlib.sha256()
-    if is_native(path):
-        files = [path / SPEC_FILE, path / WEIGHTS_FILE]
-    elif path.is_dir():
+    folder = path.is_dir() and not is_native(path)
+    if folder:
         files = sorted(f for f in path.rglob("*") if f.is_file())
     else:
-        files = [path]
+        files = [path / SPEC_FILE, path / WEIGHTS_FILE] if path.is_dir() else [path]
     for f in files:
-        if path.is_dir() and not is_native(path):
+        if folder:
             h.update(str(f.relative_to(path)).encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -161,30 +161,16 @@ def test_nvidia_tables_stream_from_their_bin_files(tmp_path, monkeypatch, method
     assert a.spec.to_json() == b.spec.to_json() and tree_hash(tmp_path / "nv") == before
 
 
-def write_big_nvidia(folder: Path, rows: int, dim: int = 64) -> int:
-    """An NVIDIA folder with one ``rows x dim`` table written in blocks (never held); its table bytes."""
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    with open(folder / "bottom_model.embeddings.0.bin", "wb") as f:
-        for s in range(0, rows, 1 << 16):
-            f.write((torch.randn(min(1 << 16, rows - s), dim, generator=g) * 0.05).numpy().astype("<f4").tobytes())
-    torch.save({"shape": torch.Size([rows, dim])}, folder / "embeddings.0.meta.pt")
-    torch.save({"weights": [torch.randn(dim, 13, generator=g)], "biases": [torch.zeros(dim)]}, folder / "bottom_model.mlp.pt")
-    torch.save({"weights": [torch.randn(16, 72, generator=g)], "biases": [torch.zeros(16)]}, folder / "top_model.mlp.pt")
-    torch.save({"weight": torch.randn(1, 16, generator=g), "bias": torch.zeros(1)}, folder / "top_model.out.pt")
-    torch.save({"config": {"embedding_dim": dim, "interaction_op": "cuda_dot"}}, folder / "metadata.pt")
-    return rows * dim * 4
-
-
 def test_int8_of_a_big_nvidia_table_does_not_map_it_whole(tmp_path):
     """A 2M x 64 .bin table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on
     a 1,000-row table. Mapped and quantized whole, as before, every page of the file became resident (> 1x)."""
     import subprocess
     import sys
 
-    from .test_stream import _peak_rss
-    table = write_big_nvidia(tmp_path / "big", 2_000_000)
-    write_big_nvidia(tmp_path / "small", 1000)
+    from .test_stream import _bench, _peak_rss
+    make = _bench().make_nvidia
+    table = make(tmp_path / "big", 2_000_000, 64)
+    make(tmp_path / "small", 1000, 64)
     run = [sys.executable, "-m", "recompress", "checkpoint"]
     base = _peak_rss([*run, str(tmp_path / "small"), "--method", "int8", "-o", str(tmp_path / "o1")])
     peak = _peak_rss([*run, str(tmp_path / "big"), "--method", "int8", "-o", str(tmp_path / "o2")])

@@ -45,7 +45,7 @@ import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +121,7 @@ def _catalogue(items: str) -> list[int]:
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file",
                         "pass the catalogue CSV (e.g. movies.csv), or the number of items, to --items")
-    with _open_text(path) as f:
-        try:
-            rows = csv.reader(f)
-            header = next(rows, [])
-            column = next((header.index(c) for c in CATALOGUE_COLUMNS if c in header), None)
-            if column is None:
-                raise UserError(f"{path} line 1: header has none of the columns {', '.join(CATALOGUE_COLUMNS)}",
-                                "pass a CSV whose header names the item id column (e.g. movies.csv)")
-            ids = []
-            for row in rows:
-                if row and len(row) <= column:
-                    raise UserError(f"{path} line {rows.line_num}: {len(row)} fields, no item id",
-                                    "every row needs a value for every header column")
-                if row:
-                    ids.append(row[column].strip())
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})", "pass the catalogue CSV (e.g. movies.csv)") from None
+    ids = _read_csv(path, lambda rows: _catalogue_ids(rows, path), "pass the catalogue CSV (e.g. movies.csv)")
     bad = next((x for x in ids if not x.isdigit() or int(x) > MAX_ID), None)
     if bad is not None or not ids:
         raise UserError(f"{path}: item id {bad!r} is not an integer from 0 to {MAX_ID:,}" if ids else f"{path} lists no item",
@@ -145,17 +129,39 @@ def _catalogue(items: str) -> list[int]:
     return sorted({int(x) for x in ids})
 
 
+def _catalogue_ids(rows: Any, path: Path) -> list[str]:
+    """The id column of a catalogue CSV's rows (a ``csv.reader``)."""
+    header = next(rows, [])
+    column = next((header.index(c) for c in CATALOGUE_COLUMNS if c in header), None)
+    if column is None:
+        raise UserError(f"{path} line 1: header has none of the columns {', '.join(CATALOGUE_COLUMNS)}",
+                        "pass a CSV whose header names the item id column (e.g. movies.csv)")
+    ids = []
+    for row in rows:
+        if row and len(row) <= column:
+            raise UserError(f"{path} line {rows.line_num}: {len(row)} fields, no item id",
+                            "every row needs a value for every header column")
+        if row:
+            ids.append(row[column].strip())
+    return ids
+
+
+def _read_csv(path: Path, parse: Callable[[Any], Any], hint: str) -> Any:
+    """``parse`` over a ``csv.reader`` of ``path`` (gzip or plain, a BOM skipped); a file that is not UTF-8 CSV
+    is one message. Fields may be long: a user's whole history is one (pandas, which upstream reads with, has
+    no limit)."""
+    csv.field_size_limit(1 << 30)
+    with _open_text(path) as f:
+        try:
+            return parse(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})", hint) from None
+
+
 def _gr_events(path: Path) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """:func:`_events` of a generative-recommenders ``sasrec_format.csv``: each row's lists as the file orders
     them (its DataProcessor sorted them by time; its DatasetV2 reads them as they are)."""
-    where = str(path)
-    csv.field_size_limit(1 << 30)  # a user's whole history is one field (pandas, which upstream reads with, has no limit)
-    with _open_text(path) as f:
-        try:
-            return _gr_rows(csv.reader(f), where)
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})",
-                            "pass generative-recommenders' sasrec_format.csv") from None
+    return _read_csv(path, lambda rows: _gr_rows(rows, str(path)), "pass generative-recommenders' sasrec_format.csv")
 
 
 def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
@@ -301,8 +307,9 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     if max_len is not None and max_len < min_items:
         raise UserError(f"--max-len {max_len} leaves no user with the {min_items} items leave-one-out needs",
                         f"pass --max-len {min_items} or more")
+    counted = items is not None and str(items).isdigit()  # --items N: ids 1..N, not a file
     catalogue = _catalogue(str(items)) if items is not None else None
-    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items and not str(items).isdigit() else []))
+    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None and not counted else []))
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
     users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole")
@@ -313,11 +320,11 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
         meta["full_ranking_excludes"] = "padding"
     if layout == "gr":
         meta["full_ranking_excludes"] = "window"
-        meta["catalogue"] = ("the items of the file" if items is None else f"ids 1..{items}" if str(items).isdigit()
+        meta["catalogue"] = ("the items of the file" if items is None else f"ids 1..{items}" if counted
                              else str(Path(items).resolve()))
         if any(it == "0" for s in item_lists for it in s):  # 0-based ids: amzn-books' DatasetV2(shift_id_by=1)
             item_lists = [[str(int(it) + 1) if it.isdigit() else it for it in s] for s in item_lists]
-            if catalogue is not None and not str(items).isdigit():  # a list in the file's numbering; a count is not
+            if catalogue is not None and not counted:  # a list is in the file's numbering; a count is not
                 catalogue = [i + 1 for i in catalogue]
             meta["id_shift"] = 1
         elif catalogue and catalogue[0] == 0:
