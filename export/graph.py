@@ -52,7 +52,7 @@ class StackedRows(nn.Module):
             self.store: QuantizedRows | None = QuantizedRows(sum(sizes) + pad * len(sizes), tables[0].stores[name].cols,
                                                              quant["dtype"], quant["align"])
             for key, buf in self.store.named_buffers():
-                buf.copy_(torch.cat([x for p in parts for x in (torch.zeros_like(buf[:pad]), getattr(p, key))]))
+                torch.cat([x for p in parts for x in (torch.zeros_like(buf[:pad]), getattr(p, key))], out=buf)
         else:
             self.store = None
             self.register_buffer("weight", torch.cat([x for p in parts for x in (p.new_zeros(pad, p.shape[1]), p)]))
@@ -223,6 +223,14 @@ def dequantize_then_gather(module: nn.Module) -> None:
             dequantize_then_gather(child)
 
 
+def copy_sharing_tables(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tables' tensors are the original's (a table is as big as the model:
+    the copy may rearrange modules around them, never write them)."""
+    memo: dict[int, object] = {id(t): t for m in module.modules() if isinstance(m, Table)
+                               for t in (*m.parameters(), *m.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: str | None = None,
            preferred: str | None = None) -> nn.Module:
     """The serving module rearranged for inference runtimes, the trained model left as it is: every module
@@ -230,7 +238,7 @@ def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: st
     :class:`FusedLookup` over its tables, with ``dequant-gather`` quantized rows are written
     DequantizeLinear-then-Gather, and attention is written in form ``attention`` (None: the target's
     ``preferred`` form where a model takes it; ``recompress.models.attention``)."""
-    scorer = copy.deepcopy(scorer)
+    scorer = copy_sharing_tables(scorer)
     set_attention(scorer, attention, preferred)
     for m in scorer.modules():
         if hasattr(m, "fused") and hasattr(m, "tables"):

@@ -32,7 +32,9 @@ PREFERRED_ATTENTION = "fused"  # ORT CPU ran SASRec 1.07-1.23x faster fused than
                                # (bench/results/seq_export.json); HSTU has no fused form
 FORBIDDEN_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "SequenceAt", "SequenceInsert",
                  "SplitToSequence", "ConcatFromSequence"}
-SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with headroom; above it weights go to model.onnx.data
+EXTERNAL_DATA_BYTES = 1 << 28  # weights above 256 MB go to model.onnx.data (protobuf caps a file at 2 GiB):
+                                # written tensor by tensor instead of held twice in one message (a 720 MB int8
+                                # table's export peaked at 4.0 GB), and mapped, not copied, by ONNX Runtime
 COMPUTE = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision -> autocast dtype
 PRECISIONS = ("fp32", "fp16")  # what ONNX Runtime's CPU kernels run (none for a bf16 MatMul)
 TOLERANCE = {"fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}  # default parity (atol, rtol) against the fp32 checkpoint
@@ -74,14 +76,14 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
                           output_names=[family.output],
                           dynamic_shapes=(shapes,) if isinstance(scorer, Autocast) else shapes,
                           opset_version=opset, dynamo=True, verbose=False,
-                          external_data=param_bytes > SINGLE_FILE_LIMIT)
+                          external_data=param_bytes > EXTERNAL_DATA_BYTES)
     model = onnx.load(str(folder / FILE), load_external_data=False)
     for node in model.graph.node:  # exporter debug metadata (stack traces): a third of a small file
         del node.metadata_props[:]
     custom = attach_functions(model)
     onnx.save(model, str(folder / FILE))
     if opts.get("dense", "fp32") == "int8":
-        model = quantize_dense(folder / FILE)
+        model = quantize_dense(folder / FILE, external=param_bytes > EXTERNAL_DATA_BYTES)
     graph = model.graph
     ops = sorted({n.op_type for n in graph.node})
     bad = FORBIDDEN_OPS.intersection(ops)
@@ -97,15 +99,22 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
                         for o in graph.output]}
 
 
-def quantize_dense(path: Path) -> Any:
+def quantize_dense(path: Path, external: bool = False) -> Any:
     """Dense layers (MatMul/Gemm with constant weights) to int8 with ONNX Runtime's dynamic quantization:
     int8 weights per tensor, activations quantized per batch at run time (u8 x s8, the VNNI path). The
-    embedding tables and the interaction are left alone; ``evaluate`` reports the accuracy this costs."""
+    embedding tables and the interaction are left alone; ``evaluate`` reports the accuracy this costs.
+    ``external``: the weights stay in ``<file>.data`` beside it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process goes to the root logger
-    out = path.with_name("dense-int8.onnx")
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    os.replace(out, path)
+    work = path.with_name("dense-int8")
+    work.mkdir()
+    out = work / path.name  # its data file, if any, is named after it: <file>.data, as the export's own
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=external)
+    for f in work.iterdir():
+        os.chmod(f, path.stat().st_mode & 0o777)  # onnx writes a data file readable by its owner only
+        os.replace(f, path.with_name(f.name))
+    work.rmdir()
     return onnx.load(str(path), load_external_data=False)
 
 

@@ -6,7 +6,6 @@ its input names and dynamic axes, and the batches parity runs on.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from recompress.progress import say
 from recompress.tables import DenseTable
 from recompress.tables.rowwise import QuantizedRows
 
+from .graph import copy_sharing_tables
 from .manifest import MANIFEST, versions
 from .targets import load_target
 
@@ -39,7 +39,7 @@ def deployable(ckpt: Checkpoint, materialize: bool, quant_graph: str) -> Checkpo
         raise UserError(f"unknown quantized graph form {quant_graph!r}", f"choose from {', '.join(QUANT_GRAPHS)}")
     model = ckpt.model
     if materialize:
-        model = copy.deepcopy(model)
+        model = copy_sharing_tables(model)
         for name, t in model.tables.items():
             if not (type(t) is DenseTable and not t.stores):
                 model.tables[name] = DenseTable(t.rows, t.dim, t.dense_weight())

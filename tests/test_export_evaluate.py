@@ -116,3 +116,28 @@ def test_materialized_export_is_checked_against_the_stored_checkpoint(tiny_ckpt,
     monkeypatch.setattr(runner, "deployable", drifted)
     with pytest.raises(UserError, match="differs from the checkpoint"):
         export_checkpoint(ck, "onnx", tmp_path / "bad", data=tiny_data, opts={"materialize": True})
+
+
+def test_weights_in_a_data_file_give_the_same_graph_with_int8_dense_layers(tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    """Above EXTERNAL_DATA_BYTES the weights go to model.onnx.data, also after ONNX Runtime re-writes the file
+    with int8 dense layers: the folder holds the two files (readable as the model is, no work files), and
+    ONNX Runtime scores exactly what the single-file export scores."""
+    import recompress.export.onnx as target
+
+    ck = load_checkpoint(tiny_ckpt)
+    export_checkpoint(ck, "onnx", tmp_path / "one", data=tiny_data, opts={"dense": "int8"})
+    monkeypatch.setattr(target, "EXTERNAL_DATA_BYTES", 0)
+    export_checkpoint(ck, "onnx", tmp_path / "two", data=tiny_data, opts={"dense": "int8"})
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".recompress.json", "manifest.json", "model.onnx",
+                                                                     "model.onnx.data"]
+    assert (tmp_path / "two" / "model.onnx.data").stat().st_mode == (tmp_path / "two" / "model.onnx").stat().st_mode
+    assert not (tmp_path / "one" / "model.onnx.data").exists()
+    stored = onnx.load(str(tmp_path / "two" / "model.onnx"), load_external_data=False).graph.initializer
+    outside = [i for i in stored if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert {e.value for i in outside for e in i.external_data if e.key == "location"} == {"model.onnx.data"}
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL or len(i.raw_data) < 1024 for i in stored)
+    dense, sparse = tiny_data.arrays("test")[:2]
+    feed = {"dense": np.asarray(dense[:64], np.float32), "sparse": np.asarray(sparse[:64], np.int64)[:, :, None]}
+    a, b = (make_session(tmp_path / n / "model.onnx").run(None, feed)[0] for n in ("one", "two"))
+    assert np.array_equal(a, b)
+    assert "DynamicQuantizeLinear" in json.loads((tmp_path / "two" / "manifest.json").read_text())["ops"]
