@@ -11,6 +11,7 @@ tensor received as many rows as it has. Files it writes are ordinary safetensors
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class TensorFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fd: int | None = None
+        self.map: mmap.mmap | None = None
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -123,6 +125,29 @@ class TensorFile:
         if not read_into(self.fd, e.begin + start * e.row_bytes, out):
             raise _bad(self.path, f"tensor {name!r} is cut short")
         return out
+
+    def mapped(self, name: str) -> Tensor:
+        """Tensor ``name`` backed by a private map of the file: its pages are read when first touched and
+        can be dropped again (:meth:`release`), and writes to it stay in this process (copy on write), so
+        the file is never changed. A tensor whose bytes are not aligned for its dtype is read instead."""
+        e = self.entries[name]
+        if e.nbytes == 0 or e.begin % e.dtype.itemsize:
+            return self.read(name)
+        if self.map is None:
+            with open(self.path, "rb") as f:
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.begin)
+        return flat.view(e.shape)
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Give back the pages of rows ``[start, stop)`` of mapped tensor ``name`` that no other rows share
+        (they are read from the file again if touched). Only for rows never written to: it drops writes."""
+        e = self.entries[name]
+        page = mmap.PAGESIZE
+        lo = -(-(e.begin + start * e.row_bytes) // page) * page
+        hi = (e.begin + min(stop, e.shape[0] if e.shape else 1) * e.row_bytes) // page * page
+        if self.map is not None and hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def __del__(self) -> None:
         if getattr(self, "fd", None) is not None:

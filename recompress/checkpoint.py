@@ -10,18 +10,19 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .blockfile import check_finite
+from .blockfile import TensorFile, check_finite
 from .errors import UserError
 from .models import build_model
 from .outputs import output_dir
 from .spec import ModelSpec
+from .tables import empty_table
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.safetensors"
+CHECK_BYTES = 1 << 24  # rows checked for NaN/Inf at a time while loading (then their pages are given back)
 
 
 @dataclass
@@ -94,28 +95,44 @@ def check_shape(weights_path: Path, key: str, shape: tuple[int, ...], expected: 
                         f"implies {list(expected)}", "the spec and weights disagree; re-create the checkpoint")
 
 
+def model_shell(spec: ModelSpec) -> nn.Module:
+    """The model ``spec`` describes, its tables' stored tensors shapes only (nothing of their size is
+    allocated): what describing a checkpoint needs, and what loading one assigns its mapped tensors to."""
+    return build_model(spec, {t.name: empty_table(t, unallocated=True) for t in spec.tables})
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a native checkpoint folder, validating it completely."""
+    """Load a native checkpoint folder, validating it completely.
+
+    The tensors are not copied: each is a private, copy-on-write map of the weights file (the file is
+    never changed), paged in when used. Finiteness is checked in row blocks whose pages are then given
+    back, so loading a table costs no memory that grows with its rows; evaluating it costs the pages its
+    lookups touch, and only what a caller writes (fine-tuning) becomes the process's own memory.
+    """
     path = Path(path)
     spec, weights_path = read_spec(path)
-    model = build_model(spec)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model = model_shell(spec)
+    expected = model.state_dict()
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            keys = set(f.keys())
-            check_keys(weights_path, expected, keys)
-            state = {}
-            for k in sorted(keys):
-                t = f.get_tensor(k)
-                check_shape(weights_path, k, t.shape, expected[k])
+        f = TensorFile(weights_path)
+        check_keys(weights_path, {k: tuple(v.shape) for k, v in expected.items()}, set(f.keys()))
+        state = {}
+        for k in sorted(expected):
+            check_shape(weights_path, k, f.entries[k].shape, tuple(expected[k].shape))
+            t = f.mapped(k)
+            step = max(1, CHECK_BYTES // max(1, f.entries[k].row_bytes))
+            for s in range(0, len(t) if t.dim() else 0, step):
+                check_finite(k, t[s:s + step], str(weights_path))
+                f.release(k, s, s + step)
+            if not t.dim():
                 check_finite(k, t, str(weights_path))
-                state[k] = t
-    except SafetensorError as e:
-        raise UserError(f"{weights_path} is not a readable safetensors file ({e})",
-                        "the file is truncated or corrupt; copy it again or re-create it") from None
-    except (OSError, RuntimeError) as e:
+            state[k] = t if t.dtype == expected[k].dtype else t.to(expected[k].dtype)
+    except OSError as e:
         raise UserError(f"{weights_path} could not be read ({e})",
                         "the file is truncated or corrupt; copy it again or re-create it") from None
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors {left} were not loaded from {weights_path}")
     model.eval()
     return Checkpoint(model, spec, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from recompress.checkpoint import is_native, load_checkpoint, read_spec
+from recompress.checkpoint import is_native, load_checkpoint, model_shell, read_spec
 
 from .found import Found, FoundTable
 
@@ -19,9 +19,8 @@ def sniff(path: Path, obj: Any) -> bool:
 
 
 def describe(path: Path, obj: Any) -> Found:
-    from recompress.models import build_model
     spec, _ = read_spec(path)
-    model = build_model(spec)  # dense tables left unallocated (torch.empty): only their sizes are read
+    model = model_shell(spec)
     roles = {t.name: t.role for t in spec.tables}
     tables = [FoundTable(n, t.rows, t.dim, "float32" if "+" not in t.form else t.form.split("+")[1], t.stored_bytes(),
                          t.form, roles.get(n, "sparse_feature")) for n, t in model.tables.items()]

@@ -233,8 +233,18 @@ def collapse_factorized(tables: nn.ModuleDict, names: list[str]) -> list[str]:
     return done
 
 
-def empty_table(spec: TableSpec) -> Table:
-    """An uninitialized table with the shapes and storage ``spec`` describes (weights are loaded afterwards)."""
+def empty_table(spec: TableSpec, unallocated: bool = False) -> Table:
+    """An uninitialized table with the shapes and storage ``spec`` describes (weights are loaded afterwards).
+
+    ``unallocated``: its stored tensors are shapes only (on the meta device), for a loader that assigns
+    tensors of its own (a memory-mapped file); a kind with buffers it derives rather than stores is built
+    allocated, as those are not in any file."""
+    if unallocated:
+        with torch.device("meta"):
+            table = empty_table(spec)
+        stored = table.state_dict()
+        if all(n in stored for n, _ in table.named_buffers()):
+            return table
     from . import hashed, tt  # noqa: F401  (their kinds register themselves)
     try:
         cls = Table.KINDS[spec.kind]
