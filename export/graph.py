@@ -224,10 +224,13 @@ def dequantize_then_gather(module: nn.Module) -> None:
 
 
 def copy_sharing_tables(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose tables' tensors are the original's (a table is as big as the model:
-    the copy may rearrange modules around them, never write them)."""
-    memo: dict[int, object] = {id(t): t for m in module.modules() if isinstance(m, Table)
-                               for t in (*m.parameters(), *m.buffers())}
+    """A deep copy of ``module`` whose tables hold the original's storage in new tensor objects (a table is
+    as big as the model: the copy may rearrange modules around them or convert them, never write them)."""
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        if isinstance(m, Table):
+            memo.update({id(p): nn.Parameter(p.detach(), p.requires_grad) for p in m.parameters()})
+            memo.update({id(b): b.detach() for b in m.buffers()})
     return copy.deepcopy(module, memo)
 
 

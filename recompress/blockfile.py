@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F
                                   "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors' own limit
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)  # Python < 3.13 lacks it
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ def check_finite(name: str, t: Tensor, where: str) -> None:
         bad = int((~torch.isfinite(t)).sum())
         raise UserError(f"{where}: tensor {name!r} has {bad} NaN/Inf values",
                         "the source model diverged or is damaged; use an earlier checkpoint")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a header may hold")
 
 
 def _bad(path: Path, why: str) -> UserError:
@@ -90,23 +96,32 @@ class TensorFile:
             if n > min(MAX_HEADER, size - 8):
                 raise _bad(self.path, f"header of {n} bytes in a {size}-byte file")
             try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _bad(self.path, f"header is not JSON: {e}") from None
+                header = json.loads(f.read(n), parse_constant=_no_constant)
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                raise _bad(self.path, f"header is not JSON: {str(e)[:200]}") from None
             if not isinstance(header, dict):
                 raise _bad(self.path, f"header is a JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, Entry] = {}
         end = 8 + n
+        ranges = []
         for name, info in header.items():
             try:
-                dtype, shape, (b, e) = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                dtype, shape, (b, e) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError) as err:
                 raise _bad(self.path, f"tensor {name!r} has an unreadable entry ({err!r})") from None
-            entry = Entry(dtype, shape, end + int(b))
-            if int(e) - int(b) != entry.nbytes or end + int(e) > size or int(b) < 0:
+            if not all(type(v) is int and v >= 0 for v in (*shape, b, e)):
+                raise _bad(self.path, f"tensor {name!r} has a shape or byte range that is not whole numbers >= 0")
+            entry = Entry(dtype, shape, end + b)
+            if e - b != entry.nbytes or end + e > size:
                 raise _bad(self.path, f"tensor {name!r} does not fit its byte range")
             self.entries[name] = entry
+            ranges.append((b, e, name))
+        at = 0  # as safetensors requires: the tensors tile the data, no gaps, no overlaps
+        for b, e, name in sorted(ranges):
+            if b != at:
+                raise _bad(self.path, f"tensor {name!r} {'overlaps the one before it' if b < at else 'leaves a gap'}")
+            at = e
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -134,9 +149,11 @@ class TensorFile:
         if e.nbytes == 0 or e.begin % e.dtype.itemsize:
             return self.read(name)
         if self.map is None:
-            with open(self.path, "rb") as f:
-                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.begin)
+            with open(self.path, "rb") as f:  # no swap reserved for the copy-on-write pages: a table may be larger
+                self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,  # than memory
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.view = memoryview(self.map)  # exported while tensors use it: closing the map then fails, not them
+        flat = torch.frombuffer(self.view, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.begin)
         return flat.view(e.shape)
 
     def release(self, name: str, start: int, stop: int) -> None:
@@ -199,8 +216,8 @@ class TensorWriter:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
         offset, self.entries = 0, {}
-        for name in sorted(layout):
-            dtype, shape = layout[name]
+        for name in sorted(layout, key=lambda k: (-layout[k][0].itemsize, k)):  # as safetensors orders them:
+            dtype, shape = layout[name]                                          # every tensor aligned
             entry = Entry(dtype, tuple(shape), offset)
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + entry.nbytes]}
             self.entries[name] = entry

@@ -6,6 +6,7 @@ before the model sees it, so a damaged or mismatched checkpoint fails with one c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from .tables import empty_table
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.safetensors"
 CHECK_BYTES = 1 << 24  # rows checked for NaN/Inf at a time while loading (then their pages are given back)
+MAP_BYTES = 1 << 24  # tensors this large are mapped from the weights file; smaller ones are read (copied)
 
 
 @dataclass
@@ -104,10 +106,12 @@ def model_shell(spec: ModelSpec) -> nn.Module:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a native checkpoint folder, validating it completely.
 
-    The tensors are not copied: each is a private, copy-on-write map of the weights file (the file is
-    never changed), paged in when used. Finiteness is checked in row blocks whose pages are then given
-    back, so loading a table costs no memory that grows with its rows; evaluating it costs the pages its
-    lookups touch, and only what a caller writes (fine-tuning) becomes the process's own memory.
+    Tensors of MAP_BYTES or more are not copied: each is a private, copy-on-write map of the weights file
+    (the file is never changed), paged in when used. Finiteness is checked in row blocks whose pages are
+    then given back, so loading a table costs no memory that grows with its rows; evaluating it costs the
+    pages its lookups touch, and only what a caller writes (fine-tuning) becomes the process's own memory.
+    As with any mapped file, the file must not be rewritten in place while the model is in use (recompress
+    never does: it writes a new folder and renames it); a truncated file would end the process (SIGBUS).
     """
     path = Path(path)
     spec, weights_path = read_spec(path)
@@ -119,7 +123,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = {}
         for k in sorted(expected):
             check_shape(weights_path, k, f.entries[k].shape, tuple(expected[k].shape))
-            t = f.mapped(k)
+            t = f.mapped(k) if f.entries[k].nbytes >= MAP_BYTES else f.read(k)
             step = max(1, CHECK_BYTES // max(1, f.entries[k].row_bytes))
             for s in range(0, len(t) if t.dim() else 0, step):
                 check_finite(k, t[s:s + step], str(weights_path))
@@ -128,6 +132,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 check_finite(k, t, str(weights_path))
             state[k] = t if t.dtype == expected[k].dtype else t.to(expected[k].dtype)
     except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise UserError(f"{weights_path} could not be mapped into memory ({e})",
+                            "the system refuses to map a file this large (vm.overcommit_memory=2?); compress it "
+                            "without --data first: data-free methods stream it in row blocks") from None
         raise UserError(f"{weights_path} could not be read ({e})",
                         "the file is truncated or corrupt; copy it again or re-create it") from None
     model.load_state_dict(state, assign=True)

@@ -141,3 +141,18 @@ def test_weights_in_a_data_file_give_the_same_graph_with_int8_dense_layers(tiny_
     a, b = (make_session(tmp_path / n / "model.onnx").run(None, feed)[0] for n in ("one", "two"))
     assert np.array_equal(a, b)
     assert "DynamicQuantizeLinear" in json.loads((tmp_path / "two" / "manifest.json").read_text())["ops"]
+
+
+def test_the_deployment_copy_leaves_the_trained_model_as_it_is(tiny_ckpt):
+    """deploy() shares the tables' storage (no copy of a big table) but not their tensor objects: converting
+    the deployed copy (half precision, no gradients) leaves the trained model's tables as they were."""
+    from recompress.export.graph import deploy
+    from recompress.models import family_of
+
+    ck = load_checkpoint(tiny_ckpt)
+    before = {k: (v.dtype, v.requires_grad, v.clone()) for k, v in ck.model.named_parameters()}
+    deployed = deploy(family_of(ck.spec).scorer(ck.model))
+    deployed.half().requires_grad_(False)
+    after = dict(ck.model.named_parameters())
+    assert all(after[k].dtype == d and after[k].requires_grad == g and torch.equal(after[k], v)
+               for k, (d, g, v) in before.items())

@@ -108,3 +108,110 @@ def test_evaluate_and_export_of_a_big_table_hold_it_at_most_once(tmp_path):
                         tmp_path / f"x{n}") for n in ("small", "big")}
     assert ex["big"] - ex["small"] < 1.4 * table, ex
     assert (tmp_path / "xbig" / "model.onnx.data").stat().st_size > table
+
+
+def test_a_map_the_system_refuses_is_named_as_such(tmp_path, monkeypatch):
+    """Where mapping fails for lack of memory (a strict overcommit policy), the message says so, not that the
+    file is corrupt."""
+    import errno
+    import mmap
+
+    from recompress.errors import UserError
+
+    _bench().make_checkpoint(tmp_path / "c", 100_000, 64)  # 25.6 MB table: mapped
+
+    def refuse(*a, **k):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(UserError, match="could not be mapped into memory") as e:
+        load_checkpoint(tmp_path / "c")
+    assert "corrupt" not in str(e.value)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Replace the JSON header of safetensors file ``path`` by ``edit(header_text)``, keeping the data."""
+    import struct
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = edit(raw[8:8 + n].decode().rstrip())
+    text += " " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + raw[8 + n:])
+
+
+def _first_offsets(text: str) -> tuple[str, str]:
+    import json
+    h = json.loads(text)
+    name = min((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    b, e = h[name]["data_offsets"]
+    return f'"data_offsets":[{b},{e}]', name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace(_first_offsets(t)[0], '"data_offsets":[0,Infinity]'), "not JSON"),
+    (lambda t: t.replace(_first_offsets(t)[0], '"data_offsets":[0,1e400]'), "not whole numbers"),
+    (lambda t: t.replace(_first_offsets(t)[0], '"data_offsets":["0","x"]'), "not whole numbers"),
+    (lambda t: t.replace(_first_offsets(t)[0], '"data_offsets":[0,NaN]'), "not JSON"),
+    (lambda t: t[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}", "not JSON"),
+    (lambda t: t.replace('"shape":[', '"shape":[1.5,', 1), "not whole numbers"),
+])
+def test_a_damaged_header_is_refused_by_name(tmp_path, edit, message):
+    """Headers Python's json reads but safetensors refuses (Infinity, NaN, 1e400, strings, deep nesting,
+    fractional sizes) are named, never a traceback or a wrong hint."""
+    from recompress.errors import UserError
+
+    _bench().make_checkpoint(tmp_path / "c", 1000, 64)
+    _rewrite_header(tmp_path / "c" / WEIGHTS_FILE, edit)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(tmp_path / "c")
+
+
+@pytest.mark.parametrize("shift, message", [(-4, "overlaps"), (4, "gap")])
+def test_tensors_must_tile_the_data(tmp_path, shift, message):
+    """Overlapping byte ranges would make a write to one mapped table change another; a gap hides bytes.
+    safetensors refuses both, and so does the loader."""
+    import json
+
+    from recompress.errors import UserError
+
+    _bench().make_checkpoint(tmp_path / "c", 1000, 64)
+
+    def move_second(text: str) -> str:
+        h = json.loads(text)
+        names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        last = names[-1]  # move the last tensor: overlap its neighbour, or leave a gap before it
+        b, e = h[last]["data_offsets"]
+        h[last]["data_offsets"] = [b + shift, e + shift]
+        if shift > 0:
+            h["__pad__"] = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+        return json.dumps(h)
+
+    path = tmp_path / "c" / WEIGHTS_FILE
+    _rewrite_header(path, move_second)
+    if shift > 0:
+        with open(path, "ab") as f:
+            f.write(b"\0" * shift)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_small_tensors_are_copied_and_a_mapped_one_outlives_closing(tmp_path):
+    """Tensors below MAP_BYTES (the MLP layers) are the process's own: rewriting the file in place afterwards
+    does not change them. The map of a big one cannot be closed under it (an error, not a crash)."""
+    from recompress.blockfile import TensorFile
+
+    _bench().make_checkpoint(tmp_path / "c", 100_000, 64)  # 25.6 MB table: mapped
+    model = load_checkpoint(tmp_path / "c").model
+    small = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("tables.")}
+    path = tmp_path / "c" / WEIGHTS_FILE
+    f = TensorFile(path)
+    with open(path, "r+b") as out:
+        for k in small:
+            e = f.entries[k]
+            out.seek(e.begin)
+            out.write(b"\0" * e.nbytes)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in small.items())
+    t = f.mapped(KEY)
+    with pytest.raises(BufferError):
+        f.map.close()
+    assert t.shape == (100_000, 64)

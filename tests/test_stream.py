@@ -47,6 +47,10 @@ def test_blockfile_reads_and_writes_what_safetensors_does(tmp_path):
                 w.write(k, 0, v)
     back = load_file(str(tmp_path / "ours.safetensors"))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    ours = TensorFile(tmp_path / "ours.safetensors")  # every tensor aligned for its dtype, as safetensors lays them
+    assert all(e.begin % e.dtype.itemsize == 0 for e in ours.entries.values())
+    assert all(ours.entries[k].begin - ours.entries["a"].begin == f.entries[k].begin - f.entries["a"].begin
+               for k in tensors)
 
 
 def test_writer_refuses_to_finish_a_file_with_missing_rows(tmp_path):
