@@ -23,6 +23,26 @@ def timed(cmd: list[str], digits: int = 2) -> dict:
     return {"seconds": round(wall, digits), "peak_rss_bytes": peak}
 
 
+# Python that makes ``import recompress`` (and its stage packages recompress.compress/.evaluate/.export/.recipes,
+# which live in top-level folders) come from the checkout at ``CHECKOUT``; an editable install of another
+# checkout would otherwise supply the stages. A child process sets CHECKOUT (a path) and execs it first.
+IMPORT_CHECKOUT = """
+import sys
+from importlib.util import spec_from_file_location
+from pathlib import Path
+sys.path.insert(0, CHECKOUT)
+class _Stages:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        parts = name.split(".")
+        if len(parts) == 2 and parts[0] == "recompress" and parts[1] in ("compress", "evaluate", "export", "recipes"):
+            folder = Path(CHECKOUT, parts[1])
+            return spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        return None
+sys.meta_path.insert(0, _Stages)
+"""
+
+
 @contextmanager
 def checkouts(baseline: str | None, at: Path) -> Iterator[dict[str, Path]]:
     """{"this checkout": the repository, "baseline REV": a git worktree of REV made at ``at``} (the worktree only

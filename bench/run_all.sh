@@ -6,7 +6,7 @@
 #                                          seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
-#                                          trt extra) stream-memory (writes up to 20.5 GB under /tmp)
+#                                          trt extra) stream-memory (writes up to 20.5 GB under /tmp) load-memory
 #                                          criteo-reader distributed-train upstream-recbole upstream-sasrec (needs SASREC_REPO: a
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
@@ -19,7 +19,7 @@
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
-# stream-memory, distributed-train time things: run each
+# stream-memory, load-memory, distributed-train time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
 # (their accuracy does not depend on timing); their epochs are cut to fit a 2-core machine in about 1.5 h.
 set -euo pipefail
@@ -43,7 +43,7 @@ seqsrc() {  # real sequence files in ../shared/data (research-only terms: never 
     bert4rec_beauty) echo ../shared/data/seq_bert4rec_amazon_beauty/beauty.txt.gz ;;
   esac
 }
-sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory criteo-reader distributed-train upstream-recbole}
+sections=${*:-kinds-criteo mlet-criteo mlet-syn1m kinds-syn10m latency latency-repeat interleave ort-ops quant-memory compress-10m quickstart seq-speed seq-accuracy seq-ranker seq-frontier seq-scaling seq-export seq-export-beauty seq-ranker-fusion trt-build trt-fusion stream-memory load-memory criteo-reader distributed-train upstream-recbole}
 frontier_sweeps="--sweep fp16 --sweep bf16 --sweep freqhash:ratio=8 --sweep hash:ratio=4,16,64 --sweep qr:ratio=32
   --sweep lowrank:rank=8,32 --sweep tt:tt_rank=16,32 --sweep tt,int8:tt_rank=16 --sweep hash,int8:ratio=8"
 scaling_args="--data $w/bert4rec_beauty --sizes 16/1/1,24/1/1,32/2/1,48/2/1,64/2/2 --seeds 0,1,2 --epochs 3
@@ -126,6 +126,9 @@ for s in $sections; do
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
+    load-memory) python bench/load_memory.py --out $r/load_memory.json --baseline 1b092bd --rows 1000,1000000,10000000
+                 python bench/load_memory.py --out $r/load_larger_than_ram.json --rows 130000000 --zeros \
+                   --checkpoints fp32 --commands evaluate --repeats 1 ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,109 @@
+"""Benchmark (not a test): peak memory and time of ``recompress evaluate`` and ``recompress export`` on a
+checkpoint with one big table, this checkout against a baseline revision, interleaved.
+
+    python bench/load_memory.py --out bench/results/load_memory.json --baseline 1b092bd \
+                                --rows 1000,1000000,10000000 [--dim 64] [--repeats 2]
+    python bench/load_memory.py --out bench/results/load_larger_than_ram.json --rows 130000000 --zeros \
+                                --checkpoints fp32 --commands evaluate --repeats 1
+
+For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (bench/stream_memory.py's, written in
+blocks), its int8 version (``recompress checkpoint --method int8``, streamed) and a synthetic dataset with a
+vocabulary of the same size (40,000 rows) are made once. Then, per repeat and checkout (ABAB), each of
+``evaluate CKPT --no-latency`` and ``export CKPT --target onnx`` runs in its own process under
+``/usr/bin/time -v`` (wall time, maximum resident set size: the process's own memory plus the pages of
+files it maps), while a thread in that process samples its own anonymous memory (``RssAnon``: what a
+copy of a table costs; mapped file pages are the page cache's and the kernel can drop them). Sizes from
+``--this-only-from`` run this checkout only (the baseline's copies would not fit in memory). ``--zeros``: the
+table is left as a sparse file of zeros (bench/stream_memory.py's), so that one larger than this machine's
+memory and free disk costs nothing to make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from measure import IMPORT_CHECKOUT, checkouts, recompress, timed  # bench/measure.py, beside this script
+from stream_memory import make_checkpoint
+
+RUN = """
+import re, sys, threading, time
+CHECKOUT = sys.argv[1]
+exec(IMPORT_CHECKOUT)
+peak, done = [0], [False]
+def sample():
+    while not done[0]:
+        s = open("/proc/self/status").read()
+        peak[0] = max(peak[0], int(re.search(r"RssAnon:\\s+(\\d+)", s).group(1)) << 10)
+        time.sleep(0.005)
+t = threading.Thread(target=sample)
+t.start()
+from recompress.cli import main
+try:
+    main(sys.argv[3:], standalone_mode=False)
+finally:
+    done[0] = True
+    t.join()
+    open(sys.argv[2], "w").write(str(peak[0]))
+"""
+
+
+def measure(root: Path, tmp: Path, args: list[str]) -> dict:
+    """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory."""
+    anon = tmp / "anon.txt"
+    r = timed([sys.executable, "-c", f"IMPORT_CHECKOUT = {IMPORT_CHECKOUT!r}\n{RUN}", str(root), str(anon), *args])
+    r["peak_anon_bytes"] = int(anon.read_text())
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default="1000000,10000000")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline", default=None, help="git revision measured too, interleaved")
+    ap.add_argument("--this-only-from", type=int, default=None, help="sizes from this many rows: this checkout only")
+    ap.add_argument("--zeros", action="store_true", help="tables of zeros in sparse files")
+    ap.add_argument("--checkpoints", default="fp32,int8")
+    ap.add_argument("--commands", default="evaluate,export")
+    a = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        tmp = Path(tmp)
+        with checkouts(a.baseline, tmp / "baseline") as trees:
+            for rows in [int(r) for r in a.rows.split(",")]:
+                table = make_checkpoint(tmp / "fp32", rows, a.dim, zeros=a.zeros)
+                if "int8" in a.checkpoints.split(","):
+                    recompress("checkpoint", str(tmp / "fp32"), "--method", "int8", "-o", str(tmp / "int8"))
+                recompress("data", "synthetic", "-o", str(tmp / "data"), "--tables", str(rows), "--samples", "40000")
+                only_here = a.this_only_from is not None and rows >= a.this_only_from
+                for rep in range(a.repeats):
+                    for name, root in trees.items():
+                        if only_here and name != "this checkout":
+                            continue
+                        for ckpt in a.checkpoints.split(","):
+                            for command in a.commands.split(","):
+                                args = ([command, str(tmp / ckpt), "--data", str(tmp / "data")]
+                                        + (["--no-latency"] if command == "evaluate" else
+                                           ["--target", "onnx", "-o", str(tmp / "x")]))
+                                r = {"rows": rows, "dim": a.dim, "table_bytes": table, "checkpoint": ckpt,
+                                     "command": command, "checkout": name, "repeat": rep,
+                                     **measure(root, tmp, args)}
+                                r["peak_over_fp32_table"] = round(r["peak_rss_bytes"] / table, 3)
+                                r["anon_over_fp32_table"] = round(r["peak_anon_bytes"] / table, 3)
+                                results.append(r)
+                                print(json.dumps(r), flush=True)
+                                shutil.rmtree(tmp / "x", ignore_errors=True)
+                for p in ("fp32", "int8", "data"):
+                    shutil.rmtree(tmp / p, ignore_errors=True)
+    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "baseline": a.baseline, "zeros": a.zeros,
+                                       "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
