@@ -20,21 +20,19 @@ from typing import Any
 
 import torch
 
-from recompress.blockfile import FileRows, Rows, TensorFile, TensorWriter, check_finite
+from recompress.blockfile import FileRows, Rows, TensorWriter
 from recompress.checkpoint import (
     SPEC_FILE,
     WEIGHTS_FILE,
     Checkpoint,
-    check_keys,
-    check_shape,
+    model_shell,
+    open_weights,
     read_spec,
+    read_tensor,
     refresh_tables,
 )
-from recompress.models import build_model
 from recompress.outputs import output_dir
 from recompress.progress import progress
-from recompress.spec import ModelSpec
-from recompress.tables import DenseTable, empty_table
 
 from .registry import Context, Step, check_step
 
@@ -53,19 +51,12 @@ def native_source(src: Path) -> Source:
     """The native checkpoint at ``src`` with its dense tables' weights left in the file (on the meta device:
     no memory, not even virtual, so a table larger than RAM streams too), each read by row blocks."""
     spec, weights = read_spec(src)
-    f = TensorFile(weights)
-    model = _shell(spec)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(weights, expected, set(f.keys()))
-    for k, e in f.entries.items():
-        check_shape(weights, k, e.shape, expected[k])
+    model = model_shell(spec)
+    expected = model.state_dict()
+    f = open_weights(weights, expected)
     in_file = _table_keys(model, [n for n, t in model.tables.items() if t.kind == "dense" and not t.stores])
-    state = {}
-    for k in f.keys():  # noqa: SIM118 (a TensorFile, not a dict)
-        if k not in in_file.values():
-            state[k] = f.read(k)
-            check_finite(k, state[k], str(weights))
-    model.load_state_dict(state, strict=False)
+    state = {k: read_tensor(f, k, expected[k]) for k in f.keys() if k not in in_file.values()}
+    model.load_state_dict(state, strict=False, assign=True)  # the dense tables stay shapes only
     return Checkpoint(model.eval(), spec, src), {name: FileRows(f, key) for name, key in in_file.items()}
 
 
@@ -132,11 +123,3 @@ def stream_compress(source: Source, steps: list[Step], ctx: Context, out: str | 
             if dst != tmp:
                 source, previous = native_source(dst), dst
     return ckpt, before
-
-
-def _shell(spec: ModelSpec) -> torch.nn.Module:
-    """The model of ``spec`` with its plain dense tables on the meta device (no memory, not even virtual);
-    every other tensor allocated, uninitialized. (Not ``with torch.device("meta")``: that imports
-    torch._dynamo, 1.7 s and 150 MB.)"""
-    return build_model(spec, {t.name: DenseTable(t.rows, t.dim, torch.empty(t.rows, t.dim, device="meta"))
-                              if t.kind == "dense" and "quant" not in t.params else empty_table(t) for t in spec.tables})

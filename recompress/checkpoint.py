@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .blockfile import TensorFile, check_finite
 from .errors import UserError
@@ -25,6 +27,7 @@ SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.safetensors"
 CHECK_BYTES = 1 << 24  # rows checked for NaN/Inf at a time while loading (then their pages are given back)
 MAP_BYTES = 1 << 24  # tensors this large are mapped from the weights file; smaller ones are read (copied)
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,64 +86,69 @@ def read_spec(path: Path) -> tuple[ModelSpec, Path]:
     return ModelSpec.from_json(spec_path.read_text(), str(spec_path)), weights_path
 
 
-def check_keys(weights_path: Path, expected: dict[str, tuple[int, ...]], found: set[str]) -> None:
-    """The weights file holds exactly the tensors the spec implies."""
-    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+def open_weights(weights_path: Path, expected: dict[str, Tensor]) -> TensorFile:
+    """The weights file, holding exactly the tensors of the model state ``expected``, with their shapes."""
+    f = _readable(weights_path, lambda: TensorFile(weights_path))
+    missing, extra = sorted(set(expected) - set(f.keys())), sorted(set(f.keys()) - set(expected))
     if missing or extra:
         raise UserError(f"{weights_path} disagrees with {SPEC_FILE}: missing {missing[:3]}, unexpected {extra[:3]}",
                         "the spec and weights come from different models; re-create the checkpoint")
+    for k, e in f.entries.items():
+        if e.shape != tuple(expected[k].shape):
+            raise UserError(f"{weights_path}: tensor {k!r} has shape {list(e.shape)} but {SPEC_FILE} implies "
+                            f"{list(expected[k].shape)}", "the spec and weights disagree; re-create the checkpoint")
+    return f
 
 
-def check_shape(weights_path: Path, key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    if tuple(shape) != tuple(expected):
-        raise UserError(f"{weights_path}: tensor {key!r} has shape {list(shape)} but {SPEC_FILE} "
-                        f"implies {list(expected)}", "the spec and weights disagree; re-create the checkpoint")
+def read_tensor(f: TensorFile, key: str, like: Tensor) -> Tensor:
+    """Tensor ``key`` of ``f`` in the dtype of the model's ``like``, refused if it holds NaN/Inf.
+
+    One of MAP_BYTES or more is not copied: it is a private, copy-on-write map of the file (the file is
+    never changed), paged in when used; it is checked in row blocks whose pages are then given back, so
+    reading a table costs no memory that grows with its rows, and only what a caller writes (fine-tuning)
+    becomes the process's own memory. As with any mapped file, the file must not be rewritten in place
+    while the tensor is in use (recompress never does: it writes a new folder and renames it); a truncated
+    file would end the process (SIGBUS). Smaller tensors are read.
+    """
+    e = f.entries[key]
+    t = _readable(f.path, lambda: f.mapped(key) if e.nbytes >= MAP_BYTES else f.read(key))
+    step = max(1, CHECK_BYTES // max(1, e.row_bytes))
+    for s in range(0, len(t) if t.dim() else 0, step):
+        check_finite(key, t[s:s + step], str(f.path))
+        f.release(key, s, s + step)
+    if not t.dim():
+        check_finite(key, t, str(f.path))
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _readable(path: Path, read: Callable[[], T]) -> T:
+    """``read()``, its OSError (a file that cannot be opened, or mapped) as a user error."""
+    try:
+        return read()
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise UserError(f"{path} could not be mapped into memory ({e})",
+                            "the system refuses to map a file this large (vm.overcommit_memory=2?); compress it "
+                            "without --data first: data-free methods stream it in row blocks") from None
+        raise UserError(f"{path} could not be read ({e})",
+                        "the file is truncated or corrupt; copy it again or re-create it") from None
 
 
 def model_shell(spec: ModelSpec) -> nn.Module:
     """The model ``spec`` describes, its tables' stored tensors shapes only (nothing of their size is
-    allocated): what describing a checkpoint needs, and what loading one assigns its mapped tensors to."""
+    allocated): what describing a checkpoint needs, and what loading one assigns its tensors to."""
     return build_model(spec, {t.name: empty_table(t, unallocated=True) for t in spec.tables})
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a native checkpoint folder, validating it completely.
-
-    Tensors of MAP_BYTES or more are not copied: each is a private, copy-on-write map of the weights file
-    (the file is never changed), paged in when used. Finiteness is checked in row blocks whose pages are
-    then given back, so loading a table costs no memory that grows with its rows; evaluating it costs the
-    pages its lookups touch, and only what a caller writes (fine-tuning) becomes the process's own memory.
-    As with any mapped file, the file must not be rewritten in place while the model is in use (recompress
-    never does: it writes a new folder and renames it); a truncated file would end the process (SIGBUS).
-    """
+    """Load a native checkpoint folder, validating it completely; its tables are mapped, not copied
+    (:func:`read_tensor`)."""
     path = Path(path)
     spec, weights_path = read_spec(path)
     model = model_shell(spec)
     expected = model.state_dict()
-    try:
-        f = TensorFile(weights_path)
-        check_keys(weights_path, {k: tuple(v.shape) for k, v in expected.items()}, set(f.keys()))
-        state = {}
-        for k in sorted(expected):
-            check_shape(weights_path, k, f.entries[k].shape, tuple(expected[k].shape))
-            t = f.mapped(k) if f.entries[k].nbytes >= MAP_BYTES else f.read(k)
-            step = max(1, CHECK_BYTES // max(1, f.entries[k].row_bytes))
-            for s in range(0, len(t) if t.dim() else 0, step):
-                check_finite(k, t[s:s + step], str(weights_path))
-                f.release(k, s, s + step)
-            if not t.dim():
-                check_finite(k, t, str(weights_path))
-            state[k] = t if t.dtype == expected[k].dtype else t.to(expected[k].dtype)
-    except OSError as e:
-        if e.errno == errno.ENOMEM:
-            raise UserError(f"{weights_path} could not be mapped into memory ({e})",
-                            "the system refuses to map a file this large (vm.overcommit_memory=2?); compress it "
-                            "without --data first: data-free methods stream it in row blocks") from None
-        raise UserError(f"{weights_path} could not be read ({e})",
-                        "the file is truncated or corrupt; copy it again or re-create it") from None
+    f = open_weights(weights_path, expected)
+    state = {k: read_tensor(f, k, expected[k]) for k in sorted(expected)}
     model.load_state_dict(state, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors {left} were not loaded from {weights_path}")
     model.eval()
     return Checkpoint(model, spec, path)
