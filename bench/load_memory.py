@@ -11,7 +11,7 @@ blocks), its int8 version (``recompress checkpoint --method int8``, streamed) an
 vocabulary of the same size (40,000 rows) are made once. Then, per repeat and checkout (ABAB), each of
 ``evaluate CKPT --no-latency`` and ``export CKPT --target onnx`` runs in its own process under
 ``/usr/bin/time -v`` (wall time, maximum resident set size: the process's own memory plus the pages of
-files it maps), while a thread in that process samples its own anonymous memory (``RssAnon``: what a
+files it maps), while a thread in that process samples its own anonymous memory (bench/measure.py ANON_PEAK) (``RssAnon``: what a
 copy of a table costs; mapped file pages are the page cache's and the kernel can drop them). Sizes from
 ``--this-only-from`` run this checkout only (the baseline's copies would not fit in memory). ``--zeros``: the
 table is left as a sparse file of zeros (bench/stream_memory.py's), so that one larger than this machine's
@@ -23,39 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from measure import IMPORT_CHECKOUT, checkouts, recompress, timed  # bench/measure.py, beside this script
+from measure import anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
 from stream_memory import make_checkpoint
-
-RUN = """
-import re, sys, threading, time
-CHECKOUT = sys.argv[1]
-exec(IMPORT_CHECKOUT)
-peak, done = [0], [False]
-def sample():
-    while not done[0]:
-        s = open("/proc/self/status").read()
-        peak[0] = max(peak[0], int(re.search(r"RssAnon:\\s+(\\d+)", s).group(1)) << 10)
-        time.sleep(0.005)
-t = threading.Thread(target=sample)
-t.start()
-from recompress.cli import main
-try:
-    main(sys.argv[3:], standalone_mode=False)
-finally:
-    done[0] = True
-    t.join()
-    open(sys.argv[2], "w").write(str(peak[0]))
-"""
-
 
 def measure(root: Path, tmp: Path, args: list[str]) -> dict:
     """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory."""
     anon = tmp / "anon.txt"
-    r = timed([sys.executable, "-c", f"IMPORT_CHECKOUT = {IMPORT_CHECKOUT!r}\n{RUN}", str(root), str(anon), *args])
+    r = timed(anon_peak_command(root, anon, args))
     r["peak_anon_bytes"] = int(anon.read_text())
     return r
 

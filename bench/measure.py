@@ -43,6 +43,38 @@ sys.meta_path.insert(0, _Stages)
 """
 
 
+# Runs recompress's CLI (argv[3:]) from the checkout argv[1] while a thread samples the process's own
+# (anonymous) memory every 5 ms, which is what a copy of a table costs (pages mapped from files are the page
+# cache's, which /usr/bin/time's maximum RSS counts too); writes the peak in bytes to the file argv[2].
+ANON_PEAK = """
+import re, sys, threading, time
+CHECKOUT = sys.argv[1]
+exec(IMPORT_CHECKOUT)
+peak, done = [0], [False]
+def sample():
+    while not done[0]:
+        s = open("/proc/self/status").read()
+        peak[0] = max(peak[0], int(re.search(r"RssAnon:\\s+(\\d+)", s).group(1)) << 10)
+        time.sleep(0.005)
+t = threading.Thread(target=sample)
+t.start()
+from recompress.cli import main
+try:
+    main(sys.argv[3:], standalone_mode=False)
+finally:
+    done[0] = True
+    t.join()
+    open(sys.argv[2], "w").write(str(peak[0]))
+"""
+
+
+def anon_peak_command(checkout: Path, peak_file: Path, args: list[str]) -> list[str]:
+    """The command that runs ``recompress ARGS`` of ``checkout`` and writes its peak anonymous memory to
+    ``peak_file`` (:data:`ANON_PEAK`)."""
+    return [sys.executable, "-c", f"IMPORT_CHECKOUT = {IMPORT_CHECKOUT!r}\n{ANON_PEAK}", str(checkout),
+            str(peak_file), *map(str, args)]
+
+
 @contextmanager
 def checkouts(baseline: str | None, at: Path) -> Iterator[dict[str, Path]]:
     """{"this checkout": the repository, "baseline REV": a git worktree of REV made at ``at``} (the worktree only

@@ -3,8 +3,10 @@ own memory, the file never written, and exports that hold a big table once."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,33 +19,19 @@ from .conftest import tree_hash
 from .test_stream import _bench
 
 KEY = "tables.C1.weight"
-# Runs recompress's CLI in this process while a thread samples the process's own (anonymous) memory, which
-# is what a loaded copy of a table costs; pages mapped from the weights file are the page cache's.
-PEAK_ANON = """
-import re, sys, threading, time
-peak, done = [0], [False]
-def anon():
-    return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
-def sample():
-    while not done[0]:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-t = threading.Thread(target=sample)
-t.start()
-from recompress.cli import main
-try:
-    main(sys.argv[1:], standalone_mode=False)
-finally:
-    done[0] = True
-    t.join()
-    print(peak[0])
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _peak_anon(*args: object) -> int:
-    out = subprocess.run([sys.executable, "-c", PEAK_ANON, *map(str, args)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.strip().splitlines()[-1])
+    """Peak anonymous memory of ``recompress ARGS`` (bench/measure.py's sampler, run on this checkout)."""
+    spec = importlib.util.spec_from_file_location("measure", ROOT / "bench" / "measure.py")
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        out = subprocess.run(measure.anon_peak_command(ROOT, peak, list(args)), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(peak.read_text())
 
 
 def _anon() -> int:
