@@ -5,6 +5,8 @@ checkpoint with one big table, this checkout against a baseline revision, interl
                                 --rows 1000,1000000,10000000 [--dim 64] [--repeats 2]
     python bench/load_memory.py --out bench/results/load_larger_than_ram.json --rows 130000000 --zeros \
                                 --checkpoints fp32 --commands evaluate --repeats 1
+    python bench/load_memory.py --out bench/results/load_memory_upstream.json --baseline c7d5a35 \
+                                --source dlrm,nvidia --checkpoints fp32 --rows 1000,1000000,10000000
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (bench/stream_memory.py's, written in
 blocks), its int8 version (``recompress checkpoint --method int8``, streamed) and a synthetic dataset with a
@@ -15,7 +17,9 @@ files it maps), while a thread in that process samples its own anonymous memory 
 copy of a table costs; mapped file pages are the page cache's and the kernel can drop them). Sizes from
 ``--this-only-from`` run this checkout only (the baseline's copies would not fit in memory). ``--zeros``: the
 table is left as a sparse file of zeros (bench/stream_memory.py's), so that one larger than this machine's
-memory and free disk costs nothing to make.
+memory and free disk costs nothing to make. ``--source dlrm,nvidia``: the checkpoint is an upstream one
+instead (bench/stream_memory.py's makers: a facebookresearch/dlrm ``--save-model`` file, an NVIDIA DLRM
+folder), read by recompress's adapters (``fp32`` only: the file as upstream wrote it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from measure import anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
-from stream_memory import make_checkpoint
+from stream_memory import MAKERS, make_checkpoint
 
 def measure(root: Path, tmp: Path, args: list[str]) -> dict:
     """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory."""
@@ -48,14 +52,19 @@ def main() -> None:
     ap.add_argument("--zeros", action="store_true", help="tables of zeros in sparse files")
     ap.add_argument("--checkpoints", default="fp32,int8")
     ap.add_argument("--commands", default="evaluate,export")
+    ap.add_argument("--source", default="native", help=f"native or upstream formats: {', '.join(MAKERS)}")
     a = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
         with checkouts(a.baseline, tmp / "baseline") as trees:
-            for rows in [int(r) for r in a.rows.split(",")]:
-                table = make_checkpoint(tmp / "fp32", rows, a.dim, zeros=a.zeros)
+            for rows, source in [(int(r), s) for r in a.rows.split(",") for s in a.source.split(",")]:
+                if source == "native":
+                    table = make_checkpoint(tmp / "fp32", rows, a.dim, zeros=a.zeros)
+                else:
+                    table = MAKERS[source](tmp / "fp32", rows, a.dim)
                 if "int8" in a.checkpoints.split(","):
+                    assert source == "native", "--checkpoints int8 compresses a native checkpoint"
                     recompress("checkpoint", str(tmp / "fp32"), "--method", "int8", "-o", str(tmp / "int8"))
                 recompress("data", "synthetic", "-o", str(tmp / "data"), "--tables", str(rows), "--samples", "40000")
                 only_here = a.this_only_from is not None and rows >= a.this_only_from
@@ -68,7 +77,7 @@ def main() -> None:
                                 args = ([command, str(tmp / ckpt), "--data", str(tmp / "data")]
                                         + (["--no-latency"] if command == "evaluate" else
                                            ["--target", "onnx", "-o", str(tmp / "x")]))
-                                r = {"rows": rows, "dim": a.dim, "table_bytes": table, "checkpoint": ckpt,
+                                r = {"rows": rows, "dim": a.dim, "table_bytes": table, "source": source, "checkpoint": ckpt,
                                      "command": command, "checkout": name, "repeat": rep,
                                      **measure(root, tmp, args)}
                                 r["peak_over_fp32_table"] = round(r["peak_rss_bytes"] / table, 3)
@@ -78,7 +87,9 @@ def main() -> None:
                                 shutil.rmtree(tmp / "x", ignore_errors=True)
                 for p in ("fp32", "int8", "data"):
                     shutil.rmtree(tmp / p, ignore_errors=True)
+                (tmp / "fp32").unlink(missing_ok=True)  # dlrm's is a file
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "baseline": a.baseline, "zeros": a.zeros,
+                                       "source": a.source,
                                        "results": results}, indent=2) + "\n")
 
 

@@ -51,6 +51,24 @@ save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], json.loads(sys.argv[4]
 """
 
 
+def write_rows(file: Path, rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """A raw float32 ``rows x dim`` table of N(0, 0.05) values written to ``file`` in 16 MB blocks; the file,
+    memory-mapped (nothing of its size is held: torch.save and DCP write it from the page cache)."""
+    step = (1 << 24) // (4 * dim)
+    with open(file, "wb") as f:
+        for s in range(0, rows, step):
+            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
+    return torch.from_file(str(file), size=rows * dim, dtype=torch.float32).view(rows, dim)
+
+
+def _linears(layers: dict[str, tuple[int, int]], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """``{name.weight, name.bias}`` for each ``name: (out, in)``: small random weights, zero biases."""
+    out = {}
+    for name, shape in layers.items():
+        out[f"{name}.weight"], out[f"{name}.bias"] = torch.randn(*shape, generator=gen) * 0.1, torch.zeros(shape[0])
+    return out
+
+
 def make_checkpoint(path: Path, rows: int, dim: int, zeros: bool = False) -> int:
     """A native DLRM checkpoint with one ``rows x dim`` table, written block by block (``zeros``: left as the
     file's zeros, a sparse file, so that a table larger than the disk's free space or RAM costs nothing to
@@ -86,17 +104,10 @@ def make_dcp(path: Path, rows: int, dim: int) -> int:
     """TorchRec's DLRM with one ``rows x dim`` table (``sparse_arch.embedding_bag_collection.embedding_bags.t``)
     saved as a DCP folder by one process; its table bytes."""
     import torch.distributed.checkpoint as dcp
-    raw = path.with_suffix(".table")
-    gen = torch.Generator().manual_seed(0)
-    step = (1 << 24) // (4 * dim)
-    with open(raw, "wb") as f:
-        for s in range(0, rows, step):
-            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
-    state = {"sparse_arch.embedding_bag_collection.embedding_bags.t.weight":
-             torch.from_file(str(raw), size=rows * dim, dtype=torch.float32).view(rows, dim)}
-    for key, shape in {"dense_arch.model._mlp.0._linear": (64, 13), "dense_arch.model._mlp.1._linear": (dim, 64),
-                       "over_arch.model.0._mlp.0._linear": (64, dim + 1), "over_arch.model.1": (1, 64)}.items():
-        state[f"{key}.weight"], state[f"{key}.bias"] = torch.randn(*shape, generator=gen) * 0.1, torch.zeros(shape[0])
+    raw, gen = path.with_suffix(".table"), torch.Generator().manual_seed(0)
+    state = {"sparse_arch.embedding_bag_collection.embedding_bags.t.weight": write_rows(raw, rows, dim, gen)}
+    state.update(_linears({"dense_arch.model._mlp.0._linear": (64, 13), "dense_arch.model._mlp.1._linear": (dim, 64),
+                           "over_arch.model.0._mlp.0._linear": (64, dim + 1), "over_arch.model.1": (1, 64)}, gen))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP without a process group: saved as one process, as it says
         dcp.save({"model": state}, checkpoint_id=str(path))
@@ -109,10 +120,7 @@ def make_nvidia(path: Path, rows: int, dim: int) -> int:
     written in blocks, its shape file, the MLPs, metadata.pt); its table bytes."""
     path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
-    step = (1 << 24) // (4 * dim)
-    with open(path / "bottom_model.embeddings.0.bin", "wb") as f:
-        for s in range(0, rows, step):
-            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
+    write_rows(path / "bottom_model.embeddings.0.bin", rows, dim, gen)
     torch.save({"shape": torch.Size([rows, dim])}, path / "embeddings.0.meta.pt")
     pad = -(-(dim + 1) // 8) * 8  # the dot interaction of two vectors plus the dense one, padded to 8
     torch.save({"weights": [torch.randn(dim, 13, generator=gen) * 0.1], "biases": [torch.zeros(dim)]},
@@ -124,7 +132,46 @@ def make_nvidia(path: Path, rows: int, dim: int) -> int:
     return rows * dim * 4
 
 
-MAKERS = {"dcp": make_dcp, "nvidia": make_nvidia}  # the upstream sources; native is make_checkpoint (with --zeros)
+def make_dlrm(path: Path, rows: int, dim: int) -> int:
+    """facebookresearch/dlrm's ``--save-model`` file (``dlrm_s_pytorch.py``'s layout: counters, metrics as numpy
+    scalars, ``state_dict`` with ``emb_l``/``bot_l``/``top_l``) with one ``rows x dim`` table; its table bytes."""
+    import numpy as np
+    raw, gen = path.with_suffix(".table"), torch.Generator().manual_seed(0)
+    state = {"emb_l.0.weight": write_rows(raw, rows, dim, gen),
+             **_linears({"bot_l.0": (64, 13), "bot_l.2": (dim, 64), "top_l.0": (64, dim + 1), "top_l.2": (1, 64)}, gen)}
+    torch.save({"epoch": 0, "nepochs": 1, "nbatches": 1, "nbatches_test": 1, "iter": 1, "state_dict": state,
+                "train_acc": np.float64(0.75), "train_loss": np.float64(0.5), "test_acc": np.float64(0.75),
+                "test_auc": np.float64(0.7)}, path)
+    raw.unlink()
+    return rows * dim * 4
+
+
+def make_sasrec_pytorch(path: Path, rows: int, dim: int, max_len: int = 50) -> int:
+    """pmixer/SASRec.pytorch's run folder (``model.py``'s keys, one block, one head, hyper-parameters in the file
+    name and ``args.txt``) with an item table of ``rows`` rows (``rows - 1`` items and its padding row); its
+    table bytes."""
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    raw = path / "items.table"
+    state = {"item_emb.weight": write_rows(raw, rows, dim, gen),
+             "pos_emb.weight": torch.randn(max_len + 1, dim, generator=gen) * 0.05,
+             **_linears({"attention_layers.0.out_proj": (dim, dim), "forward_layers.0.conv1": (dim, dim),
+                         "forward_layers.0.conv2": (dim, dim)}, gen),
+             "attention_layers.0.in_proj_weight": torch.randn(3 * dim, dim, generator=gen) * 0.1,
+             "attention_layers.0.in_proj_bias": torch.zeros(3 * dim)}
+    for conv in ("conv1", "conv2"):  # Conv1d, kernel 1
+        state[f"forward_layers.0.{conv}.weight"] = state[f"forward_layers.0.{conv}.weight"].unsqueeze(-1)
+    for norm in ("attention_layernorms.0", "forward_layernorms.0", "last_layernorm"):
+        state[f"{norm}.weight"], state[f"{norm}.bias"] = torch.ones(dim), torch.zeros(dim)
+    torch.save(state, path / f"SASRec.epoch=1.lr=0.001.layer=1.head=1.hidden={dim}.maxlen={max_len}.pth")
+    (path / "args.txt").write_text(f"dropout_rate,0.2\nhidden_units,{dim}\nmaxlen,{max_len}\nnorm_first,False\n"
+                                   "num_blocks,1\nnum_heads,1\n")
+    raw.unlink()
+    return rows * dim * 4
+
+
+MAKERS = {"dcp": make_dcp, "nvidia": make_nvidia, "dlrm": make_dlrm, "sasrec.pytorch": make_sasrec_pytorch}
+"""The upstream sources (native is make_checkpoint, with --zeros); dlrm's is a file, the others folders."""
 
 
 def main() -> None:
@@ -165,7 +212,7 @@ def main() -> None:
                             results.append(r)
                             print(json.dumps(r), flush=True)
                             shutil.rmtree(cmd[-1] if path == "streamed" else cmd[-3])
-                    shutil.rmtree(src)
+                    shutil.rmtree(src) if src.is_dir() else src.unlink()
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "zeros": a.zeros, "results": results},
                                       indent=2) + "\n")
 

@@ -10,14 +10,16 @@ tensor received as many rows as it has. Files it writes are ordinary safetensors
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +32,9 @@ DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors' own limit
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)  # Python < 3.13 lacks it
+MAP_BYTES = 1 << 24  # tensors this large are mapped from their file when a checkpoint is loaded; smaller ones are read
+CHECK_BYTES = 1 << 24  # rows of a mapped tensor checked for NaN/Inf at a time (then their pages are given back)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,64 @@ def _bad(path: Path, why: str) -> UserError:
                      "the file is truncated or corrupt; copy it again or re-create it")
 
 
+def readable(path: Path, read: Callable[[], T]) -> T:
+    """``read()``, its OSError (a file that cannot be opened, or mapped) as a user error."""
+    try:
+        return read()
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise UserError(f"{path} could not be mapped into memory ({e})",
+                            "the system refuses to map a file this large (vm.overcommit_memory=2?); compress it "
+                            "without --data first: data-free methods stream it in row blocks") from None
+        raise UserError(f"{path} could not be read ({e})",
+                        "the file is truncated or corrupt; copy it again or re-create it") from None
+
+
+class PrivateMap:
+    """A whole file mapped private and writable. Tensors over it (:meth:`tensor`) are paged in when touched
+    and can give their pages back (:meth:`release`); writes to them stay in this process (copy on write), so
+    the file is never changed; no swap is reserved for those copies, so a file may be larger than memory. The
+    map lives as long as a tensor over it (closing it then raises BufferError, it does not crash). As with
+    any mapped file, the file must not be rewritten in place while such a tensor is in use (recompress never
+    does: it writes a new folder and renames it); a truncated file would end the process (SIGBUS)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)  # exported while tensors use it: closing the map then fails, not them
+
+    def tensor(self, begin: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        """The tensor of ``shape`` whose bytes start at byte ``begin`` (a multiple of the dtype's size)."""
+        count = 1
+        for n in shape:
+            count *= n
+        if begin + count * dtype.itemsize > len(self.view):
+            raise UserError(f"{self.path} ends inside a tensor (truncated?)", "copy the checkpoint again")
+        return torch.frombuffer(self.view, dtype=dtype, count=count, offset=begin).view(shape)
+
+    def release(self, begin: int, end: int) -> None:
+        """Give back the whole pages within bytes ``[begin, end)`` (read from the file again if touched). Only
+        for bytes never written to: it drops writes."""
+        lo, hi = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def check_blocks(name: str, t: Tensor, where: str, after: Callable[[int, Tensor], None]) -> None:
+    """:func:`check_finite` over ``t`` in row blocks of CHECK_BYTES, calling ``after(first_row, block)`` once
+    each block is checked (to checksum it, or to give its pages back): a mapped table is read once, and
+    never held whole."""
+    if not t.dim():
+        check_finite(name, t, where)
+        return
+    step = max(1, CHECK_BYTES // max(1, t[:1].numel() * t.element_size()))
+    for s in range(0, len(t), step):
+        check_finite(name, t[s:s + step], where)
+        after(s, t[s:s + step])
+
+
 def read_into(fd: int, offset: int, out: Tensor) -> bool:
     """Fill the contiguous tensor ``out`` with the file's bytes from ``offset`` (positioned reads into its own
     memory: no copy, and the page cache, not this process, holds the file); False if the file ends first."""
@@ -86,7 +149,7 @@ class TensorFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fd: int | None = None
-        self.map: mmap.mmap | None = None
+        self.map: PrivateMap | None = None
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -149,22 +212,15 @@ class TensorFile:
         if e.nbytes == 0 or e.begin % e.dtype.itemsize:
             return self.read(name)
         if self.map is None:
-            with open(self.path, "rb") as f:  # no swap reserved for the copy-on-write pages: a table may be larger
-                self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,  # than memory
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self.view = memoryview(self.map)  # exported while tensors use it: closing the map then fails, not them
-        flat = torch.frombuffer(self.view, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.begin)
-        return flat.view(e.shape)
+            self.map = PrivateMap(self.path)
+        return self.map.tensor(e.begin, e.dtype, e.shape)
 
     def release(self, name: str, start: int, stop: int) -> None:
         """Give back the pages of rows ``[start, stop)`` of mapped tensor ``name`` that no other rows share
-        (they are read from the file again if touched). Only for rows never written to: it drops writes."""
+        (:meth:`PrivateMap.release`)."""
         e = self.entries[name]
-        page = mmap.PAGESIZE
-        lo = -(-(e.begin + start * e.row_bytes) // page) * page
-        hi = (e.begin + min(stop, e.shape[0] if e.shape else 1) * e.row_bytes) // page * page
-        if self.map is not None and hi > lo:
-            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        if self.map is not None:
+            self.map.release(e.begin + start * e.row_bytes, e.begin + min(stop, e.shape[0] if e.shape else 1) * e.row_bytes)
 
     def __del__(self) -> None:
         if getattr(self, "fd", None) is not None:

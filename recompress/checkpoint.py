@@ -6,17 +6,14 @@ before the model sees it, so a damaged or mismatched checkpoint fails with one c
 
 from __future__ import annotations
 
-import errno
 import hashlib
 from dataclasses import dataclass
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .blockfile import TensorFile, check_finite
+from .blockfile import MAP_BYTES, TensorFile, check_blocks, readable
 from .errors import UserError
 from .models import build_model
 from .outputs import output_dir
@@ -25,9 +22,6 @@ from .tables import empty_table
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.safetensors"
-CHECK_BYTES = 1 << 24  # rows checked for NaN/Inf at a time while loading (then their pages are given back)
-MAP_BYTES = 1 << 24  # tensors this large are mapped from the weights file; smaller ones are read (copied)
-T = TypeVar("T")
 
 
 @dataclass
@@ -88,7 +82,7 @@ def read_spec(path: Path) -> tuple[ModelSpec, Path]:
 
 def open_weights(weights_path: Path, expected: dict[str, Tensor]) -> TensorFile:
     """The weights file, holding exactly the tensors of the model state ``expected``, with their shapes."""
-    f = _readable(weights_path, lambda: TensorFile(weights_path))
+    f = readable(weights_path, lambda: TensorFile(weights_path))
     missing, extra = sorted(set(expected) - set(f.keys())), sorted(set(f.keys()) - set(expected))
     if missing or extra:
         raise UserError(f"{weights_path} disagrees with {SPEC_FILE}: missing {missing[:3]}, unexpected {extra[:3]}",
@@ -103,35 +97,16 @@ def open_weights(weights_path: Path, expected: dict[str, Tensor]) -> TensorFile:
 def read_tensor(f: TensorFile, key: str, like: Tensor) -> Tensor:
     """Tensor ``key`` of ``f`` in the dtype of the model's ``like``, refused if it holds NaN/Inf.
 
-    One of MAP_BYTES or more is not copied: it is a private, copy-on-write map of the file (the file is
-    never changed), paged in when used; it is checked in row blocks whose pages are then given back, so
-    reading a table costs no memory that grows with its rows, and only what a caller writes (fine-tuning)
-    becomes the process's own memory. As with any mapped file, the file must not be rewritten in place
-    while the tensor is in use (recompress never does: it writes a new folder and renames it); a truncated
-    file would end the process (SIGBUS). Smaller tensors are read.
+    One of MAP_BYTES or more is not copied: it is a private, copy-on-write map of the file
+    (:class:`~recompress.blockfile.PrivateMap`: the file is never changed), paged in when used; it is
+    checked in row blocks whose pages are then given back, so reading a table costs no memory that grows
+    with its rows, and only what a caller writes (fine-tuning) becomes the process's own memory. Smaller
+    tensors are read.
     """
     e = f.entries[key]
-    t = _readable(f.path, lambda: f.mapped(key) if e.nbytes >= MAP_BYTES else f.read(key))
-    step = max(1, CHECK_BYTES // max(1, e.row_bytes))
-    for s in range(0, len(t) if t.dim() else 0, step):
-        check_finite(key, t[s:s + step], str(f.path))
-        f.release(key, s, s + step)
-    if not t.dim():
-        check_finite(key, t, str(f.path))
+    t = readable(f.path, lambda: f.mapped(key) if e.nbytes >= MAP_BYTES else f.read(key))
+    check_blocks(key, t, str(f.path), lambda s, block: f.release(key, s, s + len(block)))
     return t if t.dtype == like.dtype else t.to(like.dtype)
-
-
-def _readable(path: Path, read: Callable[[], T]) -> T:
-    """``read()``, its OSError (a file that cannot be opened, or mapped) as a user error."""
-    try:
-        return read()
-    except OSError as e:
-        if e.errno == errno.ENOMEM:
-            raise UserError(f"{path} could not be mapped into memory ({e})",
-                            "the system refuses to map a file this large (vm.overcommit_memory=2?); compress it "
-                            "without --data first: data-free methods stream it in row blocks") from None
-        raise UserError(f"{path} could not be read ({e})",
-                        "the file is truncated or corrupt; copy it again or re-create it") from None
 
 
 def model_shell(spec: ModelSpec) -> nn.Module:

@@ -6,12 +6,13 @@ a torch file through the restricted unpickler (``safe_pickle``), a DCP folder or
 sharded files merged into one state dict (``shards``). Add a format with one module that defines ``NAME``,
 ``LAYOUT`` (one line for messages), ``sniff(path, obj) -> bool`` and ``describe(path, obj) -> Found``,
 listed in ADAPTERS (the first whose ``sniff`` says yes reads it). A folder format whose tensors are raw files
-also defines ``read(path, lazy)``: what ``describe`` then gets as ``obj`` (lazy: left in the files).
+also defines ``read(path)``: what ``describe`` then gets as ``obj`` (lazy tensors, left in the files).
 
 ``sniff`` and ``describe`` see shapes and dtypes only: ``describe`` (hence ``inspect``) reads files lazily,
 every tensor a meta tensor that knows where its bytes are (``stored``), so a value read there fails on any
-file, tiny test files included; values are for ``Found.build``. ``load_any`` reads everything;
-``load_streamed`` leaves the plain tables an adapter reports with ``FoundTable.stored`` in their files.
+file, tiny test files included; values are for ``Found.build``. ``load_any`` reads everything (a big tensor stored whole and uncompressed
+is mapped from its file, not copied: ``stored.materialize``); ``load_streamed`` leaves the plain tables an
+adapter reports with ``FoundTable.stored`` in their files.
 """
 
 from __future__ import annotations
@@ -36,23 +37,23 @@ ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, s
                                torchrec]
 
 
-def _object(path: Path, lazy: bool) -> Any:
-    """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else);
-    ``lazy``: its large tensors left in the files (``stored``)."""
+def _object(path: Path) -> Any:
+    """What a torch file, a DCP folder or a folder of per-rank torch files holds (None for anything else), its
+    tensors left in the files (``stored``)."""
     if path.is_file() and not is_torch_file(path) and _head(path) == b"PK\x03\x04":
         raise UserError(f"{path} starts as a zip (torch) file but cannot be read as one", "the file is truncated or "
                         "damaged; copy it again")
     if path.is_dir() and any(path.glob("*.distcp")) and not shards.is_dcp(path):
         raise UserError(f"{path} holds DCP data files (*.distcp) but no .metadata", "copy the whole DCP folder")
     if is_torch_file(path):  # one rank's file of a sharded save is stitched too (and refused if incomplete)
-        obj = safe_torch_load(path, lazy=lazy)
+        obj = safe_torch_load(path, lazy=True)
         return shards.merge_objects([(path, obj)]) if shards.has_shards(obj) else obj
     if shards.is_dcp(path):
-        return shards.read_dcp(path, lazy=lazy)
+        return shards.read_dcp(path, lazy=True)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if is_torch_file(f))
         if files:
-            return shards.merge_rank_files(files, lazy=lazy)
+            return shards.merge_rank_files(files, lazy=True)
     return None
 
 
@@ -71,14 +72,14 @@ def _single_file(path: Path) -> Path:
     return path
 
 
-def _read(path: Path, lazy: bool) -> tuple[ModuleType, Any]:
+def _read(path: Path) -> tuple[ModuleType, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist", "check the path")
     folders = [a for a in ADAPTERS if not getattr(a, "READS_OBJECT", True)]
     for adapter in folders:  # recognized by their files' names; those with raw tensor files read them here
         if adapter.sniff(path, None):
-            return adapter, adapter.read(path, lazy) if hasattr(adapter, "read") else None
-    obj = _object(_single_file(path), lazy)
+            return adapter, adapter.read(path) if hasattr(adapter, "read") else None
+    obj = _object(_single_file(path))
     for adapter in ADAPTERS:
         if adapter not in folders and obj is not None and adapter.sniff(path, obj):
             return adapter, obj
@@ -91,7 +92,7 @@ def _read(path: Path, lazy: bool) -> tuple[ModuleType, Any]:
 
 
 def detect_format(path: str | Path) -> str:
-    return _read(Path(path), lazy=True)[0].NAME
+    return _read(Path(path))[0].NAME
 
 
 def _found(adapter: ModuleType, path: Path, obj: Any, hp: dict[str, str] | None) -> Found:
@@ -105,14 +106,16 @@ def _found(adapter: ModuleType, path: Path, obj: Any, hp: dict[str, str] | None)
 def describe(path: str | Path, hp: dict[str, str] | None = None) -> Found:
     """What the checkpoint at ``path`` holds, with the user's ``--hp`` values applied; nothing is built, and
     large tensors are not read (only their shapes and where they are)."""
-    adapter, obj = _read(Path(path), lazy=True)
+    adapter, obj = _read(Path(path))
     return _found(adapter, Path(path), obj, hp)
 
 
 def load_any(path: str | Path, hp: dict[str, str] | None = None) -> Checkpoint:
-    """Read a checkpoint in any supported format, validated; the source files are never modified."""
-    adapter, obj = _read(Path(path), lazy=False)
-    ckpt = _found(adapter, Path(path), obj, hp).checkpoint()
+    """Read a checkpoint in any supported format, validated; the source files are never modified. Its big
+    tensors are private maps of their files (``stored.materialize``), and an optimizer's state saved beside
+    the model is never read."""
+    adapter, obj = _read(Path(path))
+    ckpt = _found(adapter, Path(path), materialize(obj, skip=_optimizer), hp).checkpoint()
     ckpt.path = ckpt.path or Path(path)
     return ckpt
 
@@ -130,7 +133,7 @@ def load_streamed(path: str | Path, hp: dict[str, str] | None = None) -> tuple[C
     holds them on the meta device, and each comes with a reader of its rows by blocks (``{table: rows}``,
     what ``compress.stream`` takes). Every other tensor is read and checked, except an optimizer's state saved
     beside the model, which is left in the file."""
-    adapter, obj = _read(Path(path), lazy=True)
+    adapter, obj = _read(Path(path))
     first = _found(adapter, Path(path), obj, None)  # which lazy tensors end up as plain tables
     obj = materialize(obj, {id(t.stored) for t in first.tables if t.stored is not None}, skip=_optimizer)
     found = _found(adapter, Path(path), obj, hp)  # described again over the tensors now in memory

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recompress.blockfile import check_finite
 from recompress.checkpoint import Checkpoint, refresh_tables
 from recompress.errors import UserError
 from recompress.models.dlrm import DLRM, default_hparams
@@ -19,7 +18,7 @@ from recompress.tables import DenseTable, FactorizedTable, Table
 from recompress.tables.hashed import QRTable
 
 from .found import Found, FoundTable
-from .stored import rows_of
+from .stored import check, rows_of
 
 Linear = tuple[Tensor, Tensor]  # (weight [out, in], bias [out])
 
@@ -110,11 +109,10 @@ def _reordered(top: list[Linear], columns: list[int] | None) -> list[Linear]:
 def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: list[Linear], where: str) -> Checkpoint:
     for t in up:
         for name, tensor in t.tensors.items():
-            if not tensor.is_meta:  # a table left in its file is checked block by block as it is read
-                check_finite(f"{t.name}.{name}", tensor, where)
+            check(f"{t.name}.{name}", tensor, where)
     for i, (w, b) in enumerate(bottom + top):
-        check_finite(f"mlp layer {i} weight", w, where)
-        check_finite(f"mlp layer {i} bias", b, where)
+        check(f"mlp layer {i} weight", w, where)
+        check(f"mlp layer {i} bias", b, where)
     dim = hp["emb_dim"]
     tables: dict[str, Table] = {}
     for t in up:
@@ -128,15 +126,16 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
             tables[t.name] = table
             continue
         x = {k: v.float() for k, v in t.tensors.items()}
-        if t.kind == "dense":
-            tables[t.name] = DenseTable(t.rows, dim, x["weight"])
-        elif t.kind == "md":
-            tables[t.name] = FactorizedTable(t.rows, dim, x["embs"].shape[1], x["embs"], x["proj"].T)
-        else:
-            q = QRTable(t.rows, dim, x["r"].shape[0], hp["qr_operation"])
-            q.q.data.copy_(x["q"])
-            q.r.data.copy_(x["r"])
-            tables[t.name] = q
+        with torch.device("meta"):  # shapes only: the table holds the tensors read (a big one mapped), not a copy
+            if t.kind == "dense":
+                table, state = DenseTable(t.rows, dim), {"weight": x["weight"]}
+            elif t.kind == "md":
+                table = FactorizedTable(t.rows, dim, x["embs"].shape[1])
+                state = {"left": x["embs"], "right": x["proj"].T.contiguous()}
+            else:
+                table, state = QRTable(t.rows, dim, x["r"].shape[0], hp["qr_operation"]), {"q": x["q"], "r": x["r"]}
+        table.load_state_dict(state, assign=True)
+        tables[t.name] = table
     params = default_hparams(hp["num_dense"], dim, hp["bottom"], hp["top"])
     params.update(interaction_itself=hp["interaction_itself"], interaction_pad=hp["interaction_pad"])
     model = DLRM(params, tables)

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,10 +26,9 @@ def sniff(path: Path, obj: Any) -> bool:
     return path.is_dir() and (path / "metadata.pt").is_file() and any(path.glob("bottom_model.embeddings.*.bin"))
 
 
-def read(path: Path, lazy: bool) -> dict[str, tuple[str, Tensor]]:
-    """Each table's number -> (its .bin file's name, its rows): memory-mapped (paged in on use, never written),
-    or, ``lazy``, left in the file (a meta tensor whose rows are read by blocks: ``stored``). Sizes are checked
-    against the shape files first."""
+def read(path: Path) -> dict[str, tuple[str, Tensor]]:
+    """Each table's number -> (its .bin file's name, its rows left in the file: a lazy tensor, ``stored``, read
+    by blocks or mapped). Sizes are checked against the shape files first."""
     bins = sorted(path.glob("bottom_model.embeddings.*.bin"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
     out = {}
     for b in bins:
@@ -48,12 +46,8 @@ def read(path: Path, lazy: bool) -> dict[str, tuple[str, Tensor]]:
         if b.stat().st_size != expect:
             raise UserError(f"{b} has {b.stat().st_size} bytes but its meta file says {list(shape)} float32 "
                             f"({expect} bytes)", "the file is truncated; copy the checkpoint again")
-        if lazy:
-            span = stored.Span(b, 0, torch.float32, shape, (shape[1], 1))
-            weight = stored.lazy(stored.Stored(shape, torch.float32, [((0, 0), span)], str(b)))
-        else:
-            weight = torch.from_numpy(np.memmap(b, dtype="<f4", mode="c", shape=shape))
-        out[k] = (b.name, weight)
+        span = stored.Span(b, 0, torch.float32, shape, (shape[1], 1))
+        out[k] = (b.name, stored.lazy(stored.Stored(shape, torch.float32, [((0, 0), span)], str(b))))
     return out
 
 

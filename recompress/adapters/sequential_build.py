@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from recompress.blockfile import check_finite
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 from recompress.families import get_family
 from recompress.spec import ModelSpec, TableSpec
-from recompress.tables import DenseTable
+from recompress.tables import empty_table
+
+from .stored import check
 
 
 def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
@@ -27,8 +28,8 @@ def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str,
     rows = fam.table_rows(params)
     spec = ModelSpec(family=family, hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
     for k, v in state.items():
-        check_finite(k, v, where)
-    model = fam.build(spec, {n: DenseTable(r, hp["dim"]) for n, r in rows.items()})
+        check(k, v, where)
+    model = fam.build(spec, {t.name: empty_table(t, unallocated=True) for t in spec.tables})  # tables: shapes only
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     wrong = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if missing or unexpected or wrong:
@@ -38,5 +39,5 @@ def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str,
             if part)
         raise UserError(f"{where} does not fit {family} with these hyper-parameters ({what})",
                         "the file is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # the tensors read, a big one mapped
     return Checkpoint(model.eval(), spec)

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recompress.blockfile import check_finite, read_into
+from recompress.blockfile import MAP_BYTES, PrivateMap, check_blocks, check_finite, read_into, readable
 from recompress.errors import UserError
 
 ATTR = "_recompress_stored"
+CHECKED = "_recompress_checked"  # on a tensor that ``materialize`` mapped: checked for NaN/Inf as it was mapped
 BLOCK_BYTES = 1 << 24
+UNNAMED = "a stored tensor"  # in messages, for a tensor whose reader has not named it
 
 
 def _read_at(fd: int, path: Path, offset: int, out: Tensor) -> None:
@@ -117,7 +119,7 @@ class Stored:
                  where: str) -> None:
         self.size, self.dtype, self.pieces, self.where = tuple(size), dtype, pieces, where
         self.shape = torch.Size(self.size)
-        self.name = "a stored tensor"  # in messages; the reader that knows what it is names it
+        self.name = UNNAMED  # in messages; the reader that knows what it is names it
 
     @property
     def streams(self) -> bool:
@@ -135,6 +137,31 @@ class Stored:
                 out[tuple(slice(o, o + n) for o, n in zip(offsets, span.shape))] = span.read()
         self.verify()
         return out
+
+    def mapped(self, maps: dict[Path, PrivateMap]) -> Tensor:
+        """:meth:`load`, except that a tensor stored as one row-major piece of MAP_BYTES or more is not copied:
+        it is a private map of its file (one per file in ``maps``), checked for NaN/Inf and against its
+        record's checksum in row blocks whose pages are then given back (read once, never held whole)."""
+        span = self.pieces[0][1]
+        nbytes = math.prod(self.size) * self.dtype.itemsize
+        if (len(self.pieces) != 1 or span.shape != self.size or not span.row_major or nbytes < MAP_BYTES
+                or span.begin % self.dtype.itemsize):
+            return self.load()
+        if span.path not in maps:
+            maps[span.path] = readable(span.path, lambda: PrivateMap(span.path))
+        at, row = maps[span.path], nbytes // self.size[0]
+        t = at.tensor(span.begin, self.dtype, self.size)
+
+        def seen(first: int, block: Tensor) -> None:
+            offset = span.begin + first * row
+            if span.record is not None:
+                span.record.saw(offset, block)
+            at.release(offset, offset + len(block) * row)
+
+        check_blocks(self.name, t, self.where, seen)
+        self.verify()
+        setattr(t, CHECKED, True)
+        return t
 
     def verify(self) -> None:
         """Check what was read against the archive's checksums (reading whatever was not read in order)."""
@@ -196,18 +223,33 @@ def loaded(t: Any) -> Any:
     return s.load() if s is not None else t
 
 
+def check(name: str, t: Tensor, where: str) -> None:
+    """:func:`check_finite`, except for a tensor left in its file (checked block by block as it is read) and one
+    that :func:`materialize` mapped (checked as it was mapped)."""
+    if not t.is_meta and not getattr(t, CHECKED, False):
+        check_finite(name, t, where)
+
+
 def materialize(obj: Any, keep: set[int] = frozenset(), skip: Callable[[Any], bool] = lambda key: False) -> Any:  # type: ignore[assignment]
-    """``obj`` with every lazy tensor read into memory, except those whose Stored's id is in ``keep`` and those
-    under a mapping key that ``skip`` names; containers are updated in place (they are the reader's own)."""
-    s = stored_of(obj)
-    if s is not None:
-        return obj if id(s) in keep else s.load()
-    if isinstance(obj, MutableMapping):
-        for k, v in obj.items():
-            if not skip(k):
-                obj[k] = materialize(v, keep, skip)
-    elif isinstance(obj, list):
-        obj[:] = [materialize(v, keep, skip) for v in obj]
-    elif isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(materialize(v, keep, skip) for v in obj)
-    return obj
+    """``obj`` with every lazy tensor in memory (:meth:`Stored.mapped`: a big one mapped from its file), except
+    those whose Stored's id is in ``keep`` and those under a mapping key that ``skip`` names; containers are
+    updated in place (they are the reader's own)."""
+    maps: dict[Path, PrivateMap] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        s = stored_of(value)
+        if s is not None:
+            if s.name == UNNAMED:
+                s.name = key
+            return value if id(s) in keep else s.mapped(maps)
+        if isinstance(value, MutableMapping):
+            for k, v in value.items():
+                if not skip(k):
+                    value[k] = walk(v, str(k))
+        elif isinstance(value, list):
+            value[:] = [walk(v, key) for v in value]
+        elif isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(walk(v, key) for v in value)
+        return value
+
+    return walk(obj, UNNAMED)
