@@ -16,11 +16,18 @@ model is checked by the export runner, so this rewrite can never change results 
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from recompress.blockfile import MAP_BYTES
+from recompress.errors import UserError
 from recompress.models.attention import set_attention
 from recompress.tables import DenseTable, Table
 from recompress.tables.hashed import PRIME, FreqHashTable, HashedTable, QRTable
@@ -38,24 +45,69 @@ def per_table(values: list[int]) -> Tensor:
     return torch.tensor(values).view(1, -1, 1)
 
 
+class Scratch:
+    """Where the deployment graph's stacked tables are made. With a ``folder`` (the export's staging folder),
+    one of MAP_BYTES or more is a shared map of a file there that is unlinked at once: its pages are the page
+    cache's, which the kernel writes back to disk and drops under pressure, not this process's own memory,
+    and nothing is left behind. Otherwise, and for smaller ones, ordinary memory."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        numel = math.prod(shape)
+        if self.folder is None or numel * dtype.itemsize < MAP_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        fd, name = tempfile.mkstemp(prefix=".stacked-", dir=self.folder)
+        try:
+            _reserve(fd, numel * dtype.itemsize, self.folder)
+            return torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+
+
+def _reserve(fd: int, nbytes: int, folder: Path) -> None:
+    """Give the file ``nbytes`` of disk now: a write to a mapped page the disk has no room for would end the
+    process (SIGBUS); refused here instead, with one clear error."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{folder}: no room on disk for a stacked table of {nbytes:,} bytes, which export makes "
+                            "there while it runs", "free that much disk space there, and as much again for the "
+                            "exported weights") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as it comes
+            raise
+        os.ftruncate(fd, nbytes)
+
+
 class StackedRows(nn.Module):
     """Row matrix ``name`` of several tables stacked into one (float or same-format quantized), with an
-    optional zero row before each table; ``forward(local_ids [B, T, L])`` gathers each table's rows."""
+    optional zero row before each table (made in ``scratch``); ``forward(local_ids [B, T, L])`` gathers each
+    table's rows."""
 
-    def __init__(self, tables: list[Table], name: str, zero_row: bool = False) -> None:
+    def __init__(self, tables: list[Table], name: str, zero_row: bool = False, scratch: Scratch = Scratch()) -> None:
         super().__init__()
         pad = int(zero_row)
         quant = tables[0].quant
         parts = [t.stores[name] if quant else getattr(t, name).detach() for t in tables]
         sizes = [p.data.shape[0] for p in parts]
         if quant:
-            self.store: QuantizedRows | None = QuantizedRows(sum(sizes) + pad * len(sizes), tables[0].stores[name].cols,
-                                                             quant["dtype"], quant["align"])
-            for key, buf in self.store.named_buffers():
-                torch.cat([x for p in parts for x in (torch.zeros_like(buf[:pad]), getattr(p, key))], out=buf)
+            with torch.device("meta"):  # shapes only: its buffers are made in scratch
+                self.store: QuantizedRows | None = QuantizedRows(sum(sizes) + pad * len(sizes),
+                                                                 tables[0].stores[name].cols, quant["dtype"], quant["align"])
+            for key, buf in list(self.store.named_buffers()):
+                out = scratch.empty(tuple(buf.shape), buf.dtype)
+                torch.cat([x for p in parts for x in (torch.zeros((pad, *buf.shape[1:]), dtype=buf.dtype), getattr(p, key))],
+                          out=out)
+                setattr(self.store, key, out)
         else:
             self.store = None
-            self.register_buffer("weight", torch.cat([x for p in parts for x in (p.new_zeros(pad, p.shape[1]), p)]))
+            dim, dtype = parts[0].shape[1], parts[0].dtype
+            weight = scratch.empty((sum(sizes) + pad * len(sizes), dim), dtype)
+            torch.cat([x for p in parts for x in (p.new_zeros(pad, dim), p)], out=weight)
+            self.register_buffer("weight", weight)
         starts = torch.tensor([n + pad for n in sizes]).cumsum(0) - torch.tensor(sizes)
         self.register_buffer("starts", starts.view(1, -1, 1))
 
@@ -72,9 +124,9 @@ class DenseHashGroup(nn.Module):
     m = rows) and padding is masked instead.
     """
 
-    def __init__(self, tables: list[DenseTable | HashedTable]) -> None:
+    def __init__(self, tables: list[DenseTable | HashedTable], scratch: Scratch) -> None:
         super().__init__()
-        self.rows = StackedRows(tables, "weight", zero_row=True)
+        self.rows = StackedRows(tables, "weight", zero_row=True, scratch=scratch)
         self.hashed = any(isinstance(t, HashedTable) for t in tables)
         if self.hashed:
             hp = [(t.a, t.b, t.buckets) if isinstance(t, HashedTable) else (1, 0, t.rows) for t in tables]
@@ -91,10 +143,10 @@ class DenseHashGroup(nn.Module):
 class QRGroup(nn.Module):
     """QR tables with one operation: stacked quotient and remainder matrices, per-table collisions."""
 
-    def __init__(self, tables: list[QRTable]) -> None:
+    def __init__(self, tables: list[QRTable], scratch: Scratch) -> None:
         super().__init__()
         self.op = tables[0].op
-        self.q, self.r = StackedRows(tables, "q"), StackedRows(tables, "r")
+        self.q, self.r = StackedRows(tables, "q", scratch=scratch), StackedRows(tables, "r", scratch=scratch)
         self.register_buffer("collisions", per_table([t.collisions for t in tables]))
 
     def forward(self, sparse: Tensor) -> Tensor:
@@ -107,9 +159,9 @@ class QRGroup(nn.Module):
 class FreqHashGroup(nn.Module):
     """Frequency-hashed tables: stacked slot maps, hot rows and tails; per-table hash constants."""
 
-    def __init__(self, tables: list[FreqHashTable]) -> None:
+    def __init__(self, tables: list[FreqHashTable], scratch: Scratch) -> None:
         super().__init__()
-        self.hot, self.tail = StackedRows(tables, "hot"), StackedRows(tables, "tail")
+        self.hot, self.tail = StackedRows(tables, "hot", scratch=scratch), StackedRows(tables, "tail", scratch=scratch)
         self.register_buffer("slot", torch.cat([t.slot for t in tables]))
         self.register_buffer("slot_starts", per_table((torch.tensor([t.rows for t in tables]).cumsum(0)
                                                        - torch.tensor([t.rows for t in tables])).tolist()))
@@ -155,15 +207,17 @@ GROUPS = {"densehash": DenseHashGroup, "qr": QRGroup, "freqhash": FreqHashGroup}
 
 
 class FusedLookup(nn.Module):
-    """``[B, T, L]`` ids -> ``[B, T, d]`` pooled rows, by groups of fusable tables, in table order."""
+    """``[B, T, L]`` ids -> ``[B, T, d]`` pooled rows, by groups of fusable tables, in table order (their stacked
+    tables made in ``scratch``)."""
 
-    def __init__(self, tables: list[Table]) -> None:
+    def __init__(self, tables: list[Table], scratch: Scratch = Scratch()) -> None:
         super().__init__()
         keys = [group_key(t) or f"single|{i}" for i, t in enumerate(tables)]
         order = list(dict.fromkeys(keys))
         self.members = [[i for i, k in enumerate(keys) if k == g] for g in order]
         self.groups = nn.ModuleList(
-            GROUPS[g.split("|")[0]]([tables[i] for i in idx]) if not g.startswith("single|") else SingleTable(tables[idx[0]])
+            GROUPS[g.split("|")[0]]([tables[i] for i in idx], scratch) if not g.startswith("single|")
+            else SingleTable(tables[idx[0]])
             for g, idx in zip(order, self.members))
         for g, idx in enumerate(self.members):
             self.register_buffer(f"features{g}", torch.tensor(idx), persistent=False)
@@ -235,17 +289,18 @@ def copy_sharing_tables(module: nn.Module) -> nn.Module:
 
 
 def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: str | None = None,
-           preferred: str | None = None) -> nn.Module:
+           preferred: str | None = None, scratch: Path | None = None) -> nn.Module:
     """The serving module rearranged for inference runtimes, the trained model left as it is: every module
     that offers a ``fused`` lookup slot (a model looking up several tables at once) gets one
-    :class:`FusedLookup` over its tables, with ``dequant-gather`` quantized rows are written
-    DequantizeLinear-then-Gather, and attention is written in form ``attention`` (None: the target's
-    ``preferred`` form where a model takes it; ``recompress.models.attention``)."""
+    :class:`FusedLookup` over its tables (big stacked tables made as files' pages in the folder ``scratch``,
+    if given: :class:`Scratch`), with ``dequant-gather`` quantized rows are written DequantizeLinear-then-
+    Gather, and attention is written in form ``attention`` (None: the target's ``preferred`` form where a
+    model takes it; ``recompress.models.attention``)."""
     scorer = copy_sharing_tables(scorer)
     set_attention(scorer, attention, preferred)
     for m in scorer.modules():
         if hasattr(m, "fused") and hasattr(m, "tables"):
-            m.fused = FusedLookup(list(m.tables.values()))
+            m.fused = FusedLookup(list(m.tables.values()), Scratch(scratch))
     if quant_graph == "dequant-gather":
         dequantize_then_gather(scorer)
     return scorer

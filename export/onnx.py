@@ -56,7 +56,7 @@ class Autocast(nn.Module):
 
 def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
     scorer = deploy(family.scorer(ckpt.model, opts.get("scoring")), opts.get("quant_graph") or "gather-dequant",
-                    opts.get("attention"), PREFERRED_ATTENTION).eval()
+                    opts.get("attention"), PREFERRED_ATTENTION, scratch=folder).eval()
     forms = sorted({m.attention for m in attention_modules(scorer)})
     precision = opts.get("precision") or "fp32"
     if COMPUTE[precision] is not None:
