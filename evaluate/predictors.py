@@ -6,13 +6,13 @@ returns its output; ``runtime`` groups predictors for the latency turns.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from recompress.export.graph import copy_sharing_tables
 from recompress.export.onnx import (
     loops_rows,
     make_session,
@@ -45,8 +45,8 @@ class TorchPredictor:
         from recompress.models.attention import set_attention
         from recompress.training import family_of_model
         self.device = "cpu"
-        if attention is not None:  # on a copy: the caller's model keeps its form
-            model = copy.deepcopy(model)
+        if attention is not None:  # on a copy sharing the tables: the caller's model keeps its form
+            model = copy_sharing_tables(model)
             set_attention(model, attention)
             if attention == "triton":
                 self.device = triton_device()

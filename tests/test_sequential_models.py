@@ -493,3 +493,22 @@ def test_init_depends_only_on_the_seed(seq_data, name):
                 continue
             assert not torch.equal(bias, c[f"{m_name}.bias"]) and bias.abs().max() <= bound
             assert bias.numel() < 8 or bias.std() > bound / 3  # uniform on [-b, b]: std b/sqrt(3)
+
+
+def test_a_predictor_in_another_attention_form_shares_the_tables(seq_data):  # noqa: F811
+    """``evaluate --attention`` scores a copy of the model in that form; the copy shares the tables' storage (a
+    deep copy held a second item table, as large as the model), and the caller's model keeps its form and its
+    tables' tensor objects."""
+    from recompress.evaluate.predictors import TorchPredictor
+    from recompress.models.attention import attention_modules
+
+    fam, model = fresh("sasrec", seq_data)
+    forms = [m.attention for m in attention_modules(model)]
+    other = next(f for f in type(attention_modules(model)[0]).attention_forms if f != forms[0])
+    pred = TorchPredictor(model, 1, family=fam, attention=other)
+    copied = [m for m in pred.scorer.modules() if hasattr(m, "tables")][0]
+    for name, t in model.tables.items():
+        assert copied.tables[name].weight.data_ptr() == t.weight.data_ptr()
+        assert copied.tables[name].weight is not t.weight
+    assert [m.attention for m in attention_modules(pred.scorer)] == [other] * len(forms)
+    assert [m.attention for m in attention_modules(model)] == forms
