@@ -7,7 +7,8 @@
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
 #                                          trt extra) stream-memory (writes up to 20.5 GB under /tmp) load-memory
-#                                          criteo-reader distributed-train upstream-recbole upstream-sasrec (needs SASREC_REPO: a
+#                                          (up to 31 GB under /tmp) criteo-reader distributed-train upstream-recbole
+#                                          upstream-sasrec (needs SASREC_REPO: a
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
 #                                          DLRM_PYTHON, an interpreter with numpy 1, scikit-learn, mlperf_logging)
@@ -128,7 +129,13 @@ for s in $sections; do
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
     load-memory) python bench/load_memory.py --out $r/load_memory.json --baseline 1b092bd --rows 1000,1000000,10000000
                  python bench/load_memory.py --out $r/load_larger_than_ram.json --rows 130000000 --zeros \
-                   --checkpoints fp32 --commands evaluate --repeats 1 ;;
+                   --checkpoints fp32 --commands evaluate --repeats 1
+                 python bench/load_memory.py --out $r/load_memory_upstream.json --baseline c7d5a35 \
+                   --source dlrm,nvidia --checkpoints fp32 --rows 1000,1000000,10000000
+                 python bench/load_memory.py --out $r/export_stacked_file.json --baseline b81b7bd --rows 1000,10000000 \
+                   --commands export
+                 python bench/load_memory.py --out $r/export_stacked_file_40m.json --rows 40000000 --checkpoints fp32 \
+                   --repeats 1 ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done
