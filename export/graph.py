@@ -73,13 +73,12 @@ def _reserve(fd: int, nbytes: int, folder: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"{folder}: no room on disk for a stacked table of {nbytes:,} bytes, which export makes "
-                            "there while it runs", "free that much disk space there, and as much again for the "
-                            "exported weights") from None
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as it comes
-            raise
-        os.ftruncate(fd, nbytes)
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as it comes
+            os.ftruncate(fd, nbytes)
+            return
+        raise UserError(f"{folder}: could not reserve disk for a stacked table of {nbytes:,} bytes, which export "
+                        f"makes there while it runs ({e.strerror})", "export needs that much free space there, "
+                        "and as much again for the exported weights") from None
 
 
 class StackedRows(nn.Module):

@@ -16,7 +16,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -55,12 +55,23 @@ class Entry:
         return (self.shape[0] if self.shape else 1) * self.row_bytes
 
 
+def nonfinite(t: Tensor) -> int:
+    """How many NaN/Inf values a floating-point tensor (or block of rows) holds; 0 for other dtypes."""
+    if not t.is_floating_point() or torch.isfinite(t).all():
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def nonfinite_error(name: str, bad: int, where: str) -> UserError:
+    return UserError(f"{where}: tensor {name!r} has {bad} NaN/Inf values",
+                     "the source model diverged or is damaged; use an earlier checkpoint")
+
+
 def check_finite(name: str, t: Tensor, where: str) -> None:
     """Refuse NaN/Inf values in a floating-point tensor (or block of rows)."""
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise UserError(f"{where}: tensor {name!r} has {bad} NaN/Inf values",
-                        "the source model diverged or is damaged; use an earlier checkpoint")
+    bad = nonfinite(t)
+    if bad:
+        raise nonfinite_error(name, bad, where)
 
 
 def _no_constant(name: str) -> None:
@@ -117,17 +128,15 @@ class PrivateMap:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def check_blocks(name: str, t: Tensor, where: str, after: Callable[[int, Tensor], None]) -> None:
-    """:func:`check_finite` over ``t`` in row blocks of CHECK_BYTES, calling ``after(first_row, block)`` once
-    each block is checked (to checksum it, or to give its pages back): a mapped table is read once, and
-    never held whole."""
+def row_blocks(t: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """``(first row, rows)`` over ``t`` in blocks of CHECK_BYTES (a 0-dim tensor: itself, once): how a mapped
+    tensor is checked, so that it is read once and never held whole."""
     if not t.dim():
-        check_finite(name, t, where)
+        yield 0, t
         return
     step = max(1, CHECK_BYTES // max(1, t[:1].numel() * t.element_size()))
     for s in range(0, len(t), step):
-        check_finite(name, t[s:s + step], where)
-        after(s, t[s:s + step])
+        yield s, t[s:s + step]
 
 
 def read_into(fd: int, offset: int, out: Tensor) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .blockfile import MAP_BYTES, TensorFile, check_blocks, readable
+from .blockfile import MAP_BYTES, TensorFile, check_finite, readable, row_blocks
 from .errors import UserError
 from .models import build_model
 from .outputs import output_dir
@@ -105,7 +105,10 @@ def read_tensor(f: TensorFile, key: str, like: Tensor) -> Tensor:
     """
     e = f.entries[key]
     t = readable(f.path, lambda: f.mapped(key) if e.nbytes >= MAP_BYTES else f.read(key))
-    check_blocks(key, t, str(f.path), lambda s, block: f.release(key, s, s + len(block)))
+    for s, block in row_blocks(t):
+        check_finite(key, block, str(f.path))
+        if t.dim():
+            f.release(key, s, s + len(block))
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 

@@ -147,12 +147,21 @@ def test_a_nan_anywhere_in_a_mapped_table_is_refused(tmp_path, where):
         load_checkpoint(tmp_path / "c")
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("NaN in the first row", "'emb_l.0.weight' has 1 NaN/Inf"), ("NaN in the last row", "'emb_l.0.weight' has 1 NaN/Inf"),
-    ("a flipped byte", "do not match the CRC-32 its archive records")])
-def test_a_mapped_upstream_table_is_checked_for_nan_and_against_its_crc(tmp_path, damage, message):
-    """A 100k x 64 table (25.6 MB, mapped) of a dlrm file: the blocks that are checked for NaN/Inf as it is mapped
-    also make its zip record's CRC-32, which a changed byte (still a finite value) fails, as torch.load would."""
+@pytest.mark.parametrize("row", [0, 69_999])
+def test_a_nan_saved_in_a_mapped_upstream_table_is_refused(tmp_path, row):
+    """A 70k x 64 table (18 MB, mapped) of a dlrm file saved with a NaN in its first or last row: the row blocks
+    read as it is mapped count it, and the table is refused by the name the model gives it."""
+    from recompress.errors import UserError
+
+    table = torch.randn(70_000, 64, generator=torch.Generator().manual_seed(4))
+    table[row, 12] = float("nan")
+    with pytest.raises(UserError, match="'emb_0.weight' has 1 NaN/Inf"):
+        load_any(_dlrm_file(tmp_path / "nan.pt", {"emb_l.0.weight": table}))
+
+
+def test_a_changed_byte_in_a_mapped_upstream_table_fails_its_crc(tmp_path):
+    """A 100k x 64 table (25.6 MB, mapped) of a dlrm file with one byte changed afterwards (still a finite value):
+    the row blocks read as it is mapped also make its zip record's CRC-32, which fails, as torch.load's would."""
     import zipfile
 
     from recompress.errors import UserError
@@ -166,15 +175,11 @@ def test_a_mapped_upstream_table_is_checked_for_nan_and_against_its_crc(tmp_path
         f.seek(info.header_offset + 26)
         head = f.read(4)
         begin = info.header_offset + 30 + int.from_bytes(head[:2], "little") + int.from_bytes(head[2:], "little")
-        if damage == "a flipped byte":
-            f.seek(begin + (rows // 2) * 256 + 1)  # the second byte of a float: another finite value
-            byte = f.read(1)[0]
-            f.seek(-1, 1)
-            f.write(bytes([byte ^ 0x10]))
-        else:
-            f.seek(begin + (0 if "first" in damage else (rows - 1) * 256) + 12)
-            f.write(torch.tensor([float("nan")]).numpy().tobytes())
-    with pytest.raises(UserError, match=message):
+        f.seek(begin + (rows // 2) * 256 + 1)  # the second byte of a float: another finite value
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(UserError, match="do not match the CRC-32 its archive records"):
         load_any(path)
 
 
@@ -325,6 +330,81 @@ def test_no_room_for_a_stacked_table_is_one_clear_error_and_writes_nothing(tmp_p
     monkeypatch.setattr(graph, "MAP_BYTES", 0)
     monkeypatch.setattr(graph.os, "posix_fallocate", full)
     res = CliRunner().invoke(main, ["export", str(tmp_path / "c"), "--target", "onnx", "-o", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "no room on disk for a stacked table of 256,256 bytes" in res.output, res.output
+    assert res.exit_code == 2 and "could not reserve disk for a stacked table of 256,256 bytes" in res.output, res.output
+    assert "No space left on device" in res.output
     assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def _dlrm_file(path: Path, tables: dict[str, torch.Tensor], **extra: object) -> Path:
+    """A dlrm --save-model file with these ``emb_l`` tables (rows of width 64) and its MLPs, plus ``extra``
+    entries beside the state dict."""
+    gen = torch.Generator().manual_seed(3)
+    state = dict(tables)
+    f = len(tables) + 1
+    for name, (o, i) in {"bot_l.0": (64, 13), "bot_l.2": (64, 64), "top_l.0": (64, 64 + f * (f - 1) // 2),
+                         "top_l.2": (1, 64)}.items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = torch.randn(o, i, generator=gen) * 0.1, torch.zeros(o)
+    torch.save({"state_dict": state, **extra}, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["one tensor saved for two tables", "two views of one storage"])
+def test_tables_saved_over_one_storage_do_not_share_it_once_loaded(tmp_path, layout):
+    """Found by review: two tables over one saved storage (one tensor under two keys, or overlapping views)
+    came out of the mapped loader sharing memory, so training one changed the other and saving the model
+    failed with a traceback (safetensors refuses shared tensors). Each table now holds its own rows."""
+    from recompress.checkpoint import save_checkpoint
+
+    big = torch.randn(70_500, 64, generator=torch.Generator().manual_seed(1))  # 18 MB: mapped
+    tables = ({"emb_l.0.weight": big, "emb_l.1.weight": big} if layout.startswith("one") else
+              {"emb_l.0.weight": big[500:], "emb_l.1.weight": big[:70_000]})
+    path = _dlrm_file(tmp_path / "shared.pt", tables)
+    model = load_any(path).model
+    a, b = model.tables["emb_0"].weight, model.tables["emb_1"].weight
+    assert torch.equal(a, tables["emb_l.0.weight"]) and torch.equal(b, tables["emb_l.1.weight"])
+    with torch.no_grad():
+        a[:] = 0
+    assert torch.equal(b, tables["emb_l.1.weight"])
+    save_checkpoint(load_any(path), tmp_path / "native")
+    assert torch.equal(load_checkpoint(tmp_path / "native").model.tables["emb_1"].weight, tables["emb_l.1.weight"])
+
+
+def test_a_big_tensor_the_model_does_not_use_may_hold_infinities(tmp_path):
+    """Found by review: every mapped tensor was checked for NaN/Inf, also one no adapter reads (a float causal
+    mask of -inf saved beside the state dict), so whether a file loaded depended on that tensor's size. Only
+    what the model is built from is checked, as for small tensors; a NaN in a mapped table is still refused."""
+    from recompress.errors import UserError
+
+    mask = torch.full((2100, 2100), float("-inf")).triu(1)  # 17.6 MB: mapped
+    table = torch.randn(70_000, 64, generator=torch.Generator().manual_seed(2))
+    path = _dlrm_file(tmp_path / "masked.pt", {"emb_l.0.weight": table}, attn_mask=mask)
+    assert torch.equal(load_any(path).model.tables["emb_0"].weight, table)
+    table[69_999, 5] = float("nan")
+    path = _dlrm_file(tmp_path / "nan.pt", {"emb_l.0.weight": table}, attn_mask=mask)
+    with pytest.raises(UserError, match="'emb_0.weight' has 1 NaN/Inf"):
+        load_any(path)
+
+
+@pytest.mark.parametrize("code", ["EDQUOT", "EFBIG", "EIO"])
+def test_any_failure_to_reserve_the_stacked_table_is_one_clear_error(tmp_path, monkeypatch, code):
+    """Found by review: only ENOSPC was named; a disk quota, a file-size limit or an I/O error while reserving
+    the stacked table's disk was a traceback."""
+    import errno
+
+    from click.testing import CliRunner
+
+    import recompress.export.graph as graph
+    from recompress.cli import main
+
+    _bench().make_checkpoint(tmp_path / "c", 1000, 64)
+
+    def fail(fd, offset, length):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(graph, "MAP_BYTES", 0)
+    monkeypatch.setattr(graph.os, "posix_fallocate", fail)
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "c"), "--target", "onnx", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "stacked table of 256,256 bytes" in res.output, res.output
+    assert os.strerror(getattr(errno, code)) in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

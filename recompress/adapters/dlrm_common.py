@@ -18,7 +18,7 @@ from recompress.tables import DenseTable, FactorizedTable, Table
 from recompress.tables.hashed import QRTable
 
 from .found import Found, FoundTable
-from .stored import check, rows_of
+from .stored import check, rows_of, unshared
 
 Linear = tuple[Tensor, Tensor]  # (weight [out, in], bias [out])
 
@@ -115,6 +115,7 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
         check(f"mlp layer {i} bias", b, where)
     dim = hp["emb_dim"]
     tables: dict[str, Table] = {}
+    assigned: list[tuple[Table, dict[str, Tensor]]] = []
     for t in up:
         if t.kind in ("int8", "int4"):
             table = DenseTable(t.rows, dim)
@@ -134,8 +135,11 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
                 state = {"left": x["embs"], "right": x["proj"].T.contiguous()}
             else:
                 table, state = QRTable(t.rows, dim, x["r"].shape[0], hp["qr_operation"]), {"q": x["q"], "r": x["r"]}
-        table.load_state_dict(state, assign=True)
+        assigned.append((table, state))
         tables[t.name] = table
+    own = unshared({f"{i}.{k}": v for i, (_, state) in enumerate(assigned) for k, v in state.items()})
+    for i, (table, state) in enumerate(assigned):
+        table.load_state_dict({k: own[f"{i}.{k}"] for k in state}, assign=True)
     params = default_hparams(hp["num_dense"], dim, hp["bottom"], hp["top"])
     params.update(interaction_itself=hp["interaction_itself"], interaction_pad=hp["interaction_pad"])
     model = DLRM(params, tables)

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recompress.blockfile import MAP_BYTES, PrivateMap, check_blocks, check_finite, read_into, readable
+from recompress.blockfile import (MAP_BYTES, PrivateMap, check_finite, nonfinite, nonfinite_error, read_into, readable,
+                                  row_blocks)
 from recompress.errors import UserError
 
 ATTR = "_recompress_stored"
-CHECKED = "_recompress_checked"  # on a tensor that ``materialize`` mapped: checked for NaN/Inf as it was mapped
+NONFINITE = "_recompress_nonfinite"  # on a tensor that ``materialize`` mapped: its NaN/Inf values, counted then
 BLOCK_BYTES = 1 << 24
 UNNAMED = "a stored tensor"  # in messages, for a tensor whose reader has not named it
 
@@ -140,8 +141,9 @@ class Stored:
 
     def mapped(self, maps: dict[Path, PrivateMap]) -> Tensor:
         """:meth:`load`, except that a tensor stored as one row-major piece of MAP_BYTES or more is not copied:
-        it is a private map of its file (one per file in ``maps``), checked for NaN/Inf and against its
-        record's checksum in row blocks whose pages are then given back (read once, never held whole)."""
+        it is a private map of its file (one per file in ``maps``), read once in row blocks whose pages are
+        then given back: checked against its record's checksum, and its NaN/Inf values counted (:func:`check`
+        refuses them where a model uses the tensor)."""
         span = self.pieces[0][1]
         nbytes = math.prod(self.size) * self.dtype.itemsize
         if (len(self.pieces) != 1 or span.shape != self.size or not span.row_major or nbytes < MAP_BYTES
@@ -151,16 +153,15 @@ class Stored:
             maps[span.path] = readable(span.path, lambda: PrivateMap(span.path))
         at, row = maps[span.path], nbytes // self.size[0]
         t = at.tensor(span.begin, self.dtype, self.size)
-
-        def seen(first: int, block: Tensor) -> None:
+        bad = 0
+        for first, block in row_blocks(t):
             offset = span.begin + first * row
             if span.record is not None:
                 span.record.saw(offset, block)
+            bad += nonfinite(block)
             at.release(offset, offset + len(block) * row)
-
-        check_blocks(self.name, t, self.where, seen)
         self.verify()
-        setattr(t, CHECKED, True)
+        setattr(t, NONFINITE, bad)  # refused by ``check`` if a model is built from it, not before
         return t
 
     def verify(self) -> None:
@@ -224,10 +225,33 @@ def loaded(t: Any) -> Any:
 
 
 def check(name: str, t: Tensor, where: str) -> None:
-    """:func:`check_finite`, except for a tensor left in its file (checked block by block as it is read) and one
-    that :func:`materialize` mapped (checked as it was mapped)."""
-    if not t.is_meta and not getattr(t, CHECKED, False):
+    """Refuse NaN/Inf values in a tensor a model is built from: counted as it was mapped (:meth:`Stored.mapped`),
+    else counted now; a tensor left in its file is checked block by block as it is read."""
+    if t.is_meta:
+        return
+    bad = getattr(t, NONFINITE, None)
+    if bad is None:
         check_finite(name, t, where)
+    elif bad:
+        raise nonfinite_error(name, bad, where)
+
+
+def unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors``, each one whose memory overlaps an earlier one's replaced by a copy: tables saved over one
+    storage (one tensor under two keys, overlapping views) are mapped over the same memory, and a model must
+    not hold them so (training one would change the other; safetensors refuses to save shared tensors)."""
+    taken: list[tuple[int, int]] = []
+    out = {}
+    for key, t in tensors.items():
+        if not t.is_meta and t.numel():
+            lo = t.data_ptr()
+            hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+            if any(lo < b and a < hi for a, b in taken):
+                t = t.clone()
+                lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            taken.append((lo, hi))
+        out[key] = t
+    return out
 
 
 def materialize(obj: Any, keep: set[int] = frozenset(), skip: Callable[[Any], bool] = lambda key: False) -> Any:  # type: ignore[assignment]
