@@ -7,6 +7,8 @@ checkpoint with one big table, this checkout against a baseline revision, interl
                                 --checkpoints fp32 --commands evaluate --repeats 1
     python bench/load_memory.py --out bench/results/load_memory_upstream.json --baseline c7d5a35 \
                                 --source dlrm,nvidia --checkpoints fp32 --rows 1000,1000000,10000000
+    python bench/load_memory.py --out bench/results/finetune_memory.json --checkpoints fp32 \
+                                --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (bench/stream_memory.py's, written in
 blocks), its int8 version (``recompress checkpoint --method int8``, streamed) and a synthetic dataset with a
@@ -19,7 +21,8 @@ copy of a table costs; mapped file pages are the page cache's and the kernel can
 table is left as a sparse file of zeros (bench/stream_memory.py's), so that one larger than this machine's
 memory and free disk costs nothing to make. ``--source dlrm,nvidia``: the checkpoint is an upstream one
 instead (bench/stream_memory.py's makers: a facebookresearch/dlrm ``--save-model`` file, an NVIDIA DLRM
-folder), read by recompress's adapters (``fp32`` only: the file as upstream wrote it).
+folder), read by recompress's adapters (``fp32`` only: the file as upstream wrote it). ``--commands
+finetune-adam,finetune-rowwise-adagrad``: 20 steps of ``checkpoint --method finetune`` with that optimizer.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ from pathlib import Path
 
 from measure import anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
 from stream_memory import MAKERS, make_checkpoint
+
+def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
+    """``evaluate``, ``export``, or ``finetune-OPTIMIZER`` (20 steps of ``checkpoint --method finetune``)."""
+    if command == "evaluate":
+        return ["evaluate", str(ckpt), "--data", str(data), "--no-latency"]
+    if command == "export":
+        return ["export", str(ckpt), "--data", str(data), "--target", "onnx", "-o", str(out)]
+    optimizer = command.removeprefix("finetune-")
+    return ["checkpoint", str(ckpt), "--method", "finetune", "--data", str(data), "--steps", "20", "--no-keep-best",
+            "--optimizer", optimizer, "-o", str(out)]
+
 
 def measure(root: Path, tmp: Path, args: list[str]) -> dict:
     """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory."""
@@ -74,9 +88,7 @@ def main() -> None:
                             continue
                         for ckpt in a.checkpoints.split(","):
                             for command in a.commands.split(","):
-                                args = ([command, str(tmp / ckpt), "--data", str(tmp / "data")]
-                                        + (["--no-latency"] if command == "evaluate" else
-                                           ["--target", "onnx", "-o", str(tmp / "x")]))
+                                args = command_args(command, tmp / ckpt, tmp / "data", tmp / "x")
                                 r = {"rows": rows, "dim": a.dim, "table_bytes": table, "source": source, "checkpoint": ckpt,
                                      "command": command, "checkout": name, "repeat": rep,
                                      **measure(root, tmp, args)}

@@ -117,7 +117,9 @@ def train_options(keep_best: bool) -> Any:
         click.option("--lr", default=1e-3, show_default=True, help="learning rate"),
         click.option("--batch-size", default=256, show_default=True, help="rows per optimizer step"),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
-                     help="adam: Adam for dense layers, SparseAdam for table rows"),
+                     help="adam: Adam for dense layers, SparseAdam for table rows (state: 2x each table); "
+                          "rowwise-adagrad: Adagrad for dense layers, FBGEMM's row-wise Adagrad for table rows "
+                          "(state: 4 bytes per row)"),
         click.option("--seed", default=0, show_default=True, help="seed for initialization and shuffling"),
         click.option("--keep-best/--no-keep-best", default=keep_best, show_default=True,
                      help="score validation 4 times per epoch, stop after 2 checks without gain, keep the best model"),

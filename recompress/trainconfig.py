@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-OPTIMIZERS = ("adam", "adagrad", "sgd")
+OPTIMIZERS = ("adam", "adagrad", "rowwise-adagrad", "sgd")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .families import get_family
 from .metrics import METRICS
 from .models.family import Family
 from .progress import progress
+from .rowwise_adagrad import RowwiseAdagrad
 from .spec import TableSpec
 from .tables import DenseTable, FactorizedTable, Table, collapse_factorized
 from .trainconfig import TrainConfig
@@ -46,6 +47,8 @@ def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torc
         return opts + ([torch.optim.SparseAdam(sparse, lr=cfg.lr, betas=family.adam_betas)] if sparse else [])
     if cfg.optimizer == "adagrad":
         return [torch.optim.Adagrad(dense + sparse, lr=cfg.lr)]
+    if cfg.optimizer == "rowwise-adagrad":  # TorchRec's DLRM recipe: Adagrad for dense layers, FBGEMM's row-wise for tables
+        return [torch.optim.Adagrad(dense, lr=cfg.lr)] + ([RowwiseAdagrad(sparse, lr=cfg.lr)] if sparse else [])
     return [torch.optim.SGD(dense + sparse, lr=cfg.lr)]
 
 

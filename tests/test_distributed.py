@@ -55,11 +55,13 @@ def one_vs_two(work: Path, name: str, *args: str) -> float:
     return max_diff(work / f"{name}1", work / f"{name}2")
 
 
-def test_dlrm_training_on_two_ranks_equals_one_process(work):
-    # Adam + SparseAdam (row gradients all-gathered); batch 255 over 2 ranks: 128 + 127 rows, and a short
-    # last batch; 16 steps. Float summation order is the only difference: measured 3e-8 (ranks averaged with
-    # equal weights instead of by rows: 3.8e-4).
-    assert one_vs_two(work, "dlrm", "train", "--data", "ctr", "--dim", "8", "--batch-size", "255") < 1e-5
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise-adagrad"])
+def test_dlrm_training_on_two_ranks_equals_one_process(work, optimizer):
+    # Adam + SparseAdam, or Adagrad + row-wise Adagrad (row gradients all-gathered); batch 255 over 2 ranks:
+    # 128 + 127 rows, and a short last batch; 16 steps. Float summation order is the only difference:
+    # measured 3e-8 with either (Adam, ranks averaged with equal weights instead of by rows: 3.8e-4).
+    assert one_vs_two(work, f"dlrm-{optimizer}", "train", "--data", "ctr", "--dim", "8", "--batch-size", "255",
+                      "--optimizer", optimizer) < 1e-5
 
 
 def test_sequential_training_weights_ranks_by_their_loss_terms(work):
