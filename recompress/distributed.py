@@ -147,14 +147,35 @@ def broadcast_object(obj: T) -> T:
 
 
 def broadcast_module(module: Any) -> None:
-    """Copy rank 0's parameters and buffers into ``module`` on every rank (so all ranks start equal)."""
+    """Copy rank 0's parameters and buffers into ``module`` on every rank (so all ranks start equal), except
+    those every rank already holds bit for bit (all loaded the same checkpoint, or initialized it with the
+    same seed), by a SHA-256 of each tensor's bytes gathered from every rank: receiving a table writes every
+    page of it, which makes a mapped checkpoint's table a private copy on each rank."""
     if size() <= 1:
         return
     import torch
     import torch.distributed as dist
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.dtype != torch.bool:  # masks are derived from shapes; gloo sends no bool
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype != torch.bool]  # masks come from
+    digests = torch.tensor([_digest(t) for t in tensors], dtype=torch.int64).reshape(-1, 4)     # shapes; gloo
+    every = [torch.empty_like(digests) for _ in range(size())]                                  # sends no bool
+    _collective(lambda: dist.all_gather(every, digests))
+    differs = torch.stack(every).ne(every[0]).any(2).any(0).tolist()  # the same list on every rank
+    for t, send in zip(tensors, differs):
+        if send:
             _collective(lambda t=t: dist.broadcast(t.data, src=0))
+
+
+def _digest(t: Any) -> list[int]:
+    """SHA-256 of a tensor's bytes (and its dtype and shape), as four int64 words."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.detach().contiguous().reshape(-1)
+    step = max(1, (1 << 24) // max(1, flat.element_size()))
+    for s in range(0, flat.numel(), step):  # 16 MB at a time: read from the tensor's own memory
+        h.update(memoryview(flat[s:s + step].view(torch.uint8).numpy()))
+    return [int.from_bytes(h.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
 
 
 def sum_gradients(dense: Sequence[Any], sparse: Sequence[Any]) -> None:

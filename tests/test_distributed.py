@@ -4,12 +4,14 @@ one process trains; a rank that dies fails the run with nothing written."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -18,6 +20,8 @@ from recompress.cli import main
 from recompress.data.synthetic import make_synthetic
 from recompress.data.synthetic_sequences import make_synthetic_sequences
 from recompress.distributed import shard
+
+from .test_stream import _bench
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -184,3 +188,43 @@ def test_a_run_that_succeeds_closes_its_process_group_before_exit(work, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     # two ranks print into one pipe, so their lines may interleave: count the phrases
     assert r.stdout.count("exit 0, process group open: False") == 2 and "open: True" not in r.stdout, r.stdout
+
+
+BROADCAST = """
+import re, sys
+from pathlib import Path
+import torch
+from recompress import distributed
+from recompress.checkpoint import load_checkpoint
+distributed.join("train", ["train"])
+model = load_checkpoint(sys.argv[1]).model
+anon = lambda: int(re.search(r"RssAnon:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) << 10
+if distributed.rank() == 1:
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if not n.startswith("tables.")).add_(1.0)
+before = anon()
+distributed.broadcast_module(model)
+grown = anon() - before
+state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("tables.")}
+torch.save(state, f"{sys.argv[2]}/rank{distributed.rank()}.pt")
+print(f"rank {distributed.rank()} grew {grown}")
+distributed.leave()
+"""
+
+
+def test_ranks_that_loaded_the_same_checkpoint_receive_only_what_differs(tmp_path):
+    """Two ranks map the same 100k x 256 table (102 MB); rank 1 then changes one dense weight. Starting the
+    ranks equal sends that weight (both end with rank 0's values) but not the table, which all hold bit for bit:
+    receiving it wrote every page of rank 1's mapped table (1x the table of its own memory)."""
+    table = _bench().make_checkpoint(tmp_path / "c", 100_000, 256)
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path / "c"), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown = {int(m[0]): int(m[1]) for m in re.findall(r"rank (\d) grew (\d+)", out.stdout)}
+    assert grown.keys() == {0, 1} and grown[1] < 0.1 * table, (grown, table)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
