@@ -26,8 +26,8 @@ class RowwiseAdagrad(torch.optim.Optimizer):
     """Row-wise Adagrad over parameters whose dimension 0 indexes rows; sparse (row) or dense gradients."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-2, eps: float = EPS) -> None:
-        if not lr > 0 or not eps >= 0:
-            raise ValueError(f"row-wise Adagrad needs lr > 0 and eps >= 0, not lr={lr}, eps={eps}")
+        if not lr > 0 or not eps > 0:  # eps 0: a looked-up row with a zero gradient would become 0 * inf = NaN
+            raise ValueError(f"row-wise Adagrad needs lr > 0 and eps > 0, not lr={lr}, eps={eps}")
         super().__init__(params, {"lr": lr, "eps": eps})
 
     @torch.no_grad()
@@ -50,6 +50,8 @@ class RowwiseAdagrad(torch.optim.Optimizer):
         else:  # the rows with a gradient (a row with none is left as it is either way), so that untouched
             rows = grad.reshape(len(grad), -1).ne(0).any(1).nonzero().squeeze(1)  # pages of a mapped table stay unwritten
             values = grad[rows]
+        if not len(rows):  # nothing looked up (every bag empty): nothing to do
+            return
         total.index_add_(0, rows, values.float().pow(2).reshape(len(values), -1).mean(1))
         scale = (-lr / (total[rows].sqrt() + eps)).view(-1, *[1] * (p.dim() - 1))
         p.index_add_(0, rows, (values * scale).to(p.dtype))

@@ -46,6 +46,21 @@ def test_rowwise_adagrad_is_fbgemms_update(sparse):
     assert opt.state[emb.weight]["sum"].shape == (50,)
 
 
+def test_a_step_that_looks_up_no_row_changes_nothing_and_eps_must_be_positive():
+    """Found by review: a step whose gradient holds no row (every bag empty: a sparse gradient without entries,
+    or an all-zero dense one) failed to reshape an empty tensor; it now leaves the table and the state as they
+    were. eps = 0 made a looked-up row with a zero gradient 0 * inf = NaN, and is refused."""
+    w0 = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    for sparse in (True, False):
+        emb = torch.nn.Embedding(10, 4, sparse=sparse, _weight=w0.clone())
+        opt = RowwiseAdagrad(emb.parameters(), lr=0.1)
+        emb(torch.zeros(3, 0, dtype=torch.long)).sum().backward()
+        opt.step()
+        assert torch.equal(emb.weight.detach(), w0) and not opt.state[emb.weight]["sum"].any()
+    with pytest.raises(ValueError, match="eps > 0"):
+        RowwiseAdagrad(torch.nn.Embedding(10, 4).parameters(), eps=0.0)
+
+
 def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of_its_size(tmp_path):
     """A 2M x 64 table (512 MB), 5 fine-tuning steps: with SparseAdam the process grows by > 1.5x the table (its
     two moment tensors, allocated whole at the first step); with row-wise Adagrad by < 0.1x (8 MB of row
