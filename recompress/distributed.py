@@ -170,11 +170,11 @@ def _digest(t: Any) -> list[int]:
     import hashlib
 
     import torch
+
+    from .blockfile import row_blocks
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    flat = t.detach().contiguous().reshape(-1)
-    step = max(1, (1 << 24) // max(1, flat.element_size()))
-    for s in range(0, flat.numel(), step):  # 16 MB at a time: read from the tensor's own memory
-        h.update(memoryview(flat[s:s + step].view(torch.uint8).numpy()))
+    for _, block in row_blocks(t.detach().contiguous().reshape(-1)):  # 16 MB at a time, from its own memory
+        h.update(memoryview(block.view(torch.uint8).numpy()))
     return [int.from_bytes(h.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
 
 

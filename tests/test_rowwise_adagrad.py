@@ -9,8 +9,7 @@ import torch
 
 from recompress.rowwise_adagrad import EPS, RowwiseAdagrad
 
-from .test_mapped_load import _peak_anon
-from .test_stream import _bench
+from .test_mapped_load import _peak_anon, big_and_small
 
 
 def _reference(w0: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> np.ndarray:
@@ -66,17 +65,9 @@ def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of
     two moment tensors, allocated whole at the first step); with row-wise Adagrad by < 0.1x (8 MB of row
     state, the rows the steps wrote into the mapped table and the output's bytes written from it), and the
     fine-tuned checkpoint differs from the source only in rows the batches looked up."""
-    import subprocess
-    import sys
-
     from recompress.checkpoint import load_checkpoint
 
-    bench = _bench()
-    table = bench.make_checkpoint(tmp_path / "big", 2_000_000, 64)
-    bench.make_checkpoint(tmp_path / "small", 1000, 64)
-    for name, rows in (("big", 2_000_000), ("small", 1000)):
-        subprocess.run([sys.executable, "-m", "recompress", "data", "synthetic", "-o", tmp_path / f"d{name}",
-                        "--tables", str(rows), "--samples", "3000"], check=True, capture_output=True)
+    table = big_and_small(tmp_path)
     peak = {}
     for opt in ("adam", "rowwise-adagrad"):
         for name in ("small", "big"):

@@ -49,11 +49,11 @@ def _object(path: Path) -> Any:
         obj = safe_torch_load(path, lazy=True)
         return shards.merge_objects([(path, obj)]) if shards.has_shards(obj) else obj
     if shards.is_dcp(path):
-        return shards.read_dcp(path, lazy=True)
+        return shards.read_dcp(path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if is_torch_file(f))
         if files:
-            return shards.merge_rank_files(files, lazy=True)
+            return shards.merge_rank_files(files)
     return None
 
 

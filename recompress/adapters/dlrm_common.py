@@ -115,7 +115,7 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
         check(f"mlp layer {i} bias", b, where)
     dim = hp["emb_dim"]
     tables: dict[str, Table] = {}
-    assigned: list[tuple[Table, dict[str, Tensor]]] = []
+    states: dict[str, dict[str, Tensor]] = {}  # per table built as shapes only: the tensors it will hold
     for t in up:
         if t.kind in ("int8", "int4"):
             table = DenseTable(t.rows, dim)
@@ -135,11 +135,10 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
                 state = {"left": x["embs"], "right": x["proj"].T.contiguous()}
             else:
                 table, state = QRTable(t.rows, dim, x["r"].shape[0], hp["qr_operation"]), {"q": x["q"], "r": x["r"]}
-        assigned.append((table, state))
-        tables[t.name] = table
-    own = unshared({f"{i}.{k}": v for i, (_, state) in enumerate(assigned) for k, v in state.items()})
-    for i, (table, state) in enumerate(assigned):
-        table.load_state_dict({k: own[f"{i}.{k}"] for k in state}, assign=True)
+        tables[t.name], states[t.name] = table, state
+    own = unshared({f"{n}.{k}": v for n, state in states.items() for k, v in state.items()})
+    for n, state in states.items():
+        tables[n].load_state_dict({k: own[f"{n}.{k}"] for k in state}, assign=True)
     params = default_hparams(hp["num_dense"], dim, hp["bottom"], hp["top"])
     params.update(interaction_itself=hp["interaction_itself"], interaction_pad=hp["interaction_pad"])
     model = DLRM(params, tables)

@@ -50,7 +50,7 @@ def describe(path: Path, obj: Any) -> Found:
     if not is_torch_file(dense) or not shards.is_dcp(sparse):
         raise UserError(f"{folder}: non_sparse.ckpt is not a torch file or sparse/ is not a DCP folder",
                         "the checkpoint is damaged")
-    dense_obj, tensors = safe_torch_load(dense, lazy=True), shards.read_dcp(sparse, lazy=True)  # described only
+    dense_obj, tensors = safe_torch_load(dense, lazy=True), shards.read_dcp(sparse)  # described only
     if not _dense_part(dense_obj):
         raise UserError(f"{dense} has no dense_dict/sparse_tensor_keys", "is this a dlrm_v3 non_sparse.ckpt?")
     tables = [FoundTable(m.group(1), int(t.shape[0]), int(t.shape[1]), str(t.dtype).removeprefix("torch."),

@@ -141,11 +141,11 @@ def has_shards(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(is_sharded(v) for v in obj.values())
 
 
-def merge_rank_files(files: list[Path], *, lazy: bool = False) -> dict[str, Any]:
-    """One state dict from per-rank files of a sharded state dict (``files`` in any order); ``lazy``: large
-    tensors left in the files (``stored``)."""
+def merge_rank_files(files: list[Path]) -> dict[str, Any]:
+    """One state dict from per-rank files of a sharded state dict (``files`` in any order), its tensors left
+    in the files (``stored``)."""
     from .torch_files import safe_torch_load
-    return merge_objects([(f, safe_torch_load(f, lazy=lazy)) for f in files])
+    return merge_objects([(f, safe_torch_load(f, lazy=True)) for f in files])
 
 
 def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
@@ -174,15 +174,15 @@ def merge_objects(objects: list[tuple[Path, Any]]) -> dict[str, Any]:
     return out
 
 
-def read_dcp(path: Path, *, lazy: bool = False) -> dict[str, Any]:
-    """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``); ``lazy``: large
-    tensors left in the data files (``stored``), only the chunks' records read."""
+def read_dcp(path: Path) -> dict[str, Any]:
+    """A DCP folder's tensors by their flattened names (nested dicts were saved as ``a.b.c``), left in the data
+    files (``stored``): only the chunks' records are read."""
     meta = safe_pickle.load_pickle((path / ".metadata").read_bytes(), path / ".metadata")
     with safe_pickle.refusals(path / ".metadata", "DCP metadata"):
-        return _read_dcp(path, meta, lazy)
+        return _read_dcp(path, meta)
 
 
-def _read_dcp(path: Path, meta: Any, lazy: bool) -> dict[str, Any]:
+def _read_dcp(path: Path, meta: Any) -> dict[str, Any]:
     if not isinstance(meta, Stub):
         raise safe_pickle.BadFile(f"it holds a {type(meta).__name__}, not DCP's Metadata")
     tensors, storage = meta.attr("state_dict_metadata"), meta.attr("storage_data")
@@ -199,7 +199,7 @@ def _read_dcp(path: Path, meta: Any, lazy: bool) -> dict[str, Any]:
         start, length = int(info.attr("offset")), int(info.attr("length"))
         if start < 0 or length < 0 or start + length > file.stat().st_size:
             raise UserError(f"{file} ends before {fqn}'s chunk (truncated?)", "copy the DCP folder again")
-        value = safe_pickle.load(safe_pickle.Window(file, start, length), f"{file} ({fqn})", lazy=lazy)
+        value = safe_pickle.load(safe_pickle.Window(file, start, length), f"{file} ({fqn})", lazy=True)
         if isinstance(value, torch.Tensor):
             pieces.setdefault(fqn, []).append((tuple(int(o) for o in offset) if offset is not None else (), value))
     out: dict[str, Any] = {}
