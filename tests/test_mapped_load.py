@@ -25,6 +25,12 @@ KEY = "tables.C1.weight"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FIXED_MMAP = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+"""The environment of a measured subprocess: glibc's mmap threshold fixed, so that freed blocks go back to the
+system. Left to adapt, glibc keeps 20-70 MB of them, varying from run to run (measured): noise of the size of
+the tests' limits."""
+
+
 def _peak_anon(*args: object) -> int:
     """Peak anonymous memory of ``recompress ARGS`` (bench/measure.py's sampler, run on this checkout)."""
     spec = importlib.util.spec_from_file_location("measure", ROOT / "bench" / "measure.py")
@@ -32,7 +38,8 @@ def _peak_anon(*args: object) -> int:
     spec.loader.exec_module(measure)
     with tempfile.TemporaryDirectory() as tmp:
         peak = Path(tmp) / "peak"
-        out = subprocess.run(measure.anon_peak_command(ROOT, peak, list(args)), capture_output=True, text=True)
+        out = subprocess.run(measure.anon_peak_command(ROOT, peak, list(args)), capture_output=True, text=True,
+                             env=FIXED_MMAP)
         assert out.returncode == 0, out.stderr[-2000:]
         return int(peak.read_text())
 
@@ -51,11 +58,9 @@ print(anon() - before)
 
 def _load_growth(small: Path, path: Path) -> int:
     """How much a fresh process's own (anonymous) memory grows by loading ``path`` after ``small`` (a fresh
-    process: the test process's allocator holds whatever earlier tests freed). glibc's mmap threshold is fixed
-    there: left to adapt, glibc keeps 20-70 MB of freed check blocks, varying from run to run (measured)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    process: the test process's allocator holds whatever earlier tests freed), with :data:`FIXED_MMAP`."""
     out = subprocess.run([sys.executable, "-c", LOAD_GROWTH, str(small), str(path)], capture_output=True, text=True,
-                         env=env)
+                         env=FIXED_MMAP)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout)
 
