@@ -408,7 +408,8 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
         history = [{"method": method, "params": params, "min_rows": method_min_rows, "from_scratch": True}]
     ckpt = train_model(family, open_dataset(data_path), cfg, hparams, make_table=make_table, mlet_hidden=mlet_hidden,
                        mlet_min_rows=mlet_min_rows, keep_two_layer=keep_two_layer, history=history)
-    from .distributed import is_main
+    from .distributed import finished, is_main
+    finished()
     if not is_main():
         return
     save_checkpoint(ckpt, out, overwrite=overwrite, inputs=[data_path])
@@ -449,7 +450,7 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     if overrides:
         describe(source, overrides)  # refuses --hp where it does not apply, or a key or value it does not know
     from .data import open_dataset
-    from .distributed import is_main
+    from .distributed import finished, is_main
     from .models import family_of
     ctx = Context(open_dataset(data_path) if data_path else None, cfg, Selection(names(tables), min_rows))
     if streams(steps, ctx):  # plain tables read and written in blocks where the format allows: flat memory
@@ -467,6 +468,7 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
         done = len(ckpt.spec.history)
         ckpt = compress(ckpt, steps, ctx)
         ckpt.spec.provenance.setdefault("compressed_from", str(source))
+        finished()
         if not is_main():
             return
         save_checkpoint(ckpt, out, overwrite=overwrite, inputs=inputs)

@@ -85,6 +85,15 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def finished() -> None:
+    """Wait until every rank has done its part of the run, so that rank 0 writes only a run every rank
+    completed (a rank that failed makes this one clear error on the others, and nothing is written)."""
+    if size() <= 1:
+        return
+    import torch.distributed as dist
+    _collective(dist.barrier)
+
+
 def exit_process(code: Any) -> None:
     """Under torchrun, end this rank's process now with ``code`` (SystemExit's), its output flushed and
     written files closed, skipping the interpreter's finalization: gloo's threads can still hold tensors

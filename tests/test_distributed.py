@@ -120,6 +120,33 @@ def test_a_rank_that_dies_fails_the_run_and_nothing_is_written(work, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["die.py"]
 
 
+AFTER = """
+import os, sys
+import recompress.training as training
+trained = training.train_model
+def train_model(*a, **k):  # rank 1 dies after training, before rank 0 writes
+    ckpt = trained(*a, **k)
+    if os.environ["RANK"] == "1":
+        os._exit(7)
+    return ckpt
+training.train_model = train_model
+from recompress.cli import main
+main(sys.argv[1:], prog_name="recompress")
+"""
+
+
+def test_rank_0_writes_only_once_every_rank_has_finished(work, tmp_path):
+    # Rank 0 used to write as soon as its own part was done, then failed waiting for the others: a run that
+    # failed left a checkpoint behind, under an error saying nothing was written.
+    (tmp_path / "after.py").write_text(AFTER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "after.py"),
+           "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "2", "-o", str(tmp_path / "ck")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0
+    assert "lost contact with another rank" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after.py"]
+
+
 def test_commands_that_do_not_run_distributed_refuse_under_torchrun(work, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
