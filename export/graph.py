@@ -16,18 +16,13 @@ model is checked by the export runner, so this rewrite can never change results 
 from __future__ import annotations
 
 import copy
-import errno
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from recompress.blockfile import MAP_BYTES
-from recompress.errors import UserError
+from recompress.blockfile import Scratch
 from recompress.models.attention import set_attention
 from recompress.tables import DenseTable, Table
 from recompress.tables.hashed import PRIME, FreqHashTable, HashedTable, QRTable
@@ -45,40 +40,8 @@ def per_table(values: list[int]) -> Tensor:
     return torch.tensor(values).view(1, -1, 1)
 
 
-class Scratch:
-    """Where the deployment graph's stacked tables are made. With a ``folder`` (the export's staging folder),
-    one of MAP_BYTES or more is a shared map of a file there that is unlinked at once: its pages are the page
-    cache's, which the kernel writes back to disk and drops under pressure, not this process's own memory,
-    and nothing is left behind. Otherwise, and for smaller ones, ordinary memory."""
-
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        numel = math.prod(shape)
-        if self.folder is None or numel * dtype.itemsize < MAP_BYTES:
-            return torch.empty(shape, dtype=dtype)
-        fd, name = tempfile.mkstemp(prefix=".stacked-", dir=self.folder)
-        try:
-            _reserve(fd, numel * dtype.itemsize, self.folder)
-            return torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
-        finally:
-            os.close(fd)
-            os.unlink(name)
-
-
-def _reserve(fd: int, nbytes: int, folder: Path) -> None:
-    """Give the file ``nbytes`` of disk now: a write to a mapped page the disk has no room for would end the
-    process (SIGBUS); refused here instead, with one clear error."""
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as it comes
-            os.ftruncate(fd, nbytes)
-            return
-        raise UserError(f"{folder}: could not reserve disk for a stacked table of {nbytes:,} bytes, which export "
-                        f"makes there while it runs ({e.strerror})", "export needs that much free space there, "
-                        "and as much again for the exported weights") from None
+STACKED = ("a stacked table", "which export makes there while it runs",
+           "export needs that much free space there, and as much again for the exported weights")
 
 
 class StackedRows(nn.Module):
@@ -299,7 +262,7 @@ def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: st
     set_attention(scorer, attention, preferred)
     for m in scorer.modules():
         if hasattr(m, "fused") and hasattr(m, "tables"):
-            m.fused = FusedLookup(list(m.tables.values()), Scratch(scratch))
+            m.fused = FusedLookup(list(m.tables.values()), Scratch(scratch, STACKED))
     if quant_graph == "dequant-gather":
         dequantize_then_gather(scorer)
     return scorer

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import struct
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,3 +326,40 @@ class TensorWriter:
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)
+
+
+class Scratch:
+    """Where big temporary tensors are made. With a ``folder``, one of MAP_BYTES or more is a shared map of a
+    file there that is unlinked at once: its pages are the page cache's, which the kernel writes back to disk
+    and drops under pressure, not this process's own memory, and nothing is left behind. Otherwise, and for
+    smaller ones, ordinary memory. ``purpose``: (what is made, why there, the fix) for the error when the
+    folder's disk has no room."""
+
+    def __init__(self, folder: Path | None = None,
+                 purpose: tuple[str, str, str] = ("a tensor", "made there", "free that much space there")) -> None:
+        self.folder, self.purpose = folder, purpose
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        numel = math.prod(shape)
+        if self.folder is None or numel * dtype.itemsize < MAP_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        fd, name = tempfile.mkstemp(prefix=".scratch-", dir=self.folder)
+        try:
+            self._reserve(fd, numel * dtype.itemsize)
+            return torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+
+    def _reserve(self, fd: int, nbytes: int) -> None:
+        """Give the file ``nbytes`` of disk now: a write to a mapped page the disk has no room for would end the
+        process (SIGBUS); refused here instead, with one clear error."""
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: as it comes
+                os.ftruncate(fd, nbytes)
+                return
+            what, why, fix = self.purpose
+            raise UserError(f"{self.folder}: could not reserve disk for {what} of {nbytes:,} bytes, {why} "
+                            f"({e.strerror})", fix) from None

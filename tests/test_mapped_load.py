@@ -334,7 +334,7 @@ def test_no_room_for_a_stacked_table_is_one_clear_error_and_writes_nothing(tmp_p
 
     from click.testing import CliRunner
 
-    import recompress.export.graph as graph
+    import recompress.blockfile as blockfile
     from recompress.cli import main
 
     _bench().make_checkpoint(tmp_path / "c", 1000, 64)
@@ -342,8 +342,8 @@ def test_no_room_for_a_stacked_table_is_one_clear_error_and_writes_nothing(tmp_p
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(graph, "MAP_BYTES", 0)
-    monkeypatch.setattr(graph.os, "posix_fallocate", full)
+    monkeypatch.setattr(blockfile, "MAP_BYTES", 0)
+    monkeypatch.setattr(blockfile.os, "posix_fallocate", full)
     res = CliRunner().invoke(main, ["export", str(tmp_path / "c"), "--target", "onnx", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "could not reserve disk for a stacked table of 256,256 bytes" in res.output, res.output
     assert "No space left on device" in res.output
@@ -409,7 +409,7 @@ def test_any_failure_to_reserve_the_stacked_table_is_one_clear_error(tmp_path, m
 
     from click.testing import CliRunner
 
-    import recompress.export.graph as graph
+    import recompress.blockfile as blockfile
     from recompress.cli import main
 
     _bench().make_checkpoint(tmp_path / "c", 1000, 64)
@@ -417,8 +417,8 @@ def test_any_failure_to_reserve_the_stacked_table_is_one_clear_error(tmp_path, m
     def fail(fd, offset, length):
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
-    monkeypatch.setattr(graph, "MAP_BYTES", 0)
-    monkeypatch.setattr(graph.os, "posix_fallocate", fail)
+    monkeypatch.setattr(blockfile, "MAP_BYTES", 0)
+    monkeypatch.setattr(blockfile.os, "posix_fallocate", fail)
     res = CliRunner().invoke(main, ["export", str(tmp_path / "c"), "--target", "onnx", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "stacked table of 256,256 bytes" in res.output, res.output
     assert os.strerror(getattr(errno, code)) in res.output and "Traceback" not in res.output

@@ -214,14 +214,14 @@ def test_stacked_tables_made_as_file_pages_export_the_same_function(tiny_ckpt, t
     """Every stacked matrix, float or quantized (MAP_BYTES set to 0), made as the pages of a file in the staging
     folder: the export's parity check against the checkpoint passes as tightly, ONNX Runtime scores exactly what
     the in-memory export scores, and no file is left behind."""
-    import recompress.export.graph as graph
+    import recompress.blockfile as blockfile
     from recompress.export.onnx import make_session
 
     ck = compress(_ck(tiny_ckpt), parse_methods(methods, params), Context(tiny_data, TrainConfig(steps=0),
                                                                           Selection(names=("C1", "C2"))))
     export_checkpoint(ck, "onnx", tmp_path / "memory", data=tiny_data)
     made, from_file = [], torch.from_file
-    monkeypatch.setattr(graph, "MAP_BYTES", 0)
+    monkeypatch.setattr(blockfile, "MAP_BYTES", 0)
     monkeypatch.setattr(torch, "from_file", lambda *a, **k: made.append(a) or from_file(*a, **k))
     m = export_checkpoint(ck, "onnx", tmp_path / "files", data=tiny_data)
     assert made and m["parity"]["passed"] and m["parity"]["max_abs_diff"] < 1e-5
