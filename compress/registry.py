@@ -193,6 +193,20 @@ def trains(steps: list[Step]) -> bool:
     return any(s.method.trains(s.own_params()) for s in steps)
 
 
+def check_sharding(steps: list[Step], train: TrainConfig) -> None:
+    """With ``--shard-tables`` a fine-tune ends with the sharded tables whole on rank 0 only (the other ranks
+    keep their shapes, no values), so no data-free step may follow one in the same run."""
+    if not train.shard:
+        return
+    tuned = [i for i, s in enumerate(steps) if s.method.trains(s.own_params())]
+    later = [s.method.name for s in steps[tuned[0] + 1:] if not s.method.trains(s.own_params())] if tuned else []
+    if later:
+        raise UserError(f"with --shard-tables, {later[0]} cannot follow a fine-tune in the same run: the ranks "
+                        "other than 0 end the fine-tune without the sharded tables' values",
+                        f"run it on the checkpoint this run writes, in one process: recompress checkpoint OUT "
+                        f"--method {','.join(later)} (data-free methods need no ranks)")
+
+
 def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:
     """The context ``step`` runs in (its own table selection), after checking its data needs and that it
     selects at least one table, of forms it can read."""

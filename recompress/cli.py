@@ -110,7 +110,7 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="replace the output i
 
 def train_options(keep_best: bool) -> Any:
     """The shared training / fine-tune budget options (``keep_best``: that flag's default)."""
-    from .trainconfig import OPTIMIZERS
+    from .trainconfig import OPTIMIZERS, SHARDINGS
     return lambda f: _add(f, [
         click.option("--epochs", default=1, show_default=True, help="passes over the train split"),
         click.option("--steps", type=int, default=None, help="cap on optimizer steps (overrides epochs)"),
@@ -123,6 +123,10 @@ def train_options(keep_best: bool) -> Any:
         click.option("--seed", default=0, show_default=True, help="seed for initialization and shuffling"),
         click.option("--keep-best/--no-keep-best", default=keep_best, show_default=True,
                      help="score validation 4 times per epoch, stop after 2 checks without gain, keep the best model"),
+        click.option("--shard-tables", "shard", type=click.Choice(SHARDINGS), default=None,
+                     help="with --nproc N (or torchrun): shard the plain tables across the processes with TorchRec, "
+                          "each table on one process (table-wise) or its columns cut across them (column-wise), "
+                          "instead of a whole copy on each; needs torchrec and an optimizer other than adam"),
     ])
 
 
@@ -209,7 +213,7 @@ def train_config(kw: dict[str, Any]) -> Any:
     from .trainconfig import TrainConfig
     return TrainConfig(epochs=kw.pop("epochs"), steps=kw.pop("steps"), lr=kw.pop("lr"),
                        batch_size=kw.pop("batch_size"), optimizer=kw.pop("optimizer"), seed=kw.pop("seed"),
-                       keep_best=kw.pop("keep_best"))
+                       keep_best=kw.pop("keep_best"), shard=kw.pop("shard"))
 
 
 def echo_table(table: Any) -> None:
@@ -439,10 +443,11 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     inputs = [source, data_path]
     check_output(out, overwrite=overwrite, inputs=inputs)
     launch(nproc)
-    from .compress.registry import Context, Selection, compress, parse_methods
+    from .compress.registry import Context, Selection, check_sharding, compress, parse_methods
     cfg = train_config(kw)
     cfg.validate()
     steps = parse_methods(method, kw)
+    check_sharding(steps, cfg)
     from .adapters import describe, load_any, load_streamed, parse_hp
     from .checkpoint import is_native, save_checkpoint
     from .compress.stream import native_source, stream_compress, streams

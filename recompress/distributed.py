@@ -1,14 +1,15 @@
 """Data-parallel training over torch.distributed, for ``torchrun --nproc-per-node N -m recompress train|checkpoint``.
 
-Every rank holds the whole model (tables included: replicated, not sharded) and reads only its part of
-each global batch (``Family.batches(shard=...)``). After each backward pass the ranks sum their gradients:
+Every rank holds the whole model (tables replicated, unless ``--shard-tables`` hands the plain ones to
+TorchRec: ``recompress.sharding``) and reads only its part of each global batch (``Family.batches(shard=...)``). After each backward pass the ranks sum their gradients:
 dense gradients in one all-reduce per dtype (DDP's bucket, without its overlap), the row gradients of
 sparse tables by all-gathering their (row, value) pairs, because an all-reduce of a sparse tensor is not
 portable across backends and DDP cannot reduce gradients for SparseAdam. DDP itself is not used because it
 reduces only when the loss goes through its wrapper's ``forward``, and family losses call other entry
 points (e.g. ``train_logits``). Each rank's loss is weighted by its share of the global batch's loss terms
 (``Family.loss_units``), so N ranks compute the gradient of exactly the loss one process computes on the
-whole global batch. Validation runs on rank 0 and its metrics are broadcast; only rank 0 writes.
+whole global batch. Validation runs on rank 0 and its metrics are broadcast (with sharded tables every rank
+scores its part of each batch: ``split_predict``); only rank 0 writes.
 
 The rank is read from torchrun's environment (``RANK``/``WORLD_SIZE``), so this module imports no torch
 until a process group is joined. Training tensors live on the CPU, so the backend is gloo.
@@ -81,7 +82,7 @@ def leave() -> None:
         return
     import torch.distributed as dist
     if dist.is_initialized():
-        _collective(dist.barrier)
+        collective(dist.barrier)
         dist.destroy_process_group()
 
 
@@ -91,7 +92,7 @@ def finished() -> None:
     if size() <= 1:
         return
     import torch.distributed as dist
-    _collective(dist.barrier)
+    collective(dist.barrier)
 
 
 def exit_process(code: Any) -> None:
@@ -107,7 +108,7 @@ def exit_process(code: Any) -> None:
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
-def _collective(fn: Callable[[], T]) -> T:
+def collective(fn: Callable[[], T]) -> T:
     """Run one collective; a peer that died (or timed out) becomes one clear error on every surviving rank."""
     try:
         return fn()
@@ -141,7 +142,7 @@ def sum_scalars(values: Sequence[float]) -> list[float]:
     import torch
     import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64)
-    _collective(lambda: dist.all_reduce(t))
+    collective(lambda: dist.all_reduce(t))
     return t.tolist()
 
 
@@ -151,27 +152,90 @@ def broadcast_object(obj: T) -> T:
         return obj
     import torch.distributed as dist
     box = [obj]
-    _collective(lambda: dist.broadcast_object_list(box, src=0))
+    collective(lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
 
 
 def broadcast_module(module: Any) -> None:
     """Copy rank 0's parameters and buffers into ``module`` on every rank (so all ranks start equal), except
-    those every rank already holds bit for bit (all loaded the same checkpoint, or initialized it with the
-    same seed), by a SHA-256 of each tensor's bytes gathered from every rank: receiving a table writes every
-    page of it, which makes a mapped checkpoint's table a private copy on each rank."""
+    those every rank already holds bit for bit (``differing``): receiving a table writes every page of it,
+    which makes a mapped checkpoint's table a private copy on each rank."""
     if size() <= 1:
         return
     import torch
     import torch.distributed as dist
     tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype != torch.bool]  # masks come from
-    digests = torch.tensor([_digest(t) for t in tensors], dtype=torch.int64).reshape(-1, 4)     # shapes; gloo
-    every = [torch.empty_like(digests) for _ in range(size())]                                  # sends no bool
-    _collective(lambda: dist.all_gather(every, digests))
-    differs = torch.stack(every).ne(every[0]).any(2).any(0).tolist()  # the same list on every rank
-    for t, send in zip(tensors, differs):
-        if send:
-            _collective(lambda t=t: dist.broadcast(t.data, src=0))
+    for t, send in zip(tensors, differing(tensors)):                                            # shapes; gloo
+        if send:                                                                                # sends no bool
+            collective(lambda t=t: dist.broadcast(t.data, src=0))
+
+
+def differing(tensors: Sequence[Any]) -> list[bool]:
+    """For each of ``tensors`` (the same list on every rank), whether some rank holds other bytes than rank 0
+    (all loaded the same checkpoint, or initialized it with the same seed, hold the same), by a SHA-256 of each
+    tensor gathered from every rank; the same answer on every rank."""
+    if size() <= 1:
+        return [False] * len(tensors)
+    import torch
+    import torch.distributed as dist
+    digests = torch.tensor([_digest(t) for t in tensors], dtype=torch.int64).reshape(-1, 4)
+    every = [torch.empty_like(digests) for _ in range(size())]
+    collective(lambda: dist.all_gather(every, digests))
+    return torch.stack(every).ne(every[0]).any(2).any(0).tolist()
+
+
+def move_rows(source: Any, target: Any, src: int, dst: int) -> None:
+    """Copy rank ``src``'s 2-D tensor ``source`` into rank ``dst``'s ``target`` (the same shape, any float
+    dtypes; sent as float32, 16 MB of rows at a time); every rank calls it, the others with None."""
+    me = rank()
+    if me not in (src, dst):
+        return
+    if src == dst:
+        target.copy_(source)
+        return
+    import torch
+    import torch.distributed as dist
+
+    from .blockfile import CHECK_BYTES
+    shape = (source if me == src else target).shape
+    step = max(1, CHECK_BYTES // max(1, 4 * shape[1]))
+    for start in range(0, shape[0], step):
+        if me == src:
+            block = source[start:start + step].to(torch.float32).contiguous()
+            collective(lambda: dist.send(block, dst))
+        else:
+            buffer = torch.empty(min(step, shape[0] - start), shape[1], dtype=torch.float32)
+            collective(lambda: dist.recv(buffer, src))
+            target[start:start + step].copy_(buffer)
+
+
+def gather_rows(local: Any) -> Any:
+    """Every rank's numpy array (any number of rows, the same trailing shape and dtype), joined in rank order,
+    on every rank."""
+    if size() <= 1:
+        return local
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    mine = torch.from_numpy(np.ascontiguousarray(local))
+    counts = torch.tensor([len(mine)], dtype=torch.int64)
+    every = [torch.empty_like(counts) for _ in range(size())]
+    collective(lambda: dist.all_gather(every, counts))
+    n = [int(c) for c in every]
+    padded = torch.cat([mine, mine.new_zeros(max(max(n), 1) - len(mine), *mine.shape[1:])])  # gloo: no empty tensors
+    out = [torch.empty_like(padded) for _ in n]
+    collective(lambda: dist.all_gather(out, padded))
+    return torch.cat([o[:k] for o, k in zip(out, n)]).numpy()
+
+
+def split_predict(predict: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``predict`` run on this rank's rows of every batch (inputs batch-first), with every rank's outputs joined
+    in batch order on every rank: how a model whose forward pass is itself collective (sharded tables) scores,
+    every rank calling it on the same batches."""
+    def run(inputs: dict[str, Any]) -> Any:
+        rows = shard(len(next(iter(inputs.values()))), part())
+        return gather_rows(predict({k: v[rows] for k, v in inputs.items()}))
+    return run
 
 
 def _digest(t: Any) -> list[int]:
@@ -181,9 +245,10 @@ def _digest(t: Any) -> list[int]:
     import torch
 
     from .blockfile import row_blocks
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    for _, block in row_blocks(t.detach().contiguous().reshape(-1)):  # 16 MB at a time, from its own memory
-        h.update(memoryview(block.view(torch.uint8).numpy()))
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}{' meta' if t.is_meta else ''}".encode())
+    if not t.is_meta:  # meta: no values (a sharded table on a rank other than 0), unlike any real tensor
+        for _, block in row_blocks(t.detach().contiguous().reshape(-1)):  # 16 MB at a time, from its own memory
+            h.update(memoryview(block.view(torch.uint8).numpy()))
     return [int.from_bytes(h.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
 
 
@@ -197,10 +262,10 @@ def sum_gradients(dense: Sequence[Any], sparse: Sequence[Any]) -> None:
     import torch.distributed as dist
     params = [*dense, *sparse]
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
-    _collective(lambda: dist.all_reduce(has))
+    collective(lambda: dist.all_reduce(has))
     for group in _by_dtype(dense):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        _collective(lambda flat=flat: dist.all_reduce(flat))
+        collective(lambda flat=flat: dist.all_reduce(flat))
         for p, g in zip(group, flat.split([p.numel() for p in group])):
             p.grad = g.view_as(p)
     if sparse:
@@ -226,7 +291,7 @@ def _gather_rows(params: list[Any]) -> None:
     vals = [g.values().reshape(-1) if g is not None else torch.zeros(0, dtype=p.dtype) for g, p in zip(local, params)]
     counts = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     all_counts = [torch.zeros_like(counts) for _ in range(size())]
-    _collective(lambda: dist.all_gather(all_counts, counts))
+    collective(lambda: dist.all_gather(all_counts, counts))
     width = [int(torch.tensor(p.shape[1:]).prod()) for p in params]
     flat_rows = _gathered(torch.cat(rows), all_counts, [1] * len(params))
     flat_vals = _gathered(torch.cat(vals), all_counts, width)
@@ -245,6 +310,6 @@ def _gathered(local: Any, all_counts: list[Any], width: list[int]) -> list[list[
     longest = max(max(lengths), 1)  # gloo gathers no empty tensors
     padded = torch.cat([local, local.new_zeros(longest - len(local))])
     out = [torch.empty_like(padded) for _ in all_counts]
-    _collective(lambda: dist.all_gather(out, padded))
+    collective(lambda: dist.all_gather(out, padded))
     return [list(o[:n].split((c * torch.tensor(width)).tolist())) for o, n, c in zip(out, lengths, all_counts)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from .spec import TableSpec
 from .tables import DenseTable, FactorizedTable, Table, collapse_factorized
 from .trainconfig import TrainConfig
 
+if TYPE_CHECKING:
+    from .sharding import ShardedTables
+
 
 def family_of_model(model: nn.Module) -> Family:
     return get_family(model.family)
@@ -37,7 +41,7 @@ def _parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     """(dense-gradient, sparse-row-gradient) trainable parameters."""
     sparse = [p for t in model.tables.values() for p in t.sparse_parameters()]
     ids = {id(p) for p in sparse}
-    return [p for p in model.parameters() if id(p) not in ids and p.requires_grad], sparse
+    return [p for p in model.parameters() if id(p) not in ids and p.requires_grad], [p for p in sparse if p.requires_grad]
 
 
 def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torch.optim.Optimizer]:
@@ -52,13 +56,18 @@ def _optimizers(model: nn.Module, cfg: TrainConfig, family: Family) -> list[torc
     return [torch.optim.SGD(dense + sparse, lr=cfg.lr)]
 
 
-def validate(model: nn.Module, data: object, family: Family | None = None) -> dict[str, object] | None:
+def validate(model: nn.Module, data: object, family: Family | None = None,
+             sharded: bool = False) -> dict[str, object] | None:
     """The family's metrics on the validation split, by its default protocol (None without a val split).
-    Under torchrun, rank 0 scores and every rank gets its metrics."""
+    Under torchrun, rank 0 scores and every rank gets its metrics; with ``sharded`` tables every rank scores
+    its part of each batch and all get every score."""
     family = family or family_of_model(model)
     if not data.size("val"):
         return None
     model.eval()
+    if sharded:
+        predict = distributed.split_predict(torch_predict(family, model))
+        return score(family, predict, model.hparams, data, "val", desc="validation").metrics(family.metrics)
     metrics = score(family, torch_predict(family, model), model.hparams, data, "val",
                     desc="validation").metrics(family.metrics) if distributed.is_main() else None
     return distributed.broadcast_object(metrics)
@@ -67,8 +76,9 @@ def validate(model: nn.Module, data: object, family: Family | None = None) -> di
 class BestState:
     """Validation checks during training and the weights where the metric was best (``TrainConfig.keep_best``)."""
 
-    def __init__(self, model: nn.Module, data: object, family: Family, patience: int) -> None:
-        self.model, self.data, self.family, self.patience = model, data, family, patience
+    def __init__(self, model: nn.Module, data: object, family: Family, patience: int,
+                 sharded: ShardedTables | None = None) -> None:
+        self.model, self.data, self.family, self.patience, self.sharded = model, data, family, patience, sharded
         self.sign = 1.0 if METRICS[family.primary].higher_is_better else -1.0
         self.curve: list[dict[str, object]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -78,11 +88,12 @@ class BestState:
     def check(self, step: int) -> bool:
         """Score the validation split; True when training should stop (``patience`` checks without gain)."""
         t0 = time.perf_counter()
-        value = validate(self.model, self.data, self.family)[self.family.primary]
+        value = validate(self.model, self.data, self.family, self.sharded is not None)[self.family.primary]
         self.seconds += time.perf_counter() - t0
         self.curve.append({"step": step, f"val_{self.family.primary}": value})
         if self.best is None or self.sign * value > self.sign * self.best[0]:
-            self.best = (value, step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = (value, step, (state, self.sharded.snapshot() if self.sharded else None))
             self.stale = 0
         else:
             self.stale += 1
@@ -90,7 +101,10 @@ class BestState:
         return self.stale >= self.patience
 
     def restore(self) -> dict[str, object]:
-        self.model.load_state_dict(self.best[2])
+        state, shards = self.best[2]
+        self.model.load_state_dict(state)
+        if self.sharded:
+            self.sharded.restore(shards)
         return {"curve": self.curve, "best_step": self.best[1], f"best_val_{self.family.primary}": self.best[0],
                 "validation_seconds": round(self.seconds, 3)}
 
@@ -106,18 +120,23 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
     Under torchrun every rank starts from rank 0's weights, trains on its rows of each global batch and
     sums gradients weighted by its share of the batch's loss terms (``recompress.distributed``), so the
     ranks step exactly as one process on the global batch would (up to float summation order; dropout
-    masks are drawn per rank).
+    masks are drawn per rank). With ``cfg.shard`` the plain tables are TorchRec's, sharded across the ranks
+    for the run, and come back whole into rank 0's model at its end (``recompress.sharding``).
     """
     cfg.validate()
     family = family or family_of_model(model)
     torch.manual_seed(cfg.seed + distributed.rank())
+    sharded = None
+    if cfg.shard:
+        from .sharding import ShardedTables
+        sharded = ShardedTables(model, family, cfg)
     distributed.broadcast_module(model)
     dense, sparse = _parameters(model)
     opts = _optimizers(model, cfg, family)
     per_epoch = family.steps_per_epoch(data, cfg.batch_size)
     total = min(cfg.steps, per_epoch * cfg.epochs) if cfg.steps is not None else per_epoch * cfg.epochs
     step, t0, recent = 0, time.perf_counter(), []
-    best = BestState(model, data, family, cfg.patience) if cfg.keep_best and data.size("val") else None
+    best = BestState(model, data, family, cfg.patience, sharded) if cfg.keep_best and data.size("val") else None
     every = max(1, per_epoch // cfg.checks_per_epoch)
     stop = best is not None and best.check(0)
     with progress(desc, total) as advance:
@@ -154,7 +173,9 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
                               "train_loss_last100": float(np.mean(recent[-100:])) if recent else None}
     if best is not None:
         out["keep_best"] = best.restore()
-    out["val"] = validate(model, data, family)
+    out["val"] = validate(model, data, family, sharded is not None)
+    if sharded is not None:
+        sharded.gather()
     model.eval()
     return out
 
@@ -183,7 +204,8 @@ def train_model(family: Family, data: object, cfg: TrainConfig, hparams: dict[st
     for t in spec.tables:
         made = make_table(t, counts.get(t.name), family.compressible) if make_table is not None else None
         two_layer = mlet_hidden is not None and t.role in family.compressible and t.rows >= mlet_min_rows
-        tables[t.name] = made or (FactorizedTable(t.rows, t.dim, mlet_hidden) if two_layer else DenseTable(t.rows, t.dim))
+        tables[t.name] = made or (FactorizedTable(t.rows, t.dim, mlet_hidden) if two_layer else
+                                  DenseTable(t.rows, t.dim, deferred=bool(cfg.shard)))  # sharded: drawn by shard
     try:
         model = family.build(spec, tables)
     except ValueError as e:  # a model refusing the options it was given (e.g. --dropout 2)

@@ -170,7 +170,7 @@ from recompress import distributed
 from recompress.errors import UserError
 signal.signal(signal.SIGTERM, distributed._terminated)
 try:
-    distributed._collective(lambda: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
+    distributed.collective(lambda: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
 except UserError:
     print("lost contact")
 os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM while this rank cleans up and exits: changes nothing

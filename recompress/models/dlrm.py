@@ -190,6 +190,9 @@ class DLRMFamily(Family):
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
         return dict(zip([t.name for t in spec.tables], data.id_counts("train")))
 
+    def route_lookup(self, model: nn.Module, lookup: Callable[[Tensor], Tensor] | None) -> None:
+        model.__dict__["fused"] = lookup  # a plain attribute: DLRM.pooled calls it in place of the tables
+
     # --- training -------------------------------------------------------------------------------------
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:

@@ -8,7 +8,7 @@ the gate call these methods and never branch on a family's name. A family implem
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -124,6 +124,15 @@ class Family(ABC):
                                        "in MLET's two-layer form from scratch (train --mlet-hidden K)")
 
     # --- training --------------------------------------------------------------------------------------
+    def route_lookup(self, model: nn.Module, lookup: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Send the model's table lookups through ``lookup`` (``[B, T, L]`` ids, -1 padding -> ``[B, T, d]`` bag
+        sums, one table per feature in the model's order; not a submodule, so it stays out of ``parameters`` and
+        ``state_dict``), or back to the model's own tables (None): how TorchRec's sharded tables take part
+        (``recompress.sharding``). Families whose tables are not pooled one per feature refuse."""
+        raise UserError(f"--shard-tables shards tables looked up as pooled bags, one per feature (dlrm); a "
+                        f"{self.name} model also scores with its item table, which stays replicated",
+                        "drop --shard-tables")
+
     @abstractmethod
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:

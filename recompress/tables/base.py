@@ -159,13 +159,19 @@ class Table(nn.Module, ABC):
 
 
 class DenseTable(Table):
-    """A plain ``rows x dim`` float table."""
+    """A plain ``rows x dim`` float table. One made on the meta device (``deferred=True``) holds no values:
+    its initialization is only recorded, and drawn later in row blocks by whoever holds its rows
+    (:meth:`initial_rows`; TorchRec's shards in ``recompress.sharding``)."""
 
     kind = "dense"
+    DRAW_ROWS_BYTES = 1 << 24  # initial values drawn 16 MB at a time
 
-    def __init__(self, rows: int, dim: int, weight: Tensor | None = None) -> None:
+    def __init__(self, rows: int, dim: int, weight: Tensor | None = None, deferred: bool = False) -> None:
         super().__init__(rows, dim)
+        if deferred:
+            weight = torch.empty(rows, dim, device="meta")
         self.weight = nn.Parameter(torch.empty(rows, dim) if weight is None else weight.detach().clone())
+        self.init_draw: tuple[Tensor, float] | None = None  # (generator state, bound) of a deferred initialization
 
     def lookup(self, ids: Tensor) -> Tensor:
         return self.gather("weight", ids)
@@ -174,9 +180,27 @@ class DenseTable(Table):
         return {}
 
     def reset_parameters(self, gen: torch.Generator) -> None:
+        bound = self.rows ** -0.5
+        if self.weight.is_meta:  # record it, and move the generator on as drawing the values would
+            self.init_draw = (gen.get_state(), bound)
+            for _ in self._draws(gen, bound):
+                pass
+            return
         with torch.no_grad():
-            bound = self.rows ** -0.5
             self.weight.uniform_(-bound, bound, generator=gen)
+
+    def initial_rows(self) -> Iterator[tuple[int, Tensor]]:
+        """``(first row, rows)`` blocks of a deferred initialization: the values ``reset_parameters`` would have
+        drawn (CPU uniform draws are sequential, so blocks of one stream are the whole draw)."""
+        state, bound = self.init_draw
+        gen = torch.Generator()
+        gen.set_state(state)
+        yield from self._draws(gen, bound)
+
+    def _draws(self, gen: torch.Generator, bound: float) -> Iterator[tuple[int, Tensor]]:
+        step = max(1, self.DRAW_ROWS_BYTES // (4 * self.dim))
+        for start in range(0, self.rows, step):
+            yield start, torch.empty(min(step, self.rows - start), self.dim).uniform_(-bound, bound, generator=gen)
 
     def dense_weight(self) -> Tensor:
         return self.matrix("weight")
