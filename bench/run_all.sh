@@ -7,7 +7,7 @@
 #                                          seq-scaling-report (curves from the runs so far) seq-export
 #                                          seq-export-beauty seq-ranker-fusion trt-build trt-fusion (both need the
 #                                          trt extra) stream-memory (writes up to 20.5 GB under /tmp) load-memory
-#                                          (up to 31 GB under /tmp) criteo-reader distributed-train upstream-recbole
+#                                          (up to 31 GB under /tmp) criteo-reader distributed-train shard-memory upstream-recbole
 #                                          upstream-sasrec (needs SASREC_REPO: a
 #                                          pmixer/SASRec.pytorch checkout, run as upstream code beside recompress)
 #                                          upstream-dlrm (needs DLRM_REPO, a facebookresearch/dlrm checkout, and
@@ -20,7 +20,7 @@
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
-# stream-memory, load-memory, distributed-train time things: run each
+# stream-memory, load-memory, distributed-train, shard-memory time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
 # (their accuracy does not depend on timing); their epochs are cut to fit a 2-core machine in about 1.5 h.
 set -euo pipefail
@@ -127,6 +127,7 @@ for s in $sections; do
     criteo-reader) python bench/criteo_reader.py --out $r/criteo_reader.json --baseline 9952826 --repeats 2
                    python bench/criteo_reader.py --out $r/criteo_reader_profile.json --profile --rows 1000000 ;;
     distributed-train) python bench/distributed_train.py --out $r/distributed_train.json ;;
+    shard-memory) python bench/shard_memory.py --out $r/shard_memory.json ;;  # needs TorchRec (docs/scale.md)
     load-memory) python bench/load_memory.py --out $r/load_memory.json --baseline 1b092bd --rows 1000,1000000,10000000
                  python bench/load_memory.py --out $r/load_larger_than_ram.json --rows 130000000 --zeros \
                    --checkpoints fp32 --commands evaluate --repeats 1
