@@ -87,6 +87,14 @@ def test_synthetic_rates_and_large_tables(tmp_path):
     assert counts.max() > 20 * np.median(counts[counts > 0])  # Zipf: a few hot ids
 
 
+def test_synthetic_data_with_one_table_has_both_labels(tmp_path):
+    # One table has no pairs to interact: the pairwise term divided 0 by 0, every logit was NaN and every
+    # label 0 (AUC undefined), with no error.
+    d = open_dataset(make_synthetic(tmp_path / "one", samples=5000, table_rows=[1000], ctr=0.25, seed=1))
+    labels = np.concatenate([d.arrays(s)[2] for s in ("train", "val", "test")])
+    assert abs(labels.mean() - 0.25) < 0.03
+
+
 def test_synthetic_deterministic(tmp_path):
     a = open_dataset(make_synthetic(tmp_path / "a", samples=500, seed=4))
     b = open_dataset(make_synthetic(tmp_path / "b", samples=500, seed=4))
