@@ -9,6 +9,8 @@ checkpoint with one big table, this checkout against a baseline revision, interl
                                 --source dlrm,nvidia --checkpoints fp32 --rows 1000,1000000,10000000
     python bench/load_memory.py --out bench/results/finetune_memory.json --checkpoints fp32 \
                                 --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
+    python bench/load_memory.py --out bench/results/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
+                                --commands finetune-rowwise-adagrad-keep-best --rows 1000,10000000
 
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (bench/stream_memory.py's, written in
 blocks), its int8 version (``recompress checkpoint --method int8``, streamed) and a synthetic dataset with a
@@ -22,7 +24,8 @@ table is left as a sparse file of zeros (bench/stream_memory.py's), so that one 
 memory and free disk costs nothing to make. ``--source dlrm,nvidia``: the checkpoint is an upstream one
 instead (bench/stream_memory.py's makers: a facebookresearch/dlrm ``--save-model`` file, an NVIDIA DLRM
 folder), read by recompress's adapters (``fp32`` only: the file as upstream wrote it). ``--commands
-finetune-adam,finetune-rowwise-adagrad``: 20 steps of ``checkpoint --method finetune`` with that optimizer.
+finetune-adam,finetune-rowwise-adagrad``: 20 steps of ``checkpoint --method finetune`` with that optimizer
+(``...-keep-best``: with ``--keep-best``, checkpoint's default).
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from measure import anon_peak_command, checkouts, recompress, timed  # bench/mea
 from stream_memory import MAKERS, make_checkpoint
 
 def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
-    """``evaluate``, ``export``, or ``finetune-OPTIMIZER`` (20 steps of ``checkpoint --method finetune``)."""
+    """``evaluate``, ``export``, or ``finetune-OPTIMIZER[-keep-best]`` (20 steps of ``checkpoint --method
+    finetune``, without keep-best unless the name ends so)."""
     if command == "evaluate":
         return ["evaluate", str(ckpt), "--data", str(data), "--no-latency"]
     if command == "export":
         return ["export", str(ckpt), "--data", str(data), "--target", "onnx", "-o", str(out)]
-    optimizer = command.removeprefix("finetune-")
-    return ["checkpoint", str(ckpt), "--method", "finetune", "--data", str(data), "--steps", "20", "--no-keep-best",
+    optimizer = command.removeprefix("finetune-").removesuffix("-keep-best")
+    keep = "--keep-best" if command.endswith("-keep-best") else "--no-keep-best"
+    return ["checkpoint", str(ckpt), "--method", "finetune", "--data", str(data), "--steps", "20", keep,
             "--optimizer", optimizer, "-o", str(out)]
 
 

@@ -7,9 +7,11 @@ the same way.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .blockfile import Scratch
 from .checkpoint import Checkpoint, refresh_tables
 from .errors import UserError
 from .evaluation import score, torch_predict
@@ -74,14 +77,23 @@ def validate(model: nn.Module, data: object, family: Family | None = None,
 
 
 class BestState:
-    """Validation checks during training and the weights where the metric was best (``TrainConfig.keep_best``)."""
+    """Validation checks during training and the weights where the metric was best (``TrainConfig.keep_best``).
+
+    The best weights are kept in one set of buffers, made at the first check and overwritten at each new best;
+    tensors of 16 MB or more (tables) as the pages of an unlinked file in TMPDIR (``blockfile.Scratch``), not
+    in the process's own memory, and the model takes those buffers over when it is restored (no copy into a
+    mapped table, which would make all of its pages the process's own)."""
 
     def __init__(self, model: nn.Module, data: object, family: Family, patience: int,
                  sharded: ShardedTables | None = None) -> None:
         self.model, self.data, self.family, self.patience, self.sharded = model, data, family, patience, sharded
         self.sign = 1.0 if METRICS[family.primary].higher_is_better else -1.0
         self.curve: list[dict[str, object]] = []
-        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.best: tuple[float, int] | None = None
+        self.kept: dict[str, torch.Tensor] = {}
+        self.shards: dict[object, torch.Tensor] | None = None
+        self.scratch = Scratch(Path(tempfile.gettempdir()), ("the best weights", "which --keep-best keeps there",
+                               "set TMPDIR to a folder with that much free space, or use --no-keep-best"))
         self.stale = 0
         self.seconds = 0.0  # spent scoring the validation split
 
@@ -92,19 +104,27 @@ class BestState:
         self.seconds += time.perf_counter() - t0
         self.curve.append({"step": step, f"val_{self.family.primary}": value})
         if self.best is None or self.sign * value > self.sign * self.best[0]:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best = (value, step, (state, self.sharded.snapshot() if self.sharded else None))
+            self._keep()
+            self.best = (value, step)
             self.stale = 0
         else:
             self.stale += 1
         self.model.train()
         return self.stale >= self.patience
 
-    def restore(self) -> dict[str, object]:
-        state, shards = self.best[2]
-        self.model.load_state_dict(state)
+    def _keep(self) -> None:
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if k not in self.kept:
+                    self.kept[k] = self.scratch.empty(tuple(v.shape), v.dtype)
+                self.kept[k].copy_(v)
         if self.sharded:
-            self.sharded.restore(shards)
+            self.shards = self.sharded.snapshot()
+
+    def restore(self) -> dict[str, object]:
+        self.model.load_state_dict(self.kept, assign=True)
+        if self.sharded:
+            self.sharded.restore(self.shards)
         return {"curve": self.curve, "best_step": self.best[1], f"best_val_{self.family.primary}": self.best[0],
                 "validation_seconds": round(self.seconds, 3)}
 
