@@ -136,7 +136,11 @@ for s in $sections; do
                  python bench/load_memory.py --out $r/export_stacked_file.json --baseline b81b7bd --rows 1000,10000000 \
                    --commands export
                  python bench/load_memory.py --out $r/export_stacked_file_40m.json --rows 40000000 --checkpoints fp32 \
-                   --repeats 1 ;;
+                   --repeats 1
+                 python bench/load_memory.py --out $r/finetune_memory.json --checkpoints fp32 \
+                   --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
+                 python bench/load_memory.py --out $r/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
+                   --commands finetune-rowwise-adagrad-keep-best --rows 1000,10000000 ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done
