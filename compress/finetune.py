@@ -29,4 +29,5 @@ register(Method(
     needs_data=lambda p: True,
     apply=apply,
     trains=lambda p: True,
+    reads_tables=False,
 ))

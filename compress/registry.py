@@ -80,7 +80,8 @@ class Method:
     ``needs_data(params)`` says whether it needs a dataset (fine-tuning, id frequencies); ``trains(params)``
     whether it runs the training loop (reports then show the baseline trained with the same budget);
     ``fresh``, if given, builds a randomly initialized table of the method's kind for training from scratch;
-    ``stream``, if given, is ``apply`` for tables that stay in their file (``compress/stream.py``).
+    ``stream``, if given, is ``apply`` for tables that stay in their file (``compress/stream.py``);
+    ``reads_tables``: whether it computes from the tables' values (``check_sharding``).
     """
 
     name: str
@@ -92,6 +93,7 @@ class Method:
     fresh: Callable[..., Any] | None = None  # (name, rows, dim, params, seed, train id counts) -> Table
     trains: Callable[[dict[str, Any]], bool] = lambda p: bool(p.get("finetune"))
     stream: Callable[..., tuple[Checkpoint, dict[str, Blocks]]] | None = None  # see compress/stream.py
+    reads_tables: bool = True  # it computes from the tables' values (every method but finetune)
 
 
 @dataclass
@@ -195,16 +197,16 @@ def trains(steps: list[Step]) -> bool:
 
 def check_sharding(steps: list[Step], train: TrainConfig) -> None:
     """With ``--shard-tables`` a fine-tune ends with the sharded tables whole on rank 0 only (the other ranks
-    keep their shapes, no values), so no data-free step may follow one in the same run."""
+    keep their shapes, no values), so no step that reads table values may follow one in the same run."""
     if not train.shard:
         return
     tuned = [i for i, s in enumerate(steps) if s.method.trains(s.own_params())]
-    later = [s.method.name for s in steps[tuned[0] + 1:] if not s.method.trains(s.own_params())] if tuned else []
+    later = [s.method.name for s in steps[tuned[0] + 1:] if s.method.reads_tables] if tuned else []
     if later:
         raise UserError(f"with --shard-tables, {later[0]} cannot follow a fine-tune in the same run: the ranks "
                         "other than 0 end the fine-tune without the sharded tables' values",
-                        f"run it on the checkpoint this run writes, in one process: recompress checkpoint OUT "
-                        f"--method {','.join(later)} (data-free methods need no ranks)")
+                        f"run it on the checkpoint this run writes: recompress checkpoint OUT --method "
+                        f"{','.join(later)} (with --nproc and --shard-tables if it fine-tunes)")
 
 
 def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:

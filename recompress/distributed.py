@@ -221,11 +221,9 @@ def gather_rows(local: Any) -> Any:
     counts = torch.tensor([len(mine)], dtype=torch.int64)
     every = [torch.empty_like(counts) for _ in range(size())]
     collective(lambda: dist.all_gather(every, counts))
-    n = [int(c) for c in every]
-    padded = torch.cat([mine, mine.new_zeros(max(max(n), 1) - len(mine), *mine.shape[1:])])  # gloo: no empty tensors
-    out = [torch.empty_like(padded) for _ in n]
-    collective(lambda: dist.all_gather(out, padded))
-    return torch.cat([o[:k] for o, k in zip(out, n)]).numpy()
+    width = int(np.prod(mine.shape[1:]))
+    pieces = _gathered(mine.reshape(-1), every, [width])
+    return torch.cat([p[0] for p in pieces]).reshape(-1, *mine.shape[1:]).numpy()
 
 
 def split_predict(predict: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:

@@ -45,6 +45,11 @@ FUSED = {"sgd": ("EXACT_SGD", {}), "adagrad": ("EXACT_ADAGRAD", {"eps": 1e-10}),
 COLUMN_UNIT = 4  # FBGEMM's kernels need every shard's width to be a multiple of this
 
 
+def feature(names: list[str], name: str) -> str:
+    """The collection's feature key of table ``name`` (its position among the model's tables)."""
+    return f"f{names.index(name)}"
+
+
 class ShardedLookup:
     """``[B, T, L]`` ids (-1 padding) -> ``[B, T, d]`` bag sums: the sharded tables through TorchRec's collection
     (a collective: every rank calls it once per batch, with its own rows), the others through their own lookup."""
@@ -53,7 +58,7 @@ class ShardedLookup:
         self.tables, self.collection = tables, collection
         names = list(tables)
         self.index = torch.tensor([names.index(n) for n in sharded], dtype=torch.int64)
-        self.keys = {n: f"f{names.index(n)}" for n in sharded}
+        self.keys = {n: feature(names, n) for n in sharded}
 
     def __call__(self, sparse: Tensor) -> Tensor:
         ids = sparse.index_select(1, self.index).transpose(0, 1)  # [S, B, L], a feature's bags together
@@ -61,8 +66,8 @@ class ShardedLookup:
         from torchrec import KeyedJaggedTensor
         kjt = KeyedJaggedTensor(keys=list(self.keys.values()), values=ids[present],
                                 lengths=present.sum(-1).reshape(-1))
-        out = self.collection(kjt)
-        pooled = (out.wait() if hasattr(out, "wait") else out).to_dict()
+        out = distributed.collective(lambda: self.collection(kjt))
+        pooled = distributed.collective(lambda: out.wait() if hasattr(out, "wait") else out).to_dict()
         plain = sparse.clamp(min=0)
         return torch.stack([pooled[self.keys[n]] if n in self.keys else pool(t.lookup(plain[:, i]), sparse[:, i])
                             for i, (n, t) in enumerate(self.tables.items())], dim=1)
@@ -84,8 +89,9 @@ class ShardedTables:
                             f"{', '.join(narrow)}", "drop --shard-tables for this model")
         family.route_lookup(model, None)  # refuses families that cannot route their lookups
         from torchrec.distributed import comm_ops
-        comm_ops.set_gradient_division(False)  # TorchRec divides table gradients by the ranks, as DDP averages;
-        with _quiet():                         # here each rank's loss is already weighted by its share of the batch
+        self.division = comm_ops.get_gradient_division()  # TorchRec divides table gradients by the ranks, as DDP
+        comm_ops.set_gradient_division(False)  # averages; here each rank's loss is already weighted by its share
+        with _quiet():                         # (set back by ``gather``)
             self.collection = self._shard(cfg)
         self.local: dict[tuple[str, int, int], Tensor] = {}  # (table, first row, first column) -> this rank's shard
         self.shards: dict[str, list[tuple[int, int, int, int, int]]] = {}  # table -> (rank, row, column, rows, columns)
@@ -107,7 +113,7 @@ class ShardedTables:
         from torchrec.distributed.types import ShardingEnv
         tables = {n: self.model.tables[n] for n in self.names}
         configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=t.dim, num_embeddings=t.rows,
-                                      feature_names=[f"f{list(self.model.tables).index(n)}"])
+                                      feature_names=[feature(list(self.model.tables), n)])
                    for i, (n, t) in enumerate(tables.items())]
         collection = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
         kind, extra = FUSED[cfg.optimizer]
@@ -185,6 +191,8 @@ class ShardedTables:
         self.family.route_lookup(self.model, None)
         self.local.clear()
         del self.collection
+        from torchrec.distributed import comm_ops
+        comm_ops.set_gradient_division(self.division)
 
 
 def _table_wise(sizes: dict[str, int], ranks: int) -> dict[str, int]:

@@ -169,7 +169,9 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
                 if step >= total or stop:
                     break
                 units = family.loss_units(batch)
-                loss = family.loss(model, batch) if units else None
+                # sharded tables: the forward and backward passes are collectives, so a rank with no rows of this
+                # batch takes part too, its loss (the mean of nothing: NaN) weighted by 0
+                loss = family.loss(model, batch) if units or sharded else None
                 units_all, loss_sum = distributed.sum_scalars([units, loss.item() * units if units else 0.0])
                 if units_all:
                     mean = loss_sum / units_all
@@ -178,7 +180,11 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
                     for o in opts:
                         o.zero_grad()
                     if loss is not None:
-                        (loss * (units / units_all)).backward()
+                        weighted = loss.nan_to_num() * (units / units_all)
+                        if sharded is not None:  # TorchRec's all-to-all: a peer's death is one clear error
+                            distributed.collective(weighted.backward)
+                        else:
+                            weighted.backward()
                     distributed.sum_gradients(dense, sparse)
                     for o in opts:
                         o.step()

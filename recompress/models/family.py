@@ -129,9 +129,9 @@ class Family(ABC):
         sums, one table per feature in the model's order; not a submodule, so it stays out of ``parameters`` and
         ``state_dict``), or back to the model's own tables (None): how TorchRec's sharded tables take part
         (``recompress.sharding``). Families whose tables are not pooled one per feature refuse."""
-        raise UserError(f"--shard-tables shards tables looked up as pooled bags, one per feature (dlrm); a "
-                        f"{self.name} model also scores with its item table, which stays replicated",
-                        "drop --shard-tables")
+        raise UserError(f"--shard-tables shards tables looked up as pooled bags, one per feature; a {self.name} "
+                        "model's tables are not, so they cannot be sharded", "drop --shard-tables: its tables are "
+                        "replicated on every rank")
 
     @abstractmethod
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
