@@ -4,6 +4,7 @@ own memory, the file never written, and exports that hold a big table once."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,53 @@ def test_upstream_checkpoints_are_mapped_too(tmp_path, fmt):
         w[7] = 5.0
     assert tree_hash(big) == before_hash
     assert torch.equal(load_any(file(big)).model.tables[name].weight[7], ref[7])
+
+
+ASSEMBLE = """
+import json, re, sys
+from pathlib import Path
+import torch
+from recompress.adapters import stored
+path, rows, cut, how = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+f32 = torch.float32
+if how == "rows":  # two ranks' row-wise shards, one after the other in the file
+    pieces = [((0, 0), stored.Span(path, 0, f32, (cut, 64), (64, 1))),
+              ((cut, 0), stored.Span(path, cut * 256, f32, (rows - cut, 64), (64, 1)))]
+else:  # column-wise: every row's first `cut` values, then the rest
+    pieces = [((0, 0), stored.Span(path, 0, f32, (rows, cut), (cut, 1))),
+              ((0, cut), stored.Span(path, rows * cut * 4, f32, (rows, 64 - cut), (64 - cut, 1)))]
+anon = lambda: int(re.search(r"RssAnon:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) << 10
+before = anon()
+t = stored.materialize({"w": stored.lazy(stored.Stored((rows, 64), f32, pieces, "test"))})["w"]
+picks = [0, 1, rows // 2 - 1, rows // 2, rows - 2]
+print(json.dumps({"growth": anon() - before, "bad": getattr(t, stored.NONFINITE, None), "rows": t[picks].tolist(),
+                  "sum": float(torch.nan_to_num(t).double().sum()), "last": str(t[-1, -1].item())}))
+"""
+
+
+@pytest.mark.parametrize("how", ["rows", "columns"])
+def test_a_table_saved_in_pieces_is_assembled_in_a_files_pages(tmp_path, how):
+    """A 1M x 64 table (256 MB) in two pieces, as per-rank shards store it, row- or column-wise, loaded whole:
+    assembled in the pages of an unlinked file in TMPDIR (it was the process's own memory, 1x), with the
+    file's values (against numpy's reading), its one NaN counted for the model's check, not refused yet."""
+    import numpy as np
+    rows, cut = UPSTREAM_ROWS, (UPSTREAM_ROWS // 2 if how == "rows" else 48)
+    values = np.random.default_rng(0).standard_normal(rows * 64).astype(np.float32)
+    values[-1] = np.nan
+    values.tofile(tmp_path / "pieces.bin")
+    out = subprocess.run([sys.executable, "-c", ASSEMBLE, str(tmp_path / "pieces.bin"), str(rows), str(cut), how],
+                         capture_output=True, text=True, env={**FIXED_MMAP, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert got["growth"] < 0.1 * rows * 64 * 4, got["growth"]
+    if how == "rows":
+        whole = values.reshape(rows, 64)
+    else:  # numpy's reading of the same layout: the independent reference
+        whole = np.concatenate([values[:rows * cut].reshape(rows, cut), values[rows * cut:].reshape(rows, 64 - cut)], 1)
+    assert np.array_equal(np.array(got["rows"], dtype=np.float32), whole[[0, 1, rows // 2 - 1, rows // 2, rows - 2]])
+    assert got["sum"] == pytest.approx(np.nan_to_num(whole).astype(np.float64).sum(), rel=1e-9)
+    assert got["bad"] == 1 and got["last"] == "nan"  # counted for the model's check, not refused here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.bin"]  # the scratch file is gone
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

@@ -142,8 +142,13 @@ def sharded(tmp_path_factory):
     return out, sd
 
 
-def test_per_rank_sharded_tensor_files_merge_offline(sharded):
+@pytest.mark.parametrize("assemble", [False, True])
+def test_per_rank_sharded_tensor_files_merge_offline(sharded, monkeypatch, assemble):
+    # assemble: every table counts as big (MAP_BYTES 0), so its row-wise and column-wise pieces are assembled
+    # in a file's pages in TMPDIR (Stored._assembled) instead of memory: the same scores
     out, sd = sharded
+    if assemble:
+        monkeypatch.setattr("recompress.adapters.stored.MAP_BYTES", 0)
     before = tree_hash(out / "ranks")
     assert_scores_like_torchrec(load_any(out / "ranks"), sd)  # no process group here
     assert tree_hash(out / "ranks") == before
@@ -198,8 +203,11 @@ def test_fsdp2_files_of_four_ranks_place_empty_shards_where_torch_does(tmp_path)
     assert_scores_like_torchrec(load_any(tmp_path / "ranks"), sd)
 
 
-def test_a_dcp_folder_merges_offline(sharded):
+@pytest.mark.parametrize("assemble", [False, True])
+def test_a_dcp_folder_merges_offline(sharded, monkeypatch, assemble):
     out, sd = sharded
+    if assemble:
+        monkeypatch.setattr("recompress.adapters.stored.MAP_BYTES", 0)
     assert sorted(p.name for p in (out / "dcp").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
     assert_scores_like_torchrec(load_any(out / "dcp"), sd)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recompress.blockfile import (MAP_BYTES, PrivateMap, check_finite, nonfinite, nonfinite_error, read_into, readable,
-                                  row_blocks)
+from recompress.blockfile import (MAP_BYTES, PrivateMap, Scratch, check_finite, nonfinite, nonfinite_error, read_into,
+                                  readable, row_blocks)
 from recompress.errors import UserError
 
 ATTR = "_recompress_stored"
@@ -140,12 +141,15 @@ class Stored:
         return out
 
     def mapped(self, maps: dict[Path, PrivateMap]) -> Tensor:
-        """:meth:`load`, except that a tensor stored as one row-major piece of MAP_BYTES or more is not copied:
+        """:meth:`load`, except that a tensor of MAP_BYTES or more in several row-major pieces is assembled in a
+        file's pages (:meth:`_assembled`), and one stored as one row-major piece of MAP_BYTES or more is not copied:
         it is a private map of its file (one per file in ``maps``), read once in row blocks whose pages are
         then given back: checked against its record's checksum, and its NaN/Inf values counted (:func:`check`
         refuses them where a model uses the tensor)."""
         span = self.pieces[0][1]
         nbytes = math.prod(self.size) * self.dtype.itemsize
+        if len(self.pieces) > 1 and self.streams and nbytes >= MAP_BYTES:
+            return self._assembled()
         if (len(self.pieces) != 1 or span.shape != self.size or not span.row_major or nbytes < MAP_BYTES
                 or span.begin % self.dtype.itemsize):
             return self.load()
@@ -164,6 +168,20 @@ class Stored:
         setattr(t, NONFINITE, bad)  # refused by ``check`` if a model is built from it, not before
         return t
 
+    def _assembled(self) -> Tensor:
+        """A tensor saved in several pieces (per-rank shards, row- or column-wise) assembled in row blocks into
+        the pages of an unlinked file in TMPDIR (``blockfile.Scratch``), not the process's own memory; checked
+        against its records' checksums, its NaN/Inf values counted as a mapped tensor's are."""
+        out = Scratch(Path(tempfile.gettempdir()), (f"{self.name} of {self.where}", "which is assembled there from "
+                      "its pieces", "set TMPDIR to a folder with that much free space")).empty(self.size, self.dtype)
+        bad = 0
+        for first, block in row_blocks(out):
+            self._rows(first, first + len(block), block)
+            bad += nonfinite(block)
+        self.verify()
+        setattr(out, NONFINITE, bad)
+        return out
+
     def verify(self) -> None:
         """Check what was read against the archive's checksums (reading whatever was not read in order)."""
         for _, span in self.pieces:
@@ -178,15 +196,20 @@ class Stored:
         start, stop, step = rows.indices(self.size[0])
         if step != 1 or not self.streams:
             raise IndexError("stored tensors are read by contiguous row ranges of row-major 2-D tensors")
-        out = torch.empty((max(0, stop - start), self.size[1]), dtype=self.dtype)
+        out = self._rows(start, stop, torch.empty((max(0, stop - start), self.size[1]), dtype=self.dtype))
+        check_finite(self.name, out, self.where)
+        return out.float()
+
+    def _rows(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """Rows ``[start, stop)`` read into ``out`` (contiguous, of those rows' shape) from the pieces holding
+        them."""
         for (r0, c0), span in self.pieces:
             lo, hi = max(start, r0), min(stop, r0 + span.shape[0])
             if lo < hi and span.shape[1] == self.size[1]:  # whole rows: read in place
                 span.read(lo - r0, hi - r0, out[lo - start:hi - start])
             elif lo < hi:  # a column-wise chunk: its part of each row
                 out[lo - start:hi - start, c0:c0 + span.shape[1]] = span.read(lo - r0, hi - r0)
-        check_finite(self.name, out, self.where)
-        return out.float()
+        return out
 
 
 def lazy(stored: Stored) -> Tensor:
