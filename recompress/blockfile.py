@@ -331,13 +331,15 @@ class TensorWriter:
 class Scratch:
     """Where big temporary tensors are made. With a ``folder``, one of MAP_BYTES or more is a shared map of a
     file there that is unlinked at once: its pages are the page cache's, which the kernel writes back to disk
-    and drops under pressure, not this process's own memory, and nothing is left behind. Otherwise, and for
-    smaller ones, ordinary memory. ``purpose``: (what is made, why there, the fix) for the error when the
-    folder's disk has no room."""
+    and drops under pressure, not this process's own memory (on a tmpfs they are memory after all), and
+    nothing is left behind. Otherwise, and for smaller ones, ordinary memory. ``purpose``: (what is made, why
+    there, the fix) for the message when the folder's disk has no room: an error, or with ``fallback`` a
+    warning and ordinary memory (as before there was a folder)."""
 
     def __init__(self, folder: Path | None = None,
-                 purpose: tuple[str, str, str] = ("a tensor", "made there", "free that much space there")) -> None:
-        self.folder, self.purpose = folder, purpose
+                 purpose: tuple[str, str, str] = ("a tensor", "made there", "free that much space there"),
+                 fallback: bool = False) -> None:
+        self.folder, self.purpose, self.fallback = folder, purpose, fallback
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         numel = math.prod(shape)
@@ -347,13 +349,19 @@ class Scratch:
         try:
             self._reserve(fd, numel * dtype.itemsize)
             return torch.from_file(name, shared=True, size=numel, dtype=dtype).view(shape)
+        except UserError as e:
+            if not self.fallback:
+                raise
+            from .progress import say
+            say(f"warning: {e.message}; kept in memory instead ({e.hint})")
+            return torch.empty(shape, dtype=dtype)
         finally:
             os.close(fd)
             os.unlink(name)
 
     def _reserve(self, fd: int, nbytes: int) -> None:
         """Give the file ``nbytes`` of disk now: a write to a mapped page the disk has no room for would end the
-        process (SIGBUS); refused here instead, with one clear error."""
+        process (SIGBUS); refused here instead, with one clear message."""
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:

@@ -165,22 +165,14 @@ class ShardedTables:
                 if lo < hi:
                     self.local[name, r, c][lo - r:hi - r].copy_(block[lo - start:hi - start, c:c + nc])
 
-    def snapshot(self) -> dict[tuple[str, int, int], Tensor]:
-        """Copies of this rank's shards (``BestState``)."""
-        return {k: t.detach().clone() for k, t in self.local.items()}
-
-    def restore(self, saved: dict[tuple[str, int, int], Tensor]) -> None:
-        with torch.no_grad():
-            for k, t in self.local.items():
-                t.copy_(saved[k])
-
     def gather(self) -> None:
         """Every table whole back into rank 0's model; the lookups go back to the model's own tables."""
         me = distributed.rank()
         for name in self.names:
             table = self.model.tables[name]
             scratch = Scratch(Path(tempfile.gettempdir()), (f"table {name}", "which rank 0 gathers there from the "
-                              "shards, to write the checkpoint", "set TMPDIR to a folder with that much free space"))
+                              "shards, to write the checkpoint", "set TMPDIR to a folder with that much free space"),
+                              fallback=True)
             whole = scratch.empty((table.rows, table.dim), self.dtypes[name]) if me == 0 else \
                 torch.empty(table.rows, table.dim, dtype=self.dtypes[name], device="meta")
             with torch.no_grad():

@@ -80,9 +80,10 @@ class BestState:
     """Validation checks during training and the weights where the metric was best (``TrainConfig.keep_best``).
 
     The best weights are kept in one set of buffers, made at the first check and overwritten at each new best;
-    tensors of 16 MB or more (tables) as the pages of an unlinked file in TMPDIR (``blockfile.Scratch``), not
-    in the process's own memory, and the model takes those buffers over when it is restored (no copy into a
-    mapped table, which would make all of its pages the process's own)."""
+    tensors of 16 MB or more (tables, and a rank's shards of sharded tables) as the pages of an unlinked file in
+    TMPDIR (``blockfile.Scratch``; in memory, with a warning, where it has no room), not in the process's own
+    memory, and the model takes those buffers over when it is restored (no copy into a mapped table, which
+    would make all of its pages the process's own)."""
 
     def __init__(self, model: nn.Module, data: object, family: Family, patience: int,
                  sharded: ShardedTables | None = None) -> None:
@@ -90,10 +91,9 @@ class BestState:
         self.sign = 1.0 if METRICS[family.primary].higher_is_better else -1.0
         self.curve: list[dict[str, object]] = []
         self.best: tuple[float, int] | None = None
-        self.kept: dict[str, torch.Tensor] = {}
-        self.shards: dict[object, torch.Tensor] | None = None
+        self.kept: dict[object, torch.Tensor] = {}  # state_dict key (or a sharded table's shard) -> best value
         self.scratch = Scratch(Path(tempfile.gettempdir()), ("the best weights", "which --keep-best keeps there",
-                               "set TMPDIR to a folder with that much free space, or use --no-keep-best"))
+                               "set TMPDIR to a folder with that much free space"), fallback=True)
         self.stale = 0
         self.seconds = 0.0  # spent scoring the validation split
 
@@ -113,18 +113,19 @@ class BestState:
         return self.stale >= self.patience
 
     def _keep(self) -> None:
+        shards = self.sharded.local if self.sharded else {}  # this rank's shards of sharded tables
         with torch.no_grad():
-            for k, v in self.model.state_dict().items():
+            for k, v in [*self.model.state_dict().items(), *shards.items()]:
                 if k not in self.kept:
                     self.kept[k] = self.scratch.empty(tuple(v.shape), v.dtype)
                 self.kept[k].copy_(v)
-        if self.sharded:
-            self.shards = self.sharded.snapshot()
 
     def restore(self) -> dict[str, object]:
-        self.model.load_state_dict(self.kept, assign=True)
-        if self.sharded:
-            self.sharded.restore(self.shards)
+        state = self.model.state_dict()
+        self.model.load_state_dict({k: v for k, v in self.kept.items() if k in state}, assign=True)
+        with torch.no_grad():  # TorchRec's kernels own their shards' memory: copied back
+            for k, v in (self.sharded.local if self.sharded else {}).items():
+                v.copy_(self.kept[k])
         return {"curve": self.curve, "best_step": self.best[1], f"best_val_{self.family.primary}": self.best[0],
                 "validation_seconds": round(self.seconds, 3)}
 
@@ -170,7 +171,7 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
                     break
                 units = family.loss_units(batch)
                 # sharded tables: the forward and backward passes are collectives, so a rank with no rows of this
-                # batch takes part too, its loss (the mean of nothing: NaN) weighted by 0
+                # batch takes part too, its loss (the mean of nothing: NaN) weighted by 0 (its gradients are empty)
                 loss = family.loss(model, batch) if units or sharded else None
                 units_all, loss_sum = distributed.sum_scalars([units, loss.item() * units if units else 0.0])
                 if units_all:
@@ -180,7 +181,7 @@ def fit(model: nn.Module, data: object, cfg: TrainConfig, family: Family | None 
                     for o in opts:
                         o.zero_grad()
                     if loss is not None:
-                        weighted = loss.nan_to_num() * (units / units_all)
+                        weighted = loss * (units / units_all)
                         if sharded is not None:  # TorchRec's all-to-all: a peer's death is one clear error
                             distributed.collective(weighted.backward)
                         else:

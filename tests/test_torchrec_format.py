@@ -144,8 +144,8 @@ def sharded(tmp_path_factory):
 
 @pytest.mark.parametrize("assemble", [False, True])
 def test_per_rank_sharded_tensor_files_merge_offline(sharded, monkeypatch, assemble):
-    # assemble: every table counts as big (MAP_BYTES 0), so its row-wise and column-wise pieces are assembled
-    # in a file's pages in TMPDIR (Stored._assembled) instead of memory: the same scores
+    # assemble: every table counts as big (MAP_BYTES 0), so its row-wise pieces go through Stored._assembled
+    # (into memory here: Scratch keeps its own 16 MB threshold; test_mapped_load covers the file): same scores
     out, sd = sharded
     if assemble:
         monkeypatch.setattr("recompress.adapters.stored.MAP_BYTES", 0)

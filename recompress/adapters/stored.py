@@ -173,7 +173,8 @@ class Stored:
         the pages of an unlinked file in TMPDIR (``blockfile.Scratch``), not the process's own memory; checked
         against its records' checksums, its NaN/Inf values counted as a mapped tensor's are."""
         out = Scratch(Path(tempfile.gettempdir()), (f"{self.name} of {self.where}", "which is assembled there from "
-                      "its pieces", "set TMPDIR to a folder with that much free space")).empty(self.size, self.dtype)
+                      "its pieces", "set TMPDIR to a folder with that much free space"),
+                      fallback=True).empty(self.size, self.dtype)
         bad = 0
         for first, block in row_blocks(out):
             self._rows(first, first + len(block), block)
