@@ -160,29 +160,31 @@ print(json.dumps({"growth": anon() - before, "bad": getattr(t, stored.NONFINITE,
 """
 
 
-@pytest.mark.parametrize("how", ["rows", "columns"])
-def test_a_table_saved_in_pieces_is_assembled_in_a_files_pages(tmp_path, how):
-    """A 1M x 64 table (256 MB) in two pieces, as per-rank shards store it, row- or column-wise, loaded whole:
-    assembled in the pages of an unlinked file in TMPDIR (it was the process's own memory, 1x), with the
-    file's values (against numpy's reading), its one NaN counted for the model's check, not refused yet."""
+def test_a_table_saved_in_pieces_is_assembled_in_a_files_pages(tmp_path):
+    """A 1M x 64 table (256 MB) in two pieces, as per-rank shards store it, row- or column-wise (one file read
+    both ways), loaded whole: assembled in the pages of an unlinked file in TMPDIR (it was the process's own
+    memory, 1x), with the file's values (against numpy's reading), its one NaN counted for the model's check,
+    not refused yet."""
     import numpy as np
-    rows, cut = UPSTREAM_ROWS, (UPSTREAM_ROWS // 2 if how == "rows" else 48)
+    rows = UPSTREAM_ROWS
     values = np.random.default_rng(0).standard_normal(rows * 64).astype(np.float32)
     values[-1] = np.nan
     values.tofile(tmp_path / "pieces.bin")
-    out = subprocess.run([sys.executable, "-c", ASSEMBLE, str(tmp_path / "pieces.bin"), str(rows), str(cut), how],
-                         capture_output=True, text=True, env={**FIXED_MMAP, "TMPDIR": str(tmp_path)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout)
-    assert got["growth"] < 0.1 * rows * 64 * 4, got["growth"]
-    if how == "rows":
-        whole = values.reshape(rows, 64)
-    else:  # numpy's reading of the same layout: the independent reference
-        whole = np.concatenate([values[:rows * cut].reshape(rows, cut), values[rows * cut:].reshape(rows, 64 - cut)], 1)
-    assert np.array_equal(np.array(got["rows"], dtype=np.float32), whole[[0, 1, rows // 2 - 1, rows // 2, rows - 2]])
-    assert got["sum"] == pytest.approx(np.nan_to_num(whole).astype(np.float64).sum(), rel=1e-9)
-    assert got["bad"] == 1 and got["last"] == "nan"  # counted for the model's check, not refused here
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.bin"]  # the scratch file is gone
+    for how, cut in (("rows", rows // 2), ("columns", 48)):
+        out = subprocess.run([sys.executable, "-c", ASSEMBLE, str(tmp_path / "pieces.bin"), str(rows), str(cut), how],
+                             capture_output=True, text=True, env={**FIXED_MMAP, "TMPDIR": str(tmp_path)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout)
+        assert got["growth"] < 0.1 * rows * 64 * 4, (how, got["growth"])
+        if how == "rows":
+            whole = values.reshape(rows, 64)
+        else:  # numpy's reading of the same layout: the independent reference
+            whole = np.concatenate([values[:rows * cut].reshape(rows, cut),
+                                    values[rows * cut:].reshape(rows, 64 - cut)], 1)
+        assert np.array_equal(np.array(got["rows"], dtype=np.float32), whole[[0, 1, rows // 2 - 1, rows // 2, rows - 2]])
+        assert got["sum"] == pytest.approx(np.nan_to_num(whole).astype(np.float64).sum(), rel=1e-9)
+        assert got["bad"] == 1 and got["last"] == "nan"  # counted for the model's check, not refused here
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.bin"]  # the scratch file is gone
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
