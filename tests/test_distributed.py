@@ -92,28 +92,36 @@ def test_finetune_of_compressed_tables_with_keep_best_on_two_ranks(work):
         assert a["val_after_finetune"] == pytest.approx(b["val_after_finetune"], abs=1e-6)
 
 
-DIE = """
+def die_at_third_step(optimizer: str) -> str:
+    """A launcher script whose rank 1 dies at its third ``torch.optim.<optimizer>`` step."""
+    return f"""
 import os, sys
 import torch
-if os.environ["RANK"] == "1":  # rank 1 dies at its third optimizer step
-    steps, adam_step = [0], torch.optim.Adam.step
+if os.environ["RANK"] == "1":
+    steps, real_step = [0], torch.optim.{optimizer}.step
     def step(self, *a, **k):
         steps[0] += 1
         if steps[0] == 3:
             os._exit(7)
-        return adam_step(self, *a, **k)
-    torch.optim.Adam.step = step
+        return real_step(self, *a, **k)
+    torch.optim.{optimizer}.step = step
 from recompress.cli import main
 main(sys.argv[1:], prog_name="recompress")
 """
 
 
+def torchrun(tmp_path: Path, name: str, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` written to ``tmp_path/name`` and run on 2 ranks by torchrun with ``args``."""
+    (tmp_path / name).write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / name),
+           *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_a_rank_that_dies_fails_the_run_and_nothing_is_written(work, tmp_path):
-    (tmp_path / "die.py").write_text(DIE)
     out = tmp_path / "out" / "ck"  # the missing parent is created, and must be removed again
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "die.py"),
-           "train", "--data", str(work / "ctr"), "--dim", "8", "--batch-size", "64", "-o", str(out)]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    r = torchrun(tmp_path, "die.py", die_at_third_step("Adam"), "train", "--data", str(work / "ctr"), "--dim", "8",
+                 "--batch-size", "64", "-o", str(out))
     assert r.returncode != 0
     assert "lost contact with another rank" in r.stderr or "no partial output was kept" in r.stderr, r.stderr[-2000:]
     assert "/recompress/" not in r.stderr  # no traceback through our code (torchrun prints its own report)
@@ -138,10 +146,8 @@ main(sys.argv[1:], prog_name="recompress")
 def test_rank_0_writes_only_once_every_rank_has_finished(work, tmp_path):
     # Rank 0 used to write as soon as its own part was done, then failed waiting for the others: a run that
     # failed left a checkpoint behind, under an error saying nothing was written.
-    (tmp_path / "after.py").write_text(AFTER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "after.py"),
-           "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "2", "-o", str(tmp_path / "ck")]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    r = torchrun(tmp_path, "after.py", AFTER, "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "2",
+                 "-o", str(tmp_path / "ck"))
     assert r.returncode != 0
     assert "lost contact with another rank" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["after.py"]
@@ -208,10 +214,8 @@ def test_a_run_that_succeeds_closes_its_process_group_before_exit(work, tmp_path
     # open or even closed ("terminate called without an active exception", pytorch/pytorch#190489; seen in CI
     # here and, after closing the group, in 1 of 12 runs on a loaded machine): ranks leave the group, then
     # exit without finalization.
-    (tmp_path / "leave.py").write_text(LEAVES)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "leave.py"),
-           "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "3", "-o", str(tmp_path / "ck")]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    r = torchrun(tmp_path, "leave.py", LEAVES, "train", "--data", str(work / "ctr"), "--dim", "8", "--steps", "3",
+                 "-o", str(tmp_path / "ck"))
     assert r.returncode == 0, r.stderr[-2000:]
     # two ranks print into one pipe, so their lines may interleave: count the phrases
     assert r.stdout.count("exit 0, process group open: False") == 2 and "open: True" not in r.stdout, r.stdout

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from recompress.spec import ModelSpec, TableSpec
 from recompress.tables import DenseTable
 from recompress.trainconfig import TORCHREC, TrainConfig
 
-from .test_distributed import ENV, max_diff, run
+from .test_distributed import die_at_third_step, max_diff, run, torchrun
 
 needs_torchrec = pytest.mark.skipif(find_spec("torchrec") is None or find_spec("fbgemm_gpu") is None,
                                     reason=f"TorchRec is not installed ({TORCHREC})")
@@ -87,30 +85,13 @@ def test_a_rank_with_no_rows_of_a_batch_still_takes_part(work):
     assert max_diff(ref, sharded(work, "tail", "table-wise", *args)) < 1e-5
 
 
-DIE = """
-import os, sys
-import torch
-if os.environ["RANK"] == "1":  # rank 1 dies at its third optimizer step, between two sharded lookups
-    steps, sgd_step = [0], torch.optim.SGD.step
-    def step(self, *a, **k):
-        steps[0] += 1
-        if steps[0] == 3:
-            os._exit(7)
-        return sgd_step(self, *a, **k)
-    torch.optim.SGD.step = step
-from recompress.cli import main
-main(sys.argv[1:], prog_name="recompress")
-"""
-
-
 @needs_torchrec
 def test_a_rank_that_dies_mid_run_is_one_clear_error_and_nothing_is_written(work, tmp_path):
-    # TorchRec's all-to-alls ran outside recompress's collective guard: the survivor printed a traceback.
-    (tmp_path / "die.py").write_text(DIE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(tmp_path / "die.py"),
-           "train", "--data", str(work / "ctr"), "--dim", "8", "--batch-size", "64", "--optimizer", "sgd",
-           "--shard-tables", "table-wise", "-o", str(tmp_path / "out" / "ck")]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    # TorchRec's all-to-alls ran outside recompress's collective guard: the survivor printed a traceback. Rank 1
+    # dies at its third SGD step (the dense layers'), between two sharded lookups.
+    r = torchrun(tmp_path, "die.py", die_at_third_step("SGD"), "train", "--data", str(work / "ctr"), "--dim", "8",
+                 "--batch-size", "64", "--optimizer", "sgd", "--shard-tables", "table-wise",
+                 "-o", str(tmp_path / "out" / "ck"))
     assert r.returncode != 0
     # rank 0 notices the lost peer, or torchrun's SIGTERM reaches it first (seen in CI)
     assert "lost contact with another rank" in r.stderr or "no partial output was kept" in r.stderr, r.stderr[-2000:]
