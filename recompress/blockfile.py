@@ -341,6 +341,12 @@ class Scratch:
                  fallback: bool = False) -> None:
         self.folder, self.purpose, self.fallback = folder, purpose, fallback
 
+    @classmethod
+    def temporary(cls, what: str, why: str) -> Scratch:
+        """In the temporary folder (TMPDIR), falling back to memory where it has no room."""
+        return cls(Path(tempfile.gettempdir()), (what, why, "set TMPDIR to a folder with that much free space"),
+                   fallback=True)
+
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         numel = math.prod(shape)
         if self.folder is None or numel * dtype.itemsize < MAP_BYTES:

@@ -24,11 +24,9 @@ stay on the meta device (shapes, no values): a later sharded run in the same com
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -170,9 +168,8 @@ class ShardedTables:
         me = distributed.rank()
         for name in self.names:
             table = self.model.tables[name]
-            scratch = Scratch(Path(tempfile.gettempdir()), (f"table {name}", "which rank 0 gathers there from the "
-                              "shards, to write the checkpoint", "set TMPDIR to a folder with that much free space"),
-                              fallback=True)
+            scratch = Scratch.temporary(f"table {name}", "which rank 0 gathers there from the shards, to write "
+                                        "the checkpoint")
             whole = scratch.empty((table.rows, table.dim), self.dtypes[name]) if me == 0 else \
                 torch.empty(table.rows, table.dim, dtype=self.dtypes[name], device="meta")
             with torch.no_grad():

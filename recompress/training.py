@@ -7,11 +7,9 @@ the same way.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -92,8 +90,7 @@ class BestState:
         self.curve: list[dict[str, object]] = []
         self.best: tuple[float, int] | None = None
         self.kept: dict[object, torch.Tensor] = {}  # state_dict key (or a sharded table's shard) -> best value
-        self.scratch = Scratch(Path(tempfile.gettempdir()), ("the best weights", "which --keep-best keeps there",
-                               "set TMPDIR to a folder with that much free space"), fallback=True)
+        self.scratch = Scratch.temporary("the best weights", "which --keep-best keeps there")
         self.stale = 0
         self.seconds = 0.0  # spent scoring the validation split
 

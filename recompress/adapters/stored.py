@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -172,9 +171,8 @@ class Stored:
         """A tensor saved in several pieces (per-rank shards, row- or column-wise) assembled in row blocks into
         the pages of an unlinked file in TMPDIR (``blockfile.Scratch``), not the process's own memory; checked
         against its records' checksums, its NaN/Inf values counted as a mapped tensor's are."""
-        out = Scratch(Path(tempfile.gettempdir()), (f"{self.name} of {self.where}", "which is assembled there from "
-                      "its pieces", "set TMPDIR to a folder with that much free space"),
-                      fallback=True).empty(self.size, self.dtype)
+        out = Scratch.temporary(f"{self.name} of {self.where}", "which is assembled there from its "
+                                "pieces").empty(self.size, self.dtype)
         bad = 0
         for first, block in row_blocks(out):
             self._rows(first, first + len(block), block)
