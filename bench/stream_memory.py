@@ -30,6 +30,7 @@ compresses both, one after the other for each size and repeat, so that their tim
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -51,14 +52,17 @@ save_checkpoint(compress(ckpt, parse_methods(sys.argv[3], json.loads(sys.argv[4]
 """
 
 
-def write_rows(file: Path, rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
-    """A raw float32 ``rows x dim`` table of N(0, 0.05) values written to ``file`` in 16 MB blocks; the file,
-    memory-mapped (nothing of its size is held: torch.save and DCP write it from the page cache)."""
+def write_rows(file: Path, rows: int, dim: int, gen: torch.Generator,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A raw ``rows x dim`` table of N(0, 0.05) values (drawn in float32, stored as ``dtype``) written to ``file``
+    in 16 MB blocks; the file, memory-mapped (nothing of its size is held: torch.save and DCP write it from the
+    page cache)."""
     step = (1 << 24) // (4 * dim)
     with open(file, "wb") as f:
         for s in range(0, rows, step):
-            f.write((torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).numpy().tobytes())
-    return torch.from_file(str(file), size=rows * dim, dtype=torch.float32).view(rows, dim)
+            block = (torch.randn(min(step, rows - s), dim, generator=gen) * 0.05).to(dtype)
+            f.write(block.view(torch.uint8).numpy().tobytes())
+    return torch.from_file(str(file), size=rows * dim, dtype=dtype).view(rows, dim)
 
 
 def _linears(layers: dict[str, tuple[int, int]], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -132,18 +136,19 @@ def make_nvidia(path: Path, rows: int, dim: int) -> int:
     return rows * dim * 4
 
 
-def make_dlrm(path: Path, rows: int, dim: int) -> int:
+def make_dlrm(path: Path, rows: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
     """facebookresearch/dlrm's ``--save-model`` file (``dlrm_s_pytorch.py``'s layout: counters, metrics as numpy
-    scalars, ``state_dict`` with ``emb_l``/``bot_l``/``top_l``) with one ``rows x dim`` table; its table bytes."""
+    scalars, ``state_dict`` with ``emb_l``/``bot_l``/``top_l``) with one ``rows x dim`` table stored as ``dtype``
+    (a model trained or saved in half precision); its table bytes as stored."""
     import numpy as np
     raw, gen = path.with_suffix(".table"), torch.Generator().manual_seed(0)
-    state = {"emb_l.0.weight": write_rows(raw, rows, dim, gen),
+    state = {"emb_l.0.weight": write_rows(raw, rows, dim, gen, dtype),
              **_linears({"bot_l.0": (64, 13), "bot_l.2": (dim, 64), "top_l.0": (64, dim + 1), "top_l.2": (1, 64)}, gen)}
     torch.save({"epoch": 0, "nepochs": 1, "nbatches": 1, "nbatches_test": 1, "iter": 1, "state_dict": state,
                 "train_acc": np.float64(0.75), "train_loss": np.float64(0.5), "test_acc": np.float64(0.75),
                 "test_auc": np.float64(0.7)}, path)
     raw.unlink()
-    return rows * dim * 4
+    return rows * dim * dtype.itemsize
 
 
 def make_sasrec_pytorch(path: Path, rows: int, dim: int, max_len: int = 50) -> int:
@@ -170,7 +175,8 @@ def make_sasrec_pytorch(path: Path, rows: int, dim: int, max_len: int = 50) -> i
     return rows * dim * 4
 
 
-MAKERS = {"dcp": make_dcp, "nvidia": make_nvidia, "dlrm": make_dlrm, "sasrec.pytorch": make_sasrec_pytorch}
+MAKERS = {"dcp": make_dcp, "nvidia": make_nvidia, "dlrm": make_dlrm,
+          "dlrm-fp16": functools.partial(make_dlrm, dtype=torch.float16), "sasrec.pytorch": make_sasrec_pytorch}
 """The upstream sources (native is make_checkpoint, with --zeros); dlrm's is a file, the others folders."""
 
 

@@ -187,6 +187,31 @@ def test_a_table_saved_in_pieces_is_assembled_in_a_files_pages(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.bin"]  # the scratch file is gone
 
 
+def test_half_precision_upstream_tables_become_float32_in_a_files_pages(tmp_path):
+    """A dlrm file whose two 500k x 64 tables were saved as fp16 and bf16 (64 MB each; 128 MB each as the float32
+    the model reads) loads without their float32 copies in the process's own memory (converting them took
+    1x of that), with the file's values (torch's own reader, converted), and no scratch file is left."""
+    gen = torch.Generator().manual_seed(5)
+    tables = {"emb_l.0.weight": torch.randn(500_000, 64, generator=gen).half(),
+              "emb_l.1.weight": torch.randn(500_000, 64, generator=gen).bfloat16()}
+    small = _dlrm_file(tmp_path / "small.pt", {k: v[:1000].clone() for k, v in tables.items()})
+    big = _dlrm_file(tmp_path / "big.pt", tables)
+    del tables
+    env = {**FIXED_MMAP, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", LOAD_GROWTH, str(small), str(big)], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) < 0.1 * 2 * 500_000 * 64 * 4, int(out.stdout)
+    model = load_any(big).model
+    ref = torch.load(big, mmap=True, weights_only=True)["state_dict"]
+    for i in (0, 1):
+        w = model.tables[f"emb_{i}"].weight
+        assert w.dtype == torch.float32
+        for rows in (slice(0, 5), slice(249_998, 250_003), slice(499_990, 500_000)):
+            assert torch.equal(w[rows], ref[f"emb_l.{i}.weight"][rows].float())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt", "small.pt"]
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_nan_anywhere_in_a_mapped_table_is_refused(tmp_path, where):
     """The finiteness check walks the mapped table in blocks: a NaN in the first or the last row is found."""

@@ -18,7 +18,7 @@ from recompress.tables import DenseTable, FactorizedTable, Table
 from recompress.tables.hashed import QRTable
 
 from .found import Found, FoundTable
-from .stored import check, rows_of, unshared
+from .stored import as_float32, check, rows_of, unshared
 
 Linear = tuple[Tensor, Tensor]  # (weight [out, in], bias [out])
 
@@ -126,7 +126,7 @@ def _build(hp: dict[str, Any], up: list[UpTable], bottom: list[Linear], top: lis
             store.bias.copy_(t.tensors["bias"])
             tables[t.name] = table
             continue
-        x = {k: v.float() for k, v in t.tensors.items()}
+        x = {k: as_float32(f"{t.name}.{k}", v, where) for k, v in t.tensors.items()}
         with torch.device("meta"):  # shapes only: the table holds the tensors read (a big one mapped), not a copy
             if t.kind == "dense":
                 table, state = DenseTable(t.rows, dim), {"weight": x["weight"]}

@@ -13,7 +13,7 @@ from recompress.families import get_family
 from recompress.spec import ModelSpec, TableSpec
 from recompress.tables import empty_table
 
-from .stored import check, unshared
+from .stored import as_float32, check, unshared
 
 
 def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str, Any], state: dict[str, torch.Tensor],
@@ -39,5 +39,5 @@ def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str,
             if part)
         raise UserError(f"{where} does not fit {family} with these hyper-parameters ({what})",
                         "the file is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
-    model.load_state_dict(unshared({k: v.float() for k, v in state.items()}), assign=True)  # the tensors read, a big one mapped
+    model.load_state_dict(unshared({k: as_float32(k, v, where) for k, v in state.items()}), assign=True)  # the tensors read, a big one mapped
     return Checkpoint(model.eval(), spec)

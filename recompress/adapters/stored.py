@@ -246,6 +246,23 @@ def loaded(t: Any) -> Any:
     return s.load() if s is not None else t
 
 
+def as_float32(name: str, t: Tensor, where: str) -> Tensor:
+    """``t`` as float32, which the models read: a 2-D half-precision table (fp16/bf16, saved so by its trainer)
+    of MAP_BYTES or more converted in row blocks into a file's pages in TMPDIR (``blockfile.Scratch``), not the
+    process's own memory; its NaN/Inf count (``check``) kept."""
+    if t.dtype == torch.float32 or t.is_meta:
+        return t
+    if t.dim() != 2 or t.numel() * 4 < MAP_BYTES:
+        return t.float()
+    out = Scratch.temporary(f"{name} of {where}", f"which is converted there from {t.dtype} to float32"
+                            ).empty(tuple(t.shape), torch.float32)
+    for first, block in row_blocks(out):
+        block.copy_(t[first:first + len(block)])
+    if hasattr(t, NONFINITE):
+        setattr(out, NONFINITE, getattr(t, NONFINITE))
+    return out
+
+
 def check(name: str, t: Tensor, where: str) -> None:
     """Refuse NaN/Inf values in a tensor a model is built from: counted as it was mapped (:meth:`Stored.mapped`),
     else counted now; a tensor left in its file is checked block by block as it is read."""
