@@ -386,11 +386,11 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
     """Train a model from scratch and write a native checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[data_path])
-    launch(nproc)
     from .families import all_hparams
     hparams = {k: kw.pop(k) for k in list(kw) if k in all_hparams()}
     cfg = train_config(kw)
-    cfg.validate()
+    cfg.validate(ranks=nproc)
+    launch(nproc)
     from .checkpoint import save_checkpoint
     from .data import open_dataset
     from .families import get_family
@@ -442,12 +442,12 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .outputs import check_output
     inputs = [source, data_path]
     check_output(out, overwrite=overwrite, inputs=inputs)
-    launch(nproc)
     from .compress.registry import Context, Selection, check_sharding, compress, parse_methods
     cfg = train_config(kw)
-    cfg.validate()
+    cfg.validate(ranks=nproc)
     steps = parse_methods(method, kw)
     check_sharding(steps, cfg)
+    launch(nproc)
     from .adapters import describe, load_any, load_streamed, parse_hp
     from .checkpoint import is_native, save_checkpoint
     from .compress.stream import native_source, stream_compress, streams

@@ -34,7 +34,9 @@ class TrainConfig:
     patience: int = 2
     shard: str | None = None
 
-    def validate(self) -> None:
+    def validate(self, ranks: int | None = None) -> None:
+        """Refuse an impossible budget or option; ``ranks``: the number of processes the run will have where it is
+        not launched yet (``--nproc``), so that it refuses once, before any process starts; default: this run's."""
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
         for name, value, ok in (("--epochs", self.epochs, self.epochs >= 1), ("--batch-size", self.batch_size,
@@ -46,9 +48,9 @@ class TrainConfig:
                 raise UserError(f"{name} {value} is impossible",
                                 "epochs and batch size must be >= 1, lr > 0 and steps >= 0")
         if self.shard is not None:
-            self._check_shard()
+            self._check_shard(ranks)
 
-    def _check_shard(self) -> None:
+    def _check_shard(self, ranks: int | None) -> None:
         from importlib.util import find_spec
 
         from . import distributed
@@ -57,7 +59,7 @@ class TrainConfig:
         if self.optimizer == "adam":
             raise UserError("--shard-tables trains table rows with FBGEMM's fused CPU kernels, which have no Adam",
                             "use --optimizer rowwise-adagrad (TorchRec's DLRM recipe), adagrad or sgd")
-        if distributed.size() <= 1:
+        if (distributed.size() if ranks is None else ranks) <= 1:
             raise UserError("--shard-tables shares the tables out among several processes, and this run has one",
                             "add --nproc N (or start it with torchrun --nproc-per-node N)")
         if find_spec("torchrec") is None or find_spec("fbgemm_gpu") is None:

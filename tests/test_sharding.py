@@ -147,6 +147,20 @@ def test_shard_tables_refusals_before_any_work(work):
         assert not (work / "never").exists()
 
 
+def test_with_nproc_a_refusal_comes_once_before_any_process_starts(work):
+    """Noticed last stop: with --nproc, train and checkpoint launched torchrun first, so every rank printed the
+    refusal of an option that no rank count makes possible, then the launcher blamed a rank. Now the command
+    refuses before it launches anything: once, and the launcher blames no rank."""
+    cases = [(("train", "--data", "ctr", "--optimizer", "adam"), "which have no Adam"),
+             (("checkpoint", "base", "--method", "finetune,int8", "--data", "ctr", "--optimizer", "sgd"),
+              "int8 cannot follow a fine-tune")]
+    for args, message in cases:
+        r = run(*args, "--shard-tables", "table-wise", "-o", "never", cwd=work, nproc=2)
+        said = " ".join(r.stderr.split())
+        assert r.returncode == 2 and said.count(message) == 1 and "failed first" not in said, r.stderr[-2000:]
+        assert not (work / "never").exists()
+
+
 def test_torchrec_missing_is_named_with_the_install_command(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
