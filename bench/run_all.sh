@@ -140,7 +140,9 @@ for s in $sections; do
                  python bench/load_memory.py --out $r/finetune_memory.json --checkpoints fp32 \
                    --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
                  python bench/load_memory.py --out $r/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
-                   --commands finetune-rowwise-adagrad-keep-best --rows 1000,10000000 ;;
+                   --commands finetune-rowwise-adagrad-keep-best --rows 1000,10000000
+                 python bench/load_memory.py --out $r/load_memory_fp16.json --baseline 8907405 \
+                   --source dlrm-fp16 --checkpoints fp32 --rows 1000,10000000 ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done
