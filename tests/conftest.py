@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,33 @@ from recompress.families import get_family
 from recompress.training import TrainConfig, train_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _bench():
+    """bench/stream_memory.py (its checkpoint makers), loaded by path."""
+    spec = importlib.util.spec_from_file_location("stream_memory",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "stream_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.fixture(scope="session")
+def big_and_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Native DLRMs with one 2M x 64 table (``big``) and one of 1,000 rows (``small``), each with a synthetic
+    dataset of its vocabulary (``dbig``, ``dsmall``, 3,000 rows), made once for the memory tests: the same
+    command on both measures what grows with the table. (folder, the big table's bytes). The MLPs take torch's
+    default init from the global generator: seeded here, so that they do not depend on the tests run before."""
+    root = tmp_path_factory.mktemp("big")
+    bench = _bench()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        table = bench.make_checkpoint(root / "big", 2_000_000, 64)
+        bench.make_checkpoint(root / "small", 1000, 64)
+    for name, rows in (("big", 2_000_000), ("small", 1000)):
+        subprocess.run([sys.executable, "-m", "recompress", "data", "synthetic", "-o", root / f"d{name}",
+                        "--tables", str(rows), "--samples", "3000"], check=True, capture_output=True)
+    return root, table
 
 
 def train_dlrm(data, cfg, mlet_hidden=None, keep_two_layer=False, **hparams):

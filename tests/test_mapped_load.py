@@ -19,8 +19,7 @@ from safetensors import safe_open
 from recompress.adapters import load_any
 from recompress.checkpoint import WEIGHTS_FILE, load_checkpoint
 
-from .conftest import tree_hash
-from .test_stream import _bench
+from .conftest import _bench, tree_hash
 
 KEY = "tables.C1.weight"
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +65,12 @@ def _load_growth(small: Path, path: Path) -> int:
     return int(out.stdout)
 
 
-def test_loading_maps_the_table_and_never_writes_the_file(tmp_path):
+def test_loading_maps_the_table_and_never_writes_the_file(big_and_small):
     """A 2M x 64 table (512 MB) loads without becoming the process's memory (a copy took 1x, 2x at peak),
     reads the file's values (checked against safetensors' own reader), and a write to the loaded table
     (fine-tuning) stays in the process: the file is unchanged."""
-    table = _bench().make_checkpoint(tmp_path / "big", 2_000_000, 64)
+    tmp_path, table = big_and_small
     before_hash = tree_hash(tmp_path / "big")
-    _bench().make_checkpoint(tmp_path / "small", 1000, 64)
     growth = _load_growth(tmp_path / "small", tmp_path / "big")
     assert growth < 0.1 * table, (growth, table)
     ckpt = load_checkpoint(tmp_path / "big")
@@ -265,30 +263,16 @@ def test_a_changed_byte_in_a_mapped_upstream_table_fails_its_crc(tmp_path):
         load_any(path)
 
 
-def big_and_small(tmp_path: Path) -> int:
-    """Native DLRMs with one 2M x 64 table (``big``) and one of 1,000 rows (``small``), each with a synthetic
-    dataset of its vocabulary (``dbig``, ``dsmall``, 3,000 rows): the same command on both measures what grows
-    with the table. Returns the big table's bytes."""
-    bench = _bench()
-    table = bench.make_checkpoint(tmp_path / "big", 2_000_000, 64)
-    bench.make_checkpoint(tmp_path / "small", 1000, 64)
-    for name, rows in (("big", 2_000_000), ("small", 1000)):
-        subprocess.run([sys.executable, "-m", "recompress", "data", "synthetic", "-o", tmp_path / f"d{name}",
-                        "--tables", str(rows), "--samples", "3000"], check=True, capture_output=True)
-    return table
-
-
-def test_evaluate_and_export_of_a_big_table_hold_no_copy_of_it(tmp_path):
+def test_evaluate_and_export_of_a_big_table_hold_no_copy_of_it(big_and_small, tmp_path):
     """2M x 64 table (512 MB), 13 dense features, on a synthetic dataset of the same vocabulary. Over the same
     command on a 1,000-row table: evaluate holds no copy of the table (< 0.2x; loading copied it, 2x at
     peak), nor does export (< 0.2x): the stacked table its graph is written from is a file's pages (it was the
     process's own memory, 1x; before that it also copied the model, 2x), a file gone once it is written."""
-    table = big_and_small(tmp_path)
-    ev = {n: _peak_anon("evaluate", tmp_path / n, "--data", tmp_path / f"d{n}", "--no-latency")
-          for n in ("small", "big")}
+    root, table = big_and_small
+    ev = {n: _peak_anon("evaluate", root / n, "--data", root / f"d{n}", "--no-latency") for n in ("small", "big")}
     assert ev["big"] - ev["small"] < 0.2 * table, ev
-    ex = {n: _peak_anon("export", tmp_path / n, "--target", "onnx", "--data", tmp_path / f"d{n}", "-o",
-                        tmp_path / f"x{n}") for n in ("small", "big")}
+    ex = {n: _peak_anon("export", root / n, "--target", "onnx", "--data", root / f"d{n}", "-o", tmp_path / f"x{n}")
+          for n in ("small", "big")}
     assert ex["big"] - ex["small"] < 0.2 * table, ex
     assert (tmp_path / "xbig" / "model.onnx.data").stat().st_size > table
     assert sorted(p.name for p in (tmp_path / "xbig").iterdir()) == [".recompress.json", "manifest.json", "model.onnx",

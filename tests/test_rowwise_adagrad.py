@@ -9,7 +9,7 @@ import torch
 
 from recompress.rowwise_adagrad import EPS, RowwiseAdagrad
 
-from .test_mapped_load import _peak_anon, big_and_small
+from .test_mapped_load import _peak_anon
 
 
 def _reference(w0: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> np.ndarray:
@@ -60,23 +60,14 @@ def test_a_step_that_looks_up_no_row_changes_nothing_and_eps_must_be_positive():
         RowwiseAdagrad(torch.nn.Embedding(10, 4).parameters(), eps=0.0)
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
-    """The big and small checkpoints and datasets (``big_and_small``), made once: (folder, table bytes)."""
-    root = tmp_path_factory.mktemp("big")
-    with torch.random.fork_rng():  # the checkpoint's MLP layers take torch's default init from the global
-        torch.manual_seed(0)       # generator: seeded here, so that they do not depend on the tests before
-        return root, big_and_small(root)
-
-
-def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of_its_size(big):
+def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of_its_size(big_and_small):
     """A 2M x 64 table (512 MB), 5 fine-tuning steps: with SparseAdam the process grows by > 1.5x the table (its
     two moment tensors, allocated whole at the first step); with row-wise Adagrad by < 0.1x (8 MB of row
     state, the rows the steps wrote into the mapped table and the output's bytes written from it), and the
     fine-tuned checkpoint differs from the source only in rows the batches looked up."""
     from recompress.checkpoint import load_checkpoint
 
-    tmp_path, table = big
+    tmp_path, table = big_and_small
     peak = {}
     for opt in ("adam", "rowwise-adagrad"):
         for name in ("small", "big"):
@@ -91,7 +82,7 @@ def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of
     assert 0 < changed <= 5 * 256, changed  # at most the ids of 5 batches of 256 rows, one id each
 
 
-def test_keep_best_holds_no_copy_of_a_big_table_and_restores_the_best_step(big):
+def test_keep_best_holds_no_copy_of_a_big_table_and_restores_the_best_step(big_and_small):
     """--keep-best (checkpoint's default) kept the best weights as clones in the process's own memory: the
     first check, before any step, copied the 512 MB table (1x), which undid what row-wise Adagrad saves. Big
     tensors are now kept as a file's pages in TMPDIR (< 0.1x growth), and the checkpoint is the model of the
@@ -100,7 +91,7 @@ def test_keep_best_holds_no_copy_of_a_big_table_and_restores_the_best_step(big):
 
     from safetensors.numpy import load_file
 
-    tmp_path, table = big
+    tmp_path, table = big_and_small
     run = ("--method", "finetune", "--steps", "6", "--optimizer", "rowwise-adagrad", "--lr", "0.02")
     peak = {name: _peak_anon("checkpoint", tmp_path / name, *run, "--data", tmp_path / f"d{name}", "--keep-best",
                              "-o", tmp_path / f"kb-{name}") for name in ("small", "big")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from recompress.blockfile import TensorFile, TensorWriter
 from recompress.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from recompress.cli import main
 
-from .conftest import tree_hash
+from .conftest import _bench, tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,13 +116,6 @@ def _peak_rss(args: list[str]) -> int:
             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
     return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout)
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("stream_memory", ROOT / "bench" / "stream_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_int8_of_a_big_table_does_not_load_it(tmp_path):
