@@ -9,6 +9,11 @@ checkpoint with one big table, this checkout against a baseline revision, interl
                                 --source dlrm,nvidia --checkpoints fp32 --rows 1000,1000000,10000000
     python bench/load_memory.py --out bench/results/load_memory_fp16.json --baseline 8907405 \
                                 --source dlrm-fp16 --checkpoints fp32 --rows 1000,10000000
+    python bench/load_memory.py --out bench/results/export_over_memory_limit.json --baseline b81b7bd \
+                                --rows 20000000 --zeros --checkpoints fp32 --commands evaluate,export --repeats 1 \
+                                --memory-limit-gb 2
+    python bench/load_memory.py --out bench/results/export_larger_than_ram.json --rows 100000000 --zeros \
+                                --checkpoints fp32 --commands export --repeats 1
     python bench/load_memory.py --out bench/results/finetune_memory.json --checkpoints fp32 \
                                 --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
     python bench/load_memory.py --out bench/results/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
@@ -29,7 +34,10 @@ folder; ``dlrm-fp16``: the dlrm file with its table saved as fp16), read by reco
 only: the file as upstream wrote it). ``table_bytes``: as the file stores the table; the ratios are to its
 float32 size, which the model reads. ``--commands
 finetune-adam,finetune-rowwise-adagrad``: 20 steps of ``checkpoint --method finetune`` with that optimizer
-(``...-keep-best``: with ``--keep-best``, checkpoint's default).
+(``...-keep-best``: with ``--keep-best``, checkpoint's default). ``--memory-limit-gb G``: each command runs in a
+memory cgroup of G GiB (root, cgroup v1: bench/measure.py ``MemoryLimit``), page cache included, as on a machine
+with that much memory; the group's peak and how often it reached the limit are recorded, and a command killed
+there is a result (``failed``: its exit status), not an error.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from measure import anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
+from measure import MemoryLimit, anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
 from stream_memory import MAKERS, make_checkpoint
 
 def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
@@ -56,11 +64,19 @@ def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
             "--optimizer", optimizer, "-o", str(out)]
 
 
-def measure(root: Path, tmp: Path, args: list[str]) -> dict:
-    """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory."""
+def measure(root: Path, tmp: Path, args: list[str], limit: MemoryLimit | None = None) -> dict:
+    """One command of the checkout at ``root``: seconds, peak RSS and peak anonymous memory, or how it failed (a
+    result, not fatal: a command killed at a memory limit, or refused); in ``limit``'s memory cgroup, also the
+    group's peak (page cache included)."""
     anon = tmp / "anon.txt"
-    r = timed(anon_peak_command(root, anon, args))
-    r["peak_anon_bytes"] = int(anon.read_text())
+    anon.unlink(missing_ok=True)
+    if limit is None:
+        r = timed(anon_peak_command(root, anon, args), may_fail=True)
+    else:
+        limit.reset()
+        r = {**timed([*limit.prefix, *anon_peak_command(root, anon, args)], may_fail=True), **limit.usage()}
+    if anon.exists():
+        r["peak_anon_bytes"] = int(anon.read_text())
     return r
 
 
@@ -76,7 +92,10 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="fp32,int8")
     ap.add_argument("--commands", default="evaluate,export")
     ap.add_argument("--source", default="native", help=f"native or upstream formats: {', '.join(MAKERS)}")
+    ap.add_argument("--memory-limit-gb", type=float, default=None,
+                    help="run each command in a memory cgroup of this size (bench/measure.py MemoryLimit)")
     a = ap.parse_args()
+    limit = MemoryLimit(int(a.memory_limit_gb * 2**30)) if a.memory_limit_gb else None
     results = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
@@ -100,18 +119,22 @@ def main() -> None:
                                 args = command_args(command, tmp / ckpt, tmp / "data", tmp / "x")
                                 r = {"rows": rows, "dim": a.dim, "table_bytes": table, "source": source, "checkpoint": ckpt,
                                      "command": command, "checkout": name, "repeat": rep,
-                                     **measure(root, tmp, args)}
+                                     **measure(root, tmp, args, limit)}
                                 fp32 = rows * a.dim * 4  # what the model reads, whatever the file stores
-                                r["peak_over_fp32_table"] = round(r["peak_rss_bytes"] / fp32, 3)
-                                r["anon_over_fp32_table"] = round(r["peak_anon_bytes"] / fp32, 3)
+                                if "failed" not in r:
+                                    r["peak_over_fp32_table"] = round(r["peak_rss_bytes"] / fp32, 3)
+                                    r["anon_over_fp32_table"] = round(r["peak_anon_bytes"] / fp32, 3)
                                 results.append(r)
                                 print(json.dumps(r), flush=True)
                                 shutil.rmtree(tmp / "x", ignore_errors=True)
                 for p in ("fp32", "int8", "data"):
                     shutil.rmtree(tmp / p, ignore_errors=True)
                 (tmp / "fp32").unlink(missing_ok=True)  # dlrm's is a file
+    if limit is not None:
+        limit.close()
     Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "baseline": a.baseline, "zeros": a.zeros,
-                                       "source": a.source,
+                                       "source": a.source, "memory_limit_gb": a.memory_limit_gb,
+                                       "vm_overcommit_memory": Path("/proc/sys/vm/overcommit_memory").read_text().strip(),
                                        "results": results}, indent=2) + "\n")
 
 

@@ -3,6 +3,7 @@ from ``/usr/bin/time -v``."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,11 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def timed(cmd: list[str], digits: int = 2) -> dict:
-    """Run ``cmd`` (exit on failure, with its stderr): wall seconds and maximum resident set size."""
+def timed(cmd: list[str], digits: int = 2, may_fail: bool = False) -> dict:
+    """Run ``cmd`` (exit on failure, with its stderr, unless ``may_fail``: then its exit status and the end of
+    its stderr are the result): wall seconds and maximum resident set size."""
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    if p.returncode and may_fail:
+        said = p.stderr.split("\tCommand being timed")[0].strip()  # the command's own words, not time's report
+        return {"seconds": round(wall, digits), "failed": p.returncode, "stderr_tail": said[-600:]}
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
@@ -73,6 +78,36 @@ def anon_peak_command(checkout: Path, peak_file: Path, args: list[str]) -> list[
     ``peak_file`` (:data:`ANON_PEAK`)."""
     return [sys.executable, "-c", f"IMPORT_CHECKOUT = {IMPORT_CHECKOUT!r}\n{ANON_PEAK}", str(checkout),
             str(peak_file), *map(str, args)]
+
+
+class MemoryLimit:
+    """A memory cgroup (v1, ``/sys/fs/cgroup/memory``; needs root) that holds a command to ``limit`` bytes, page
+    cache included, as a machine with that much memory would: file pages beyond it are written back and
+    dropped, and the command is killed if its own memory cannot fit. ``prefix`` runs a command in it;
+    ``usage()`` reads the group's peak and how often it hit the limit since the last ``reset()``."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, limit: int) -> None:
+        if not (self.ROOT / "memory.limit_in_bytes").exists():
+            raise SystemExit(f"--memory-limit needs cgroup v1's memory controller at {self.ROOT} (and root)")
+        self.group = self.ROOT / f"recompress-bench-{os.getpid()}"
+        self.group.mkdir()
+        (self.group / "memory.limit_in_bytes").write_text(str(limit))
+        self.limit = limit
+        self.prefix = ["sh", "-c", f'echo $$ > {self.group}/cgroup.procs && exec "$@"', "sh"]
+
+    def reset(self) -> None:
+        for f in ("memory.max_usage_in_bytes", "memory.failcnt"):
+            (self.group / f).write_text("0")
+
+    def usage(self) -> dict:
+        read = lambda f: int((self.group / f).read_text())
+        return {"memory_limit_bytes": self.limit, "group_peak_bytes": read("memory.max_usage_in_bytes"),
+                "times_at_limit": read("memory.failcnt")}
+
+    def close(self) -> None:
+        self.group.rmdir()
 
 
 @contextmanager

@@ -142,7 +142,12 @@ for s in $sections; do
                  python bench/load_memory.py --out $r/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
                    --commands finetune-rowwise-adagrad-keep-best --rows 1000,10000000
                  python bench/load_memory.py --out $r/load_memory_fp16.json --baseline 8907405 \
-                   --source dlrm-fp16 --checkpoints fp32 --rows 1000,10000000 ;;
+                   --source dlrm-fp16 --checkpoints fp32 --rows 1000,10000000
+                 # root and cgroup v1 (bench/measure.py MemoryLimit): each command held to 2 GiB, page cache included
+                 python bench/load_memory.py --out $r/export_over_memory_limit.json --baseline b81b7bd \
+                   --rows 20000000 --zeros --checkpoints fp32 --commands evaluate,export --repeats 1 --memory-limit-gb 2
+                 python bench/load_memory.py --out $r/export_larger_than_ram.json --rows 100000000 --zeros \
+                   --checkpoints fp32 --commands export --repeats 1 ;;
     *) echo "unknown section $s" >&2; exit 2 ;;
   esac
 done

@@ -18,6 +18,8 @@ import onnx
 import torch
 from torch import nn
 
+from recompress.blockfile import writable_map_limit
+from recompress.errors import UserError
 from recompress.models.attention import attention_modules
 
 from .functions import attach_functions
@@ -118,9 +120,29 @@ def quantize_dense(path: Path, external: bool = False) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
+def check_mappable(path: Path) -> None:
+    """Refuse, by name, a graph whose external initializer (a stacked table) is larger than one map the kernel
+    grants: ONNX Runtime maps each one private and writable, and fails with a bare std::bad_alloc otherwise."""
+    data = path.with_name(path.name + ".data")
+    limit = writable_map_limit()
+    if limit is None or not data.exists() or data.stat().st_size <= limit[0]:
+        return
+    graph = onnx.load(str(path), load_external_data=False).graph
+    sizes = {t.name: int(dict((e.key, e.value) for e in t.external_data).get("length", 0))
+             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    name = max(sizes, key=sizes.get, default=None)
+    if name is not None and sizes[name] > limit[0]:
+        raise UserError(f"ONNX Runtime maps {path.name}'s initializer {name} ({sizes[name] / 1e9:.1f} GB) private and "
+                        f"writable, and this machine grants one such map up to {limit[1]}: {limit[0] / 1e9:.1f} GB",
+                        "run it where that is larger (add swap), or let the kernel grant it: sysctl -w "
+                        "vm.overcommit_memory=1 (ONNX Runtime then maps the file; it does not copy it)")
+
+
 def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime session with all graph optimizations and a fixed thread count."""
+    """An ONNX Runtime session with all graph optimizations and a fixed thread count (:func:`check_mappable`
+    first)."""
     import onnxruntime as ort
+    check_mappable(path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

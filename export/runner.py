@@ -65,6 +65,8 @@ def run_checked(mod: Any, folder: Path, manifest: dict[str, Any], label: str, ba
     """The artifact's output on a parity batch; a runtime that fails on it is a failed export, said in one line."""
     try:
         return mod.run(folder, manifest, batch)
+    except UserError as e:  # a refusal that names its cause
+        raise UserError(f"{e.message}; nothing was written", e.hint) from None
     except Exception as e:  # noqa: BLE001  (ONNX Runtime's error types are not exported as classes)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise UserError(f"the exported {manifest['target']} graph fails on the parity batch '{label}' ({first}); "

@@ -130,6 +130,24 @@ class PrivateMap:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def writable_map_limit(proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """The largest private writable map of a file the kernel grants without MAP_NORESERVE (how ONNX Runtime maps
+    an external initializer), and the policy that sets it: under ``vm.overcommit_memory`` 0, its default
+    heuristic, RAM + swap for one map; under 2, strict accounting, what is left to commit. None where any map is
+    granted (1) or the policy cannot be read (not Linux)."""
+    try:
+        mode = (proc / "sys/vm/overcommit_memory").read_text().strip()
+        info = {k: int(v.split()[0]) << 10 for k, v in
+                (line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)}
+    except (OSError, ValueError):
+        return None
+    if mode == "0":
+        return info["MemTotal"] + info.get("SwapTotal", 0), "RAM + swap (vm.overcommit_memory = 0)"
+    if mode == "2":
+        return max(0, info["CommitLimit"] - info["Committed_AS"]), "what is left to commit (vm.overcommit_memory = 2)"
+    return None
+
+
 def row_blocks(t: Tensor) -> Iterator[tuple[int, Tensor]]:
     """``(first row, rows)`` over ``t`` in blocks of CHECK_BYTES (a 0-dim tensor: itself, once): how a mapped
     tensor is checked, so that it is read once and never held whole."""

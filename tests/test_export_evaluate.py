@@ -59,6 +59,20 @@ def test_parity_failure_writes_nothing(tiny_ckpt, tiny_data, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_table_the_runtime_cannot_map_fails_the_export_by_name_and_writes_nothing(tiny_ckpt, tiny_data, tmp_path,
+                                                                                    monkeypatch):
+    """The export's parity session refuses an initializer larger than one map the kernel grants (here made
+    small), with that cause and its fix, not as a graph that fails its parity batch; nothing is left."""
+    from recompress.export import onnx as target
+    monkeypatch.setattr(target, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(target, "writable_map_limit", lambda: (1000, "RAM + swap (vm.overcommit_memory = 0)"))
+    with pytest.raises(UserError) as e:
+        export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "out", data=tiny_data)
+    assert "ONNX Runtime maps model.onnx's initializer" in e.value.message and "nothing was written" in e.value.message
+    assert "parity batch" not in e.value.message and "vm.overcommit_memory=1" in e.value.hint
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_export_and_checkpoint(exported, tiny_ckpt, tiny_data):
     r = evaluate(exported, tiny_data, batch_sizes=[1, 16], repeats=5)
     ort_acc, torch_acc = r["accuracy"]["onnxruntime"], r["accuracy"]["torch"]

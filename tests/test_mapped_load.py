@@ -12,6 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -163,7 +164,6 @@ def test_a_table_saved_in_pieces_is_assembled_in_a_files_pages(tmp_path):
     both ways), loaded whole: assembled in the pages of an unlinked file in TMPDIR (it was the process's own
     memory, 1x), with the file's values (against numpy's reading), its one NaN counted for the model's check,
     not refused yet."""
-    import numpy as np
     rows = UPSTREAM_ROWS
     values = np.random.default_rng(0).standard_normal(rows * 64).astype(np.float32)
     values[-1] = np.nan
@@ -505,3 +505,62 @@ def test_where_tmpdir_has_no_room_keep_best_and_assembly_fall_back_to_memory(tmp
     with pytest.raises(UserError, match="could not reserve disk"):
         blockfile.Scratch(tmp_path, ("a stacked table", "why", "fix")).empty((1 << 20, 8), torch.float32)
     assert list(tmp_path.iterdir()) == []
+
+
+def _sparse_table_graph(folder: Path, nbytes: int) -> Path:
+    """A Gather over one external float initializer of ``nbytes`` (rounded to rows of 64) in a sparse file of
+    zeros: costs no disk, whatever its size."""
+    import onnx
+    from onnx import TensorProto, helper
+    rows = nbytes // 256 + 1
+    table = TensorProto(name="stacked", data_type=TensorProto.FLOAT, dims=[rows, 64],
+                        data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(rows * 256))):
+        table.external_data.add(key=k, value=v)
+    with open(folder / "model.onnx.data", "wb") as f:
+        f.truncate(rows * 256)
+    graph = helper.make_graph([helper.make_node("Gather", ["stacked", "ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def test_an_initializer_larger_than_one_map_the_kernel_grants_is_refused_by_name(tmp_path):
+    """Measured exporting a 25.6 GB table on this 24 GB machine: the graph was written, then ONNX Runtime failed
+    the parity check with a bare std::bad_alloc, because it maps each external initializer private and writable
+    and the kernel's default heuristic grants no such map larger than RAM + swap (with vm.overcommit_memory=1 it
+    loads, 60 MB peak). Checked here on a sparse file just over this machine's limit: ONNX Runtime itself fails
+    (the premise), and the session is refused with the cause and the fix instead."""
+    import onnxruntime as ort
+
+    from recompress.export.onnx import make_session
+    from recompress.blockfile import writable_map_limit
+    from recompress.errors import UserError
+    limit = writable_map_limit()
+    if limit is None:
+        pytest.skip("this kernel grants any map (vm.overcommit_memory = 1): nothing to refuse")
+    path = _sparse_table_graph(tmp_path, limit[0] + (1 << 30))
+    with pytest.raises(Exception, match="bad_alloc|allocat"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(UserError) as e:
+        make_session(path)
+    assert "initializer stacked" in e.value.message and limit[1] in e.value.message
+    assert "vm.overcommit_memory=1" in e.value.hint
+    small = tmp_path / "small"
+    small.mkdir()
+    assert make_session(_sparse_table_graph(small, 1 << 20)).run(None, {"ids": np.array([3])})[0].shape == (1, 64)
+
+
+@pytest.mark.parametrize(("mode", "expect"), [("0", (24 + 2, "RAM + swap")), ("1", None),
+                                              ("2", (30 - 12, "what is left to commit"))])
+def test_the_map_limit_follows_the_overcommit_policy(tmp_path, mode, expect):
+    from recompress.blockfile import writable_map_limit
+    (tmp_path / "sys/vm").mkdir(parents=True)
+    (tmp_path / "sys/vm/overcommit_memory").write_text(mode + "\n")
+    gib = 1 << 20  # meminfo counts kB
+    (tmp_path / "meminfo").write_text(f"MemTotal: {24 * gib} kB\nSwapTotal: {2 * gib} kB\nCommitLimit: {30 * gib} kB\n"
+                                      f"Committed_AS: {12 * gib} kB\nHugePages_Total: 0\n")
+    got = writable_map_limit(tmp_path)
+    assert (got if got is None else (got[0] >> 30, got[1].split(" (")[0])) == expect
+    assert writable_map_limit(tmp_path / "missing") is None
