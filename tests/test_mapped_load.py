@@ -66,6 +66,7 @@ def _load_growth(small: Path, path: Path) -> int:
     return int(out.stdout)
 
 
+@pytest.mark.big
 def test_loading_maps_the_table_and_never_writes_the_file(big_and_small):
     """A 2M x 64 table (512 MB) loads without becoming the process's memory (a copy took 1x, 2x at peak),
     reads the file's values (checked against safetensors' own reader), and a write to the loaded table
@@ -263,6 +264,7 @@ def test_a_changed_byte_in_a_mapped_upstream_table_fails_its_crc(tmp_path):
         load_any(path)
 
 
+@pytest.mark.big
 def test_evaluate_and_export_of_a_big_table_hold_no_copy_of_it(big_and_small, tmp_path):
     """2M x 64 table (512 MB), 13 dense features, on a synthetic dataset of the same vocabulary. Over the same
     command on a 1,000-row table: evaluate holds no copy of the table (< 0.2x; loading copied it, 2x at

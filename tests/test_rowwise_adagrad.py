@@ -60,6 +60,7 @@ def test_a_step_that_looks_up_no_row_changes_nothing_and_eps_must_be_positive():
         RowwiseAdagrad(torch.nn.Embedding(10, 4).parameters(), eps=0.0)
 
 
+@pytest.mark.big
 def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of_its_size(big_and_small):
     """A 2M x 64 table (512 MB), 5 fine-tuning steps: with SparseAdam the process grows by > 1.5x the table (its
     two moment tensors, allocated whole at the first step); with row-wise Adagrad by < 0.1x (8 MB of row
@@ -82,6 +83,7 @@ def test_finetuning_a_big_table_with_rowwise_adagrad_holds_no_optimizer_state_of
     assert 0 < changed <= 5 * 256, changed  # at most the ids of 5 batches of 256 rows, one id each
 
 
+@pytest.mark.big
 def test_keep_best_holds_no_copy_of_a_big_table_and_restores_the_best_step(big_and_small):
     """--keep-best (checkpoint's default) kept the best weights as clones in the process's own memory: the
     first check, before any step, copied the 512 MB table (1x), which undid what row-wise Adagrad saves. Big

@@ -118,6 +118,7 @@ def _peak_rss(args: list[str]) -> int:
     return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout)
 
 
+@pytest.mark.big
 def test_int8_of_a_big_table_does_not_load_it(tmp_path):
     """A 2M x 64 table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on a
     1,000-row table (the process's own memory); loading the table, as the old path did, takes > 1x."""

@@ -401,6 +401,7 @@ print(sd[next(k for k in sd if k.endswith("t_a.weight"))].numel() * 4)
 """
 
 
+@pytest.mark.big
 def test_int8_of_a_big_dcp_table_does_not_load_it(tmp_path):
     """A 2M x 64 table (512 MB) in a DCP folder: the streamed int8 run stays within 0.25x the table of the same
     command on a 1,000-row table; merging the chunks in memory, as before, took > 1x."""

@@ -161,6 +161,7 @@ def test_nvidia_tables_stream_from_their_bin_files(tmp_path, monkeypatch, method
     assert a.spec.to_json() == b.spec.to_json() and tree_hash(tmp_path / "nv") == before
 
 
+@pytest.mark.big
 def test_int8_of_a_big_nvidia_table_does_not_map_it_whole(tmp_path):
     """A 2M x 64 .bin table (512 MB): the streamed int8 run stays within 0.25x the table of the same command on
     a 1,000-row table. Mapped and quantized whole, as before, every page of the file became resident (> 1x)."""
