@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -120,36 +121,47 @@ def quantize_dense(path: Path, external: bool = False) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
-def check_mappable(path: Path) -> None:
-    """Refuse, by name, a graph whose external initializer (a stacked table) is larger than one map the kernel
-    grants: ONNX Runtime maps each one private and writable, and fails with a bare std::bad_alloc otherwise."""
-    data = path.with_name(path.name + ".data")
-    limit = writable_map_limit()
-    if limit is None or not data.exists() or data.stat().st_size <= limit[0]:
-        return
+def _stored_bytes(t: onnx.TensorProto) -> int:
+    """An external initializer's bytes: its recorded length, else its shape times its element size."""
+    length = dict((e.key, e.value) for e in t.external_data).get("length")
+    if length is not None:
+        return int(length)
+    return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def no_memory(path: Path, error: Exception) -> UserError:
+    """ONNX Runtime's bare std::bad_alloc on opening ``path``, explained: it maps each external initializer
+    private and writable, and the kernel grants such a map only up to a limit (``writable_map_limit``)."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    sizes = {t.name: int(dict((e.key, e.value) for e in t.external_data).get("length", 0))
-             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    name = max(sizes, key=sizes.get, default=None)
-    if name is not None and sizes[name] > limit[0]:
-        raise UserError(f"ONNX Runtime maps {path.name}'s initializer {name} ({sizes[name] / 1e9:.1f} GB) private and "
-                        f"writable, and this machine grants one such map up to {limit[1]}: {limit[0] / 1e9:.1f} GB",
-                        "run it where that is larger (add swap), or let the kernel grant it: sysctl -w "
-                        "vm.overcommit_memory=1 (ONNX Runtime then maps the file; it does not copy it)")
+    sizes = {t.name: _stored_bytes(t) for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    name, limit = max(sizes, key=sizes.get, default=None), writable_map_limit()
+    first = str(error).strip().splitlines()[0][:200]
+    if name is not None and limit is not None and sizes[name] > limit[0]:
+        what = (f"ONNX Runtime maps {path.name}'s initializer {name} ({sizes[name] / 1e9:.1f} GB) private and "
+                f"writable, and this machine grants one such map up to {limit[1]}: {limit[0] / 1e9:.1f} GB")
+    else:
+        what = f"ONNX Runtime ran out of memory opening {path.name} ({first})" + (
+            f"; its largest initializer, {name}, holds {sizes[name] / 1e9:.1f} GB" if name is not None else "")
+    return UserError(what, "run it where RAM + swap is larger than that initializer, or let the kernel grant the "
+                           "map: sysctl -w vm.overcommit_memory=1 (ONNX Runtime maps the file; it does not copy it)")
 
 
 def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime session with all graph optimizations and a fixed thread count (:func:`check_mappable`
-    first)."""
+    """An ONNX Runtime session with all graph optimizations and a fixed thread count; running out of memory
+    opening it is said by name (:func:`no_memory`)."""
     import onnxruntime as ort
-    check_mappable(path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (ONNX Runtime's error types are not exported as classes)
+        if "bad_alloc" not in str(e):
+            raise
+        raise no_memory(path, e) from None
 
 
 def one_row_inputs(shapes: dict[str, list[Any]]) -> set[str]:

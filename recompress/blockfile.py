@@ -133,18 +133,20 @@ class PrivateMap:
 def writable_map_limit(proc: Path = Path("/proc")) -> tuple[int, str] | None:
     """The largest private writable map of a file the kernel grants without MAP_NORESERVE (how ONNX Runtime maps
     an external initializer), and the policy that sets it: under ``vm.overcommit_memory`` 0, its default
-    heuristic, RAM + swap for one map; under 2, strict accounting, what is left to commit. None where any map is
-    granted (1) or the policy cannot be read (not Linux)."""
+    heuristic, RAM + swap for one map (Linux >= 5.2; a container's /proc may show its own limit instead); under
+    2, strict accounting, what is left to commit (for all maps together). None where any map is granted (1) or
+    the policy cannot be read. Used to explain a failure, not to predict one."""
     try:
         mode = (proc / "sys/vm/overcommit_memory").read_text().strip()
         info = {k: int(v.split()[0]) << 10 for k, v in
                 (line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)}
-    except (OSError, ValueError):
+        if mode == "0":
+            return info["MemTotal"] + info.get("SwapTotal", 0), "RAM + swap (vm.overcommit_memory = 0)"
+        if mode == "2":
+            return (max(0, info["CommitLimit"] - info["Committed_AS"]),
+                    "what is left to commit (vm.overcommit_memory = 2)")
+    except (OSError, ValueError, KeyError, IndexError):  # not Linux's /proc, or not as it writes it
         return None
-    if mode == "0":
-        return info["MemTotal"] + info.get("SwapTotal", 0), "RAM + swap (vm.overcommit_memory = 0)"
-    if mode == "2":
-        return max(0, info["CommitLimit"] - info["Committed_AS"]), "what is left to commit (vm.overcommit_memory = 2)"
     return None
 
 

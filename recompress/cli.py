@@ -139,6 +139,13 @@ NPROC = click.option("--nproc", type=click.IntRange(min=1), default=None,
                           "--nproc-per-node N' (for several machines, call torchrun yourself)")
 
 
+def planned_ranks(nproc: int | None) -> int | None:
+    """The number of ranks ``launch`` will start (``--nproc`` in one process), else None: the run's own (under
+    torchrun, ``launch`` refuses ``--nproc`` itself)."""
+    from . import distributed
+    return nproc if distributed.size() == 1 else None
+
+
 def launch(nproc: int | None) -> None:
     """With ``--nproc N`` > 1 in one process: run this same command under torchrun (its launcher, in this
     process) and exit 0, or with the first failed rank's status after its own error message."""
@@ -162,7 +169,8 @@ def launch(nproc: int | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what failed
     try:
-        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "recompress", *args]))
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=1", "-m",
+                                          "recompress", *args]))  # a rank that lost its peer has time to say so
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         fail(f"rank {rank} of {nproc} failed first (exit status {failure.exitcode}); its error is above",
@@ -389,7 +397,7 @@ def train(data_path: str, out: str, family_name: str, overwrite: bool, mlet_hidd
     from .families import all_hparams
     hparams = {k: kw.pop(k) for k in list(kw) if k in all_hparams()}
     cfg = train_config(kw)
-    cfg.validate(ranks=nproc)
+    cfg.validate(ranks=planned_ranks(nproc))
     launch(nproc)
     from .checkpoint import save_checkpoint
     from .data import open_dataset
@@ -444,7 +452,7 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     check_output(out, overwrite=overwrite, inputs=inputs)
     from .compress.registry import Context, Selection, check_sharding, compress, parse_methods
     cfg = train_config(kw)
-    cfg.validate(ranks=nproc)
+    cfg.validate(ranks=planned_ranks(nproc))
     steps = parse_methods(method, kw)
     check_sharding(steps, cfg)
     launch(nproc)

@@ -533,7 +533,7 @@ def test_an_initializer_larger_than_one_map_the_kernel_grants_is_refused_by_name
     the parity check with a bare std::bad_alloc, because it maps each external initializer private and writable
     and the kernel's default heuristic grants no such map larger than RAM + swap (with vm.overcommit_memory=1 it
     loads, 60 MB peak). Checked here on a sparse file just over this machine's limit: ONNX Runtime itself fails
-    (the premise), and the session is refused with the cause and the fix instead."""
+    (the premise), and the session's failure is explained by its cause and the fix instead."""
     import onnxruntime as ort
 
     from recompress.export.onnx import make_session
@@ -566,3 +566,5 @@ def test_the_map_limit_follows_the_overcommit_policy(tmp_path, mode, expect):
     got = writable_map_limit(tmp_path)
     assert (got if got is None else (got[0] >> 30, got[1].split(" (")[0])) == expect
     assert writable_map_limit(tmp_path / "missing") is None
+    (tmp_path / "meminfo").write_text("MemTotal:\nSwapTotal: 1 kB\n")  # found by review: raised, not None
+    assert writable_map_limit(tmp_path) is None

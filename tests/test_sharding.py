@@ -147,6 +147,7 @@ def test_shard_tables_refusals_before_any_work(work):
         assert not (work / "never").exists()
 
 
+@needs_torchrec
 def test_with_nproc_a_refusal_comes_once_before_any_process_starts(work):
     """Noticed last stop: with --nproc, train and checkpoint launched torchrun first, so every rank printed the
     refusal of an option that no rank count makes possible, then the launcher blamed a rank. Now the command

@@ -247,9 +247,9 @@ def loaded(t: Any) -> Any:
 
 
 def as_float32(name: str, t: Tensor, where: str) -> Tensor:
-    """``t`` as float32, which the models read: a 2-D half-precision table (fp16/bf16, saved so by its trainer)
-    of MAP_BYTES or more converted in row blocks into a file's pages in TMPDIR (``blockfile.Scratch``), not the
-    process's own memory; its NaN/Inf count (``check``) kept."""
+    """``t`` as float32, which the models read: a 2-D table of another dtype (fp16/bf16, saved so by its
+    trainer) of MAP_BYTES or more as float32 is converted in row blocks into a file's pages in TMPDIR
+    (``blockfile.Scratch``), not the process's own memory. Callers ``check`` ``t`` for NaN/Inf first."""
     if t.dtype == torch.float32 or t.is_meta:
         return t
     if t.dim() != 2 or t.numel() * 4 < MAP_BYTES:
@@ -258,8 +258,6 @@ def as_float32(name: str, t: Tensor, where: str) -> Tensor:
                             ).empty(tuple(t.shape), torch.float32)
     for first, block in row_blocks(out):
         block.copy_(t[first:first + len(block)])
-    if hasattr(t, NONFINITE):
-        setattr(out, NONFINITE, getattr(t, NONFINITE))
     return out
 
 
