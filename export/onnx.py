@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from recompress.blockfile import writable_map_limit
+from recompress.blockfile import can_map_privately, writable_map_limit
 from recompress.errors import UserError
 from recompress.models.attention import attention_modules
 
@@ -65,7 +65,12 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     if COMPUTE[precision] is not None:
         scorer = Autocast(scorer, COMPUTE[precision])
     opset = opts.get("opset") or (ATTENTION_OPSET if "fused" in forms else OPSET)
-    param_bytes = sum(t.numel() * t.element_size() for t in scorer.state_dict().values())
+    state = scorer.state_dict()
+    param_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if param_bytes > EXTERNAL_DATA_BYTES and state:  # external: ONNX Runtime will map the biggest privately
+        name, big = max(state.items(), key=lambda kv: kv[1].numel() * kv[1].element_size())
+        if not can_map_privately(big.numel() * big.element_size()):  # asked now, before writing the graph
+            raise unmappable(FILE, name, big.numel() * big.element_size())
     axes = family.input_axes(ckpt.spec.hparams, opts.get("layout"))
     names = list(axes)
     dims: dict[str, Any] = {}
@@ -129,21 +134,30 @@ def _stored_bytes(t: onnx.TensorProto) -> int:
     return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+def unmappable(graph: str, name: str, nbytes: int) -> UserError:
+    """ONNX Runtime cannot open ``graph``: the kernel grants no private writable map of its initializer
+    ``name`` (how ONNX Runtime maps one), said with the limit's policy where it is known."""
+    limit = writable_map_limit()
+    grants = f"up to {limit[1]}: {limit[0] / 1e9:.1f} GB" if limit else "of that size now"
+    return UserError(f"ONNX Runtime maps {graph}'s initializer {name} ({nbytes / 1e9:.1f} GB) private and writable, "
+                     f"and this machine grants one such map {grants}", NO_MAP_FIX)
+
+
+NO_MAP_FIX = ("run it where RAM + swap is larger than that initializer, or let the kernel grant the map: "
+              "sysctl -w vm.overcommit_memory=1 (ONNX Runtime maps the file; it does not copy it)")
+
+
 def no_memory(path: Path, error: Exception) -> UserError:
     """ONNX Runtime's bare std::bad_alloc on opening ``path``, explained: it maps each external initializer
     private and writable, and the kernel grants such a map only up to a limit (``writable_map_limit``)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {t.name: _stored_bytes(t) for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    name, limit = max(sizes, key=sizes.get, default=None), writable_map_limit()
+    name = max(sizes, key=sizes.get, default=None)
+    if name is not None and not can_map_privately(sizes[name]):
+        return unmappable(path.name, name, sizes[name])
     first = str(error).strip().splitlines()[0][:200]
-    if name is not None and limit is not None and sizes[name] > limit[0]:
-        what = (f"ONNX Runtime maps {path.name}'s initializer {name} ({sizes[name] / 1e9:.1f} GB) private and "
-                f"writable, and this machine grants one such map up to {limit[1]}: {limit[0] / 1e9:.1f} GB")
-    else:
-        what = f"ONNX Runtime ran out of memory opening {path.name} ({first})" + (
-            f"; its largest initializer, {name}, holds {sizes[name] / 1e9:.1f} GB" if name is not None else "")
-    return UserError(what, "run it where RAM + swap is larger than that initializer, or let the kernel grant the "
-                           "map: sysctl -w vm.overcommit_memory=1 (ONNX Runtime maps the file; it does not copy it)")
+    return UserError(f"ONNX Runtime ran out of memory opening {path.name} ({first})" + (
+        f"; its largest initializer, {name}, holds {sizes[name] / 1e9:.1f} GB" if name is not None else ""), NO_MAP_FIX)
 
 
 def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:

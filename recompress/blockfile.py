@@ -130,6 +130,19 @@ class PrivateMap:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def can_map_privately(nbytes: int) -> bool:
+    """Whether the kernel grants this process, now, a private writable map of ``nbytes`` without MAP_NORESERVE
+    (how ONNX Runtime maps an external initializer): an anonymous one is accounted the same way, so one is
+    asked for and given back untouched."""
+    try:
+        probe = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        return False
+    probe.close()
+    return True
+
+
 def writable_map_limit(proc: Path = Path("/proc")) -> tuple[int, str] | None:
     """The largest private writable map of a file the kernel grants without MAP_NORESERVE (how ONNX Runtime maps
     an external initializer), and the policy that sets it: under ``vm.overcommit_memory`` 0, its default

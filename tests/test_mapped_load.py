@@ -537,11 +537,12 @@ def test_an_initializer_larger_than_one_map_the_kernel_grants_is_refused_by_name
     import onnxruntime as ort
 
     from recompress.export.onnx import make_session
-    from recompress.blockfile import writable_map_limit
+    from recompress.blockfile import can_map_privately, writable_map_limit
     from recompress.errors import UserError
     limit = writable_map_limit()
     if limit is None:
         pytest.skip("this kernel grants any map (vm.overcommit_memory = 1): nothing to refuse")
+    assert not can_map_privately(limit[0] + (1 << 30)) and can_map_privately(limit[0] - (1 << 30))  # one map each
     path = _sparse_table_graph(tmp_path, limit[0] + (1 << 30))
     with pytest.raises(Exception, match="bad_alloc|allocat"):
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
