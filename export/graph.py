@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -251,18 +252,19 @@ def copy_sharing_tables(module: nn.Module) -> nn.Module:
 
 
 def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: str | None = None,
-           preferred: str | None = None, scratch: Path | None = None) -> nn.Module:
+           preferred: str | None = None, scratch: Path | None = None,
+           admit: Callable[[tuple[int, ...], torch.dtype], None] | None = None) -> nn.Module:
     """The serving module rearranged for inference runtimes, the trained model left as it is: every module
     that offers a ``fused`` lookup slot (a model looking up several tables at once) gets one
     :class:`FusedLookup` over its tables (big stacked tables made as files' pages in the folder ``scratch``,
-    if given: :class:`Scratch`), with ``dequant-gather`` quantized rows are written DequantizeLinear-then-
+    if given: :class:`Scratch`, which asks ``admit`` first), with ``dequant-gather`` quantized rows are written DequantizeLinear-then-
     Gather, and attention is written in form ``attention`` (None: the target's ``preferred`` form where a
     model takes it; ``recompress.models.attention``)."""
     scorer = copy_sharing_tables(scorer)
     set_attention(scorer, attention, preferred)
     for m in scorer.modules():
         if hasattr(m, "fused") and hasattr(m, "tables"):
-            m.fused = FusedLookup(list(m.tables.values()), Scratch(scratch, STACKED))
+            m.fused = FusedLookup(list(m.tables.values()), Scratch(scratch, STACKED, admit=admit))
     if quant_graph == "dequant-gather":
         dequantize_then_gather(scorer)
     return scorer

@@ -57,9 +57,16 @@ class Autocast(nn.Module):
             return self.scorer(*inputs).float()
 
 
+def mappable(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Refuse a stacked table ONNX Runtime could not map, before it is written (``Scratch``'s ``admit``)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not can_map_privately(nbytes):
+        raise unmappable(FILE, f"stacked table of {shape[0]:,} rows", nbytes)
+
+
 def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
     scorer = deploy(family.scorer(ckpt.model, opts.get("scoring")), opts.get("quant_graph") or "gather-dequant",
-                    opts.get("attention"), PREFERRED_ATTENTION, scratch=folder).eval()
+                    opts.get("attention"), PREFERRED_ATTENTION, scratch=folder, admit=mappable).eval()
     forms = sorted({m.attention for m in attention_modules(scorer)})
     precision = opts.get("precision") or "fp32"
     if COMPUTE[precision] is not None:
@@ -70,7 +77,7 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     if param_bytes > EXTERNAL_DATA_BYTES and state:  # external: ONNX Runtime will map the biggest privately
         name, big = max(state.items(), key=lambda kv: kv[1].numel() * kv[1].element_size())
         if not can_map_privately(big.numel() * big.element_size()):  # asked now, before writing the graph
-            raise unmappable(FILE, name, big.numel() * big.element_size())
+            raise unmappable(FILE, f"initializer {name}", big.numel() * big.element_size())
     axes = family.input_axes(ckpt.spec.hparams, opts.get("layout"))
     names = list(axes)
     dims: dict[str, Any] = {}
@@ -134,12 +141,12 @@ def _stored_bytes(t: onnx.TensorProto) -> int:
     return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def unmappable(graph: str, name: str, nbytes: int) -> UserError:
-    """ONNX Runtime cannot open ``graph``: the kernel grants no private writable map of its initializer
-    ``name`` (how ONNX Runtime maps one), said with the limit's policy where it is known."""
+def unmappable(graph: str, what: str, nbytes: int) -> UserError:
+    """ONNX Runtime cannot open ``graph``: the kernel grants no private writable map of ``what``, one of its
+    initializers (how ONNX Runtime maps one), said with the limit's policy where it is known."""
     limit = writable_map_limit()
     grants = f"up to {limit[1]}: {limit[0] / 1e9:.1f} GB" if limit else "of that size now"
-    return UserError(f"ONNX Runtime maps {graph}'s initializer {name} ({nbytes / 1e9:.1f} GB) private and writable, "
+    return UserError(f"ONNX Runtime maps {graph}'s {what} ({nbytes / 1e9:.1f} GB) private and writable, "
                      f"and this machine grants one such map {grants}", NO_MAP_FIX)
 
 
@@ -154,7 +161,7 @@ def no_memory(path: Path, error: Exception) -> UserError:
     sizes = {t.name: _stored_bytes(t) for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     name = max(sizes, key=sizes.get, default=None)
     if name is not None and not can_map_privately(sizes[name]):
-        return unmappable(path.name, name, sizes[name])
+        return unmappable(path.name, f"initializer {name}", sizes[name])
     first = str(error).strip().splitlines()[0][:200]
     return UserError(f"ONNX Runtime ran out of memory opening {path.name} ({first})" + (
         f"; its largest initializer, {name}, holds {sizes[name] / 1e9:.1f} GB" if name is not None else ""), NO_MAP_FIX)

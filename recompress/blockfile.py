@@ -367,12 +367,13 @@ class Scratch:
     and drops under pressure, not this process's own memory (on a tmpfs they are memory after all), and
     nothing is left behind. Otherwise, and for smaller ones, ordinary memory. ``purpose``: (what is made, why
     there, the fix) for the message when the folder's disk has no room: an error, or with ``fallback`` a
-    warning and ordinary memory (as before there was a folder)."""
+    warning and ordinary memory (as before there was a folder). ``admit(shape, dtype)``, if given, is asked
+    before a tensor is made in the folder, and may refuse it (raise) before any disk is reserved."""
 
     def __init__(self, folder: Path | None = None,
                  purpose: tuple[str, str, str] = ("a tensor", "made there", "free that much space there"),
-                 fallback: bool = False) -> None:
-        self.folder, self.purpose, self.fallback = folder, purpose, fallback
+                 fallback: bool = False, admit: Callable[[tuple[int, ...], torch.dtype], None] | None = None) -> None:
+        self.folder, self.purpose, self.fallback, self.admit = folder, purpose, fallback, admit
 
     @classmethod
     def temporary(cls, what: str, why: str) -> Scratch:
@@ -384,6 +385,8 @@ class Scratch:
         numel = math.prod(shape)
         if self.folder is None or numel * dtype.itemsize < MAP_BYTES:
             return torch.empty(shape, dtype=dtype)
+        if self.admit is not None:
+            self.admit(shape, dtype)
         fd, name = tempfile.mkstemp(prefix=".scratch-", dir=self.folder)
         try:
             self._reserve(fd, numel * dtype.itemsize)
