@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recompress import checkpoint as checkpoints
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 from recompress.models import family_of
@@ -76,7 +77,6 @@ def run_checked(mod: Any, folder: Path, manifest: dict[str, Any], label: str, ba
 
 def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: Any | None = None,
                       samples: int = 2048, atol: float | None = None, rtol: float | None = None,
-                      source_hash: str | None = None,
                       overwrite: bool = False, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``ckpt`` to folder ``out``; raises (and writes nothing) if parity fails.
 
@@ -152,7 +152,7 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
                             "loosen --atol/--rtol if this precision is acceptable")
         manifest["source"] = {"path": str(stored.path) if stored.path else None,
                               "relative": os.path.relpath(stored.path, Path(out).absolute()) if stored.path else None,
-                              "sha256": source_hash,
+                              "sha256": checkpoints.checkpoint_hash(stored.path) if stored.path else None,
                               "format": stored.spec.provenance.get("source_format", "recompress")}
         manifest["model_spec"] = json.loads(stored.spec.to_json())
         manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}

@@ -543,13 +543,12 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
     from .adapters import load_any, parse_hp
-    from .checkpoint import checkpoint_hash
     from .data import open_dataset
     from .export import export_checkpoint
     ckpt = load_any(source, parse_hp(hp))
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
-                          source_hash=checkpoint_hash(Path(source)), overwrite=overwrite,
+                          overwrite=overwrite,
                           opts={"materialize": materialize, "quant_graph": quant_graph, "dense": dense,
                                 "attention": attention, "scoring": scoring, "layout": layout, "precision": precision,
                                 "shapes": shapes, "compute_capability": list(compute_capability),

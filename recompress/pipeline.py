@@ -215,7 +215,6 @@ class Pipeline:
 
     def export(self, v: Variant, ckpt_path: Path, ckpt_key: str, target: str, data: Any) -> tuple[Path, str]:
         from .adapters import load_any
-        from .checkpoint import checkpoint_hash
         from .export import export_checkpoint
         if target == TORCH:
             return ckpt_path, ckpt_key
@@ -226,8 +225,7 @@ class Pipeline:
         if not done:
             ckpt = load_any(ckpt_path)
             ckpt.path = ckpt_path.resolve()
-            export_checkpoint(ckpt, target, path, data=data, source_hash=checkpoint_hash(ckpt_path),
-                              atol=ex.get("atol"), rtol=ex.get("rtol"), opts=opts)
+            export_checkpoint(ckpt, target, path, data=data, atol=ex.get("atol"), rtol=ex.get("rtol"), opts=opts)
         return path, k
 
     def accuracy(self, v: Variant, artifact: Path, artifact_key: str, data: Any) -> dict[str, Any]:
