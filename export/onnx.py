@@ -9,6 +9,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -118,19 +119,46 @@ def quantize_dense(path: Path, external: bool = False) -> Any:
     """Dense layers (MatMul/Gemm with constant weights) to int8 with ONNX Runtime's dynamic quantization:
     int8 weights per tensor, activations quantized per batch at run time (u8 x s8, the VNNI path). The
     embedding tables and the interaction are left alone; ``evaluate`` reports the accuracy this costs.
-    ``external``: the weights stay in ``<file>.data`` beside it."""
+    ``external``: the weights are in ``<file>.data`` beside it. The quantizer reads a whole model into memory,
+    so it is given the graph without the initializers no MatMul/Gemm reads (the tables) as graph inputs;
+    they come back as they were, their bytes never read, and the quantized weights are appended to the data file
+    (which keeps the float ones it held: the dense layers' size)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process goes to the root logger
     work = path.with_name("dense-int8")
     work.mkdir()
-    out = work / path.name  # its data file, if any, is named after it: <file>.data, as the export's own
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=external)
-    for f in work.iterdir():
-        os.chmod(f, path.stat().st_mode & 0o777)  # onnx writes a data file readable by its owner only
-        os.replace(f, path.with_name(f.name))
-    work.rmdir()
+    model = onnx.load(str(path), load_external_data=False)
+    aside = _set_aside(model, path.parent) if external else []
+    quantize_dynamic(model, str(work / path.name), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
+    model = onnx.load(str(work / path.name))
+    shutil.rmtree(work)
+    names = {t.name for t in aside}
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.extend(aside)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")  # appended to the data file: the tables' offsets hold
     return onnx.load(str(path), load_external_data=False)
+
+
+def _set_aside(model: onnx.ModelProto, folder: Path) -> list[onnx.TensorProto]:
+    """Take the external initializers no MatMul/Gemm reads out of ``model``, each left as a graph input of its
+    type and shape; read the others' bytes from ``folder``."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+    weights = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input}
+    aside = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in weights]
+    kept = [t for t in model.graph.initializer if t not in aside]
+    for t in kept:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(folder))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in aside)
+    return aside
 
 
 def _stored_bytes(t: onnx.TensorProto) -> int:
