@@ -14,7 +14,7 @@ checkpoint with one big table, this checkout against a baseline revision, interl
                                 --memory-limit-gb 2
     python bench/load_memory.py --out bench/results/export_larger_than_ram.json --rows 100000000 --zeros \
                                 --checkpoints fp32 --commands export --repeats 1
-    python bench/load_memory.py --out bench/results/export_dense_int8_over_memory_limit.json --baseline 2a2a2a2 \
+    python bench/load_memory.py --out bench/results/export_dense_int8_over_memory_limit.json --baseline 927c8ef \
                                 --rows 20000000 --zeros --checkpoints fp32 --commands export-dense-int8 \
                                 --repeats 1 --memory-limit-gb 2
     python bench/load_memory.py --out bench/results/finetune_memory.json --checkpoints fp32 \

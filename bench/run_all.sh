@@ -146,6 +146,8 @@ for s in $sections; do
                  # root and cgroup v1 (bench/measure.py MemoryLimit): each command held to 2 GiB, page cache included
                  python bench/load_memory.py --out $r/export_over_memory_limit.json --baseline b81b7bd \
                    --rows 20000000 --zeros --checkpoints fp32 --commands evaluate,export --repeats 1 --memory-limit-gb 2
+                 python bench/load_memory.py --out $r/export_dense_int8_over_memory_limit.json --baseline 927c8ef \
+                   --rows 20000000 --zeros --checkpoints fp32 --commands export-dense-int8 --repeats 1 --memory-limit-gb 2
                  python bench/load_memory.py --out $r/export_larger_than_ram.json --rows 100000000 --zeros \
                    --checkpoints fp32 --commands export --repeats 1
                  # the same with vm.overcommit_memory=1 (root), so that ONNX Runtime may map it; set back after
