@@ -108,11 +108,22 @@ def exit_process(code: Any) -> None:
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because a peer is gone or silent: torch's DistError family, or gloo's
+    transport (plain RuntimeErrors from ``gloo/transport``: "Connection closed by peer", "Timed out waiting"),
+    not because of the computation it ran (a sharded lookup, a backward pass)."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or "gloo/transport/" in str(e)
+
+
 def collective(fn: Callable[[], T]) -> T:
-    """Run one collective; a peer that died (or timed out) becomes one clear error on every surviving rank."""
+    """Run one collective; a peer that died (or timed out) becomes one clear error on every surviving rank (any
+    other error is raised as it is: this rank's own failure)."""
     try:
         return fn()
-    except RuntimeError as e:  # gloo: "Connection closed by peer", timeouts (DistBackendError is a RuntimeError)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
         first = (str(e).strip().splitlines() or ["?"])[0]
         first = first.split("] ", 1)[-1].split(". ")[0][:160]  # gloo: "[file:line] Read error ...: Connection reset"
         stopping()

@@ -20,6 +20,7 @@ from recompress.cli import main
 from recompress.data.synthetic import make_synthetic
 from recompress.data.synthetic_sequences import make_synthetic_sequences
 from recompress.distributed import shard
+from recompress.errors import UserError
 
 from .test_stream import _bench
 
@@ -171,14 +172,18 @@ def test_nproc_is_refused_under_torchrun(work, monkeypatch):
     assert not (work / "never").exists()
 
 
-SIGNALS = """
+GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+               "[127.0.0.1]:20401. This is typically caused by a remote worker crashing.")  # torch 2.13, a peer's exit
+
+
+SIGNALS = f"""
 import os, signal, sys
 os.environ.update(RANK="0", WORLD_SIZE="2")
 from recompress import distributed
 from recompress.errors import UserError
 signal.signal(signal.SIGTERM, distributed._terminated)
 try:
-    distributed.collective(lambda: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
+    distributed.collective(lambda: (_ for _ in ()).throw(RuntimeError({GLOO_CLOSED!r})))
 except UserError:
     print("lost contact")
 os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM while this rank cleans up and exits: changes nothing
@@ -261,3 +266,27 @@ def test_ranks_that_loaded_the_same_checkpoint_receive_only_what_differs(tmp_pat
     assert grown.keys() == {0, 1} and grown[1] < 0.1 * table, (grown, table)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError(GLOO_CLOSED), True),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv "
+                  "operation to complete"), True),
+    ("DistNetworkError", True),
+    (RuntimeError("index 7 is out of bounds for dimension 0 with size 5"), False),  # the lookup a collective ran
+    (RuntimeError("one of the variables needed for gradient computation has been modified by an inplace operation"),
+     False)])  # the backward pass a collective ran
+def test_only_a_peer_that_is_gone_is_called_lost_contact(error, lost, monkeypatch):
+    """A collective's guard names a dead or silent peer (gloo's transport errors, torch's DistError family) as
+    such; an error of the computation it ran (a sharded lookup, the backward pass) is that error, not "lost
+    contact" (it was: any RuntimeError)."""
+    import torch.distributed as dist
+
+    from recompress import distributed
+    monkeypatch.setattr(distributed, "stopping", lambda: None)  # this test process keeps its SIGTERM handler
+    if isinstance(error, str):
+        error = getattr(dist, error)("Connection reset by peer")
+    with pytest.raises(UserError if lost else RuntimeError) as e:
+        distributed.collective(lambda: (_ for _ in ()).throw(error))
+    assert ("lost contact with another rank" in str(e.value)) == lost
+    assert lost or e.value is error
