@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import math
-import os
 import shutil
 import warnings
 from collections.abc import Callable

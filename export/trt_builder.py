@@ -219,7 +219,7 @@ def _set_decomposable(trt: ModuleType, net: Any) -> None:
 
 def _parse(trt: ModuleType, net: Any, log: _Log, onnx_path: Path) -> None:
     parser = trt.OnnxParser(net, log.logger)
-    if parser.parse_from_file(str(onnx_path)):
+    if parser.parse_from_file(str(onnx_path)):  # parsing copies no external weights (measured: RssAnon)
         return
     errs = [parser.get_error(i) for i in range(parser.num_errors)]
     first = errs[0] if errs else None
@@ -268,39 +268,39 @@ def build_engine(onnx_path: Path, engine_path: Path, log_path: Path, *, axes: di
     _parse(trt, net, log, onnx_path)
     if decompose_attention:
         _set_decomposable(trt, net)
-    blob, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
-                                                    timing_cache)
+    built, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
+                                                     timing_cache, engine_path)
     fallback = None
-    if blob is None and not decompose_attention and _attentions(trt, net):
+    if not built and not decompose_attention and _attentions(trt, net):
         shapes = sorted({(h["heads"], h["head_size"]) for h in (_heads(a.get_input(0).shape) for a in _attentions(trt, net))
                          if h})
         which = ", ".join(f"{h} head{'s' if h > 1 else ''} of size {d}" for h, d in shapes) or "this shape"
-        first = (log.errors or ["no error message"])[-1].splitlines()[0][:300]
+        first = (log.errors or ["no error message"])[0].splitlines()[0][:300]
         fallback = (f"{flavor} {trt.__version__} could not build fused attention for {which} at these shape "
                     f"ranges, so attention was rebuilt decomposable (correct, not fused); {FUSES} (first error: "
                     f"{first})")
         _set_decomposable(trt, net)
         log.errors.clear()
-        blob, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
-                                                        timing_cache)
+        built, shown, caps, cache_info, seconds = _build(trt, flavor, builder, net, axes, ranges, capabilities,
+                                                         timing_cache, engine_path)
     summary = {**summarize(trt, net), "attention_fallback": fallback}
     log_path.write_text("\n".join(log.lines) + "\n")
-    if blob is None:
-        detail = (log.errors or ["no error message"])[-1].splitlines()[0][:400]
+    if not built:
+        detail = (log.errors or ["no error message"])[0].splitlines()[0][:400]  # the first: later ones follow from it
         hint = ("build with --precision fp16 or bf16 (fused attention has kernels for 16-bit types only), or "
                 "--attention decomposed" if "Attention" in detail else
                 "build with --precision fp16, or for another --compute-capability" if "FP32 GEMM" in detail else
                 "export with --materialize (every table dense) or another compression method")
         raise UserError(f"TensorRT could not build the engine: {detail}; nothing was written", hint)
-    engine_path.write_bytes(blob)
     return Build(flavor=flavor, version=trt.__version__, seconds=round(seconds, 2), engine_bytes=engine_path.stat().st_size,
                  profile=shown, compute_capabilities=[str(c).split(".")[-1] for c in caps] or [PORTABLE[flavor]],
                  summary=summary, timing_cache=cache_info)
 
 
 def _build(trt: ModuleType, flavor: str, builder: Any, net: Any, axes: dict[str, dict[int, str]],
-           ranges: dict[str, Range], capabilities: list[str], timing_cache: Path | None) -> tuple[Any, ...]:
-    """One build of ``net``: (serialized engine or None, profile shown, capabilities, cache info, seconds)."""
+           ranges: dict[str, Range], capabilities: list[str], timing_cache: Path | None,
+           engine_path: Path) -> tuple[Any, ...]:
+    """One build of ``net`` into ``engine_path``: (built, profile shown, capabilities, cache info, seconds)."""
     config = builder.create_builder_config()
     prof, shown = _profile(trt, builder, net, axes, ranges)
     config.add_optimization_profile(prof)
@@ -320,11 +320,32 @@ def _build(trt: ModuleType, flavor: str, builder: Any, net: Any, axes: dict[str,
                           "note": "a no-op in TensorRT-RTX (its kernels are compiled on the GPU at load time)"
                           if flavor == "tensorrt_rtx" else "timings reused across builds"}
         t0 = time.perf_counter()
-        blob = builder.build_serialized_network(net, config)
+        built = _serialize(trt, builder, net, config, engine_path)
         seconds = time.perf_counter() - t0
-        if blob is not None and timing_cache is not None and flavor == "tensorrt":
+        if built and timing_cache is not None and flavor == "tensorrt":
             timing_cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = timing_cache.with_suffix(".tmp")
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
             tmp.replace(timing_cache)
-    return blob, shown, caps, cache_info, seconds
+    return built, shown, caps, cache_info, seconds
+
+
+def _serialize(trt: ModuleType, builder: Any, net: Any, config: Any, engine_path: Path) -> bool:
+    """Build and write the engine to ``engine_path`` as TensorRT serializes it (where the API can: else the
+    whole serialized engine is held in memory first); whether it was built."""
+    if not hasattr(builder, "build_serialized_network_to_stream"):
+        blob = builder.build_serialized_network(net, config)
+        if blob is not None:
+            engine_path.write_bytes(blob)
+        return blob is not None
+
+    class EngineFile(trt.IStreamWriter):
+        def __init__(self, fh: Any) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.fh = fh
+
+        def write(self, data: bytes) -> int:
+            return self.fh.write(data)
+
+    with open(engine_path, "wb") as fh:
+        return bool(builder.build_serialized_network_to_stream(net, config, EngineFile(fh)))
