@@ -17,6 +17,8 @@ checkpoint with one big table, this checkout against a baseline revision, interl
     python bench/load_memory.py --out bench/results/export_dense_int8_over_memory_limit.json --baseline 927c8ef \
                                 --rows 20000000 --zeros --checkpoints fp32 --commands export-dense-int8 \
                                 --repeats 1 --memory-limit-gb 2
+    python bench/load_memory.py --out bench/results/trt_build_memory.json --baseline 32be0b1 \
+                                --rows 1000,10000000 --checkpoints fp32 --commands export-trt --repeats 1
     python bench/load_memory.py --out bench/results/finetune_memory.json --checkpoints fp32 \
                                 --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
     python bench/load_memory.py --out bench/results/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
@@ -25,7 +27,8 @@ checkpoint with one big table, this checkout against a baseline revision, interl
 For each size, a DLRM checkpoint with one ``rows x dim`` fp32 table (bench/stream_memory.py's, written in
 blocks), its int8 version (``recompress checkpoint --method int8``, streamed) and a synthetic dataset with a
 vocabulary of the same size (40,000 rows) are made once. Then, per repeat and checkout (ABAB), each of
-``evaluate CKPT --no-latency`` and ``export CKPT --target onnx`` (``export-dense-int8``: with ``--dense int8``) runs in its own process under
+``evaluate CKPT --no-latency`` and ``export CKPT --target onnx`` (``export-dense-int8``: with ``--dense int8``;
+``export-trt``: ``--target trt``) runs in its own process under
 ``/usr/bin/time -v`` (wall time, maximum resident set size: the process's own memory plus the pages of
 files it maps), while a thread in that process samples its own anonymous memory (bench/measure.py ANON_PEAK) (``RssAnon``: what a
 copy of a table costs; mapped file pages are the page cache's and the kernel can drop them). Sizes from
@@ -59,9 +62,10 @@ def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
     finetune``, without keep-best unless the name ends so)."""
     if command == "evaluate":
         return ["evaluate", str(ckpt), "--data", str(data), "--no-latency"]
-    if command in ("export", "export-dense-int8"):
+    if command in ("export", "export-dense-int8", "export-trt"):
         dense = ["--dense", "int8"] if command == "export-dense-int8" else []
-        return ["export", str(ckpt), "--data", str(data), "--target", "onnx", *dense, "-o", str(out)]
+        target = "trt" if command == "export-trt" else "onnx"
+        return ["export", str(ckpt), "--data", str(data), "--target", target, *dense, "-o", str(out)]
     optimizer = command.removeprefix("finetune-").removesuffix("-keep-best")
     keep = "--keep-best" if command.endswith("-keep-best") else "--no-keep-best"
     return ["checkpoint", str(ckpt), "--method", "finetune", "--data", str(data), "--steps", "20", keep,

@@ -137,6 +137,8 @@ for s in $sections; do
                    --commands export
                  python bench/load_memory.py --out $r/export_stacked_file_40m.json --rows 40000000 --checkpoints fp32 \
                    --repeats 1
+                 python bench/load_memory.py --out $r/trt_build_memory.json --baseline 32be0b1 --rows 1000,10000000 \
+                   --checkpoints fp32 --commands export-trt --repeats 1  # needs tensorrt-rtx (pip install -e ".[trt]")
                  python bench/load_memory.py --out $r/finetune_memory.json --checkpoints fp32 \
                    --commands finetune-adam,finetune-rowwise-adagrad --rows 1000,10000000
                  python bench/load_memory.py --out $r/keep_best_memory.json --baseline 64507bf --checkpoints fp32 \
