@@ -257,9 +257,9 @@ def deploy(scorer: nn.Module, quant_graph: str = "gather-dequant", attention: st
     """The serving module rearranged for inference runtimes, the trained model left as it is: every module
     that offers a ``fused`` lookup slot (a model looking up several tables at once) gets one
     :class:`FusedLookup` over its tables (big stacked tables made as files' pages in the folder ``scratch``,
-    if given: :class:`Scratch`, which asks ``admit`` first), with ``dequant-gather`` quantized rows are written DequantizeLinear-then-
-    Gather, and attention is written in form ``attention`` (None: the target's ``preferred`` form where a
-    model takes it; ``recompress.models.attention``)."""
+    if given: :class:`Scratch`, which asks ``admit`` first), with ``dequant-gather`` quantized rows are
+    written DequantizeLinear-then-Gather, and attention is written in form ``attention`` (None: the target's
+    ``preferred`` form where a model takes it; ``recompress.models.attention``)."""
     scorer = copy_sharing_tables(scorer)
     set_attention(scorer, attention, preferred)
     for m in scorer.modules():

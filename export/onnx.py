@@ -147,7 +147,8 @@ def _set_aside(model: onnx.ModelProto, folder: Path) -> list[onnx.TensorProto]:
     type and shape; read the others' bytes from ``folder``."""
     from onnx.external_data_helper import load_external_data_for_tensor
     weights = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input}
-    aside = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in weights]
+    aside = [t for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in weights]
     kept = [t for t in model.graph.initializer if t not in aside]
     for t in kept:
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -196,7 +197,7 @@ def no_memory(path: Path, error: Exception) -> UserError:
 
 def make_session(path: Path, threads: int = 1, providers: list[str] | None = None) -> Any:
     """An ONNX Runtime session with all graph optimizations and a fixed thread count; running out of memory
-    opening it is said by name (:func:`no_memory`)."""
+    opening it, or a file it cannot parse, is said by name (:func:`no_memory`)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -207,6 +208,10 @@ def make_session(path: Path, threads: int = 1, providers: list[str] | None = Non
     try:
         return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  (ONNX Runtime's error types are not exported as classes)
+        if type(e).__name__ in ("InvalidProtobuf", "NoSuchFile"):  # the file, not the graph
+            first = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"ONNX Runtime cannot load {path} ({first})",
+                            "the export is damaged: export it again") from None
         if "bad_alloc" not in str(e):
             raise
         raise no_memory(path, e) from None
