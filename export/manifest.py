@@ -30,6 +30,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"{folder} is not an export folder (no {MANIFEST})",
                         "pass a folder written by 'recompress export'")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg})", "re-run the export") from None
+    check_files(folder, manifest.get("files") or {})
+    return manifest
+
+
+def check_files(folder: Path, files: dict[str, int]) -> None:
+    """Refuse an export whose files are not the sizes its manifest records (truncated, half-copied, missing)."""
+    for name, size in files.items():
+        f = folder / name
+        have = f.stat().st_size if f.is_file() else None
+        if have != size:
+            said = "is missing" if have is None else f"is {have:,} bytes; its manifest records {size:,}"
+            raise UserError(f"{f} {said}: the export is damaged or incomplete",
+                            "export it again (or copy the whole folder again)")

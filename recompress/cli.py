@@ -450,6 +450,7 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .outputs import check_output
     inputs = [source, data_path]
     check_output(out, overwrite=overwrite, inputs=inputs)
+    not_an_export(source)
     from .compress.registry import Context, Selection, check_sharding, compress, parse_methods
     cfg = train_config(kw)
     cfg.validate(ranks=planned_ranks(nproc))
@@ -489,6 +490,22 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     for line in val_story(ckpt.spec.history[done:], family_of(ckpt.spec).primary):
         click.echo(line)
     click.echo(f"wrote {out}: embedding bytes {before:,} -> {after:,} ({before / after:.2f}x smaller)")
+
+
+def not_an_export(source: str) -> None:
+    """Refuse an export folder where a checkpoint is wanted, naming the checkpoint it came from (or, for an
+    export in an upstream layout, the file in it)."""
+    from .export.manifest import MANIFEST, read_manifest
+    path = Path(source)
+    if not (path.is_dir() and (path / MANIFEST).is_file()):
+        return
+    m = read_manifest(path)
+    if m.get("artifact_is_checkpoint"):
+        raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
+                        f"pass the checkpoint file in it: {path / m['file']}")
+    src = (m.get("source") or {}).get("path")
+    raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
+                    f"pass the checkpoint it came from{': ' + src if src else ''}")
 
 
 def _targets() -> list[str]:
@@ -542,6 +559,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
+    not_an_export(source)
     from .adapters import load_any, parse_hp
     from .data import open_dataset
     from .export import export_checkpoint

@@ -439,3 +439,71 @@ def test_sequential_bad_input(tmp_path, tiny_data, tiny_ckpt):
                       "--max-len 0 is impossible for sasrec")
     assert_user_error(cli("data", "sequences", tmp_path / "nope.txt", "-o", tmp_path / "y"), "does not exist")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.fixture()
+def small_export(tiny_ckpt, tiny_data, tmp_path):
+    out = tmp_path / "exported"
+    assert cli("export", tiny_ckpt, "--data", tiny_data.path, "-o", out).exit_code == 0
+    return out
+
+
+def _copy_tree(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("command", [["evaluate", "EXPORT", "--data", "DATA", "--no-latency"], ["inspect", "EXPORT"]])
+def test_a_damaged_export_is_refused_by_the_file_that_changed(small_export, tiny_data, tmp_path, command):
+    """A truncated model.onnx gave ONNX Runtime's traceback (evaluate) or nothing at all (inspect): the manifest
+    records every file's size, so the export is refused naming the file, both sizes and the fix."""
+    bad = _copy_tree(small_export, tmp_path / "bad")
+    size = (bad / "model.onnx").stat().st_size
+    with open(bad / "model.onnx", "r+b") as f:
+        f.truncate(size // 2)
+    before = tree_hash(bad)
+    args = [bad if a == "EXPORT" else tiny_data.path if a == "DATA" else a for a in command]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert_user_error(res, f"model.onnx is {size // 2:,} bytes; its manifest records {size:,}")
+    assert "export it again" in res.stderr and tree_hash(bad) == before
+
+
+def test_a_damaged_dataset_file_is_refused_by_name(tiny_data, small_export, tmp_path):
+    """A truncated .npy of a prepared dataset gave numpy's traceback ('mmap length is greater than file size')."""
+    data = _copy_tree(tiny_data.path, tmp_path / "data")
+    with open(data / "test.sparse.npy", "r+b") as f:
+        f.truncate((data / "test.sparse.npy").stat().st_size // 2)
+    res = CliRunner().invoke(main, ["evaluate", str(small_export), "--data", str(data), "--no-latency"])
+    assert_user_error(res, "test.sparse.npy")
+    assert "prepare the dataset again" in res.stderr
+
+
+def test_an_export_passed_as_a_checkpoint_names_its_source(small_export, tiny_ckpt, tmp_path):
+    """An export folder is not a checkpoint; the message says so and names the checkpoint it came from, instead
+    of listing every format recompress reads."""
+    res = CliRunner().invoke(main, ["export", str(small_export), "-o", str(tmp_path / "again")])
+    assert_user_error(res, f"{small_export} is an export (onnx), not a checkpoint")
+    assert str(tiny_ckpt.resolve()) in res.stderr and not (tmp_path / "again").exists()
+
+
+def test_an_export_damaged_in_place_is_refused_by_onnx_runtime_by_name(small_export, tiny_data, tmp_path):
+    """Same size, other bytes (the manifest's sizes cannot see it): ONNX Runtime's InvalidProtobuf traceback
+    becomes one message naming the file."""
+    bad = _copy_tree(small_export, tmp_path / "bad")
+    (bad / "model.onnx").write_bytes(b"\xff" * (bad / "model.onnx").stat().st_size)
+    res = CliRunner().invoke(main, ["evaluate", str(bad), "--data", str(tiny_data.path), "--no-latency"])
+    assert_user_error(res, f"ONNX Runtime cannot load {bad / 'model.onnx'}")
+    assert "export it again" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["items.npy", "offsets.npy"])
+def test_a_damaged_sequence_dataset_file_is_refused_by_name(tmp_path, name):
+    from recompress.data.synthetic_sequences import make_synthetic_sequences
+    data = make_synthetic_sequences(tmp_path / "seq", users=30, items=20, clusters=2, mean_len=6, seed=1)
+    with open(data / name, "r+b") as f:
+        f.truncate((data / name).stat().st_size - 8)
+    assert_user_error(cli("train", "--model", "sasrec", "--data", data, "--epochs", 1,
+                          "-o", tmp_path / "never"), name)
+    assert not (tmp_path / "never").exists()

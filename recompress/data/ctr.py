@@ -21,6 +21,8 @@ from recompress.distributed import shard
 from recompress.errors import UserError
 from recompress.lazy import lazy
 
+from .arrays import load_array
+
 if TYPE_CHECKING:
     import torch
 else:
@@ -60,8 +62,8 @@ class CTRDataset:
         if self.size(split) == 0:
             raise UserError(f"dataset {self.path} has no rows in its {split!r} split",
                             "prepare it with a non-zero split fraction")
-        load = lambda kind: np.load(self.path / f"{split}.{kind}.npy", mmap_mode="r")
-        return load("dense"), load("sparse"), load("label")
+        dense, sparse, label = (load_array(self.path / f"{split}.{kind}.npy") for kind in ("dense", "sparse", "label"))
+        return dense, sparse, label
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 limit: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:

@@ -55,6 +55,7 @@ from recompress.errors import UserError
 from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
+from .arrays import load_array
 from .vocabularies import fingerprint
 
 META = "meta.json"
@@ -424,11 +425,11 @@ class SequenceDataset:
         self.meta: dict[str, Any] = json.loads((path / META).read_text())
         self.num_items: int = int(self.meta["num_items"])
         self.num_users: int = int(self.meta["num_users"])
-        self.items = np.load(path / "items.npy", mmap_mode="r")
-        self.offsets = np.load(path / "offsets.npy")
-        self.times = np.load(path / "times.npy", mmap_mode="r") if self.meta.get("has_times") else None
+        self.items = load_array(path / "items.npy")
+        self.offsets = load_array(path / "offsets.npy", mmap=False)
+        self.times = load_array(path / "times.npy") if self.meta.get("has_times") else None
         ranked = path / "catalogue.npy"
-        self.catalogue: np.ndarray | None = np.load(ranked) if ranked.exists() else None  # items full ranking ranks
+        self.catalogue: np.ndarray | None = load_array(ranked, mmap=False) if ranked.exists() else None  # full ranking
 
     @property
     def fingerprint(self) -> str:
