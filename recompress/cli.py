@@ -711,7 +711,8 @@ def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sets: tup
         files = write_reports(summary, work)
     cached = sum(s["cached"] for s in summary["steps"])
     click.echo(f"{len(summary['rows'])} results ({cached} of {len(summary['steps'])} steps reused from cache) -> "
-               + ", ".join(str(folder / files[k].name) for k in ("md", "html", "jsonl", "csv")))
+               + ", ".join(str(folder / files[k].name) for k in ("md", "html", "jsonl", "csv"))
+               + f" (and {', '.join(f.name for k, f in files.items() if k not in ('md', 'html', 'jsonl', 'csv'))})")
     return summary, folder, r
 
 

@@ -49,6 +49,8 @@ def test_recipe_end_to_end_with_same_budget_control_and_cache(tmp_path):
     res = cli("run", r, "-o", tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "(0 of 10 steps reused from cache)" in res.output
+    said = res.output.split("steps reused from cache) -> ")[1]  # every file the report wrote, named
+    assert all(f.name in said for f in (tmp_path / "run").iterdir() if f.is_file() and not f.name.startswith(".")), said
     rows = rows_of(tmp_path / "run")
     assert [x["variant"] for x in rows] == ["baseline", "mlet-d2", "baseline +finetune (steps=20)"]
     base, mlet, control = rows
