@@ -671,7 +671,8 @@ def inspect(source: str, as_json: bool, hp: tuple[str, ...]) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     from .evaluate.report import fmt_bytes
-    click.echo(f"{source}: {info['format']} checkpoint, family {info['family']}")
+    click.echo(f"{source}: {info['format']}{'' if info.get('kind') == 'export' else ' checkpoint'}, "
+               f"family {info['family']}")
     name = max([14, *(len(t["name"]) for t in info["tables"])])  # columns as wide as their longest entry
     kind = max([12, *(len(t["kind"]) for t in info["tables"])])
     click.echo(f"  {'table':<{name}} {'role':<15} {'kind':<{kind}} {'rows':>12}   {'dim':<5} {'dtype':<9} {'bytes':>11}")

@@ -20,11 +20,13 @@ def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, 
         m = read_manifest(path)
         spec = m["model_spec"]
         tables = [{**t, "kind": t["kind"] + (f"+{t['params']['quant']['dtype']}" if "quant" in t["params"] else ""),
+                   "dtype": t["params"]["quant"]["dtype"] if "quant" in t["params"] else "float32",
                    "bytes": m["table_bytes"].get(t["name"])} for t in spec["tables"]]
-        return {"format": f"{m['target']} export", "family": spec["family"], "hparams": spec["hparams"],
-                "hparam_source": {k: "checkpoint" for k in spec["hparams"]}, "missing": [],
-                "tables": tables, "embedding_bytes": sum(m["table_bytes"].values()), "history": spec["history"],
-                "files": m["files"], "parity": m["parity"], "source": m["source"]}
+        return {"format": f"{m['target']} export", "kind": "export", "family": spec["family"],
+                "hparams": spec["hparams"], "hparam_source": {k: "source checkpoint" for k in spec["hparams"]},
+                "missing": [], "tables": tables, "embedding_bytes": sum(m["table_bytes"].values()),
+                "history": spec["history"], "files": m["files"], "parity": m["parity"], "source": m["source"],
+                "notes": _export_notes(m)}
     found = describe_checkpoint(path, hp)
     info: dict[str, Any] = {
         "format": found.format, "family": found.family, "hparams": found.hparams, "hparam_source": found.sources,
@@ -40,3 +42,15 @@ def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, 
     info["embedding_bytes"] = sum(t["bytes"] for t in info["tables"])
     info.setdefault("history", [])
     return info
+
+
+def _export_notes(m: dict[str, Any]) -> list[str]:
+    """What an export's manifest says of its graph: dense layers, precision, parity, source."""
+    opts, p = m.get("options") or {}, m["parity"]
+    dense = opts.get("dense") or "fp32"
+    parity = (f"max |diff| {p['max_abs_diff']:.2e} on {p['samples']} samples ({p.get('runtime')})" if p.get("passed")
+              else f"not checked ({p.get('skipped')})")
+    return [f"dense layers {dense}" + (" (ONNX Runtime's dynamic quantization)" if dense == "int8" else "")
+            + f"; compute precision {opts.get('precision') or 'fp32'}",
+            f"parity with the source checkpoint: {parity}",
+            f"exported from {m['source'].get('path')}"]

@@ -61,6 +61,13 @@ def test_flow_train_mlet_export_evaluate(tiny_data, tmp_path):
     assert abs(c["delta"] - (new_auc - base_auc)) < 1e-9 and c["lo"] <= c["delta"] <= c["hi"]
     info = json.loads(cli("inspect", tmp_path / "e", "--json").output)
     assert info["format"] == "onnx export" and info["embedding_bytes"] == sum(tiny_data.table_rows) * 2 * 4
+    assert cli("export", tmp_path / "m2", "--target", "onnx", "--dense", "int8", "--data", d,
+               "-o", tmp_path / "q").exit_code == 0
+    said = cli("inspect", tmp_path / "q").output.splitlines()
+    assert said[0] == f"{tmp_path / 'q'}: onnx export, family dlrm", said[0]  # not "onnx export checkpoint"
+    assert all(line.split()[-3] == "float32" for line in said[2:6]), said  # each table's dtype
+    assert "note: dense layers int8 (ONNX Runtime's dynamic quantization); compute precision fp32" in said, said
+    assert f"note: exported from {(tmp_path / 'm2').resolve()}" in said and "(source checkpoint)" in said[8], said
 
 
 @pytest.fixture()
