@@ -66,7 +66,7 @@ def _table_keys(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
     return {name: f"{where[id(model.tables[name])]}.weight" for name in names}
 
 
-def _step(source: Source, step: Step, ctx: Context, dst: Path, provenance: dict[str, Any]) -> Checkpoint:
+def _step(source: Source, step: Step, ctx: Context, dst: Path, provenance: dict[str, Any], label: str) -> Checkpoint:
     ckpt, sources = source
     model = ckpt.model
     untouched = dict(model.tables.items())
@@ -78,7 +78,7 @@ def _step(source: Source, step: Step, ctx: Context, dst: Path, provenance: dict[
     where = {id(m): p for p, m in model.named_modules()}
     done: set[str] = set()
     total = sum(v.numel() * v.element_size() for v in state.values())
-    with progress(f"writing {dst.name}", total) as advance, \
+    with progress(f"writing {label}", total) as advance, \
             TensorWriter(dst / WEIGHTS_FILE, layout, {"format": "recompress"}) as out:
         def put(key: str, start: int, t: torch.Tensor) -> None:
             out.write(key, start, t.to(layout[key][0]))
@@ -117,7 +117,8 @@ def stream_compress(source: Source, steps: list[Step], ctx: Context, out: str | 
         for i, step in enumerate(steps):
             dst = tmp if i == len(steps) - 1 else tmp / f".step{i}"
             dst.mkdir(exist_ok=True)
-            ckpt = _step(source, step, ctx, dst, provenance or {})
+            label = Path(out).name + (f" (step {i + 1} of {len(steps)})" if len(steps) > 1 else "")
+            ckpt = _step(source, step, ctx, dst, provenance or {}, label)
             if previous is not None:  # an intermediate checkpoint this command wrote inside its staged folder
                 shutil.rmtree(previous)
             if dst != tmp:

@@ -110,6 +110,9 @@ def test_dlrm_qr_and_mixed_dimension_tables_match_dlrm_and_the_qr_operation_is_a
         load_any(path, {"qr_operation": "sub"})
     with pytest.raises(UserError, match="no hyper-parameter 'heads'"):
         load_any(path, {"heads": "2"})
+    with pytest.raises(UserError, match="no hyper-parameter 'qr_operaton'") as e:  # a typo: the key it meant
+        load_any(path, {"qr_operaton": "mult"})
+    assert e.value.hint.startswith("did you mean qr_operation? known: ")
 
 
 def test_dlrm_qr_concat_is_read_from_shapes_and_wrapper_prefixes_are_removed(tmp_path):

@@ -80,6 +80,9 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tiny_ckpt, tmp_path, monke
     assert a.spec.to_json() == b.spec.to_json()  # tables, history (errors, bytes), provenance
     assert b.model.tables["C4"].kind == "dense"  # 7 rows: below --min-rows, copied from the file
     assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".step")]
+    steps = len(method.split(","))  # the progress names the output, not its staging folder
+    said = [ln for ln in res.stderr.splitlines() if ln.startswith("writing ")]
+    assert said and all(ln.startswith("writing s" + (f" (step " if steps > 1 else ":")) for ln in said), said
 
 
 def _damage(src: Path, dst: Path, how: str) -> None:

@@ -3,6 +3,7 @@ hyper-parameter with where it came from, and what the user must still supply (``
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class Found:
         for key, text in user.items():
             if key not in self.hparams and key not in self.missing:
                 known = sorted({*self.hparams, *self.missing})
+                close = difflib.get_close_matches(key, known, n=1)
                 raise UserError(f"--hp {key}: {self.format} checkpoints have no hyper-parameter {key!r}",
-                                f"known: {', '.join(known)}")
+                                (f"did you mean {close[0]}? " if close else "") + f"known: {', '.join(known)}")
             choices = self.missing.get(key)
             value = _typed(key, text, self.hparams.get(key, self.like.get(key)), choices)
             if self.sources.get(key) == "shapes" and value != self.hparams[key]:
