@@ -17,6 +17,8 @@
 #                                          upstream-hstu (needs GR_REPO, a facebookresearch/generative-recommenders
 #                                          checkout, and HSTU_PYTHON, an interpreter with torch, gin-config, pandas)
 #                                          upstream-hstu-accuracy (the same two; upstream trains ~20 min)
+#                                          upstream-dlrm-v3 (needs GR_REPO and GR_PYTHON, this project's
+#                                          interpreter with TorchRec and gin-config)
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
@@ -95,6 +97,9 @@ for s in $sections; do
                      --data "$criteo" --out $r/upstream_dlrm.json ;;
     upstream-torchrec) "${TORCHREC_PYTHON:?set TORCHREC_PYTHON to a python with torchrec and recompress}" \
                          bench/upstream_torchrec.py --out $r/upstream_torchrec.json ;;
+    upstream-dlrm-v3) "${GR_PYTHON:?set GR_PYTHON to a python with torchrec, gin-config and recompress}" \
+                        bench/upstream_dlrm_v3.py "${GR_REPO:?set GR_REPO to a generative-recommenders checkout}" \
+                        --out $r/upstream_dlrm_v3.json ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
     upstream-recbole-models)
         "${RECBOLE_PYTHON:?set RECBOLE_PYTHON to an interpreter with recbole 1.2.1 (see bench/upstream_recbole_build.py)}" \
