@@ -57,9 +57,21 @@ from pathlib import Path
 from measure import MemoryLimit, anon_peak_command, checkouts, recompress, timed  # bench/measure.py, beside this script
 from stream_memory import MAKERS, make_checkpoint
 
+def versions() -> dict[str, str]:
+    """The versions of what the commands ran on (TensorRT's flavor among them, for ``export-trt``)."""
+    from importlib import metadata
+    out = {}
+    for pkg in ("torch", "onnxruntime", "onnx", "tensorrt", "tensorrt-rtx"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def command_args(command: str, ckpt: Path, data: Path, out: Path) -> list[str]:
-    """``evaluate``, ``export``, ``export-dense-int8``, or ``finetune-OPTIMIZER[-keep-best]`` (20 steps of ``checkpoint --method
-    finetune``, without keep-best unless the name ends so)."""
+    """``evaluate``, ``export``, ``export-dense-int8``, ``export-trt``, or ``finetune-OPTIMIZER[-keep-best]`` (20
+    steps of ``checkpoint --method finetune``, without keep-best unless the name ends so)."""
     if command == "evaluate":
         return ["evaluate", str(ckpt), "--data", str(data), "--no-latency"]
     if command in ("export", "export-dense-int8", "export-trt"):
@@ -140,7 +152,8 @@ def main() -> None:
                 (tmp / "fp32").unlink(missing_ok=True)  # dlrm's is a file
     if limit is not None:
         limit.close()
-    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "baseline": a.baseline, "zeros": a.zeros,
+    Path(a.out).write_text(json.dumps({"machine": "2 CPU cores, 24 GB", "versions": versions(),
+                                       "baseline": a.baseline, "zeros": a.zeros,
                                        "source": a.source, "memory_limit_gb": a.memory_limit_gb,
                                        "vm_overcommit_memory": Path("/proc/sys/vm/overcommit_memory").read_text().strip(),
                                        "results": results}, indent=2) + "\n")

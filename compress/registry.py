@@ -230,9 +230,12 @@ def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:
 
 
 def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
-    """Apply ``steps`` in order, validating each one's input forms and data needs first."""
+    """Apply ``steps`` in order, validating each one's input forms and data needs first. The result is no
+    longer the file it was read from: its ``path`` is cleared (an export records no source file for it)."""
     for step in steps:
         ckpt = step.method.apply(ckpt, step.own_params(), check_step(step, ckpt, ctx))
+    if steps:
+        ckpt.path = None
     return ckpt
 
 

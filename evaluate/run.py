@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recompress.export.manifest import MANIFEST, read_manifest, versions
+from recompress.export.manifest import MANIFEST, is_export, read_manifest, versions
 from recompress.export.onnx import PRECISIONS as ORT_PRECISIONS
 
 from recompress.adapters import detect_format, load_any
@@ -67,7 +67,7 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     path = Path(path)
     predictors: list[Predictor] = []
     ckpt: Checkpoint | None = None
-    manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+    manifest = read_manifest(path) if is_export(path) else None
     if manifest is not None and manifest.get("artifact_is_checkpoint"):  # e.g. --target dlrm: a file the adapters read
         path, hp = path / manifest["file"], {**(manifest.get("hp") or {}), **(hp or {})}
         manifest = None

@@ -23,6 +23,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` is an export recompress wrote: a ``manifest.json`` that names its target and file (any
+    other ``manifest.json``, someone else's, leaves the folder what it otherwise is)."""
+    path = Path(folder) / MANIFEST
+    try:
+        m = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(m, dict) and {"target", "file", "parity"} <= m.keys()
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST if folder.is_dir() else None
@@ -33,7 +44,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg})", "re-run the export") from None
-    check_files(folder, manifest.get("files") or {})
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    check_files(folder, files if isinstance(files, dict) else {})
     return manifest
 
 

@@ -348,4 +348,7 @@ def _serialize(trt: ModuleType, builder: Any, net: Any, config: Any, engine_path
             return self.fh.write(data)
 
     with open(engine_path, "wb") as fh:
-        return bool(builder.build_serialized_network_to_stream(net, config, EngineFile(fh)))
+        built = bool(builder.build_serialized_network_to_stream(net, config, EngineFile(fh)))
+    if not built:
+        engine_path.unlink()  # what a failed build wrote
+    return built

@@ -493,16 +493,15 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
 
 
 def not_an_export(source: str) -> None:
-    """Refuse an export folder where a checkpoint is wanted, naming the checkpoint it came from (or, for an
-    export in an upstream layout, the file in it)."""
-    from .export.manifest import MANIFEST, read_manifest
+    """Refuse an export folder where a checkpoint is wanted, naming the checkpoint it came from (an export in an
+    upstream layout, ``--target dlrm|torchrec``, is a checkpoint: the adapters read the file in it)."""
+    from .export.manifest import is_export, read_manifest
     path = Path(source)
-    if not (path.is_dir() and (path / MANIFEST).is_file()):
+    if not is_export(path):
         return
     m = read_manifest(path)
-    if m.get("artifact_is_checkpoint"):
-        raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
-                        f"pass the checkpoint file in it: {path / m['file']}")
+    if m.get("artifact_is_checkpoint"):  # e.g. --target dlrm: a checkpoint the adapters read
+        return
     src = (m.get("source") or {}).get("path")
     raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
                     f"pass the checkpoint it came from{': ' + src if src else ''}")

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import describe as describe_checkpoint
-from .export.manifest import MANIFEST, read_manifest
+from .export.manifest import is_export, read_manifest
 
 
 def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, Any]:
     path = Path(source)
-    if (path / MANIFEST).is_file() and read_manifest(path).get("artifact_is_checkpoint"):
+    if is_export(path) and read_manifest(path).get("artifact_is_checkpoint"):
         m = read_manifest(path)  # an export in an upstream layout: describe the file it wrote
         return describe(path / m["file"], {**(m.get("hp") or {}), **(hp or {})})
-    if (path / MANIFEST).is_file():
+    if is_export(path):
         m = read_manifest(path)
         spec = m["model_spec"]
         tables = [{**t, "kind": t["kind"] + (f"+{t['params']['quant']['dtype']}" if "quant" in t["params"] else ""),
@@ -48,9 +48,10 @@ def _export_notes(m: dict[str, Any]) -> list[str]:
     """What an export's manifest says of its graph: dense layers, precision, parity, source."""
     opts, p = m.get("options") or {}, m["parity"]
     dense = opts.get("dense") or "fp32"
-    parity = (f"max |diff| {p['max_abs_diff']:.2e} on {p['samples']} samples ({p.get('runtime')})" if p.get("passed")
-              else f"not checked ({p.get('skipped')})")
+    parity = (f"max |diff| {p['max_abs_diff']:.2e} on {p['samples']} samples ({p.get('runtime') or m['target']})"
+              if p.get("passed") else f"not checked ({p.get('skipped')})")
+    source = (m.get("source") or {}).get("path")
     return [f"dense layers {dense}" + (" (ONNX Runtime's dynamic quantization)" if dense == "int8" else "")
             + f"; compute precision {opts.get('precision') or 'fp32'}",
             f"parity with the source checkpoint: {parity}",
-            f"exported from {m['source'].get('path')}"]
+            f"exported from {source}" if source else "exported from a checkpoint in memory (no file recorded)"]

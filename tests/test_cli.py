@@ -514,3 +514,19 @@ def test_a_damaged_sequence_dataset_file_is_refused_by_name(tmp_path, name):
     assert_user_error(cli("train", "--model", "sasrec", "--data", data, "--epochs", 1,
                           "-o", tmp_path / "never"), name)
     assert not (tmp_path / "never").exists()
+
+
+def test_exports_that_are_checkpoints_and_folders_with_someone_elses_manifest_still_load(tiny_ckpt, tiny_data,
+                                                                                          tmp_path):
+    """Review of not_an_export: an export in an upstream layout (--target dlrm) is a checkpoint the adapters read,
+    and a checkpoint folder holding an unrelated manifest.json (even one whose "files" is a list) is a
+    checkpoint: both export again; only recompress's own exports to a runtime are refused."""
+    assert cli("export", tiny_ckpt, "--target", "dlrm", "--data", tiny_data.path, "-o", tmp_path / "dl").exit_code == 0
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "dl"), "--data", str(tiny_data.path), "-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    theirs = _copy_tree(tiny_ckpt, tmp_path / "theirs")
+    (theirs / "manifest.json").write_text(json.dumps({"run": "exp-17", "files": ["a", "b"]}))
+    for args in (["export", str(theirs), "--data", str(tiny_data.path), "-o", str(tmp_path / "b")],
+                 ["evaluate", str(theirs), "--data", str(tiny_data.path), "--no-latency"], ["inspect", str(theirs)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0 and "Traceback" not in res.output, (args, res.output)

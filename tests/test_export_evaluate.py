@@ -257,3 +257,13 @@ def test_the_deployment_copy_leaves_the_trained_model_as_it_is(tiny_ckpt):
     after = dict(ck.model.named_parameters())
     assert all(after[k].dtype == d and after[k].requires_grad == g and torch.equal(after[k], v)
                for k, (d, g, v) in before.items())
+
+
+def test_an_export_of_a_model_compressed_in_memory_names_no_source_file(tiny_ckpt, tiny_data, tmp_path):
+    """compress() changes the checkpoint it was given: it is no longer the file it was read from, so its export
+    records no source path and no sha256 of that file (it recorded the uncompressed file's, found in review)."""
+    ck = compress(load_checkpoint(tiny_ckpt), parse_methods("int8", {}), Context())
+    m = export_checkpoint(ck, "onnx", tmp_path / "q", data=tiny_data)
+    assert m["source"]["path"] is None and m["source"]["sha256"] is None and m["parity"]["passed"]
+    m = export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "plain", data=tiny_data)
+    assert m["source"]["path"] == str(tiny_ckpt) and len(m["source"]["sha256"]) == 64

@@ -190,6 +190,40 @@ def test_refusals_name_the_problem_and_write_nothing(tiny_ckpt, seq_data, tmp_pa
     if not torch.cuda.is_available():
         assert r.exit_code == 2 and "no CUDA GPU" in r.output and "--target onnx" in r.output
         assert "Traceback" not in r.output
+    if importlib.util.find_spec("tensorrt") is None:  # a build that fails after the engine file was opened
+        with pytest.raises(UserError, match="FP32 GEMM"):
+            build_engine(tmp_path / "engine" / "model.onnx", tmp_path / "e75", tmp_path / "log75", **DLRM_SHAPES,
+                         decompose_attention=False, capabilities=["SM75"], timing_cache=None)
+        assert not (tmp_path / "e75").exists()  # a 0-byte engine was left
+
+
+DLRM_SHAPES = {"axes": {"dense": {0: "batch"}, "sparse": {0: "batch", 2: "bag"}},
+               "ranges": {"batch": (1, 8, 64), "bag": (1, 2, 4)}}
+
+
+@trt
+def test_the_engine_written_as_it_is_serialized_is_the_serialized_engine(tiny_ckpt, tmp_path):
+    """The engine file written through TensorRT's stream (no copy of it in memory) holds exactly the bytes of
+    the engine TensorRT serializes into memory for the same network."""
+    from recompress.export import trt_builder as tb
+    _export(_ck(tiny_ckpt), tmp_path / "x")
+    trt, _ = tb.import_tensorrt()
+    if not hasattr(trt.Builder, "build_serialized_network_to_stream"):
+        pytest.skip("this TensorRT has no build_serialized_network_to_stream: the engine is held in memory")
+    engines = []
+    for stream in (True, False):
+        log = tb._Log(trt)
+        builder = trt.Builder(log.logger)
+        net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        tb._parse(trt, net, log, tmp_path / "x" / "model.onnx")
+        config = builder.create_builder_config()
+        config.add_optimization_profile(tb._profile(trt, builder, net, **DLRM_SHAPES)[0])
+        if stream:
+            assert tb._serialize(trt, builder, net, config, tmp_path / "streamed.engine")
+            engines.append((tmp_path / "streamed.engine").read_bytes())
+        else:
+            engines.append(bytes(builder.build_serialized_network(net, config)))
+    assert len(engines[0]) > 10_000 and engines[0] == engines[1]
 
 
 @trt

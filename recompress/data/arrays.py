@@ -17,6 +17,8 @@ def load_array(path: Path, mmap: bool = True) -> np.ndarray:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise UserError(f"{path} is missing: the dataset is incomplete", FIX) from None
+    except PermissionError:
+        raise UserError(f"{path} cannot be read (permission denied)", "give this user read access to it") from None
     except (ValueError, OSError, EOFError) as e:  # truncated ("mmap length is greater than file size"), not .npy
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path} is damaged or truncated ({first})", FIX) from None
