@@ -530,3 +530,39 @@ def test_exports_that_are_checkpoints_and_folders_with_someone_elses_manifest_st
                  ["evaluate", str(theirs), "--data", str(tiny_data.path), "--no-latency"], ["inspect", str(theirs)]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 0 and "Traceback" not in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("bad_id", [999, -7])
+@pytest.mark.parametrize("command", ["evaluate", "train", "export"])
+def test_an_id_outside_its_table_in_a_dataset_is_refused_by_row(tiny_ckpt, tiny_data, tmp_path, bad_id, command):
+    """A prepared dataset edited or damaged afterwards: an id past its table was an IndexError traceback from the
+    lookup, and a negative one was silently scored; both are refused naming the file, row and table."""
+    data = _copy_tree(tiny_data.path, tmp_path / "data")
+    for split in ("train", "val", "test"):
+        ids = np.load(data / f"{split}.sparse.npy")
+        ids[5, 1] = bad_id
+        np.save(data / f"{split}.sparse.npy", ids)
+    args = {"evaluate": ["evaluate", tiny_ckpt, "--data", data, "--no-latency"],
+            "train": ["train", "--data", data, "--dim", 4, "--epochs", 1, "-o", tmp_path / "never"],
+            "export": ["export", tiny_ckpt, "--data", data, "-o", tmp_path / "never"]}[command]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert_user_error(res, f"row 5: id {bad_id} of table C2 is outside its 200 rows")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("where", ["history", "last"])
+def test_an_item_outside_the_catalogue_in_a_sequence_dataset_is_refused(tmp_path, where):
+    """The same for a sequence dataset, in a history or as a user's last (test target) item: training and
+    evaluation say so by name."""
+    from recompress.data.synthetic_sequences import make_synthetic_sequences
+    good = make_synthetic_sequences(tmp_path / "seq", users=30, items=20, clusters=2, mean_len=6, seed=1)
+    assert cli("train", "--model", "sasrec", "--data", good, "--epochs", 1, "-o", tmp_path / "ck").exit_code == 0
+    data = _copy_tree(good, tmp_path / "bad")
+    items, offsets = np.load(data / "items.npy"), np.load(data / "offsets.npy")
+    items[3 if where == "history" else offsets[1] - 1] = 21
+    np.save(data / "items.npy", items)
+    for args in ([["train", "--model", "sasrec", "--data", data, "--epochs", 1, "-o", tmp_path / "never"]]
+                 if where == "history" else []) + [["evaluate", tmp_path / "ck", "--data", data, "--no-latency"]]:
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert_user_error(res, "item 21 is outside the catalogue's 20 items")
+    assert not (tmp_path / "never").exists()

@@ -49,6 +49,7 @@ class CTRDataset:
         self.meta: dict[str, Any] = json.loads((path / META).read_text())
         self.table_names: list[str] = [t["name"] for t in self.meta["tables"]]
         self.table_rows: list[int] = [int(t["rows"]) for t in self.meta["tables"]]
+        self._rows = np.array(self.table_rows, dtype=np.int64)
         self.num_dense: int = int(self.meta["num_dense"])
 
     @property
@@ -65,6 +66,20 @@ class CTRDataset:
         dense, sparse, label = (load_array(self.path / f"{split}.{kind}.npy") for kind in ("dense", "sparse", "label"))
         return dense, sparse, label
 
+    def ids(self, split: str, sparse: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows ``rows`` of ``split``'s sparse ids (``sparse``, from :meth:`arrays`) as int64 ``[n, T]``, refused
+        where an id is outside its table: a dataset damaged or edited after it was prepared (no lookup may index
+        past a table, and none is a padding id here)."""
+        ids = np.asarray(sparse[rows], dtype=np.int64)
+        bad = (ids < 0) | (ids >= self._rows)
+        if bad.any():
+            r, t = (int(x) for x in np.argwhere(bad)[0])
+            row = (rows.start or 0) + r if isinstance(rows, slice) else int(rows[r])
+            raise UserError(f"{self.path / f'{split}.sparse.npy'} row {row}: id {ids[r, t]} of table "
+                            f"{self.table_names[t]} is outside its {self.table_rows[t]} rows",
+                            "the dataset was damaged or edited after it was prepared: prepare it again")
+        return ids
+
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 limit: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         """Batches in file order, or shuffled with ``seed``; ``limit`` caps the rows read. With ``part``
@@ -80,7 +95,7 @@ class CTRDataset:
                 mine = shard(stop - start, part)
                 idx = idx[mine] if order is not None else slice(start + mine.start, start + mine.stop)
             yield Batch(torch.from_numpy(np.array(dense[idx], dtype=np.float32)),
-                        torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
+                        torch.from_numpy(self.ids(split, sparse, idx)).unsqueeze(-1),
                         torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))
 
     def id_counts(self, split: str = "train", chunk: int = 1 << 20) -> list[np.ndarray]:
@@ -88,9 +103,9 @@ class CTRDataset:
         _, sparse, _ = self.arrays(split)
         counts = [np.zeros(r, dtype=np.int64) for r in self.table_rows]
         for s in range(0, len(sparse), chunk):
-            block = np.asarray(sparse[s:s + chunk])
+            block = self.ids(split, sparse, slice(s, s + chunk))
             for t, c in enumerate(counts):
-                c += np.bincount(block[:, t], minlength=len(c))[:len(c)]
+                c += np.bincount(block[:, t], minlength=len(c))
         return counts
 
     def sample(self, split: str, n: int, seed: int = 0) -> Batch:
@@ -98,7 +113,7 @@ class CTRDataset:
         dense, sparse, label = self.arrays(split)
         idx = np.sort(np.random.default_rng(seed).choice(len(label), size=min(n, len(label)), replace=False))
         return Batch(torch.from_numpy(np.asarray(dense[idx], dtype=np.float32)),
-                     torch.from_numpy(np.asarray(sparse[idx], dtype=np.int64)).unsqueeze(-1),
+                     torch.from_numpy(self.ids(split, sparse, idx)).unsqueeze(-1),
                      torch.from_numpy(np.asarray(label[idx], dtype=np.float32)))
 
 

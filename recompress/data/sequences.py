@@ -456,11 +456,23 @@ class SequenceDataset:
         for r, (s, e) in enumerate(zip(starts, ends)):
             if e > s:
                 out[r, length - (e - s):] = src[s:e]
+        if source is None:
+            self.check_items(out)
         return out
+
+    def check_items(self, ids: np.ndarray) -> None:
+        """Refuse item ids outside 1..num_items (0: padding): a dataset damaged or edited after it was prepared."""
+        bad = (ids < 0) | (ids > self.num_items)
+        if bad.any():
+            raise UserError(f"{self.path / 'items.npy'}: item {int(ids[bad][0])} is outside the catalogue's "
+                            f"{self.num_items} items", "the dataset was damaged or edited after it was prepared: "
+                            "prepare it again")
 
     def id_counts(self, split: str = "train") -> np.ndarray:
         """How often each item id (0..N) occurs in the training part of every sequence."""
         train = np.ones(len(self.items), dtype=bool)
         train[self.offsets[1:] - 1] = False
         train[self.offsets[1:] - 2] = False
-        return np.bincount(np.asarray(self.items)[train], minlength=self.num_items + 1)
+        items = np.asarray(self.items)[train]
+        self.check_items(items)
+        return np.bincount(items, minlength=self.num_items + 1)

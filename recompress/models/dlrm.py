@@ -211,7 +211,7 @@ class DLRMFamily(Family):
         dense, sparse, label = data.arrays(split)
         for s in range(0, len(label), batch_size):
             yield ({"dense": np.array(dense[s:s + batch_size], np.float32),
-                    "sparse": np.array(sparse[s:s + batch_size], np.int64)[..., None]},
+                    "sparse": data.ids(split, sparse, slice(s, s + batch_size))[..., None]},
                    np.asarray(label[s:s + batch_size]))
 
     def reduce(self, output: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +246,7 @@ class DLRMFamily(Family):
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(dense), size=(count, batch), replace=len(dense) < count * batch)
         return [{"dense": np.array(dense[np.sort(i)], np.float32),
-                 "sparse": np.array(sparse[np.sort(i)], np.int64)[..., None]} for i in idx]
+                 "sparse": data.ids("test", sparse, np.sort(i))[..., None]} for i in idx]
 
     # --- compression ------------------------------------------------------------------------------------
     def reduce_width(self, ckpt: Any, d: int, ctx: Any,

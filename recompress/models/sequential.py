@@ -261,6 +261,7 @@ class SequentialFamily(Family):
         who = self.eval_users(data, users, seed)
         ends = data.history_end(split)
         targets = np.asarray(data.items)[ends[who]].astype(np.int64)
+        data.check_items(targets)
         batch_size = batch_size or self.eval_batch[protocol]
         rng = np.random.default_rng([seed, {"val": 1, "test": 2}.get(split, 3)])  # same candidates for every model
         for s in range(0, len(who), batch_size):
@@ -310,6 +311,7 @@ class SequentialFamily(Family):
         lengths = ends - starts
         rows = np.repeat(np.arange(len(users)), lengths)
         cols = np.concatenate([np.asarray(data.items[s:e]) for s, e in zip(starts, ends)]) if len(users) else []
+        data.check_items(np.asarray(cols))
         out[rows, cols] = True
         return out
 
