@@ -231,11 +231,12 @@ def check_step(step: Step, ckpt: Checkpoint, ctx: Context) -> Context:
 
 def compress(ckpt: Checkpoint, steps: list[Step], ctx: Context) -> Checkpoint:
     """Apply ``steps`` in order, validating each one's input forms and data needs first. The result is no
-    longer the file it was read from: its ``path`` is cleared (an export records no source file for it)."""
+    longer what the file it was read from holds: it is marked ``modified`` (an export records no source file
+    for it; the file stays an input no output may overwrite)."""
     for step in steps:
         ckpt = step.method.apply(ckpt, step.own_params(), check_step(step, ckpt, ctx))
     if steps:
-        ckpt.path = None
+        ckpt.modified = True
     return ckpt
 
 

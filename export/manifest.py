@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from recompress.errors import UserError
+from recompress.outputs import kind_of
 
 MANIFEST = "manifest.json"
 
@@ -27,8 +28,12 @@ def is_export(folder: str | Path) -> bool:
     """Whether ``folder`` is an export recompress wrote: a ``manifest.json`` that names its target and file (any
     other ``manifest.json``, someone else's, leaves the folder what it otherwise is)."""
     path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return False
+    if kind_of(Path(folder)) == "export":  # ours, even with a damaged manifest (read_manifest says so)
+        return True
     try:
-        m = json.loads(path.read_text()) if path.is_file() else None
+        m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(m, dict) and {"target", "file", "parity"} <= m.keys()

@@ -150,9 +150,10 @@ def export_checkpoint(ckpt: Checkpoint, target: str, out: str | Path, *, data: A
             raise UserError(f"{target} output differs from the checkpoint by up to {p['max_abs_diff']:.3g} "
                             f"(allowed {atol} + {rtol}*|y|) on {', '.join(bad)}; nothing was written",
                             "loosen --atol/--rtol if this precision is acceptable")
-        manifest["source"] = {"path": str(stored.path) if stored.path else None,
-                              "relative": os.path.relpath(stored.path, Path(out).absolute()) if stored.path else None,
-                              "sha256": checkpoints.checkpoint_hash(stored.path) if stored.path else None,
+        source = stored.path if not stored.modified else None  # a model changed in memory is no file's
+        manifest["source"] = {"path": str(source) if source else None,
+                              "relative": os.path.relpath(source, Path(out).absolute()) if source else None,
+                              "sha256": checkpoints.checkpoint_hash(source) if source else None,
                               "format": stored.spec.provenance.get("source_format", "recompress")}
         manifest["model_spec"] = json.loads(stored.spec.to_json())
         manifest["table_bytes"] = {n: t.stored_bytes() for n, t in stored.model.tables.items()}

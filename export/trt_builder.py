@@ -347,8 +347,11 @@ def _serialize(trt: ModuleType, builder: Any, net: Any, config: Any, engine_path
         def write(self, data: bytes) -> int:
             return self.fh.write(data)
 
-    with open(engine_path, "wb") as fh:
-        built = bool(builder.build_serialized_network_to_stream(net, config, EngineFile(fh)))
-    if not built:
-        engine_path.unlink()  # what a failed build wrote
+    built = False
+    try:
+        with open(engine_path, "wb") as fh:
+            built = bool(builder.build_serialized_network_to_stream(net, config, EngineFile(fh)))
+    finally:
+        if not built:
+            engine_path.unlink(missing_ok=True)  # what a failed (or interrupted) build wrote
     return built

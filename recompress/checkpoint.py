@@ -30,7 +30,8 @@ class Checkpoint:
 
     model: nn.Module
     spec: ModelSpec
-    path: Path | None = None
+    path: Path | None = None  # the file it was read from (an input no output may overwrite)
+    modified: bool = False  # changed in memory since (compressed): no longer what that file holds
 
 
 def refresh_tables(model: nn.Module, spec: ModelSpec) -> None:

@@ -450,17 +450,16 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     from .outputs import check_output
     inputs = [source, data_path]
     check_output(out, overwrite=overwrite, inputs=inputs)
-    not_an_export(source)
+    source, overrides = checkpoint_source(source, hp)
     from .compress.registry import Context, Selection, check_sharding, compress, parse_methods
     cfg = train_config(kw)
     cfg.validate(ranks=planned_ranks(nproc))
     steps = parse_methods(method, kw)
     check_sharding(steps, cfg)
     launch(nproc)
-    from .adapters import describe, load_any, load_streamed, parse_hp
+    from .adapters import describe, load_any, load_streamed
     from .checkpoint import is_native, save_checkpoint
     from .compress.stream import native_source, stream_compress, streams
-    overrides = parse_hp(hp)
     if overrides:
         describe(source, overrides)  # refuses --hp where it does not apply, or a key or value it does not know
     from .data import open_dataset
@@ -492,16 +491,19 @@ def checkpoint(source: str, method: str, data_path: str | None, tables: str | No
     click.echo(f"wrote {out}: embedding bytes {before:,} -> {after:,} ({before / after:.2f}x smaller)")
 
 
-def not_an_export(source: str) -> None:
-    """Refuse an export folder where a checkpoint is wanted, naming the checkpoint it came from (an export in an
-    upstream layout, ``--target dlrm|torchrec``, is a checkpoint: the adapters read the file in it)."""
+def checkpoint_source(source: str, hp: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """The checkpoint ``source`` names and the ``--hp`` to read it with: for an export in an upstream layout
+    (``--target dlrm|torchrec``), the file in it with the hyper-parameters its manifest records (the user's
+    ``--hp`` win), as ``evaluate`` reads it; an export to a runtime is refused, naming the checkpoint it came
+    from."""
+    from .adapters import parse_hp
     from .export.manifest import is_export, read_manifest
-    path = Path(source)
+    user, path = parse_hp(hp), Path(source)
     if not is_export(path):
-        return
+        return source, user
     m = read_manifest(path)
-    if m.get("artifact_is_checkpoint"):  # e.g. --target dlrm: a checkpoint the adapters read
-        return
+    if m.get("artifact_is_checkpoint"):
+        return str(path / m["file"]), {**(m.get("hp") or {}), **user}
     src = (m.get("source") or {}).get("path")
     raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
                     f"pass the checkpoint it came from{': ' + src if src else ''}")
@@ -558,11 +560,11 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
     """Export a checkpoint; fails (writing nothing) if the artifact disagrees with the checkpoint."""
     from .outputs import check_output
     check_output(out, overwrite=overwrite, inputs=[source, data_path])
-    not_an_export(source)
-    from .adapters import load_any, parse_hp
+    source, overrides = checkpoint_source(source, hp)
+    from .adapters import load_any
     from .data import open_dataset
     from .export import export_checkpoint
-    ckpt = load_any(source, parse_hp(hp))
+    ckpt = load_any(source, overrides)
     ckpt.path = Path(source).resolve()
     m = export_checkpoint(ckpt, target, out, data=open_dataset(data_path) if data_path else None,
                           overwrite=overwrite,

@@ -53,6 +53,12 @@ def _marker_of(folder: Path) -> dict[str, Any] | None:
     return m if isinstance(m, dict) and m.get("written_by") == "recompress" else None
 
 
+def kind_of(folder: Path) -> str | None:
+    """What recompress wrote ``folder`` as (export, checkpoint, dataset, run...), by its marker; None if not ours."""
+    m = _marker_of(folder)
+    return m.get("kind") if m else None
+
+
 def _write_marker(folder: Path, m: dict[str, Any]) -> None:
     tmp = folder / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(m) + "\n")

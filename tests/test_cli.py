@@ -521,9 +521,14 @@ def test_exports_that_are_checkpoints_and_folders_with_someone_elses_manifest_st
     """Review of not_an_export: an export in an upstream layout (--target dlrm) is a checkpoint the adapters read,
     and a checkpoint folder holding an unrelated manifest.json (even one whose "files" is a list) is a
     checkpoint: both export again; only recompress's own exports to a runtime are refused."""
-    assert cli("export", tiny_ckpt, "--target", "dlrm", "--data", tiny_data.path, "-o", tmp_path / "dl").exit_code == 0
-    res = CliRunner().invoke(main, ["export", str(tmp_path / "dl"), "--data", str(tiny_data.path), "-o", str(tmp_path / "a")])
-    assert res.exit_code == 0, res.output
+    assert cli("checkpoint", tiny_ckpt, "--method", "qr", "--collisions", 4, "--op", "add", "--min-rows", 100,
+               "-o", tmp_path / "qr").exit_code == 0
+    assert cli("export", tmp_path / "qr", "--target", "dlrm", "--data", tiny_data.path, "-o", tmp_path / "dl").exit_code == 0
+    assert json.loads((tmp_path / "dl" / "manifest.json").read_text())["hp"] == {"qr_operation": "add"}
+    for args in (["export", tmp_path / "dl", "--data", tiny_data.path, "-o", tmp_path / "a"],  # with the manifest's hp
+                 ["checkpoint", tmp_path / "dl", "--method", "int8", "-o", tmp_path / "a8"]):
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
     theirs = _copy_tree(tiny_ckpt, tmp_path / "theirs")
     (theirs / "manifest.json").write_text(json.dumps({"run": "exp-17", "files": ["a", "b"]}))
     for args in (["export", str(theirs), "--data", str(tiny_data.path), "-o", str(tmp_path / "b")],
@@ -550,8 +555,8 @@ def test_an_id_outside_its_table_in_a_dataset_is_refused_by_row(tiny_ckpt, tiny_
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("where", ["history", "last"])
-def test_an_item_outside_the_catalogue_in_a_sequence_dataset_is_refused(tmp_path, where):
+@pytest.mark.parametrize("where,item", [("history", 21), ("last", 21), ("last", 0)])
+def test_an_item_outside_the_catalogue_in_a_sequence_dataset_is_refused(tmp_path, where, item):
     """The same for a sequence dataset, in a history or as a user's last (test target) item: training and
     evaluation say so by name."""
     from recompress.data.synthetic_sequences import make_synthetic_sequences
@@ -559,10 +564,20 @@ def test_an_item_outside_the_catalogue_in_a_sequence_dataset_is_refused(tmp_path
     assert cli("train", "--model", "sasrec", "--data", good, "--epochs", 1, "-o", tmp_path / "ck").exit_code == 0
     data = _copy_tree(good, tmp_path / "bad")
     items, offsets = np.load(data / "items.npy"), np.load(data / "offsets.npy")
-    items[3 if where == "history" else offsets[1] - 1] = 21
+    items[3 if where == "history" else offsets[1] - 1] = item  # 0 as a target: scored as padding (review)
     np.save(data / "items.npy", items)
     for args in ([["train", "--model", "sasrec", "--data", data, "--epochs", 1, "-o", tmp_path / "never"]]
                  if where == "history" else []) + [["evaluate", tmp_path / "ck", "--data", data, "--no-latency"]]:
         res = CliRunner().invoke(main, [str(a) for a in args])
-        assert_user_error(res, "item 21 is outside the catalogue's 20 items")
+        assert_user_error(res, f"item {item} is outside the catalogue's 20 items")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_damaged_manifest_of_an_export_is_named_as_such(small_export, tiny_data, tmp_path):
+    """recompress's marker says the folder is an export, so a truncated manifest.json is said to be damaged
+    (not "not a checkpoint format recompress knows" with every format listed)."""
+    bad = _copy_tree(small_export, tmp_path / "bad")
+    (bad / "manifest.json").write_text((small_export / "manifest.json").read_text()[:100])
+    for args in (["evaluate", bad, "--data", tiny_data.path, "--no-latency"], ["inspect", bad],
+                 ["export", bad, "-o", tmp_path / "never"]):
+        assert_user_error(CliRunner().invoke(main, [str(a) for a in args]), "manifest.json is not valid JSON")

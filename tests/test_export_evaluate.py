@@ -265,5 +265,8 @@ def test_an_export_of_a_model_compressed_in_memory_names_no_source_file(tiny_ckp
     ck = compress(load_checkpoint(tiny_ckpt), parse_methods("int8", {}), Context())
     m = export_checkpoint(ck, "onnx", tmp_path / "q", data=tiny_data)
     assert m["source"]["path"] is None and m["source"]["sha256"] is None and m["parity"]["passed"]
+    with pytest.raises(UserError, match="is the input"):  # the file it was read from is still an input (review)
+        export_checkpoint(ck, "onnx", tiny_ckpt, data=tiny_data, overwrite=True)
+    assert (tiny_ckpt / "weights.safetensors").is_file()
     m = export_checkpoint(load_checkpoint(tiny_ckpt), "onnx", tmp_path / "plain", data=tiny_data)
     assert m["source"]["path"] == str(tiny_ckpt) and len(m["source"]["sha256"]) == 64

@@ -457,12 +457,13 @@ class SequenceDataset:
             if e > s:
                 out[r, length - (e - s):] = src[s:e]
         if source is None:
-            self.check_items(out)
+            self.check_items(out, padding=True)
         return out
 
-    def check_items(self, ids: np.ndarray) -> None:
-        """Refuse item ids outside 1..num_items (0: padding): a dataset damaged or edited after it was prepared."""
-        bad = (ids < 0) | (ids > self.num_items)
+    def check_items(self, ids: np.ndarray, padding: bool = False) -> None:
+        """Refuse item ids outside 1..num_items (0 too, unless ``ids`` are padded windows): a dataset damaged or
+        edited after it was prepared."""
+        bad = (ids < (0 if padding else 1)) | (ids > self.num_items)
         if bad.any():
             raise UserError(f"{self.path / 'items.npy'}: item {int(ids[bad][0])} is outside the catalogue's "
                             f"{self.num_items} items", "the dataset was damaged or edited after it was prepared: "
