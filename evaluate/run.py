@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recompress.export.manifest import MANIFEST, is_export, read_manifest, versions
+from recompress.export.manifest import MANIFEST, checkpoint_in, is_export, read_manifest, versions
 from recompress.export.onnx import PRECISIONS as ORT_PRECISIONS
 
 from recompress.adapters import detect_format, load_any
@@ -67,10 +67,10 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     path = Path(path)
     predictors: list[Predictor] = []
     ckpt: Checkpoint | None = None
+    upstream = checkpoint_in(path, hp)  # e.g. --target dlrm: a file the adapters read
+    if upstream is not None:
+        path, hp = upstream
     manifest = read_manifest(path) if is_export(path) else None
-    if manifest is not None and manifest.get("artifact_is_checkpoint"):  # e.g. --target dlrm: a file the adapters read
-        path, hp = path / manifest["file"], {**(manifest.get("hp") or {}), **(hp or {})}
-        manifest = None
     if manifest is not None:
         if manifest["target"] == "trt":  # the engine, and ONNX Runtime on the graph it was built from
             predictors.append(TrtPredictor(path / manifest["file"], manifest))

@@ -39,6 +39,17 @@ def is_export(folder: str | Path) -> bool:
     return isinstance(m, dict) and {"target", "file", "parity"} <= m.keys()
 
 
+def checkpoint_in(folder: str | Path, hp: dict[str, str] | None = None) -> tuple[Path, dict[str, str]] | None:
+    """For an export in an upstream layout (``--target dlrm|torchrec``: a checkpoint the adapters read), its file
+    and the hyper-parameters to read it with (its manifest's; ``hp`` win); None for any other folder."""
+    if not is_export(folder):
+        return None
+    m = read_manifest(folder)
+    if not m.get("artifact_is_checkpoint"):
+        return None
+    return Path(folder) / m["file"], {**(m.get("hp") or {}), **(hp or {})}
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST if folder.is_dir() else None

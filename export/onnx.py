@@ -57,11 +57,15 @@ class Autocast(nn.Module):
             return self.scorer(*inputs).float()
 
 
-def mappable(shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Refuse a stacked table ONNX Runtime could not map, before it is written (``Scratch``'s ``admit``)."""
-    nbytes = math.prod(shape) * dtype.itemsize
+def require_map(what: str, nbytes: int) -> None:
+    """Refuse an initializer of ``nbytes`` ONNX Runtime could not map, before the graph is written."""
     if not can_map_privately(nbytes):
-        raise unmappable(FILE, f"stacked table of {shape[0]:,} rows", nbytes)
+        raise unmappable(FILE, what, nbytes)
+
+
+def mappable(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """``require_map`` for a stacked table, before it is written (``Scratch``'s ``admit``)."""
+    require_map(f"stacked table of {shape[0]:,} rows", math.prod(shape) * dtype.itemsize)
 
 
 def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +80,7 @@ def build(family: Any, ckpt: Any, folder: Path, inputs: dict[str, torch.Tensor],
     param_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if param_bytes > EXTERNAL_DATA_BYTES and state:  # external: ONNX Runtime will map the biggest privately
         name, big = max(state.items(), key=lambda kv: kv[1].numel() * kv[1].element_size())
-        if not can_map_privately(big.numel() * big.element_size()):  # asked now, before writing the graph
-            raise unmappable(FILE, f"initializer {name}", big.numel() * big.element_size())
+        require_map(f"initializer {name}", big.numel() * big.element_size())
     axes = family.input_axes(ckpt.spec.hparams, opts.get("layout"))
     names = list(axes)
     dims: dict[str, Any] = {}

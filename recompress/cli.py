@@ -497,13 +497,14 @@ def checkpoint_source(source: str, hp: tuple[str, ...]) -> tuple[str, dict[str, 
     ``--hp`` win), as ``evaluate`` reads it; an export to a runtime is refused, naming the checkpoint it came
     from."""
     from .adapters import parse_hp
-    from .export.manifest import is_export, read_manifest
+    from .export.manifest import checkpoint_in, is_export, read_manifest
     user, path = parse_hp(hp), Path(source)
+    upstream = checkpoint_in(path, user)
+    if upstream is not None:
+        return str(upstream[0]), upstream[1]
     if not is_export(path):
         return source, user
     m = read_manifest(path)
-    if m.get("artifact_is_checkpoint"):
-        return str(path / m["file"]), {**(m.get("hp") or {}), **user}
     src = (m.get("source") or {}).get("path")
     raise UserError(f"{path} is an export ({m.get('target')}), not a checkpoint",
                     f"pass the checkpoint it came from{': ' + src if src else ''}")

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import describe as describe_checkpoint
-from .export.manifest import is_export, read_manifest
+from .export.manifest import checkpoint_in, is_export, read_manifest
 
 
 def describe(source: str | Path, hp: dict[str, str] | None = None) -> dict[str, Any]:
     path = Path(source)
-    if is_export(path) and read_manifest(path).get("artifact_is_checkpoint"):
-        m = read_manifest(path)  # an export in an upstream layout: describe the file it wrote
-        return describe(path / m["file"], {**(m.get("hp") or {}), **(hp or {})})
+    upstream = checkpoint_in(path, hp)  # an export in an upstream layout: describe the file it wrote
+    if upstream is not None:
+        return describe(*upstream)
     if is_export(path):
         m = read_manifest(path)
         spec = m["model_spec"]
