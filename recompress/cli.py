@@ -208,11 +208,12 @@ def family_options(f: Any) -> Any:
     for name, owners in reversed(list(all_hparams().items())):
         p = owners[0][1]
         defaults = ", ".join(f"{fam} {q.default}" for fam, q in owners)
-        text = f"{p.help} (default: {defaults})"
+        text = f"{'; '.join(dict.fromkeys(q.help for _, q in owners))} (default: {defaults})"
         if p.type is bool:
             f = click.option(f"{p.flag}/--no-{p.flag[2:]}", p.name, default=None, help=text)(f)
-        else:
-            kind = click.Choice(p.choices) if p.choices else p.type
+        else:  # each family checks its own choices (Family.hparams)
+            choices = list(dict.fromkeys(c for _, q in owners for c in q.choices or ()))
+            kind = click.Choice(choices) if choices else p.type
             f = click.option(p.flag, p.name, type=kind, default=None, help=text)(f)
     return f
 

@@ -90,14 +90,18 @@ declare(FamilyInfo("sasrec", "SASRec: causal softmax self-attention over the his
                               ("sasrec.pytorch", "recbole")),
                         Param("ffn_dim", int, FFN_DIM, None), Param("activation", str, ACTIVATION, "relu", ("relu", "gelu")),
                         Param("ln_eps", float, LN_EPS, 1e-8))))
-declare(FamilyInfo("bert4rec", "BERT4Rec (RecBole's): bidirectional self-attention over the history and a mask token "
-                   "appended after it; the output head scores the tied item table plus a per-item bias", "sequences",
+declare(FamilyInfo("bert4rec", "BERT4Rec (RecBole's or TorchRec's example): bidirectional self-attention over the "
+                   "history and a mask token appended after it; an output head scores the tied item table (RecBole) or "
+                   "an output table (TorchRec), plus a per-item bias", "sequences",
                    "recompress.models.bert4rec",
                    _seq({"dim": 64, "heads": 2, "loss": "sampled-softmax", "negatives": 128},
                         Param("ffn_dim", int, FFN_DIM, 256), Param("activation", str, ACTIVATION, "gelu", ("relu", "gelu")),
                         Param("ln_eps", float, LN_EPS, 1e-12),
                         Param("mask_ratio", float, "bert4rec: share of training positions masked (cloze); the last "
-                                                   "is always masked, as in serving", 0.2))))
+                                                   "is always masked, as in serving", 0.2),
+                        Param("flavor", str, "bert4rec: RecBole's, or TorchRec's example (input layer norm over the "
+                                             "whole window, pre-LN blocks, an untied output table; defaults: ReLU, "
+                                             "ffn 4 d, ln eps 1e-5)", "recbole", ("recbole", "torchrec")))))
 declare(FamilyInfo("gru4rec", "GRU4Rec (RecBole's): a GRU over the history's item rows, projected back to the item "
                    "width and scored by the tied item table", "sequences", "recompress.models.gru4rec",
                    _seq({"dim": 64, "dropout": 0.3, "loss": "sampled-softmax", "negatives": 128},

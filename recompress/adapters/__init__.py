@@ -26,7 +26,8 @@ from recompress.blockfile import Rows
 from recompress.checkpoint import Checkpoint
 from recompress.errors import UserError
 
-from . import dlrm_ref, dlrm_v3, hstu_research, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec
+from . import (dlrm_ref, dlrm_v3, hstu_research, native, nvidia_dlrm, recbole, sasrec_pmixer, shards, torchrec,
+               torchrec_bert4rec)
 from .found import Found, parse_hp
 from .stored import materialize
 from .torch_files import is_torch_file, safe_torch_load, top_keys
@@ -34,7 +35,7 @@ from .torch_files import is_torch_file, safe_torch_load, top_keys
 OPTIMIZER_NAMES = {"optim", "optimizer", "optimizers", "optimizer_state_dict", "optimizer_states", "optimizer_dict",
                    "opt_state_dict", "opt_state"}
 ADAPTERS: list[ModuleType] = [native, nvidia_dlrm, dlrm_v3, recbole, dlrm_ref, sasrec_pmixer, hstu_research,
-                               torchrec]
+                               torchrec_bert4rec, torchrec]
 
 
 def _object(path: Path) -> Any:

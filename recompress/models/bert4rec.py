@@ -1,4 +1,5 @@
-"""BERT4Rec (Sun et al. 2019) as RecBole builds and serves it.
+"""BERT4Rec (Sun et al. 2019) as RecBole builds and serves it (flavor ``recbole``; TorchRec's example, flavor
+``torchrec``: ``recompress.models.bert4rec_torchrec``).
 
 The encoder is RecBole's transformer, as in its SASRec (``recompress.models.sasrec``, flavor ``recbole``:
 item plus position rows through a layer norm, post-LN blocks, positions from the first item) with
@@ -30,6 +31,7 @@ from recompress.families import FAMILIES
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
+from .bert4rec_torchrec import TorchRecBERT4Rec
 from .sasrec import SASRec
 from .sequential import SequentialFamily, dot_candidates, dot_negatives, item_embed, key_mask, sample_negatives
 
@@ -57,6 +59,10 @@ class BERT4Rec(SASRec):
     def served(self, history: Tensor) -> Tensor:
         """RecBole's test input: the oldest real item dropped, the mask token appended after the newest."""
         return torch.cat([drop_oldest(history), torch.full_like(history[:, :1], self.mask_id)], dim=1)
+
+    def cloze_window(self, data: Any, users: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+        """The training window whose last item is masked: the items up to ``ends``, as ``served`` cuts them."""
+        return drop_oldest(torch.from_numpy(data.windows(users, ends, length + 1))).numpy()
 
     def bias(self, ids: Tensor) -> Tensor:
         """Each item's bias (padding's: 0)."""
@@ -86,8 +92,26 @@ class BERT4RecFamily(SequentialFamily):
     info = FAMILIES["bert4rec"]
     extra_items = 1  # the mask token
 
-    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> BERT4Rec:
+    compressible = ("item", "output")
+
+    def build(self, spec: ModelSpec, tables: dict[str, Table]) -> nn.Module:
+        if spec.hparams.get("flavor") == "torchrec":
+            return TorchRecBERT4Rec(spec.hparams, tables)
         return BERT4Rec(spec.hparams, tables)
+
+    def hparams(self, given: dict[str, Any]) -> dict[str, Any]:
+        """TorchRec's flavor defaults to its example's layers: a ReLU feed-forward of width 4 d, PyTorch's layer
+        norm epsilon."""
+        hp = super().hparams(given)
+        if hp["flavor"] == "torchrec":
+            defaults = {"activation": "relu", "ln_eps": 1e-5, "ffn_dim": 4 * hp["dim"]}
+            hp.update({k: v for k, v in defaults.items() if given.get(k) is None})
+        return hp
+
+    def table_rows(self, hparams: dict[str, Any]) -> dict[str, int]:
+        """TorchRec's flavor scores with an output table of the item table's rows (padding and mask included)."""
+        rows = super().table_rows(hparams)
+        return {**rows, "output": rows["item"]} if hparams.get("flavor") == "torchrec" else rows
 
     def init_layers(self, model: nn.Module, gen: torch.Generator) -> None:
         """RecBole's rule: linear weights N(0, 0.02), their biases 0, layer norms 1 and 0, the item bias 0."""
@@ -105,10 +129,11 @@ class BERT4RecFamily(SequentialFamily):
         model.output_bias.zero_()
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
-        """Training counts of each item; the mask token, read by every request, counts one more than the most
-        frequent item (frequency-aware methods keep it in a row of its own)."""
+        """Training counts of each item (for the item and output tables); the mask token, read by every request,
+        counts one more than the most frequent item (frequency-aware methods keep it in a row of its own)."""
         counts = data.id_counts("train")
-        return {"item": np.append(counts, counts.max(initial=0) + 1)}
+        counts = np.append(counts, counts.max(initial=0) + 1)
+        return {t.name: counts for t in spec.tables if t.name in ("item", "output")}
 
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
@@ -118,7 +143,7 @@ class BERT4RecFamily(SequentialFamily):
         ends = data.history_end("train")
         for users in np.array_split(rng.permutation(data.num_users), self.steps_per_epoch(data, batch_size)):
             # the window as serving would see it with the last item asked for: oldest dropped, then masked
-            window = drop_oldest(torch.from_numpy(data.windows(users, ends[users], length + 1))).numpy()
+            window = model.cloze_window(data, users, ends[users], length)
             masked = (window > 0) & (rng.random(window.shape) < hp["mask_ratio"])
             masked[:, -1] = window[:, -1] > 0
             if hp["loss"] == "sampled-softmax":

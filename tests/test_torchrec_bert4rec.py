@@ -1,0 +1,212 @@
+"""TorchRec's BERT4Rec example: its saved state dicts rebuilt to score as the example's own forward (written out
+here from its formulas, on the inputs its evaluation builds), evaluated, compressed, exported and trained."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recompress.adapters import describe, load_any
+from recompress.errors import UserError
+from recompress.families import get_family
+
+from .test_sequential_models import seq_data  # noqa: F401 (fixture)
+from .test_upstream_formats import cli
+
+N, L, D, FFN = 150, 12, 16, 64  # seq_data's items; the example's max_len, emb_dim and 4 * emb_dim
+VOCAB, MASK = N + 2, N + 1  # the example's vocab_size: padding 0, items, mask token
+
+
+def example_state(blocks=2, seed=0, prefix="module."):
+    """A state dict in the layout bert4rec_main.py saves (DDP's ``module.``), random weights."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3
+    sd = {"history.positional": r(L, D), "history.layernorm.weight": 1 + r(L, D), "history.layernorm.bias": r(L, D),
+          "history.ec.embeddings.item_embedding.weight": r(VOCAB, D), "out.weight": r(VOCAB, D), "out.bias": r(VOCAB)}
+    for i in range(blocks):
+        b = f"transformer_blocks.{i}."
+        for j in range(3):
+            sd[f"{b}attention.linear_layers.{j}.weight"], sd[f"{b}attention.linear_layers.{j}.bias"] = r(D, D), r(D)
+        sd[b + "attention.output_linear.weight"], sd[b + "attention.output_linear.bias"] = r(D, D), r(D)
+        sd[b + "feed_forward.w_1.weight"], sd[b + "feed_forward.w_1.bias"] = r(FFN, D), r(FFN)
+        sd[b + "feed_forward.w_2.weight"], sd[b + "feed_forward.w_2.bias"] = r(D, FFN), r(D)
+        for norm in ("input_sublayer.norm", "output_sublayer.norm"):
+            sd[f"{b}{norm}.weight"], sd[f"{b}{norm}.bias"] = 1 + r(D), r(D)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def example_tokens(items_of_user):
+    """The example's _generate_labeled_eval_set: history + [mask], its last max_len, left-padded with 0."""
+    rows = []
+    for seq in items_of_user:
+        tokens = (list(seq) + [MASK])[-L:]
+        rows.append([0] * (L - len(tokens)) + tokens)
+    return torch.tensor(rows)
+
+
+def example_scores(sd, tokens, heads):
+    """BERT4Rec.forward of the example, step by step, at the last slot: item rows (padding id 0 looked up) plus
+    positional, layer norm over [L, d], pre-LN blocks (q/k/v linears, keys masked where the id is 0 with -1e9,
+    output_linear; ReLU feed-forward), no final norm, then ``out``."""
+    w = lambda k: sd["module." + k]
+    lin = lambda x, p: x @ w(p + ".weight").T + w(p + ".bias")
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], w(p + ".weight"), w(p + ".bias"), 1e-5)
+    x = w("history.ec.embeddings.item_embedding.weight")[tokens] + w("history.positional")
+    x = F.layer_norm(x, (L, D), w("history.layernorm.weight"), w("history.layernorm.bias"), 1e-5)
+    mask = (tokens > 0)[:, None, None, :]
+    for i in range(2):
+        b = f"transformer_blocks.{i}."
+        y = ln(x, b + "input_sublayer.norm")
+        split = lambda t: t.view(len(t), L, heads, D // heads).transpose(1, 2)
+        q, k, v = (split(lin(y, f"{b}attention.linear_layers.{j}")) for j in range(3))
+        s = (q @ k.transpose(-2, -1) / (D // heads) ** 0.5).masked_fill(~mask, -1e9)
+        x = x + lin((s.softmax(-1) @ v).transpose(1, 2).reshape(len(x), L, D), b + "attention.output_linear")
+        x = x + lin(torch.relu(lin(ln(x, b + "output_sublayer.norm"), b + "feed_forward.w_1")), b + "feed_forward.w_2")
+    return lin(x, "out")[:, -1]
+
+
+def user_sequences(data, n=8):
+    """Test histories of n users, long and short (shortest first), and recompress's window of each."""
+    ends = data.history_end("test")
+    lengths = ends - data.offsets[:-1]
+    users = np.concatenate([np.argsort(lengths, kind="stable")[: n // 2], np.flatnonzero(lengths > L + 3)[: n // 2]])
+    seqs = [np.asarray(data.items[data.offsets[u]:ends[u]]).tolist() for u in users]
+    return seqs, torch.from_numpy(data.windows(users, ends[users], L))
+
+
+def write_example(path, sd):
+    torch.save(sd, path)
+    return path
+
+
+def test_the_examples_state_dict_scores_as_its_own_forward(seq_data, tmp_path):  # noqa: F811
+    sd = example_state()
+    path = write_example(tmp_path / "epoch_10_model.pth", sd)
+    found = describe(path)
+    assert found.format == "torchrec-bert4rec" and found.family == "bert4rec"
+    assert [(t.name, t.rows, t.dim) for t in found.tables] == [("item", VOCAB, D), ("position", L + 1, D),
+                                                              ("output", VOCAB, D)]
+    assert {k: found.hparams[k] for k in ("num_items", "max_len", "blocks", "ffn_dim", "flavor")} == \
+        {"num_items": N, "max_len": L, "blocks": 2, "ffn_dim": FFN, "flavor": "torchrec"}
+    assert "heads" in found.missing  # the example never saves --nhead
+    with pytest.raises(UserError, match="does not say heads"):
+        load_any(path)
+    ck = load_any(path, {"heads": "2"})
+    seqs, history = user_sequences(seq_data)
+    assert min(map(len, seqs)) < L - 1 < max(map(len, seqs))  # padded windows and cut ones
+    with torch.no_grad():
+        want = example_scores(sd, example_tokens(seqs), heads=2)
+        got = ck.model(history, torch.arange(VOCAB)[None])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    with torch.no_grad():  # the heads matter: the same file read with 4 heads scores otherwise
+        assert not torch.allclose(load_any(path, {"heads": "4"}).model(history, torch.arange(VOCAB)[None]), want,
+                                  atol=1e-2)
+
+
+def test_padding_is_a_row_and_the_window_norm_mixes_every_slot(seq_data, tmp_path):  # noqa: F811
+    """The example looks id 0 up (its row is trained) and normalizes over the whole window: changing row 0 changes
+    the scores of a padded history and not of a full one."""
+    sd = example_state()
+    seqs, history = user_sequences(seq_data)
+    padded = torch.tensor([len(s) < L - 1 for s in seqs])
+    other = dict(sd)
+    other["module.history.ec.embeddings.item_embedding.weight"] = sd["module.history.ec.embeddings.item_embedding.weight"].clone()
+    other["module.history.ec.embeddings.item_embedding.weight"][0] += 1.0
+    scores = []
+    for name, state in (("a.pth", sd), ("b.pth", other)):
+        with torch.no_grad():
+            scores.append(load_any(write_example(tmp_path / name, state), {"heads": "2"}).model(
+                history, torch.arange(1, N + 1)[None]))
+    moved = (scores[0] - scores[1]).abs().amax(1) > 1e-3
+    assert torch.equal(moved, padded), (moved, padded)
+
+
+def test_files_that_contradict_themselves_are_refused(tmp_path):
+    sd = example_state()
+    sd["module.out.bias"] = sd["module.out.bias"][:-1]
+    with pytest.raises(UserError, match=r"out.bias is \[151\], expected \[152\]"):
+        describe(write_example(tmp_path / "a.pth", sd))
+    sd = {k: v for k, v in example_state().items() if "linear_layers.1.bias" not in k}
+    with pytest.raises(UserError, match="without transformer_blocks.0.attention.linear_layers.1.bias"):
+        load_any(write_example(tmp_path / "b.pth", sd), {"heads": "2"})
+    with pytest.raises(UserError, match="heads = 3 does not divide the width 16"):
+        load_any(write_example(tmp_path / "c.pth", example_state()), {"heads": "3"})
+
+
+def test_the_example_evaluates_compresses_and_exports(seq_data, tmp_path):  # noqa: F811
+    path = write_example(tmp_path / "epoch_10_model.pth", example_state())
+    data = seq_data.path
+    res = cli("evaluate", path, "--hp", "heads=2", "--data", data, "--no-latency", "--json", tmp_path / "base.json")
+    assert res.exit_code == 0, res.output
+    res = cli("checkpoint", path, "--hp", "heads=2", "--method", "int8", "-o", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    spec = json.loads((tmp_path / "q" / "spec.json").read_text())
+    quant = {t["name"]: t.get("params", {}).get("quant", {}).get("dtype") for t in spec["tables"]}
+    assert quant == {"item": "int8", "position": None, "output": "int8"}  # both id tables, by their roles
+    res = cli("checkpoint", path, "--hp", "heads=2", "--method", "mlet", "--dim", 8, "-o", tmp_path / "m")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output  # post-training MLET: DLRM only
+    res = cli("checkpoint", path, "--hp", "heads=2", "--method", "lowrank", "--rank", 8, "-o", tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    for name in ("q", "r"):
+        res = cli("export", tmp_path / name, "--data", data, "-o", tmp_path / f"x{name}")
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((tmp_path / f"x{name}" / "manifest.json").read_text())
+        assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] < 1e-4, manifest["parity"]
+    res = cli("evaluate", tmp_path / "xq", "--data", data, "--no-latency", "--compare", tmp_path / "base.json",
+              "--json", tmp_path / "x.json")
+    assert res.exit_code == 0, res.output
+    base = json.loads((tmp_path / "base.json").read_text())["accuracy"]["torch"]["ndcg@10"]
+    onnx = json.loads((tmp_path / "x.json").read_text())["accuracy"]
+    assert abs(next(iter(onnx.values()))["ndcg@10"] - base) < 0.02
+
+
+def test_cloze_windows_and_training_scores_match_serving(seq_data):  # noqa: F811
+    """TorchRec's flavor trains on the window of the last max_len training items, the last one masked: with no
+    other slot masked, its last logits are the scores forward() gives after the history before that item."""
+    fam = get_family("bert4rec")
+    model = fam.from_spec(fam.new_spec(seq_data, {"dim": 16, "max_len": L, "mask_ratio": 0.0, "negatives": 5,
+                                                  "flavor": "torchrec"}))
+    fam.init(model, 0)
+    with torch.no_grad():
+        model.output_bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+        model.tables["item"].weight[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    (batch,) = fam.batches(model, seq_data, seq_data.num_users, seed=0)
+    h, t = batch["history"].numpy(), batch["targets"].numpy()
+    ends = seq_data.history_end("train")
+    want = {tuple([0] * (L - len(s)) + s) for s in
+            (np.asarray(seq_data.items[max(seq_data.offsets[u], ends[u] - L):ends[u]]).tolist()
+             for u in range(seq_data.num_users))}
+    assert {tuple(r) for r in np.where(h == MASK, t, h)} == want and (h[:, -1] == MASK).all()
+    with torch.no_grad():
+        pos, neg = model.train_logits(batch["history"], batch["targets"], batch["negatives"])
+    rows = {tuple(np.where(r == MASK, tt, r)): i for i, (r, tt) in enumerate(zip(h, t))}
+    users = np.arange(seq_data.num_users)
+    order = [rows[tuple(w)] for w in seq_data.windows(users, ends, L)]
+    history = torch.from_numpy(seq_data.windows(users, ends - 1, L))
+    target = torch.from_numpy(np.asarray(seq_data.items)[ends - 1].astype(np.int64))
+    with torch.no_grad():
+        assert torch.allclose(pos[order, -1], model(history, target[:, None])[:, 0], atol=1e-5)
+        assert torch.allclose(neg[order, -1], model(history, batch["negatives"][None]), atol=1e-5)
+
+
+def test_training_the_torchrec_flavor_learns_the_planted_structure(seq_data, tmp_path):  # noqa: F811
+    common = ("--data", seq_data.path, "--model", "bert4rec", "--flavor", "torchrec", "--dim", 16, "--max-len", L)
+    assert cli("train", *common, "--epochs", 8, "--lr", 0.01, "-o", tmp_path / "m").exit_code == 0
+    assert cli("train", *common, "--steps", 0, "-o", tmp_path / "z").exit_code == 0
+    spec = json.loads((tmp_path / "m" / "spec.json").read_text())
+    assert {k: spec["hparams"][k] for k in ("flavor", "activation", "ln_eps", "ffn_dim")} == \
+        {"flavor": "torchrec", "activation": "relu", "ln_eps": 1e-5, "ffn_dim": 64}
+    scores = []
+    for m in ("m", "z"):
+        assert cli("evaluate", tmp_path / m, "--data", seq_data.path, "--split", "val", "--no-latency",
+                   "--json", tmp_path / f"{m}.json").exit_code == 0
+        scores.append(json.loads((tmp_path / f"{m}.json").read_text())["accuracy"]["torch"]["ndcg@10"])
+    assert scores[0] > 3 * scores[1] + 0.03, scores
+    res = cli("train", "--data", seq_data.path, "--model", "sasrec", "--flavor", "torchrec", "-o", tmp_path / "s")
+    assert res.exit_code == 2 and "not a sasrec choice" in res.output, res.output
+
