@@ -335,15 +335,20 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
                    "the first lines)")
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
 @click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "
-              "leave-one-out needs; 4 with --layout sasrec]")
-@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole", "gr"]), default="recompress",
+              "leave-one-out needs; 4 with --layout sasrec, 5 with --layout torchrec]")
+@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole", "gr", "torchrec"]), default="recompress",
               show_default=True,
               help="whose ids, order and evaluation rules, to evaluate a model another trainer made on this file: "
                    "recompress (ids numbered by first appearance); sasrec (SASRec.pytorch's data_partition and "
                    "evaluate: the file's own ids, users with 4+ items, negatives not in the user's training items); "
                    "recbole (RecBole's atomic-file pipeline: ids by first appearance in the file, its float32 time "
                    "order, full ranking over every item); gr (generative-recommenders' research trainer: the file's "
-                   "own ids, full ranking over the catalogue less the history window's items)")
+                   "own ids, full ranking over the catalogue less the history window's items); torchrec (TorchRec's "
+                   "BERT4Rec example on a MovieLens ratings file: users with 5+ ratings, its id numbering and time "
+                   "order, and its 100 popularity-sampled negatives per user, drawn with --seed)")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="--layout torchrec: the seed of NumPy's legacy generator for its negatives (the example's own "
+                   "draws when its run called np.random.seed with it)")
 @click.option("--items", type=click.Path(dir_okay=False), default=None,
               help="--layout gr: the catalogue full ranking ranks: a CSV with a movie_id, movieId or item_id column "
                    "(e.g. the movies.csv its DataProcessor writes), or a number N for ids 1..N (amzn-books: its "

@@ -210,3 +210,83 @@ def test_training_the_torchrec_flavor_learns_the_planted_structure(seq_data, tmp
     res = cli("train", "--data", seq_data.path, "--model", "sasrec", "--flavor", "torchrec", "-o", tmp_path / "s")
     assert res.exit_code == 2 and "not a sasrec choice" in res.output, res.output
 
+
+def example_preprocessing(rows, seed):
+    """TorchRec's Bert4RecPreprocsser on (user, item, rating, timestamp) rows, in its steps, with plain Python in
+    place of pandas (the same operations: a filter on user counts, set() numbering, a quicksort of each user's
+    timestamps, a Counter of every split, np.random.choice from the global generator)."""
+    from collections import Counter
+    counts = Counter(r[0] for r in rows)
+    rows = [r for r in rows if counts[r[0]] >= 5]
+    umap = {u: i for i, u in enumerate(set(r[0] for r in rows))}  # noqa: C401
+    smap = {s: i + 1 for i, s in enumerate(set(r[1] for r in rows))}  # noqa: C401
+    groups = {}
+    for u, s, _, t in rows:
+        groups.setdefault(umap[u], []).append((smap[s], t))
+    seqs = {}
+    for u, g in groups.items():
+        order = np.array([t for _, t in g], dtype=np.int64).argsort(kind="quicksort")
+        seqs[u] = [g[i][0] for i in order]
+    popularity = Counter()
+    for u in range(len(umap)):
+        popularity.update(seqs[u])
+    items, freq = zip(*popularity.items())
+    prob = [f / sum(freq) for f in freq]
+    np.random.seed(seed)
+    negatives = {}
+    for u in range(len(umap)):
+        samples = []
+        while len(samples) < 100:
+            samples.extend(x for x in np.random.choice(items, 200, replace=False, p=prob) if x not in set(seqs[u]))
+        negatives[u] = samples[:100]
+    return umap, smap, seqs, negatives
+
+
+def ratings_file(path, seed=0):
+    """A MovieLens ratings.csv: 40 users (one with 4 ratings), ids far from 1..N, same-second ratings."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in rng.permutation(np.arange(1000, 1040)):
+        n = 4 if u == 1007 else int(rng.integers(5, 30))
+        items = rng.choice(np.arange(10, 3000, 7), n, replace=False)
+        times = 1_000_000 + np.sort(rng.integers(0, 40, n))  # many ties
+        rows += [(int(u), int(i), 4.0, int(t)) for i, t in zip(items, rng.permutation(times))]
+    order = rng.permutation(len(rows))
+    rows = [rows[i] for i in order]
+    path.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    return rows
+
+
+def test_the_torchrec_layout_numbers_orders_and_draws_as_the_example(tmp_path):
+    from recompress.data import open_dataset
+    rows = ratings_file(tmp_path / "ratings.csv")
+    assert cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "--seed", 3,
+               "-o", tmp_path / "d").exit_code == 0
+    data = open_dataset(tmp_path / "d")
+    umap, smap, seqs, negatives = example_preprocessing(rows, seed=3)
+    assert data.num_users == len(umap) == 39 and data.num_items == len(smap)
+    assert [int(u) for u in np.load(tmp_path / "d" / "user_ids.npy")] == sorted(umap, key=umap.get)
+    ids = np.load(tmp_path / "d" / "item_ids.npy")[1:]
+    assert [int(i) for i in ids] == sorted(smap, key=smap.get)  # row i is the example's id i
+    for u in range(data.num_users):
+        assert np.asarray(data.items[data.offsets[u]:data.offsets[u + 1]]).tolist() == seqs[u]
+    assert data.negatives.tolist() == [negatives[u] for u in range(data.num_users)]
+    fam = get_family("bert4rec")
+    (inputs, truth), = fam.eval_batches({"max_len": L}, data, "test", "sampled", batch_size=100)
+    want = [[seqs[u][-1], *negatives[u]] for u in range(data.num_users)]
+    assert inputs["candidates"].tolist() == want and (truth[0] == 0).all()
+    (inputs, _), = fam.eval_batches({"max_len": L}, data, "val", "sampled", batch_size=100, negatives=30)
+    assert inputs["candidates"].tolist() == [[seqs[u][-2], *negatives[u][:30]] for u in range(data.num_users)]
+    with pytest.raises(UserError, match="stores 100 negatives per user"):
+        next(fam.eval_batches({"max_len": L}, data, "test", "sampled", negatives=101))
+
+
+def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path):
+    ratings_file(tmp_path / "ratings.csv")
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "--max-len", 10, "-o", tmp_path / "a")
+    assert res.exit_code == 2 and "--max-len cuts each user's sequence" in res.output, res.output
+    (tmp_path / "s.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
+        f"u{u},m{i},4.0,{i}\n" for u in range(3) for i in range(6)))
+    res = cli("data", "sequences", tmp_path / "s.csv", "--layout", "torchrec", "-o", tmp_path / "b")
+    assert res.exit_code == 2 and "ids are not all integers" in res.output, res.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -30,12 +30,21 @@ Layouts (``--layout``), so that a model trained elsewhere sees the ids and users
   and full ranking as its ``eval_metrics_v2_from_tensors`` ranks: every item of the catalogue
   (``items``: e.g. its processed ``movies.csv``, rated or not, or a count N for ids 1..N as it ranks
   amzn-books; default every item of the file) except the
-  ids in the model's history window (the last ``max_len`` items), which it filters from its top k.
+  ids in the model's history window (the last ``max_len`` items), which it filters from its top k;
+- ``torchrec``: TorchRec's BERT4Rec example (``Bert4RecPreprocsser`` on a MovieLens ``ratings.csv``): users with
+  5+ ratings; users and items numbered in the iteration order of a Python set of their integer ids (item ids from
+  1), as its ``_densify_index`` numbers them; each user's ratings in the order NumPy's quicksort of their
+  timestamps puts them (pandas' ``sort_values``; ties are not in file order); and its evaluation candidates
+  stored (``negatives.npy``): per user, 100 items drawn by popularity (counts over every split) in blocks of 200
+  without replacement, those the user has dropped, from NumPy's legacy generator seeded with ``seed``, users in
+  order: the example's own draws when its run was seeded with the same seed (it does not seed; unseeded,
+  the candidates differ and so do the metrics, by sampling noise). The same candidates serve validation and test.
 Layout:
 ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
 start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
 ``user_ids.npy`` (original ids), ``catalogue.npy`` (bool per row: ranked by full ranking; when the layout
-names a catalogue). Splits are views of these arrays, never copies.
+names a catalogue), ``negatives.npy`` (int32 ``[users, k]``: the sampled protocol's negatives, when the layout
+draws them). Splits are views of these arrays, never copies.
 """
 
 from __future__ import annotations
@@ -60,7 +69,8 @@ from .vocabularies import fingerprint
 
 META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens", "gr")
-LAYOUTS = ("recompress", "sasrec", "recbole", "gr")
+LAYOUTS = ("recompress", "sasrec", "recbole", "gr", "torchrec")
+TORCHREC_NEGATIVES = 100  # the example's test_set_sample_size
 CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
 MAX_ID = 2**31 - 1  # items are stored as int32
 SPLITS = ("train", "val", "test")
@@ -210,11 +220,12 @@ def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[li
     return users, items, times, list(dict.fromkeys(it for s in items for it in s))
 
 
-def _events(path: Path, fmt: str, recbole_order: bool = False
+def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool = False
             ) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """(users in order of first appearance, their item lists, their timestamps or None, every item in order of
     first appearance in the file), in time order: ties in file order; ``recbole_order``: by the timestamp
-    min-max scaled and stored in float32, as RecBole sorts (which ties some distinct seconds)."""
+    min-max scaled and stored in float32, as RecBole sorts (which ties some distinct seconds); ``quicksort``: as
+    NumPy's quicksort of each user's timestamps in file order puts them (pandas' ``sort_values``)."""
     if fmt == "gr":
         return _gr_events(path)
     seqs: dict[str, list[tuple[float, int, str]]] = {}
@@ -271,11 +282,68 @@ def _events(path: Path, fmt: str, recbole_order: bool = False
     key = (lambda e: e[:2]) if not recbole_order else _recbole_key([e[0] for ev in seqs.values() for e in ev])
     items, times = [], []
     for u in users:
-        ev = sorted(seqs[u], key=key) if has_time else seqs[u]
+        ev = _quicksorted(seqs[u]) if quicksort and has_time else sorted(seqs[u], key=key) if has_time else seqs[u]
         items.append([e[2] for e in ev])
         times.append([e[0] for e in ev])
     first_seen = list(dict.fromkeys(e[2] for e in sorted((e for ev in seqs.values() for e in ev), key=lambda e: e[1])))
     return users, items, times if has_time else None, first_seen
+
+
+def _quicksorted(events: list[tuple[float, int, str]]) -> list[tuple[float, int, str]]:
+    """``events`` (file order) by NumPy's quicksort of their timestamps (as integers where they all are)."""
+    times = np.asarray([e[0] for e in events])
+    if np.all(times == np.round(times)) and np.abs(times).max(initial=0) < 2**62:
+        times = times.astype(np.int64)
+    return [events[i] for i in np.argsort(times, kind="quicksort")]
+
+
+def _torchrec_order(users: list[str], item_lists: list[list[str]], min_items: int, where: str
+                    ) -> tuple[list[str], list[list[str]], list[int], list[str]]:
+    """TorchRec's example numbering: the users it keeps (``min_items`` ratings) in the iteration order of a set of
+    their integer ids, and their items in the same order of the items' (the set filled in file order, as pandas'
+    ``set(df[column])`` fills it)."""
+    try:
+        as_int = {u: int(u) for u in users}
+        for s in item_lists:
+            for it in s:
+                int(it)
+    except ValueError:
+        raise UserError(f"{where}: ids are not all integers; TorchRec's example numbers them by the order of a set "
+                        "of its ids, which for strings changes with every Python process",
+                        "use --layout recompress") from None
+    kept = [i for i, s in enumerate(item_lists) if len(s) >= min_items]
+    position = {as_int[users[i]]: i for i in kept}
+    order = [position[u] for u in set(as_int[users[i]] for i in kept)]  # noqa: C401 (a set's order is the point)
+    items = [str(it) for it in set(int(it) for i in kept for it in item_lists[i])]  # noqa: C401
+    return [users[i] for i in order], [item_lists[i] for i in order], order, items
+
+
+def popularity_negatives(item_lists: list[list[int]], count: int, seed: int) -> np.ndarray:
+    """``[users, count]``: TorchRec's example's evaluation negatives (``_generate_negative_samples``) for users whose
+    whole sequences (train, val, test, in order) are ``item_lists``: items weighted by how often they occur, drawn
+    by NumPy's legacy generator in blocks of ``2 * count`` without replacement, those the user has dropped, until
+    there are ``count``."""
+    freq: dict[int, int] = {}
+    for s in item_lists:
+        for it in s:
+            freq[it] = freq.get(it, 0) + 1
+    pool = list(freq)
+    total = sum(freq.values())
+    p = [float(freq[it]) / total for it in pool]
+    rng = np.random.RandomState(seed)
+    out = np.zeros((len(item_lists), count), dtype=np.int32)
+    with progress("drawing the example's evaluation negatives", len(item_lists)) as advance:
+        for r, s in enumerate(item_lists):
+            seen, drawn = set(s), []
+            if len(pool) < 2 * count or len(seen) >= len(pool):
+                raise UserError(f"the file has {len(pool)} items: TorchRec's example draws {2 * count} at a time "
+                                "without replacement, among those a user has not had, and fails on it too",
+                                "use --layout recompress")
+            while len(drawn) < count:
+                drawn.extend(int(x) for x in rng.choice(pool, 2 * count, replace=False, p=p) if x not in seen)
+            out[r] = drawn[:count]
+            advance(1)
+    return out
 
 
 def _recbole_key(times: list[float]) -> Any:
@@ -287,14 +355,17 @@ def _recbole_key(times: list[float]) -> Any:
 
 def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
                       min_items: int | None = None, layout: str = "recompress", items: str | Path | None = None,
-                      overwrite: bool = False) -> Path:
+                      seed: int = 0, overwrite: bool = False) -> Path:
     """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out`` (``layout``: whose
     ids, users and evaluation rules; ``items``: the catalogue of ``--layout gr``; see the module docstring)."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}", f"choose from {', '.join(LAYOUTS)}")
     if items is not None and layout != "gr":
         raise UserError("--items names the catalogue of --layout gr", "pass --layout gr, or leave --items out")
-    min_items = min_items if min_items is not None else (4 if layout == "sasrec" else 3)
+    if layout == "torchrec" and max_len is not None:
+        raise UserError("--max-len cuts each user's sequence, which TorchRec's example does not (its candidates "
+                        "would differ)", "leave --max-len out with --layout torchrec")
+    min_items = min_items if min_items is not None else {"sasrec": 4, "torchrec": 5}.get(layout, 3)
     if min_items < 3:
         raise UserError(f"--min-items {min_items} leaves users without a training, validation and test item",
                         "pass --min-items 3 or more")
@@ -313,8 +384,16 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None and not counted else []))
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
-    users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole")
+    users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole",
+                                                        quicksort=layout == "torchrec")
     meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": layout}
+    negatives = None
+    if layout == "torchrec":
+        users, item_lists, order, first_seen = _torchrec_order(users, item_lists, min_items, str(source))
+        time_lists = [time_lists[i] for i in order] if time_lists is not None else None
+        row = {it: i + 1 for i, it in enumerate(first_seen)}
+        negatives = popularity_negatives([[row[it] for it in s] for s in item_lists], TORCHREC_NEGATIVES, seed)
+        meta.update(sampled_negatives="stored", negatives_seed=seed)
     if layout == "sasrec":
         meta["sampled_negatives"] = "not in train"
     if layout == "recbole":
@@ -335,18 +414,21 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
             catalogue = sorted({int(it) for s in item_lists for it in s if it.isdigit()})
     write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source], meta=meta,
                     max_len=max_len, min_items=min_items, keep_ids=layout in ("sasrec", "gr"), where=str(source),
-                    item_order=first_seen if layout == "recbole" else None, catalogue=catalogue)
+                    item_order=first_seen if layout in ("recbole", "torchrec") else None, catalogue=catalogue,
+                    negatives=negatives)
     return Path(out)
 
 
 def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any]], time_lists: list[list[float]] | None,
                     *, meta: dict[str, Any], max_len: int | None = None, min_items: int = 3, overwrite: bool = False,
                     inputs: tuple = (), keep_ids: bool = False, where: str = "the source",
-                    item_order: list[Any] | None = None, catalogue: list[int] | None = None) -> Path:
+                    item_order: list[Any] | None = None, catalogue: list[int] | None = None,
+                    negatives: np.ndarray | None = None) -> Path:
     """Remap ids (by first appearance in the kept users' sequences, or in ``item_order``; or, ``keep_ids``,
     use the source's positive integer ids as rows, up to the largest of the file and ``catalogue``), drop short
     users, and write the dataset folder (used by the readers and the generator); ``catalogue``: the ids full
-    ranking ranks (``keep_ids`` only)."""
+    ranking ranks (``keep_ids`` only); ``negatives``: the sampled protocol's negatives of each user (its rows:
+    the users, none of whom may be dropped)."""
     if keep_ids:
         try:
             item_lists = [[int(it) for it in s] for s in item_lists]
@@ -399,6 +481,9 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
     h.update(offsets.tobytes())
     if ranked is not None:
         h.update(ranked.tobytes())
+    if negatives is not None:
+        assert len(negatives) == len(keep) == len(item_lists), "negatives are drawn for the kept users only"
+        h.update(negatives.tobytes())
     body["fingerprint"] = h.hexdigest()[:16]
     with output_dir(out, kind="dataset", overwrite=overwrite, inputs=inputs) as tmp:
         np.save(tmp / "items.npy", items)
@@ -409,6 +494,8 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
         np.save(tmp / "user_ids.npy", np.asarray([str(users[i]) for i in keep]))
         if ranked is not None:
             np.save(tmp / "catalogue.npy", ranked)
+        if negatives is not None:
+            np.save(tmp / "negatives.npy", negatives)
         (tmp / META).write_text(json.dumps(body, indent=2) + "\n")
     say(f"{len(keep):,} users, {len(item_index):,} items, {len(items):,} interactions"
         + (f"; dropped {dropped:,} users with fewer than {min_items} interactions" if dropped else "") + f" -> {out}")
@@ -430,6 +517,8 @@ class SequenceDataset:
         self.times = load_array(path / "times.npy") if self.meta.get("has_times") else None
         ranked = path / "catalogue.npy"
         self.catalogue: np.ndarray | None = load_array(ranked, mmap=False) if ranked.exists() else None  # full ranking
+        drawn = path / "negatives.npy"
+        self.negatives: np.ndarray | None = load_array(drawn) if drawn.exists() else None  # the sampled protocol's
 
     @property
     def fingerprint(self) -> str:

@@ -274,6 +274,10 @@ class SequentialFamily(Family):
             if protocol == "full":
                 inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
                 yield inputs, (targets[s:s + len(u)], self.excluded(data, seen, inputs["history"], targets[s:s + len(u)]))
+            elif data.negatives is not None:  # drawn when the dataset was prepared (--layout torchrec)
+                neg = stored_negatives(data, u, negatives)
+                inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
+                yield inputs, (np.zeros(len(u), dtype=np.int64), None)
             else:  # SASRec.pytorch's evaluate excludes only the training items (--layout sasrec)
                 train_only = data.meta.get("sampled_negatives") == "not in train"
                 neg = sample_negatives(rng, data.num_items, (len(u), negatives),
@@ -408,6 +412,17 @@ class PerCandidate(nn.Module):
         scores = self.model(per_candidate(history, m), cands.reshape(b * m, 1),
                             None if timestamps is None else per_candidate(timestamps, m))
         return scores.reshape(b, m)
+
+
+def stored_negatives(data: Any, users: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` negatives the dataset stores for ``users`` (its layout's own draws), checked."""
+    have = data.negatives.shape[1]
+    if count > have:
+        raise UserError(f"{data.path} stores {have} negatives per user (its layout's draws) and {count} were asked for",
+                        f"pass --negatives {have} or fewer (--candidates {have + 1} or fewer)")
+    neg = np.asarray(data.negatives[users, :count], dtype=np.int64)
+    data.check_items(neg)
+    return neg
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, shape: tuple[int, ...], window: np.ndarray | None = None,
