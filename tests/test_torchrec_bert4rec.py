@@ -290,3 +290,48 @@ def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path)
     res = cli("data", "sequences", tmp_path / "s.csv", "--layout", "torchrec", "-o", tmp_path / "b")
     assert res.exit_code == 2 and "ids are not all integers" in res.output, res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+SHARD = '''
+import os, sys, torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+
+def work(rank, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    sd = torch.load(os.path.join(out, "full.pt"))
+    key = "history.ec.embeddings.item_embedding.weight"  # what DMP saves: column-wise, 10 + 6 columns
+    v = sd[key]
+    off, n = (0, 10) if rank == 0 else (10, v.shape[1] - 10)
+    shard = Shard(v[:, off:off + n].clone(), ShardMetadata([0, off], [v.shape[0], n], f"rank:{rank}/cpu"))
+    state = {**sd, key: init_from_local_shards([shard], list(v.shape))}
+    torch.save(state, os.path.join(out, "ranks", f"epoch_10_model_rank{rank}.pth"))
+    dcp.save(state, checkpoint_id=os.path.join(out, "dcp"))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+'''
+
+
+def test_sharded_saves_of_the_example_merge_offline(seq_data, tmp_path):  # noqa: F811
+    """DMP's state dict holds the item table as a ShardedTensor: per-rank files and a DCP folder of two ranks
+    score as the plain file does, read without a process group."""
+    import os
+    import subprocess
+    import sys
+    sd = {k.removeprefix("module."): v for k, v in example_state().items()}
+    torch.save(sd, tmp_path / "full.pt")
+    (tmp_path / "ranks").mkdir()
+    (tmp_path / "shard.py").write_text(SHARD)
+    r = subprocess.run([sys.executable, str(tmp_path / "shard.py"), str(tmp_path), str(29600 + os.getpid() % 300)],
+                       capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, history = user_sequences(seq_data)
+    with torch.no_grad():
+        want = example_scores({"module." + k: v for k, v in sd.items()}, example_tokens(user_sequences(seq_data)[0]), 2)
+        for where in ("ranks", "dcp"):
+            got = load_any(tmp_path / where, {"heads": "2"}).model(history, torch.arange(VOCAB)[None])
+            assert torch.allclose(got, want, atol=1e-4), (where, (got - want).abs().max())
