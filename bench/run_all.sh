@@ -21,6 +21,9 @@
 #                                          interpreter with TorchRec and gin-config)
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
+#                                          upstream-torchrec-bert4rec (needs TORCHREC_REPO, a pytorch/torchrec
+#                                          checkout, and B4R_PYTHON, this project's interpreter with TorchRec
+#                                          and pandas; the example trains ~20 min)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, load-memory, distributed-train, shard-memory time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -101,6 +104,11 @@ for s in $sections; do
                         bench/upstream_dlrm_v3.py "${GR_REPO:?set GR_REPO to a generative-recommenders checkout}" \
                         --out $r/upstream_dlrm_v3.json ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
+    upstream-torchrec-bert4rec)
+        "${B4R_PYTHON:?set B4R_PYTHON to a python with torchrec, fbgemm-gpu-cpu, pandas and recompress}" \
+            bench/upstream_torchrec_bert4rec.py \
+            --repo "${TORCHREC_REPO:?set TORCHREC_REPO to a pytorch/torchrec checkout}/examples/bert4rec" \
+            --ratings ../shared/data/movielens_latest_small/ratings.csv.gz --out $r/upstream_torchrec_bert4rec.json ;;
     upstream-recbole-models)
         "${RECBOLE_PYTHON:?set RECBOLE_PYTHON to an interpreter with recbole 1.2.1 (see bench/upstream_recbole_build.py)}" \
             bench/upstream_recbole_build.py --out "$w/recbole_runs"

@@ -329,9 +329,10 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @data.command("sequences")
 @click.argument("source", type=click.Path(dir_okay=False))
 @out_option("dataset folder")
-@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens", "gr"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens", "movielens-dat", "gr"]),
+              default=None,
               help="lines: 'u i1 i2 ...'; pairs: 'u i' per line in time order; recbole: an atomic .inter file; "
-                   "movielens: ratings.csv; gr: generative-recommenders' sasrec_format.csv (default: detected from "
+                   "movielens: ratings.csv; movielens-dat: ML-1M/10M ratings.dat (u::i::rating::time); gr: generative-recommenders' sasrec_format.csv (default: detected from "
                    "the first lines)")
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
 @click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "

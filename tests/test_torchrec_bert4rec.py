@@ -335,3 +335,18 @@ def test_sharded_saves_of_the_example_merge_offline(seq_data, tmp_path):  # noqa
         for where in ("ranks", "dcp"):
             got = load_any(tmp_path / where, {"heads": "2"}).model(history, torch.arange(VOCAB)[None])
             assert torch.allclose(got, want, atol=1e-4), (where, (got - want).abs().max())
+
+
+def test_ml1m_ratings_dat_reads_as_its_csv_does(tmp_path):
+    """The example's default data is ML-1M's ratings.dat (u::i::rating::time, no header): the same rows as a
+    ratings.csv give the same dataset, draws included."""
+    rows = ratings_file(tmp_path / "ratings.csv")
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t in rows))
+    for name in ("ratings.csv", "ratings.dat"):
+        assert cli("data", "sequences", tmp_path / name, "--layout", "torchrec", "-o", tmp_path / name[-3:]).exit_code == 0
+    assert json.loads((tmp_path / "dat" / "meta.json").read_text())["format"] == "movielens-dat"
+    for array in ("items", "offsets", "times", "negatives", "item_ids", "user_ids"):
+        assert np.array_equal(np.load(tmp_path / "csv" / f"{array}.npy"), np.load(tmp_path / "dat" / f"{array}.npy"))
+    (tmp_path / "bad.dat").write_text("1::2::3::4\n1::2::3\n")
+    res = cli("data", "sequences", tmp_path / "bad.dat", "--format", "movielens-dat", "-o", tmp_path / "bad")
+    assert res.exit_code == 2 and "line 2: 3 fields, expected UserID::MovieID::Rating::Timestamp" in res.output

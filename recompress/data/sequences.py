@@ -6,6 +6,7 @@ Readers (``--format``, detected from the first lines when not given):
 - ``recbole``: RecBole atomic ``.inter`` files (typed header, e.g. ``user_id:token item_id:token
   timestamp:float``); each user's rows sorted by timestamp (file order breaks ties);
 - ``movielens``: MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``), sorted the same way;
+- ``movielens-dat``: MovieLens 1M/10M ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``, no header), the same;
 - ``gr``: generative-recommenders' ``sasrec_format.csv`` (what its DataProcessor writes and its research
   trainer reads): a header, then one user per row, ``user_id`` and comma-joined ``sequence_item_ids`` and
   ``sequence_timestamps`` (quoted), already in time order (kept as the file has it).
@@ -68,7 +69,7 @@ from .arrays import load_array
 from .vocabularies import fingerprint
 
 META = "meta.json"
-FORMATS = ("lines", "pairs", "recbole", "movielens", "gr")
+FORMATS = ("lines", "pairs", "recbole", "movielens", "movielens-dat", "gr")
 LAYOUTS = ("recompress", "sasrec", "recbole", "gr", "torchrec")
 TORCHREC_NEGATIVES = 100  # the example's test_set_sample_size
 CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
@@ -111,6 +112,8 @@ def detect_format(path: Path) -> str:
         return "movielens"
     if "sequence_item_ids" in head.split(","):
         return "gr"
+    if all(len(x.split("::")) == 4 for x in first):
+        return "movielens-dat"
     widths = {len(x.split()) for x in first}
     if widths == {2}:
         return "pairs"
@@ -229,7 +232,7 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
     if fmt == "gr":
         return _gr_events(path)
     seqs: dict[str, list[tuple[float, int, str]]] = {}
-    has_time = fmt in ("recbole", "movielens")
+    has_time = fmt in ("recbole", "movielens", "movielens-dat")
     where = str(path)
     lines = _lines(path)
     cols: dict[str, int] = {}
@@ -247,6 +250,8 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
                             f"a {fmt} file starts with a header naming {', '.join(want)}")
         cols = {k: names.index(w) for k, w in zip(("user", "item", "time"), want) if w in names}
         has_time = "time" in cols
+    elif fmt == "movielens-dat":  # no header
+        names, cols = ["UserID", "MovieID", "Rating", "Timestamp"], {"user": 0, "item": 1, "time": 3}
     order = 0
     for number, line in lines:
         if fmt == "lines":
@@ -264,10 +269,11 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
                                 "each line is one interaction: 'user item'")
             user, item, t = tok[0], tok[1], float(order)
         else:
-            tok = line.split("\t" if fmt == "recbole" else ",")
+            tok = line.split({"recbole": "\t", "movielens-dat": "::"}.get(fmt, ","))
             if len(tok) < len(names):
-                raise UserError(f"{where} line {number}: {len(tok)} fields, the header has {len(names)}",
-                                "every row needs a value for every header column")
+                raise UserError(f"{where} line {number}: {len(tok)} fields, the header has {len(names)}"
+                                if fmt != "movielens-dat" else f"{where} line {number}: {len(tok)} fields, expected "
+                                "UserID::MovieID::Rating::Timestamp", "every row needs a value for every column")
             user, item = tok[cols["user"]].strip(), tok[cols["item"]].strip()
             try:
                 t = float(tok[cols["time"]]) if has_time else float(order)
