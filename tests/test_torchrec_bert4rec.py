@@ -243,12 +243,13 @@ def example_preprocessing(rows, seed):
 
 
 def ratings_file(path, seed=0):
-    """A MovieLens ratings.csv: 40 users (one with 4 ratings), ids far from 1..N, same-second ratings."""
+    """A MovieLens ratings.csv: 40 users (one with 4 ratings), ids far from 1..N (a set of them iterates in another
+    order than it was filled), same-second ratings."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in rng.permutation(np.arange(1000, 1040)):
         n = 4 if u == 1007 else int(rng.integers(5, 30))
-        items = rng.choice(np.arange(10, 3000, 7), n, replace=False)
+        items = rng.choice(np.arange(10, 200_000, 7), n, replace=False)  # set order: collisions
         times = 1_000_000 + np.sort(rng.integers(0, 40, n))  # many ties
         rows += [(int(u), int(i), 4.0, int(t)) for i, t in zip(items, rng.permutation(times))]
     order = rng.permutation(len(rows))

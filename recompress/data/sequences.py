@@ -223,12 +223,13 @@ def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[li
     return users, items, times, list(dict.fromkeys(it for s in items for it in s))
 
 
-def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool = False
+def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool = False, min_rows: int = 0
             ) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """(users in order of first appearance, their item lists, their timestamps or None, every item in order of
-    first appearance in the file), in time order: ties in file order; ``recbole_order``: by the timestamp
-    min-max scaled and stored in float32, as RecBole sorts (which ties some distinct seconds); ``quicksort``: as
-    NumPy's quicksort of each user's timestamps in file order puts them (pandas' ``sort_values``)."""
+    first appearance in the file's rows of users with ``min_rows`` or more), in time order: ties in file order;
+    ``recbole_order``: by the timestamp min-max scaled and stored in float32, as RecBole sorts (which ties some
+    distinct seconds); ``quicksort``: as NumPy's quicksort of each user's timestamps in file order puts them
+    (pandas' ``sort_values``)."""
     if fmt == "gr":
         return _gr_events(path)
     seqs: dict[str, list[tuple[float, int, str]]] = {}
@@ -291,7 +292,8 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
         ev = _quicksorted(seqs[u]) if quicksort and has_time else sorted(seqs[u], key=key) if has_time else seqs[u]
         items.append([e[2] for e in ev])
         times.append([e[0] for e in ev])
-    first_seen = list(dict.fromkeys(e[2] for e in sorted((e for ev in seqs.values() for e in ev), key=lambda e: e[1])))
+    rows = sorted((e for ev in seqs.values() if len(ev) >= min_rows for e in ev), key=lambda e: e[1])
+    first_seen = list(dict.fromkeys(e[2] for e in rows))
     return users, items, times if has_time else None, first_seen
 
 
@@ -303,11 +305,12 @@ def _quicksorted(events: list[tuple[float, int, str]]) -> list[tuple[float, int,
     return [events[i] for i in np.argsort(times, kind="quicksort")]
 
 
-def _torchrec_order(users: list[str], item_lists: list[list[str]], min_items: int, where: str
+def _torchrec_order(users: list[str], item_lists: list[list[str]], first_seen: list[str], min_items: int, where: str
                     ) -> tuple[list[str], list[list[str]], list[int], list[str]]:
     """TorchRec's example numbering: the users it keeps (``min_items`` ratings) in the iteration order of a set of
-    their integer ids, and their items in the same order of the items' (the set filled in file order, as pandas'
-    ``set(df[column])`` fills it)."""
+    their integer ids, and their items (``first_seen``: in order of first appearance in the kept users' rows) in
+    the same order of the items', each set filled in file order as pandas' ``set(df[column])`` fills it (filling
+    it again with an id it holds changes nothing, so the order of first appearance is the file's order)."""
     try:
         as_int = {u: int(u) for u in users}
         for s in item_lists:
@@ -320,7 +323,7 @@ def _torchrec_order(users: list[str], item_lists: list[list[str]], min_items: in
     kept = [i for i, s in enumerate(item_lists) if len(s) >= min_items]
     position = {as_int[users[i]]: i for i in kept}
     order = [position[u] for u in set(as_int[users[i]] for i in kept)]  # noqa: C401 (a set's order is the point)
-    items = [str(it) for it in set(int(it) for i in kept for it in item_lists[i])]  # noqa: C401
+    items = [str(it) for it in set(int(it) for it in first_seen)]  # noqa: C401
     return [users[i] for i in order], [item_lists[i] for i in order], order, items
 
 
@@ -390,12 +393,13 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None and not counted else []))
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
+    torchrec = layout == "torchrec"
     users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole",
-                                                        quicksort=layout == "torchrec")
+                                                        quicksort=torchrec, min_rows=min_items if torchrec else 0)
     meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": layout}
     negatives = None
     if layout == "torchrec":
-        users, item_lists, order, first_seen = _torchrec_order(users, item_lists, min_items, str(source))
+        users, item_lists, order, first_seen = _torchrec_order(users, item_lists, first_seen, min_items, str(source))
         time_lists = [time_lists[i] for i in order] if time_lists is not None else None
         row = {it: i + 1 for i, it in enumerate(first_seen)}
         negatives = popularity_negatives([[row[it] for it in s] for s in item_lists], TORCHREC_NEGATIVES, seed)
