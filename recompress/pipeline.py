@@ -54,6 +54,14 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def files_key(path: Path) -> list[tuple[str, int, int]]:
+    """What identifies a checkpoint on disk for the cache: each file's name, size and modification time (as
+    make does; hashing gigabytes of tables on every run would cost more than most steps)."""
+    path = path.resolve()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def key(step: str, /, **settings: Any) -> str:
     blob = json.dumps({"step": step, "code": code_fingerprint(), "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -138,7 +146,39 @@ class Pipeline:
         self.recipe, self.out = recipe, out
         self.cache = out / "cache"
         self.log: list[dict[str, Any]] = []
-        self.family = get_family(recipe["train"].get("model", "dlrm"))
+        self.source = self._source(recipe)
+        self.family = get_family(self.source["family"] if self.source else recipe["train"].get("model", "dlrm"))
+
+    @staticmethod
+    def _source(recipe: dict[str, Any]) -> dict[str, Any] | None:
+        """``[baseline] checkpoint``: the trained model a run starts from instead of training one (its format
+        read without building it, so what it lacks is named before any step runs)."""
+        from .adapters import describe, parse_hp
+        base = recipe.get("baseline", {})
+        if "checkpoint" not in base:
+            return None
+        hp = parse_hp(base.get("hp", []))
+        found = describe(base["checkpoint"], hp)
+        if found.missing:
+            need = ", ".join(f'"{k}={"|".join(v) if v else "VALUE"}"' for k, v in found.missing.items())
+            raise UserError(f"baseline.checkpoint {base['checkpoint']} does not say {', '.join(found.missing)} "
+                            f"({'; '.join(found.why_missing.values())})", f"add hp = [{need}] to [baseline]")
+        model = recipe["train"].get("model")
+        if model is not None and model != found.family:
+            raise UserError(f"train.model is {model!r} and baseline.checkpoint holds a {found.family} model",
+                            "drop train.model: the checkpoint decides the family")
+        scratch = [v.get("name") or v["method"] for v in recipe.get("variants", []) if v.get("from_scratch")]
+        if scratch:
+            raise UserError(f"variant {scratch[0]!r} trains from scratch, and this run starts from a trained "
+                            "checkpoint (baseline.checkpoint)", "compress the trained model (drop from_scratch), or "
+                            "train the baseline here with [train] instead of [baseline]")
+        return {"path": Path(base["checkpoint"]), "hp": hp, "family": found.family}
+
+    def baseline_text(self) -> str:
+        if self.source is None:
+            return "trained here ([train])"
+        hp = " ".join(f"{k}={v}" for k, v in self.source["hp"].items())
+        return f"the trained checkpoint {self.source['path']}" + (f" (read with {hp})" if hp else "")
 
     def _step(self, kind: str, k: str, label: str) -> tuple[Path, bool]:
         self.cache.mkdir(exist_ok=True)
@@ -189,12 +229,19 @@ class Pipeline:
         base_cfg = TrainConfig(**{k: t[k] for k in TRAIN_KEYS if k in t})
         hparams = {p.name: t[p.name] for p in self.family.info.hparams if p.name in t}
         scratch = v.method is None or v.from_scratch
-        k = key("ckpt", data=data_key, train=t, variant=v.describe()) if scratch else \
-            key("ckpt", base=base_key, variant=v.describe())
+        if v.method is None and self.source is not None:
+            k = key("ckpt", data=data_key, source=files_key(self.source["path"]), hp=self.source["hp"])
+        elif scratch:
+            k = key("ckpt", data=data_key, train=t, variant=v.describe())
+        else:
+            k = key("ckpt", base=base_key, variant=v.describe())
         path, done = self._step("ckpt", k, v.name)
         if done:
             return path, k
-        if v.method is None:
+        if v.method is None and self.source is not None:  # read once into a native checkpoint
+            ckpt = load_any(self.source["path"], self.source["hp"])
+            self.family.check(ckpt.spec, data)
+        elif v.method is None:
             ckpt = train_model(self.family, data, base_cfg, hparams, mlet_hidden=t.get("mlet_hidden"),
                                mlet_min_rows=t.get("mlet_min_rows", 0))
         elif v.from_scratch:
@@ -333,7 +380,7 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
             "primary": family.primary, "data": str(shown), "fingerprint": data.fingerprint,
             "test_rows": int(evals[REFERENCE, targets[0]]["data"]["rows"]),
             "synthetic": bool(data.meta.get("synthetic")), "threads": ev.get("threads", 2), "rows": rows,
-            "steps": pipe.log}
+            "baseline": pipe.baseline_text(), "steps": pipe.log}
 
 
 def result_row(study: str, v: Variant, target: str, r: dict[str, Any]) -> dict[str, Any]:

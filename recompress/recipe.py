@@ -1,7 +1,9 @@
 """Recipes: a TOML file describing data, a baseline, compressed variants, export and evaluation.
 
 Validation is strict and helpful: an unknown key names the nearest valid one, a wrong type names the
-expected type. ``[train] model`` names the family (default dlrm) and takes its hyper-parameters. A recipe
+expected type. ``[train] model`` names the family (default dlrm) and takes its hyper-parameters; or
+``[baseline] checkpoint`` names a trained checkpoint in any format ``recompress inspect`` reads (``hp``: what it
+does not say, ``["heads=2"]``), which is the baseline instead, and ``[train]`` then only budgets fine-tunes. A recipe
 with ``parts = [...]`` instead runs several recipes (shipped names, or paths relative to it) as the
 studies of one run. ``recompress.pipeline`` runs a recipe; ``recompress.sweep_report`` writes its report.
 """
@@ -30,6 +32,7 @@ SCHEMA: dict[str, Any] = {
              "seed": int, "min_count": int, "max_rows": int, "limit": int, "format": str, "max_len": int,
              "min_items": int, "users": int, "items": int, "mean_len": int, "clusters": int},
     "train": {"model": str, "mlet_hidden": int, "mlet_min_rows": int, **TRAIN_KEYS},
+    "baseline": {"checkpoint": str, "hp": list},
     "variants": [{"name": str, "method": str, "tables": list, "min_rows": int, "from_scratch": bool,
                   "materialize": bool, "quant_graph": str, "dense": str, **TRAIN_KEYS}],
     "export": {"targets": list, "atol": float, "rtol": float, "materialize": bool, "quant_graph": str, "dense": str},
@@ -126,9 +129,10 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = (), base: Path | 
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})", "fix the recipe syntax") from None
-    data = recipe.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
-        data["path"] = str((folder / data["path"]).resolve())
+    for section, k in (("data", "path"), ("baseline", "checkpoint")):  # relative to the recipe's folder
+        node = recipe.get(section)
+        if isinstance(node, dict) and isinstance(node.get(k), str) and not Path(node[k]).is_absolute():
+            node[k] = str((folder / node[k]).resolve())
     for o in overrides:
         _override(recipe, o)
     _check(recipe, SCHEMA, "")
@@ -137,9 +141,18 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = (), base: Path | 
             raise UserError(f"recipe {path} has parts but no name (or an empty parts list)", "see recipes/ci-smoke.toml")
         recipe["parts"] = [load_recipe(part, overrides, folder) for part in recipe["parts"]]
         return recipe
-    for k in ("name", "data", "train"):
+    baseline = recipe.get("baseline", {}).get("checkpoint")
+    for k in ("name", "data") if baseline else ("name", "data", "train"):
         if k not in recipe:
             raise UserError(f"recipe {path} has no {k!r}", "see recipes/quickstart.toml")
+    recipe.setdefault("train", {})
+    if baseline and not Path(baseline).exists():
+        raise UserError(f"recipe {recipe['name']}: baseline.checkpoint {baseline} does not exist",
+                        "point it at a trained checkpoint (relative paths are read from the recipe's folder), or pass "
+                        "--set baseline.checkpoint=PATH")
+    bad = [h for h in recipe.get("baseline", {}).get("hp", []) if not isinstance(h, str) or "=" not in h]
+    if bad:
+        raise UserError(f"baseline.hp {bad[0]!r} is not 'KEY=VALUE'", 'e.g. hp = ["heads=2"]')
     from .families import FAMILIES
     model = recipe["train"].get("model", "dlrm")
     if model not in FAMILIES:

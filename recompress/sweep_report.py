@@ -58,6 +58,8 @@ def notes(study: dict[str, Any]) -> list[str]:
     batches = list(rows[0].get("p50_ms") or {})
     out = [f"Data: {study['data']}" + (" (SYNTHETIC)" if study["synthetic"] else "") +
            f"; {study['test_rows']:,} test rows; {study['family']} models, primary metric {metric}."]
+    if study.get("baseline"):
+        out.append(f"Baseline: {study['baseline']}.")
     if batches:
         out.append(f"Latency: p50 per batch size ({', '.join(batches)}), {study['threads']} threads, every backend "
                    "in short alternating turns in one run; ratios are medians' ratios with a bootstrap 95% interval.")

@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from click.testing import CliRunner
+
 from recompress.adapters import describe, load_any
+from recompress.cli import main
 from recompress.errors import UserError
 from recompress.families import get_family
 
@@ -351,3 +354,57 @@ def test_ml1m_ratings_dat_reads_as_its_csv_does(tmp_path):
     (tmp_path / "bad.dat").write_text("1::2::3::4\n1::2::3\n")
     res = cli("data", "sequences", tmp_path / "bad.dat", "--format", "movielens-dat", "-o", tmp_path / "bad")
     assert res.exit_code == 2 and "line 2: 3 fields, expected UserID::MovieID::Rating::Timestamp" in res.output
+
+
+def test_a_recipe_starts_from_the_examples_file(tmp_path):
+    """``[baseline] checkpoint``: one run from an upstream file to compressed variants, exports and a report; the
+    baseline scores what ``evaluate`` gives the file itself; what the file lacks is named before anything runs."""
+    from .test_cli import assert_user_error
+    from .test_pipeline_gate import cli as run_cli, rows_of
+    write_example(tmp_path / "epoch_10_model.pth", example_state())
+    recipe = f"""name = "b4r"
+[data]
+kind = "synthetic-sequences"
+users = 300
+items = {N}
+mean_len = 12
+[baseline]
+checkpoint = "epoch_10_model.pth"
+hp = ["heads=2"]
+[[variants]]
+method = "int8"
+[[variants]]
+name = "lowrank-r8"
+method = "lowrank"
+rank = 8
+[export]
+targets = ["onnx"]
+[evaluate]
+latency = false
+"""
+    (tmp_path / "r.toml").write_text(recipe)
+    res = run_cli("run", tmp_path / "r.toml", "-o", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    rows = {(x["variant"], x["target"]): x for x in rows_of(tmp_path / "run")}
+    assert {v for v, _ in rows} == {"baseline", "int8", "lowrank-r8"}
+    data = next((tmp_path / "run" / "cache").glob("data-*"))
+    assert cli("evaluate", tmp_path / "epoch_10_model.pth", "--hp", "heads=2", "--data", data, "--no-latency",
+               "--json", tmp_path / "direct.json").exit_code == 0
+    direct = json.loads((tmp_path / "direct.json").read_text())["accuracy"]["torch"]["ndcg@10"]
+    base = [x for (v, _), x in rows.items() if v == "baseline"]
+    assert all(x["metrics"]["ndcg@10"] == pytest.approx(direct, abs=1e-6) for x in base), (base, direct)
+    assert f"Baseline: the trained checkpoint {tmp_path / 'epoch_10_model.pth'} (read with heads=2)." in \
+        (tmp_path / "run" / "report.md").read_text()
+    int8 = [x for (v, _), x in rows.items() if v == "int8"][0]
+    position = (L + 1) * D * 4
+    assert base[0]["emb_bytes"] == 2 * VOCAB * D * 4 + position
+    assert int8["emb_bytes"] == 2 * VOCAB * (D + 8) + position  # both id tables: int8 rows, fp32 scale and offset
+    for wrong, said in ((recipe.replace('hp = ["heads=2"]\n', ""), 'does not say heads'),
+                        (recipe.replace("[[variants]]\nmethod = \"int8\"", "[[variants]]\nmethod = \"int8\"\n"
+                                        "from_scratch = true"), "trains from scratch"),
+                        (recipe + "[train]\nmodel = \"sasrec\"\n", "holds a bert4rec model"),
+                        (recipe.replace("epoch_10_model.pth", "nothing.pth"), "baseline.checkpoint")):
+        (tmp_path / "w.toml").write_text(wrong)
+        res = CliRunner().invoke(main, ["run", str(tmp_path / "w.toml"), "-o", str(tmp_path / "w")])
+        assert_user_error(res, said)
+        assert not (tmp_path / "w").exists()
