@@ -98,7 +98,7 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
     family.check(spec, data)
     if ckpt is not None:
         predictors.append(TorchPredictor(ckpt.model, threads, family=family, attention=attention))
-    protocol = protocol or family.protocols[0]
+    protocol = protocol or family.default_protocol(data)
     if kind != "checkpoint" and manifest["options"].get("scoring") == "naive" and protocol == "full":
         raise UserError(f"{path} is a naive graph, which runs the history once per candidate: full ranking would "
                         f"run {data.num_items + 1:,} histories per test user",

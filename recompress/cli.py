@@ -329,8 +329,8 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @data.command("sequences")
 @click.argument("source", type=click.Path(dir_okay=False))
 @out_option("dataset folder")
-@click.option("--format", "fmt", type=click.Choice(["lines", "pairs", "recbole", "movielens", "movielens-dat", "gr"]),
-              default=None,
+@click.option("--format", "fmt", default=None,
+              type=click.Choice(["lines", "pairs", "recbole", "movielens", "movielens-dat", "gr"]),
               help="lines: 'u i1 i2 ...'; pairs: 'u i' per line in time order; recbole: an atomic .inter file; "
                    "movielens: ratings.csv; movielens-dat: ML-1M/10M ratings.dat (u::i::rating::time); gr: generative-recommenders' sasrec_format.csv (default: detected from "
                    "the first lines)")
@@ -347,9 +347,9 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
                    "own ids, full ranking over the catalogue less the history window's items); torchrec (TorchRec's "
                    "BERT4Rec example on a MovieLens ratings file: users with 5+ ratings, its id numbering and time "
                    "order, and its 100 popularity-sampled negatives per user, drawn with --seed)")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=None,
               help="--layout torchrec: the seed of NumPy's legacy generator for its negatives (the example's own "
-                   "draws when its run called np.random.seed with it)")
+                   "draws when its run called np.random.seed with it) [default: 0]")
 @click.option("--items", type=click.Path(dir_okay=False), default=None,
               help="--layout gr: the catalogue full ranking ranks: a CSV with a movie_id, movieId or item_id column "
                    "(e.g. the movies.csv its DataProcessor writes), or a number N for ids 1..N (amzn-books: its "
@@ -614,7 +614,8 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
                    "printed or stored)")
 @click.option("--protocol", type=click.Choice(["full", "sampled", "pointwise"]), default=None,
               help="sequential models: rank the next item among all items (full) or among --negatives sampled ones "
-                   "(default: the family's; sasrec/hstu full, ranker sampled)")
+                   "(default: the dataset's where its layout stores candidates, e.g. --layout torchrec: sampled; "
+                   "else the family's: sasrec/hstu full, ranker sampled)")
 @click.option("--negatives", default=100, show_default=True, help="sampled protocol: negatives per test user")
 @click.option("--users", type=int, default=None, help="sequential models: evaluate a fixed random sample of this "
               "many test users (default: all)")

@@ -49,7 +49,7 @@ def score(family: Any, predict: Predict, hparams: dict[str, Any], data: Any, spl
           desc: str | None = None) -> Scored:
     """Run ``predict`` (a model with ``hparams``) over ``split`` as ``family`` lays it out, and reduce to per-row
     values."""
-    protocol = protocol or family.protocols[0]
+    protocol = protocol or family.default_protocol(data)
     if protocol not in family.protocols:
         from .errors import UserError
         raise UserError(f"{family.name} has no {protocol!r} evaluation protocol", f"use {', '.join(family.protocols)}")

@@ -24,8 +24,9 @@ N, L, D, FFN = 150, 12, 16, 64  # seq_data's items; the example's max_len, emb_d
 VOCAB, MASK = N + 2, N + 1  # the example's vocab_size: padding 0, items, mask token
 
 
-def example_state(blocks=2, seed=0, prefix="module."):
+def example_state(blocks=2, seed=0, prefix="module.", vocab=VOCAB):
     """A state dict in the layout bert4rec_main.py saves (DDP's ``module.``), random weights."""
+    VOCAB = vocab  # noqa: N806
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
     sd = {"history.positional": r(L, D), "history.layernorm.weight": 1 + r(L, D), "history.layernorm.bias": r(L, D),
@@ -145,6 +146,8 @@ def test_the_example_evaluates_compresses_and_exports(seq_data, tmp_path):  # no
     data = seq_data.path
     res = cli("evaluate", path, "--hp", "heads=2", "--data", data, "--no-latency", "--json", tmp_path / "base.json")
     assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())  # not silent: warned, however the terminal wraps it
+    assert "was prepared with --layout recompress: the example numbers ids its own way" in said, said
     res = cli("checkpoint", path, "--hp", "heads=2", "--method", "int8", "-o", tmp_path / "q")
     assert res.exit_code == 0, res.output
     spec = json.loads((tmp_path / "q" / "spec.json").read_text())
@@ -246,13 +249,15 @@ def example_preprocessing(rows, seed):
 
 
 def ratings_file(path, seed=0):
-    """A MovieLens ratings.csv: 40 users (one with 4 ratings), ids far from 1..N (a set of them iterates in another
-    order than it was filled), same-second ratings."""
+    """A MovieLens ratings.csv: 40 users (one with 4 ratings, one with 700 of the 800 items, whose negatives take
+    several draws), ids far from 1..N (a set of them iterates in another order than it was filled: they collide
+    in its table), same-second ratings."""
     rng = np.random.default_rng(seed)
+    catalogue = rng.choice(np.arange(10, 200_000, 7), 800, replace=False)  # a set of these iterates in another order
     rows = []
-    for u in rng.permutation(np.arange(1000, 1040)):
-        n = 4 if u == 1007 else int(rng.integers(5, 30))
-        items = rng.choice(np.arange(10, 200_000, 7), n, replace=False)  # set order: collisions
+    for u in rng.permutation(np.arange(1000, 1040)):  # 1007: too few ratings; 1013: so many that draws repeat
+        n = 4 if u == 1007 else 700 if u == 1013 else int(rng.integers(5, 30))
+        items = rng.choice(catalogue, n, replace=False)
         times = 1_000_000 + np.sort(rng.integers(0, 40, n))  # many ties
         rows += [(int(u), int(i), 4.0, int(t)) for i, t in zip(items, rng.permutation(times))]
     order = rng.permutation(len(rows))
@@ -275,6 +280,8 @@ def test_the_torchrec_layout_numbers_orders_and_draws_as_the_example(tmp_path):
     for u in range(data.num_users):
         assert np.asarray(data.items[data.offsets[u]:data.offsets[u + 1]]).tolist() == seqs[u]
     assert data.negatives.tolist() == [negatives[u] for u in range(data.num_users)]
+    assert any(len(set(row)) < len(row) for row in negatives.values())  # a later block repeated an item, kept
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["order_by"].startswith(f"numpy {np.__version__}")
     fam = get_family("bert4rec")
     (inputs, truth), = fam.eval_batches({"max_len": L}, data, "test", "sampled", batch_size=100)
     want = [[seqs[u][-1], *negatives[u]] for u in range(data.num_users)]
@@ -283,6 +290,8 @@ def test_the_torchrec_layout_numbers_orders_and_draws_as_the_example(tmp_path):
     assert inputs["candidates"].tolist() == [[seqs[u][-2], *negatives[u][:30]] for u in range(data.num_users)]
     with pytest.raises(UserError, match="stores 100 negatives per user"):
         next(fam.eval_batches({"max_len": L}, data, "test", "sampled", negatives=101))
+    timing = fam.latency_inputs({"max_len": L}, data, batch=4, count=2, candidates=150)  # timing draws its own
+    assert [x["candidates"].shape for x in timing] == [(4, 150), (4, 150)]
 
 
 def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path):
@@ -294,6 +303,39 @@ def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path)
     res = cli("data", "sequences", tmp_path / "s.csv", "--layout", "torchrec", "-o", tmp_path / "b")
     assert res.exit_code == 2 and "ids are not all integers" in res.output, res.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "z.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i:03d},4.0,{i}\n" for u in range(1, 4) for i in range(1, 7)))
+    res = cli("data", "sequences", tmp_path / "z.csv", "--layout", "torchrec", "-o", tmp_path / "c")
+    assert res.exit_code == 2 and "id '001' is not written as the integer pandas reads (1)" in res.output, res.output
+    (tmp_path / "p.txt").write_text("".join(f"{u} {i}\n" for u in range(3) for i in range(1, 7)))
+    res = cli("data", "sequences", tmp_path / "p.txt", "--layout", "torchrec", "-o", tmp_path / "d")
+    assert res.exit_code == 2 and "reads MovieLens ratings only" in res.output, res.output
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--seed", 3, "-o", tmp_path / "e")
+    assert res.exit_code == 2 and "--seed draws the negatives of --layout torchrec" in res.output, res.output
+    rows = [(u, i, 4.0, i) for u in (1, 2) for i in range(1, 206)] + [(3, i, 4.0, i) for i in range(1, 250)]
+    (tmp_path / "all.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n"
+                                                                                     for u, i, r, t in rows))
+    res = cli("data", "sequences", tmp_path / "all.csv", "--layout", "torchrec", "-o", tmp_path / "f")
+    assert res.exit_code == 2 and "user 3 has had every one of the 249 items" in res.output, res.output
+    assert not any((tmp_path / x).exists() for x in "cdef")
+
+
+@pytest.mark.parametrize("damage", ["rows", "value"])
+def test_damaged_stored_negatives_are_named(tmp_path, damage):
+    ratings_file(tmp_path / "ratings.csv")
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "-o", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    neg = np.load(tmp_path / "d" / "negatives.npy")
+    if damage == "rows":
+        np.save(tmp_path / "d" / "negatives.npy", neg[:-3])
+    else:
+        neg[5, 7] = 10**6
+        np.save(tmp_path / "d" / "negatives.npy", neg)
+    items = json.loads((tmp_path / "d" / "meta.json").read_text())["num_items"]
+    write_example(tmp_path / "m.pth", example_state(vocab=items + 2))
+    res = cli("evaluate", tmp_path / "m.pth", "--hp", "heads=2", "--data", tmp_path / "d", "--no-latency")
+    said = "holds int32 [36, 100], not the negatives of 39 users" if damage == "rows" else "item 1000000 is outside"
+    assert res.exit_code == 2 and "negatives.npy" in res.output and said in res.output, res.output
 
 
 SHARD = '''
@@ -408,3 +450,68 @@ latency = false
         res = CliRunner().invoke(main, ["run", str(tmp_path / "w.toml"), "-o", str(tmp_path / "w")])
         assert_user_error(res, said)
         assert not (tmp_path / "w").exists()
+
+
+def test_evaluate_scores_the_stored_candidates_by_default(tmp_path):
+    """On a --layout torchrec dataset, evaluate's default protocol is the example's: the target among the stored
+    100 negatives (NDCG@10 recomputed here from the model's scores of exactly those candidates)."""
+    from recompress.data import open_dataset
+    ratings_file(tmp_path / "ratings.csv")
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "-o", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    data = open_dataset(tmp_path / "d")
+    write_example(tmp_path / "m.pth", example_state(vocab=data.num_items + 2))
+    res = cli("evaluate", tmp_path / "m.pth", "--hp", "heads=2", "--data", tmp_path / "d", "--no-latency",
+              "--json", tmp_path / "r.json")
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    got = json.loads((tmp_path / "r.json").read_text())
+    users = np.arange(data.num_users)
+    ends = data.history_end("test")
+    cands = np.concatenate([np.asarray(data.items)[ends][:, None], data.negatives], axis=1).astype(np.int64)
+    with torch.no_grad():
+        scores = load_any(tmp_path / "m.pth", {"heads": "2"}).model(torch.from_numpy(data.windows(users, ends, L)),
+                                                                    torch.from_numpy(cands)).numpy()
+    rank = (scores[:, 1:] > scores[:, :1]).sum(1)
+    assert got["data"]["protocol"] == "sampled"
+    assert got["accuracy"]["torch"]["ndcg@10"] == pytest.approx(np.mean(np.where(rank < 10, 1 / np.log2(rank + 2), 0)))
+
+
+def test_dropout_sits_where_the_example_puts_it(seq_data):  # noqa: F811
+    """In training, with every dropout replaced by a deterministic stand-in (x 2), the encoder computes the
+    example's forward with its dropouts in their places: after the input norm; in each block after the attention
+    output, after the feed-forward's ReLU, after its second layer, and after the block."""
+    fam = get_family("bert4rec")
+    model = fam.from_spec(fam.new_spec(seq_data, {"dim": D, "max_len": L, "flavor": "torchrec", "dropout": 0.0}))
+    fam.init(model, 0)
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Dropout":
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            child = name.rsplit(".", 1)[-1]
+            if isinstance(parent, torch.nn.ModuleList):
+                parent[int(child)] = Twice()
+            else:
+                setattr(parent, child, Twice())
+    model.train()
+    _, history = user_sequences(seq_data)
+    window = model.served(history)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+    x = sd["tables.item.weight"][window] + sd["tables.position.weight"][1:]
+    x = 2 * F.layer_norm(x, (L, D), sd["input_layernorm.weight"], sd["input_layernorm.bias"], 1e-5)
+    mask = (window > 0)[:, None, None, :]
+    for i in range(2):
+        a = f"attention_layers.{i}."
+        qkv = ln(x, f"attention_layernorms.{i}") @ sd[a + "in_proj_weight"].T + sd[a + "in_proj_bias"]
+        q, k, v = (t.view(len(x), L, 2, D // 2).transpose(1, 2) for t in qkv.chunk(3, -1))
+        s = (q @ k.transpose(-2, -1) / (D // 2) ** 0.5).masked_fill(~mask, -1e9)
+        x = x + 2 * lin((s.softmax(-1) @ v).transpose(1, 2).reshape(len(x), L, D), a + "out_proj")
+        f = f"forward_layers.{i}."
+        x = 2 * (x + 2 * lin(2 * torch.relu(lin(ln(x, f"forward_layernorms.{i}"), f + "conv1")), f + "conv2"))
+    with torch.no_grad():
+        assert torch.allclose(model.encode(window), x, atol=1e-4)

@@ -72,7 +72,7 @@ def describe(path: Path, obj: Any) -> Found:
                           pos.numel() * pos.element_size(), role="position", parts=(POS,))
     found = Found(NAME, "bert4rec", [_table("item", item, ITEM), position, _table("output", out, f"{OUT}.weight")],
                   build=lambda hp: _build(hp, sd, str(path)))
-    found.set("flavor", "torchrec", "shapes")
+    found.set("flavor", "torchrec", "checkpoint")
     found.set("num_items", vocab - 2, "shapes")
     found.set("dim", d, "shapes")
     found.set("max_len", length, "shapes")
@@ -80,9 +80,13 @@ def describe(path: Path, obj: Any) -> Found:
     found.set("ffn_dim", int(w1.shape[0]), "shapes")
     found.set("activation", "relu", "default")
     found.set("ln_eps", 1e-5, "default")
+    found.set("dropout", 0.1, "default")  # the example's (a fine-tune's)
+    found.set("mask_ratio", 0.15, "default")
     found.need("heads", (), "TorchRec's example takes --nhead (its default: 2) and saves it nowhere", like=2)
     found.notes.append(f"ids 0..{vocab - 1}: 0 pads (and is looked up as a row), 1..{vocab - 2} are items, {vocab - 1} "
                        "is the mask token appended after the history when serving")
+    found.notes.append("its data: 'recompress data sequences ratings.csv --layout torchrec' (the example's ids, time "
+                       "order and 100 popularity-sampled candidates per user, which evaluate then scores)")
     return found
 
 
@@ -99,6 +103,9 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Check
         missing = [k + p for k in qkv for p in ("weight", "bias") if k + p not in sd]
         if missing:
             raise UserError(f"{where}: a TorchRec BERT4Rec state dict without {missing[0]}", "the file is damaged")
+        wrong = [k + "weight" for k in qkv if tuple(sd[k + "weight"].shape) != (d, d)]
+        if wrong:
+            raise UserError(f"{where}: {wrong[0]} is {list(sd[wrong[0]].shape)}, not [{d}, {d}]", "the file is damaged")
         state[f"attention_layers.{i}.in_proj_weight"] = torch.cat([sd[k + "weight"] for k in qkv])
         state[f"attention_layers.{i}.in_proj_bias"] = torch.cat([sd[k + "bias"] for k in qkv])
         for ours, theirs in ((f"attention_layers.{i}.out_proj", "attention.output_linear"),
@@ -111,6 +118,6 @@ def _build(hp: dict[str, Any], sd: dict[str, torch.Tensor], where: str) -> Check
                     raise UserError(f"{where}: a TorchRec BERT4Rec state dict without {src}{theirs}.{p}",
                                     "the file is damaged")
                 state[f"{ours}.{p}"] = sd[f"{src}{theirs}.{p}"]
-    keys = ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim", "activation", "ln_eps")
+    keys = ("dim", "blocks", "heads", "max_len", "dropout", "flavor", "ffn_dim", "activation", "ln_eps", "mask_ratio")
     return build_sequential(hp, tuple(k for k in keys if k in hp), {"tied_output": False}, state, where,
                             family="bert4rec")

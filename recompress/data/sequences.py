@@ -37,9 +37,13 @@ Layouts (``--layout``), so that a model trained elsewhere sees the ids and users
   1), as its ``_densify_index`` numbers them; each user's ratings in the order NumPy's quicksort of their
   timestamps puts them (pandas' ``sort_values``; ties are not in file order); and its evaluation candidates
   stored (``negatives.npy``): per user, 100 items drawn by popularity (counts over every split) in blocks of 200
-  without replacement, those the user has dropped, from NumPy's legacy generator seeded with ``seed``, users in
+  without replacement, less those the user has had, from NumPy's legacy generator seeded with ``seed``, users in
   order: the example's own draws when its run was seeded with the same seed (it does not seed; unseeded,
   the candidates differ and so do the metrics, by sampling noise). The same candidates serve validation and test.
+  Equal timestamps are ordered as this machine's NumPy quicksort orders them, which depends on the NumPy build and
+  the CPU's SIMD features (``meta.json``'s ``order_by`` records them): on another build, a user's tied ratings, and
+  so the pool's order and every draw, may differ from the example's run. Only the example's default filters are
+  reproduced (``--min_rating 0``, ``--min_item_count 0``; ``--min_user_count`` is ``--min-items``).
 Layout:
 ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
 start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
@@ -297,6 +301,15 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
     return users, items, times if has_time else None, first_seen
 
 
+def sort_build() -> str:
+    """The NumPy build and CPU features its quicksort ran with: equal timestamps may come out in another order
+    on another build or CPU (its SIMD sorts differ), so the time order, and the draws that follow it, are those
+    of a machine like this one."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+    simd = [f for f in ("AVX2", "AVX512F", "AVX512_SKX", "AVX512_ICL", "AVX512_SPR", "ASIMD", "SVE") if features.get(f)]
+    return f"numpy {np.__version__} quicksort, {'/'.join(simd) or 'no SIMD'}"
+
+
 def _quicksorted(events: list[tuple[float, int, str]]) -> list[tuple[float, int, str]]:
     """``events`` (file order) by NumPy's quicksort of their timestamps (as integers where they all are)."""
     times = np.asarray([e[0] for e in events])
@@ -311,11 +324,19 @@ def _torchrec_order(users: list[str], item_lists: list[list[str]], first_seen: l
     their integer ids, and their items (``first_seen``: in order of first appearance in the kept users' rows) in
     the same order of the items', each set filled in file order as pandas' ``set(df[column])`` fills it (filling
     it again with an id it holds changes nothing, so the order of first appearance is the file's order)."""
+    def canonical(x: str) -> int:
+        value = int(x)  # ValueError for text
+        if str(value) != x:  # '07' and '7' are one id to pandas' integer column, two here
+            raise UserError(f"{where}: id {x!r} is not written as the integer pandas reads ({value}), so the example "
+                            "would merge ids this reader keeps apart", "write the ids without leading zeros or signs, "
+                            "or use --layout recompress")
+        return value
+
     try:
-        as_int = {u: int(u) for u in users}
+        as_int = {u: canonical(u) for u in users}
         for s in item_lists:
             for it in s:
-                int(it)
+                canonical(it)
     except ValueError:
         raise UserError(f"{where}: ids are not all integers; TorchRec's example numbers them by the order of a set "
                         "of its ids, which for strings changes with every Python process",
@@ -327,11 +348,11 @@ def _torchrec_order(users: list[str], item_lists: list[list[str]], first_seen: l
     return [users[i] for i in order], [item_lists[i] for i in order], order, items
 
 
-def popularity_negatives(item_lists: list[list[int]], count: int, seed: int) -> np.ndarray:
+def popularity_negatives(users: list[str], item_lists: list[list[int]], count: int, seed: int) -> np.ndarray:
     """``[users, count]``: TorchRec's example's evaluation negatives (``_generate_negative_samples``) for users whose
     whole sequences (train, val, test, in order) are ``item_lists``: items weighted by how often they occur, drawn
-    by NumPy's legacy generator in blocks of ``2 * count`` without replacement, those the user has dropped, until
-    there are ``count``."""
+    by NumPy's legacy generator in blocks of ``2 * count`` without replacement, less those the user has had, until
+    there are ``count`` (a later block may repeat an item of an earlier one, as the example's do)."""
     freq: dict[int, int] = {}
     for s in item_lists:
         for it in s:
@@ -339,15 +360,17 @@ def popularity_negatives(item_lists: list[list[int]], count: int, seed: int) -> 
     pool = list(freq)
     total = sum(freq.values())
     p = [float(freq[it]) / total for it in pool]
+    if len(pool) < 2 * count:
+        raise UserError(f"the file has {len(pool)} items: TorchRec's example draws {2 * count} at a time without "
+                        "replacement, and fails on it too", "use --layout recompress")
     rng = np.random.RandomState(seed)
     out = np.zeros((len(item_lists), count), dtype=np.int32)
     with progress("drawing the example's evaluation negatives", len(item_lists)) as advance:
         for r, s in enumerate(item_lists):
             seen, drawn = set(s), []
-            if len(pool) < 2 * count or len(seen) >= len(pool):
-                raise UserError(f"the file has {len(pool)} items: TorchRec's example draws {2 * count} at a time "
-                                "without replacement, among those a user has not had, and fails on it too",
-                                "use --layout recompress")
+            if len(seen) >= len(pool):
+                raise UserError(f"user {users[r]} has had every one of the {len(pool)} items, so no negative can be "
+                                "drawn (TorchRec's example loops forever on it)", "leave that user out of the file")
             while len(drawn) < count:
                 drawn.extend(int(x) for x in rng.choice(pool, 2 * count, replace=False, p=p) if x not in seen)
             out[r] = drawn[:count]
@@ -364,13 +387,16 @@ def _recbole_key(times: list[float]) -> Any:
 
 def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
                       min_items: int | None = None, layout: str = "recompress", items: str | Path | None = None,
-                      seed: int = 0, overwrite: bool = False) -> Path:
+                      seed: int | None = None, overwrite: bool = False) -> Path:
     """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out`` (``layout``: whose
     ids, users and evaluation rules; ``items``: the catalogue of ``--layout gr``; see the module docstring)."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}", f"choose from {', '.join(LAYOUTS)}")
     if items is not None and layout != "gr":
         raise UserError("--items names the catalogue of --layout gr", "pass --layout gr, or leave --items out")
+    if seed is not None and layout != "torchrec":
+        raise UserError("--seed draws the negatives of --layout torchrec",
+                        "pass --layout torchrec, or leave --seed out")
     if layout == "torchrec" and max_len is not None:
         raise UserError("--max-len cuts each user's sequence, which TorchRec's example does not (its candidates "
                         "would differ)", "leave --max-len out with --layout torchrec")
@@ -394,6 +420,9 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     fmt = fmt or detect_format(source)
     say(f"reading {source} as {fmt}")
     torchrec = layout == "torchrec"
+    if torchrec and fmt not in ("movielens", "movielens-dat"):
+        raise UserError(f"{source} is a {fmt} file; TorchRec's example reads MovieLens ratings only (ml-20m's "
+                        "ratings.csv, ml-1m's ratings.dat)", "pass a ratings file, or use another --layout")
     users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole",
                                                         quicksort=torchrec, min_rows=min_items if torchrec else 0)
     meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": layout}
@@ -402,8 +431,9 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
         users, item_lists, order, first_seen = _torchrec_order(users, item_lists, first_seen, min_items, str(source))
         time_lists = [time_lists[i] for i in order] if time_lists is not None else None
         row = {it: i + 1 for i, it in enumerate(first_seen)}
-        negatives = popularity_negatives([[row[it] for it in s] for s in item_lists], TORCHREC_NEGATIVES, seed)
-        meta.update(sampled_negatives="stored", negatives_seed=seed)
+        negatives = popularity_negatives(users, [[row[it] for it in s] for s in item_lists], TORCHREC_NEGATIVES,
+                                         seed or 0)
+        meta.update(sampled_negatives="stored", negatives_seed=seed or 0, protocol="sampled", order_by=sort_build())
     if layout == "sasrec":
         meta["sampled_negatives"] = "not in train"
     if layout == "recbole":
@@ -462,7 +492,7 @@ def write_sequences(out: str | Path, users: list[Any], item_lists: list[list[Any
         raise UserError(f"no user has the {min_items} interactions leave-one-out needs ({dropped} users dropped)",
                         "pass a longer history per user")
     item_index: dict[Any, int] = {}
-    if item_order is not None:  # every item of the file has a row, the dropped users' too
+    if item_order is not None:  # the order of rows (recbole: every item of the file, the dropped users' too)
         item_index = {it: i + 1 for i, it in enumerate(item_order)}
         flat = [item_index[it] for i in keep for it in item_lists[i]]
     elif keep_ids:  # row = id; every id up to the largest in the whole file (and the catalogue) has a row
@@ -529,6 +559,11 @@ class SequenceDataset:
         self.catalogue: np.ndarray | None = load_array(ranked, mmap=False) if ranked.exists() else None  # full ranking
         drawn = path / "negatives.npy"
         self.negatives: np.ndarray | None = load_array(drawn) if drawn.exists() else None  # the sampled protocol's
+        if self.negatives is not None and (self.negatives.ndim != 2 or self.negatives.shape[0] != self.num_users
+                                           or self.negatives.shape[1] < 1 or self.negatives.dtype.kind not in "iu"):
+            raise UserError(f"{drawn} holds {self.negatives.dtype} {list(self.negatives.shape)}, not the negatives of "
+                            f"{self.num_users} users (integer ids, one row each)", "the dataset was damaged or edited "
+                            "after it was prepared: prepare it again")
 
     @property
     def fingerprint(self) -> str:

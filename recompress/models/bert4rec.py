@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from recompress.distributed import shard
 from recompress.families import FAMILIES
+from recompress.progress import say
 from recompress.spec import ModelSpec
 from recompress.tables import Table
 
@@ -100,13 +101,28 @@ class BERT4RecFamily(SequentialFamily):
         return BERT4Rec(spec.hparams, tables)
 
     def hparams(self, given: dict[str, Any]) -> dict[str, Any]:
-        """TorchRec's flavor defaults to its example's layers: a ReLU feed-forward of width 4 d, PyTorch's layer
-        norm epsilon."""
+        """TorchRec's flavor defaults to its example's: a ReLU feed-forward of width 4 d, PyTorch's layer norm
+        epsilon, dropout 0.1 and 15% of positions masked."""
         hp = super().hparams(given)
         if hp["flavor"] == "torchrec":
-            defaults = {"activation": "relu", "ln_eps": 1e-5, "ffn_dim": 4 * hp["dim"]}
+            defaults = {"activation": "relu", "ln_eps": 1e-5, "ffn_dim": 4 * hp["dim"], "dropout": 0.1,
+                        "mask_ratio": 0.15}
             hp.update({k: v for k, v in defaults.items() if given.get(k) is None})
         return hp
+
+    def new_spec(self, data: Any, hparams: dict[str, Any]) -> ModelSpec:
+        spec = super().new_spec(data, hparams)
+        spec.hparams["tied_output"] = spec.hparams["flavor"] != "torchrec"
+        return spec
+
+    def check(self, spec: ModelSpec, data: Any) -> None:
+        """Also warn when a model read from TorchRec's example file meets data its layout did not prepare: the same
+        sizes can hold other ids there, and the scores would mean nothing."""
+        super().check(spec, data)
+        if spec.provenance.get("source_format") == "torchrec-bert4rec" and data.meta.get("layout") != "torchrec":
+            say(f"[yellow]warning:[/yellow] this model was trained by TorchRec's BERT4Rec example and {data.path} was "
+                f"prepared with --layout {data.meta.get('layout', 'recompress')}: the example numbers ids its own way; "
+                "prepare its ratings file with 'recompress data sequences RATINGS --layout torchrec'")
 
     def table_rows(self, hparams: dict[str, Any]) -> dict[str, int]:
         """TorchRec's flavor scores with an output table of the item table's rows (padding and mask included)."""

@@ -51,6 +51,12 @@ class Family(ABC):
     def primary(self) -> str:
         return self.metrics[0]
 
+    def default_protocol(self, data: Any) -> str:
+        """The protocol a dataset asks for (one whose layout stores its trainer's candidates: ``sampled``), else the
+        family's first."""
+        asked = getattr(data, "meta", {}).get("protocol")
+        return asked if asked in self.protocols else self.protocols[0]
+
     def hparams(self, given: dict[str, Any]) -> dict[str, Any]:
         """The family's hyper-parameters: its declared defaults, overridden by ``given`` (None = default)."""
         params = {p.name: p for p in self.info.hparams}

@@ -256,7 +256,10 @@ class SequentialFamily(Family):
         return np.sort(np.random.default_rng([seed, 7]).choice(data.num_users, users, replace=False))
 
     def eval_batches(self, hparams: dict[str, Any], data: Any, split: str, protocol: str, *, batch_size: int | None = None,
-                     negatives: int = 100, seed: int = 0, users: int | None = None) -> Iterator[tuple[Inputs, Any]]:
+                     negatives: int = 100, seed: int = 0, users: int | None = None,
+                     stored: bool = True) -> Iterator[tuple[Inputs, Any]]:
+        """``stored``: score the negatives a dataset stores, where it has them (accuracy); False draws them (timing
+        requests of any size)."""
         length = hparams["max_len"]
         who = self.eval_users(data, users, seed)
         ends = data.history_end(split)
@@ -274,7 +277,7 @@ class SequentialFamily(Family):
             if protocol == "full":
                 inputs["candidates"] = np.arange(data.num_items + 1, dtype=np.int64)[None]
                 yield inputs, (targets[s:s + len(u)], self.excluded(data, seen, inputs["history"], targets[s:s + len(u)]))
-            elif data.negatives is not None:  # drawn when the dataset was prepared (--layout torchrec)
+            elif stored and data.negatives is not None:  # drawn when the dataset was prepared (--layout torchrec)
                 neg = stored_negatives(data, u, negatives)
                 inputs["candidates"] = np.concatenate([targets[s:s + len(u), None], neg], axis=1)
                 yield inputs, (np.zeros(len(u), dtype=np.int64), None)
@@ -387,7 +390,7 @@ class SequentialFamily(Family):
         rows = 0
         while rows < count * batch:
             for inputs, _ in self.eval_batches(hparams, data, "test", protocol, batch_size=batch, seed=seed,
-                                               negatives=(candidates or 101) - 1):
+                                               negatives=(candidates or 101) - 1, stored=False):
                 parts.append(inputs)
                 rows += len(inputs["history"])
                 if rows >= count * batch:
@@ -421,7 +424,11 @@ def stored_negatives(data: Any, users: np.ndarray, count: int) -> np.ndarray:
         raise UserError(f"{data.path} stores {have} negatives per user (its layout's draws) and {count} were asked for",
                         f"pass --negatives {have} or fewer (--candidates {have + 1} or fewer)")
     neg = np.asarray(data.negatives[users, :count], dtype=np.int64)
-    data.check_items(neg)
+    bad = (neg < 1) | (neg > data.num_items)
+    if bad.any():
+        raise UserError(f"{data.path / 'negatives.npy'}: item {int(neg[bad][0])} is outside the catalogue's "
+                        f"{data.num_items} items",
+                        "the dataset was damaged or edited after it was prepared: prepare it again")
     return neg
 
 
