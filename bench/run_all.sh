@@ -23,7 +23,8 @@
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 #                                          upstream-torchrec-bert4rec (needs TORCHREC_REPO, a pytorch/torchrec
 #                                          checkout, and B4R_PYTHON, this project's interpreter with TorchRec
-#                                          and pandas; the example trains ~20 min)
+#                                          and pandas; the example trains ~20 min) torchrec-bert4rec-frontier
+#                                          (after it: its file compressed every way by one recompress bench)
 # latency*, interleave, ort-ops, quant-memory, compress-10m, quickstart, seq-speed, seq-export, trt-build and
 # stream-memory, load-memory, distributed-train, shard-memory time things: run each
 # on an otherwise idle machine. The other seq-* sections run on one thread each and may run two at a time
@@ -108,7 +109,16 @@ for s in $sections; do
         "${B4R_PYTHON:?set B4R_PYTHON to a python with torchrec, fbgemm-gpu-cpu, pandas and recompress}" \
             bench/upstream_torchrec_bert4rec.py \
             --repo "${TORCHREC_REPO:?set TORCHREC_REPO to a pytorch/torchrec checkout}/examples/bert4rec" \
-            --ratings ../shared/data/movielens_latest_small/ratings.csv.gz --out $r/upstream_torchrec_bert4rec.json ;;
+            --ratings ../shared/data/movielens_latest_small/ratings.csv.gz --out $r/upstream_torchrec_bert4rec.json \
+            --upstream-dir "$w/torchrec_bert4rec" ;;
+    torchrec-bert4rec-frontier)  # after upstream-torchrec-bert4rec: compress its file every way, one command
+        recompress data sequences ../shared/data/movielens_latest_small/ratings.csv.gz --layout torchrec \
+            -o "$w/ml_torchrec" --overwrite
+        OMP_NUM_THREADS=1 recompress bench bench/torchrec_bert4rec_frontier.toml --set data.path="$w/ml_torchrec" \
+            --set baseline.checkpoint="$w/torchrec_bert4rec/epoch_10_model.pth" --set evaluate.threads=1 \
+            -o "$w/torchrec_bert4rec_frontier"
+        mkdir -p $r/frontier_torchrec_bert4rec
+        cp "$w/torchrec_bert4rec_frontier"/{summary.json,report.md,results.csv,*.png} $r/frontier_torchrec_bert4rec/ ;;
     upstream-recbole-models)
         "${RECBOLE_PYTHON:?set RECBOLE_PYTHON to an interpreter with recbole 1.2.1 (see bench/upstream_recbole_build.py)}" \
             bench/upstream_recbole_build.py --out "$w/recbole_runs"
