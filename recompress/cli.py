@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import click
 
 from . import __version__
+from .data.sequence_layouts import get_layout
+from .data.sequence_layouts import names as layout_names
 from .errors import UserError
 
 EXIT_USER, EXIT_INTERRUPTED = 2, 130
@@ -337,16 +339,9 @@ def data_synthetic(out: str, tables: str, **kw: Any) -> None:
 @click.option("--max-len", type=int, default=None, help="keep each user's most recent N interactions (default: all)")
 @click.option("--min-items", type=int, default=None, help="drop users with fewer interactions [default: 3, what "
               "leave-one-out needs; 4 with --layout sasrec, 5 with --layout torchrec]")
-@click.option("--layout", type=click.Choice(["recompress", "sasrec", "recbole", "gr", "torchrec"]), default="recompress",
-              show_default=True,
+@click.option("--layout", type=click.Choice(layout_names()), default="recompress", show_default=True,
               help="whose ids, order and evaluation rules, to evaluate a model another trainer made on this file: "
-                   "recompress (ids numbered by first appearance); sasrec (SASRec.pytorch's data_partition and "
-                   "evaluate: the file's own ids, users with 4+ items, negatives not in the user's training items); "
-                   "recbole (RecBole's atomic-file pipeline: ids by first appearance in the file, its float32 time "
-                   "order, full ranking over every item); gr (generative-recommenders' research trainer: the file's "
-                   "own ids, full ranking over the catalogue less the history window's items); torchrec (TorchRec's "
-                   "BERT4Rec example on a MovieLens ratings file: users with 5+ ratings, its id numbering and time "
-                   "order, and its 100 popularity-sampled negatives per user, drawn with --seed)")
+                   + "; ".join(f"{n} ({get_layout(n).help})" for n in layout_names()))
 @click.option("--seed", type=int, default=None,
               help="--layout torchrec: the seed of NumPy's legacy generator for its negatives (the example's own "
                    "draws when its run called np.random.seed with it) [default: 0]")

@@ -309,7 +309,7 @@ def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path)
     assert res.exit_code == 2 and "id '001' is not written as the integer pandas reads (1)" in res.output, res.output
     (tmp_path / "p.txt").write_text("".join(f"{u} {i}\n" for u in range(3) for i in range(1, 7)))
     res = cli("data", "sequences", tmp_path / "p.txt", "--layout", "torchrec", "-o", tmp_path / "d")
-    assert res.exit_code == 2 and "reads MovieLens ratings only" in res.output, res.output
+    assert res.exit_code == 2 and "is a pairs file and --layout torchrec reads movielens or movielens-dat" in res.output
     res = cli("data", "sequences", tmp_path / "ratings.csv", "--seed", 3, "-o", tmp_path / "e")
     assert res.exit_code == 2 and "--seed draws the negatives of --layout torchrec" in res.output, res.output
     rows = [(u, i, 4.0, i) for u in (1, 2) for i in range(1, 206)] + [(3, i, 4.0, i) for i in range(1, 250)]

@@ -4,14 +4,26 @@ produce them (Criteo TSV, sequence files) and synthetic generators."""
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from recompress.errors import UserError
 
-from .ctr import META, CTRDataset
-from .sequences import SequenceDataset
+if TYPE_CHECKING:
+    from .ctr import CTRDataset
+    from .sequences import SequenceDataset
 
-KINDS = {"ctr": CTRDataset, "sequences": SequenceDataset}
+META = "meta.json"
+KINDS = {"ctr": ("ctr", "CTRDataset"), "sequences": ("sequences", "SequenceDataset")}  # imported when opened: the
+# CLI reads this package's small modules (sequence_layouts) at start-up, before numpy is needed
+
+
+def __getattr__(name: str) -> Any:
+    for module, cls in KINDS.values():
+        if name == cls:
+            return getattr(import_module(f"{__name__}.{module}"), cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_dataset(path: str | Path) -> CTRDataset | SequenceDataset:
@@ -24,7 +36,8 @@ def open_dataset(path: str | Path) -> CTRDataset | SequenceDataset:
             raise UserError(f"{path / META} is not valid JSON", "prepare the dataset again") from None
         if kind not in KINDS:
             raise UserError(f"{path} holds a dataset of unknown kind {kind!r}", "prepare it with this recompress")
-        return KINDS[kind](path)
+        module, cls = KINDS[kind]
+        return getattr(import_module(f"{__name__}.{module}"), cls)(path)
     if path.is_file():
         raise UserError(f"{path} is a raw file, not a prepared dataset",
                         f"prepare it first: recompress data criteo|sequences {path} -o DATASET_DIR")

@@ -15,37 +15,10 @@ Users with fewer than ``min_items`` (3) interactions are dropped (and counted): 
 training item, a validation item (the second to last) and a test item (the last). Item ids are remapped
 to 1..N in order of first appearance (0 is padding) and the original ids are stored.
 
-Layouts (``--layout``), so that a model trained elsewhere sees the ids and users it was trained on:
-- ``recompress`` (the default): as above;
-- ``sasrec``: SASRec.pytorch's ``data_partition``: ids are the file's own integers (item N is row N; the
-  table has max id + 1 rows), users with fewer than 4 interactions are train-only there and are left out
-  here (3 with ``--min-items 3``, its rule before 2025-09), and the sampled protocol draws its negatives
-  as its ``evaluate`` does: uniform over 1..max id, redrawn while in the user's training items (so the
-  validation item may be drawn, and a negative may repeat);
-- ``recbole``: RecBole's sequential pipeline for atomic files (leave-one-out, time order): items numbered
-  by first appearance in the file (every item of the file has a row), each user's interactions sorted
-  by the timestamp min-max scaled to float32 (ties in file order), and full ranking excludes only the
-  padding item, not the user's history (RecBole masks only [PAD] for sequential models);
-- ``gr``: generative-recommenders' research DatasetV2 and eval: the file's own ids (item N is row N; a file
-  with id 0, amzn-books' 0-based codes, is shifted by one, as its ``shift_id_by=1``), users in file order,
-  and full ranking as its ``eval_metrics_v2_from_tensors`` ranks: every item of the catalogue
-  (``items``: e.g. its processed ``movies.csv``, rated or not, or a count N for ids 1..N as it ranks
-  amzn-books; default every item of the file) except the
-  ids in the model's history window (the last ``max_len`` items), which it filters from its top k;
-- ``torchrec``: TorchRec's BERT4Rec example (``Bert4RecPreprocsser`` on a MovieLens ``ratings.csv``): users with
-  5+ ratings; users and items numbered in the iteration order of a Python set of their integer ids (item ids from
-  1), as its ``_densify_index`` numbers them; each user's ratings in the order NumPy's quicksort of their
-  timestamps puts them (pandas' ``sort_values``; ties are not in file order); and its evaluation candidates
-  stored (``negatives.npy``): per user, 100 items drawn by popularity (counts over every split) in blocks of 200
-  without replacement, less those the user has had, from NumPy's legacy generator seeded with ``seed``, users in
-  order: the example's own draws when its run was seeded with the same seed (it does not seed; unseeded,
-  the candidates differ and so do the metrics, by sampling noise). The same candidates serve validation and test.
-  Equal timestamps are ordered as this machine's NumPy quicksort orders them, which depends on the NumPy build and
-  the CPU's SIMD features (``meta.json``'s ``order_by`` records them): on another build, a user's tied ratings, and
-  so the pool's order and every draw, may differ from the example's run. Only the example's default filters are
-  reproduced (``--min_rating 0``, ``--min_item_count 0``; ``--min_user_count`` is ``--min-items``).
-Layout:
-``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
+Layouts (``--layout``: whose ids, users, order and evaluation rules, so that a model trained elsewhere sees the
+ids and users it was trained on) are ``recompress.data.sequence_layouts``, one module each.
+
+On disk: ``meta.json``, ``items.npy`` (int32, every user's items back to back), ``offsets.npy`` (int64, user
 start offsets), ``times.npy`` (int64 seconds, when the source has timestamps), ``item_ids.npy`` and
 ``user_ids.npy`` (original ids), ``catalogue.npy`` (bool per row: ranked by full ranking; when the layout
 names a catalogue), ``negatives.npy`` (int32 ``[users, k]``: the sampled protocol's negatives, when the layout
@@ -54,12 +27,9 @@ draws them). Splits are views of these arrays, never copies.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,27 +40,18 @@ from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
 from .arrays import load_array
+from .sequence_layouts import Read, check_options, get_layout
+from .textfiles import open_text, read_csv
 from .vocabularies import fingerprint
 
 META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens", "movielens-dat", "gr")
-LAYOUTS = ("recompress", "sasrec", "recbole", "gr", "torchrec")
-TORCHREC_NEGATIVES = 100  # the example's test_set_sample_size
-CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
 MAX_ID = 2**31 - 1  # items are stored as int32
 SPLITS = ("train", "val", "test")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = open(path, "rb")
-    head = raw.read(2)
-    raw.seek(0)
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw, encoding="utf-8-sig",
-                            errors="strict")
-
-
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             for number, line in enumerate(f, 1):
                 if line.strip():
@@ -127,59 +88,10 @@ def detect_format(path: Path) -> str:
                     f"name it with --format ({', '.join(FORMATS)})")
 
 
-def _catalogue(items: str) -> list[int]:
-    """The item ids of ``--items``: a count N (ids 1..N, as generative-recommenders ranks amzn-books), or a
-    catalogue CSV's ``movie_id``, ``movieId`` or ``item_id`` column (e.g. the ``movies.csv`` that its
-    DataProcessor writes, or GroupLens's own), in the sequence file's numbering."""
-    if items.isdigit():
-        if not 1 <= int(items) <= MAX_ID:
-            raise UserError(f"--items {items} is not a number of items", f"pass 1 to {MAX_ID:,}, or a catalogue CSV")
-        return list(range(1, int(items) + 1))
-    path = Path(items)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file",
-                        "pass the catalogue CSV (e.g. movies.csv), or the number of items, to --items")
-    ids = _read_csv(path, lambda rows: _catalogue_ids(rows, path), "pass the catalogue CSV (e.g. movies.csv)")
-    bad = next((x for x in ids if not x.isdigit() or int(x) > MAX_ID), None)
-    if bad is not None or not ids:
-        raise UserError(f"{path}: item id {bad!r} is not an integer from 0 to {MAX_ID:,}" if ids else f"{path} lists no item",
-                        "the catalogue lists the integer ids that the sequence file uses")
-    return sorted({int(x) for x in ids})
-
-
-def _catalogue_ids(rows: Any, path: Path) -> list[str]:
-    """The id column of a catalogue CSV's rows (a ``csv.reader``)."""
-    header = next(rows, [])
-    column = next((header.index(c) for c in CATALOGUE_COLUMNS if c in header), None)
-    if column is None:
-        raise UserError(f"{path} line 1: header has none of the columns {', '.join(CATALOGUE_COLUMNS)}",
-                        "pass a CSV whose header names the item id column (e.g. movies.csv)")
-    ids = []
-    for row in rows:
-        if row and len(row) <= column:
-            raise UserError(f"{path} line {rows.line_num}: {len(row)} fields, no item id",
-                            "every row needs a value for every header column")
-        if row:
-            ids.append(row[column].strip())
-    return ids
-
-
-def _read_csv(path: Path, parse: Callable[[Any], Any], hint: str) -> Any:
-    """``parse`` over a ``csv.reader`` of ``path`` (gzip or plain, a BOM skipped); a file that is not UTF-8 CSV
-    is one message. Fields may be long: a user's whole history is one (pandas, which upstream reads with, has
-    no limit)."""
-    csv.field_size_limit(1 << 30)
-    with _open_text(path) as f:
-        try:
-            return parse(csv.reader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{path} is not a readable CSV ({str(e)[:80]})", hint) from None
-
-
 def _gr_events(path: Path) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """:func:`_events` of a generative-recommenders ``sasrec_format.csv``: each row's lists as the file orders
     them (its DataProcessor sorted them by time; its DatasetV2 reads them as they are)."""
-    return _read_csv(path, lambda rows: _gr_rows(rows, str(path)), "pass generative-recommenders' sasrec_format.csv")
+    return read_csv(path, lambda rows: _gr_rows(rows, str(path)), "pass generative-recommenders' sasrec_format.csv")
 
 
 def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
@@ -227,13 +139,13 @@ def _gr_rows(rows: Any, where: str) -> tuple[list[str], list[list[str]], list[li
     return users, items, times, list(dict.fromkeys(it for s in items for it in s))
 
 
-def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool = False, min_rows: int = 0
+def _events(path: Path, fmt: str, sort: str = "time", min_rows: int = 0
             ) -> tuple[list[str], list[list[str]], list[list[float]] | None, list[str]]:
     """(users in order of first appearance, their item lists, their timestamps or None, every item in order of
-    first appearance in the file's rows of users with ``min_rows`` or more), in time order: ties in file order;
-    ``recbole_order``: by the timestamp min-max scaled and stored in float32, as RecBole sorts (which ties some
-    distinct seconds); ``quicksort``: as NumPy's quicksort of each user's timestamps in file order puts them
-    (pandas' ``sort_values``)."""
+    first appearance in the file's rows of users with ``min_rows`` or more), each user's sorted by ``sort``: ``time``
+    (ties in file order); ``recbole``: by the timestamp min-max scaled and stored in float32, as RecBole sorts
+    (which ties some distinct seconds); ``quicksort``: as NumPy's quicksort of each user's timestamps in file
+    order puts them (pandas' ``sort_values``)."""
     if fmt == "gr":
         return _gr_events(path)
     seqs: dict[str, list[tuple[float, int, str]]] = {}
@@ -290,24 +202,16 @@ def _events(path: Path, fmt: str, recbole_order: bool = False, quicksort: bool =
         seqs.setdefault(user, []).append((t, order, item))
         order += 1
     users = list(seqs)
-    key = (lambda e: e[:2]) if not recbole_order else _recbole_key([e[0] for ev in seqs.values() for e in ev])
+    key = (lambda e: e[:2]) if sort != "recbole" else _recbole_key([e[0] for ev in seqs.values() for e in ev])
     items, times = [], []
     for u in users:
-        ev = _quicksorted(seqs[u]) if quicksort and has_time else sorted(seqs[u], key=key) if has_time else seqs[u]
+        ev = _quicksorted(seqs[u]) if sort == "quicksort" and has_time else sorted(seqs[u], key=key) if has_time \
+            else seqs[u]
         items.append([e[2] for e in ev])
         times.append([e[0] for e in ev])
     rows = sorted((e for ev in seqs.values() if len(ev) >= min_rows for e in ev), key=lambda e: e[1])
     first_seen = list(dict.fromkeys(e[2] for e in rows))
     return users, items, times if has_time else None, first_seen
-
-
-def sort_build() -> str:
-    """The NumPy build and CPU features its quicksort ran with: equal timestamps may come out in another order
-    on another build or CPU (its SIMD sorts differ), so the time order, and the draws that follow it, are those
-    of a machine like this one."""
-    from numpy._core._multiarray_umath import __cpu_features__ as features
-    simd = [f for f in ("AVX2", "AVX512F", "AVX512_SKX", "AVX512_ICL", "AVX512_SPR", "ASIMD", "SVE") if features.get(f)]
-    return f"numpy {np.__version__} quicksort, {'/'.join(simd) or 'no SIMD'}"
 
 
 def _quicksorted(events: list[tuple[float, int, str]]) -> list[tuple[float, int, str]]:
@@ -318,66 +222,6 @@ def _quicksorted(events: list[tuple[float, int, str]]) -> list[tuple[float, int,
     return [events[i] for i in np.argsort(times, kind="quicksort")]
 
 
-def _torchrec_order(users: list[str], item_lists: list[list[str]], first_seen: list[str], min_items: int, where: str
-                    ) -> tuple[list[str], list[list[str]], list[int], list[str]]:
-    """TorchRec's example numbering: the users it keeps (``min_items`` ratings) in the iteration order of a set of
-    their integer ids, and their items (``first_seen``: in order of first appearance in the kept users' rows) in
-    the same order of the items', each set filled in file order as pandas' ``set(df[column])`` fills it (filling
-    it again with an id it holds changes nothing, so the order of first appearance is the file's order)."""
-    def canonical(x: str) -> int:
-        value = int(x)  # ValueError for text
-        if str(value) != x:  # '07' and '7' are one id to pandas' integer column, two here
-            raise UserError(f"{where}: id {x!r} is not written as the integer pandas reads ({value}), so the example "
-                            "would merge ids this reader keeps apart", "write the ids without leading zeros or signs, "
-                            "or use --layout recompress")
-        return value
-
-    try:
-        as_int = {u: canonical(u) for u in users}
-        for s in item_lists:
-            for it in s:
-                canonical(it)
-    except ValueError:
-        raise UserError(f"{where}: ids are not all integers; TorchRec's example numbers them by the order of a set "
-                        "of its ids, which for strings changes with every Python process",
-                        "use --layout recompress") from None
-    kept = [i for i, s in enumerate(item_lists) if len(s) >= min_items]
-    position = {as_int[users[i]]: i for i in kept}
-    order = [position[u] for u in set(as_int[users[i]] for i in kept)]  # noqa: C401 (a set's order is the point)
-    items = [str(it) for it in set(int(it) for it in first_seen)]  # noqa: C401
-    return [users[i] for i in order], [item_lists[i] for i in order], order, items
-
-
-def popularity_negatives(users: list[str], item_lists: list[list[int]], count: int, seed: int) -> np.ndarray:
-    """``[users, count]``: TorchRec's example's evaluation negatives (``_generate_negative_samples``) for users whose
-    whole sequences (train, val, test, in order) are ``item_lists``: items weighted by how often they occur, drawn
-    by NumPy's legacy generator in blocks of ``2 * count`` without replacement, less those the user has had, until
-    there are ``count`` (a later block may repeat an item of an earlier one, as the example's do)."""
-    freq: dict[int, int] = {}
-    for s in item_lists:
-        for it in s:
-            freq[it] = freq.get(it, 0) + 1
-    pool = list(freq)
-    total = sum(freq.values())
-    p = [float(freq[it]) / total for it in pool]
-    if len(pool) < 2 * count:
-        raise UserError(f"the file has {len(pool)} items: TorchRec's example draws {2 * count} at a time without "
-                        "replacement, and fails on it too", "use --layout recompress")
-    rng = np.random.RandomState(seed)
-    out = np.zeros((len(item_lists), count), dtype=np.int32)
-    with progress("drawing the example's evaluation negatives", len(item_lists)) as advance:
-        for r, s in enumerate(item_lists):
-            seen, drawn = set(s), []
-            if len(seen) >= len(pool):
-                raise UserError(f"user {users[r]} has had every one of the {len(pool)} items, so no negative can be "
-                                "drawn (TorchRec's example loops forever on it)", "leave that user out of the file")
-            while len(drawn) < count:
-                drawn.extend(int(x) for x in rng.choice(pool, 2 * count, replace=False, p=p) if x not in seen)
-            out[r] = drawn[:count]
-            advance(1)
-    return out
-
-
 def _recbole_key(times: list[float]) -> Any:
     """Sort key of an event (t, order, item): RecBole's float32 of (t - min) / (max - min), then file order."""
     lo, hi = min(times), max(times)
@@ -386,21 +230,17 @@ def _recbole_key(times: list[float]) -> Any:
 
 
 def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = None, max_len: int | None = None,
-                      min_items: int | None = None, layout: str = "recompress", items: str | Path | None = None,
-                      seed: int | None = None, overwrite: bool = False) -> Path:
+                      min_items: int | None = None, layout: str = "recompress", **options: Any) -> Path:
     """Read a sequence file into a prepared, leave-one-out sequence dataset folder ``out`` (``layout``: whose
-    ids, users and evaluation rules; ``items``: the catalogue of ``--layout gr``; see the module docstring)."""
-    if layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}", f"choose from {', '.join(LAYOUTS)}")
-    if items is not None and layout != "gr":
-        raise UserError("--items names the catalogue of --layout gr", "pass --layout gr, or leave --items out")
-    if seed is not None and layout != "torchrec":
-        raise UserError("--seed draws the negatives of --layout torchrec",
-                        "pass --layout torchrec, or leave --seed out")
-    if layout == "torchrec" and max_len is not None:
-        raise UserError("--max-len cuts each user's sequence, which TorchRec's example does not (its candidates "
-                        "would differ)", "leave --max-len out with --layout torchrec")
-    min_items = min_items if min_items is not None else {"sasrec": 4, "torchrec": 5}.get(layout, 3)
+    ids, users and evaluation rules, see ``recompress.data.sequence_layouts``; ``options``: the layout's own,
+    e.g. ``items`` for ``gr``, ``seed`` for ``torchrec``; ``overwrite``)."""
+    overwrite = bool(options.pop("overwrite", False))
+    lay = get_layout(layout)
+    check_options(lay, options)
+    if max_len is not None and not lay.cuts:
+        raise UserError(f"--max-len cuts each user's sequence, which --layout {lay.name} does not (its candidates "
+                        "would differ)", f"leave --max-len out with --layout {lay.name}")
+    min_items = min_items if min_items is not None else lay.min_items
     if min_items < 3:
         raise UserError(f"--min-items {min_items} leaves users without a training, validation and test item",
                         "pass --min-items 3 or more")
@@ -414,48 +254,19 @@ def prepare_sequences(source: str | Path, out: str | Path, *, fmt: str | None = 
     if max_len is not None and max_len < min_items:
         raise UserError(f"--max-len {max_len} leaves no user with the {min_items} items leave-one-out needs",
                         f"pass --max-len {min_items} or more")
-    counted = items is not None and str(items).isdigit()  # --items N: ids 1..N, not a file
-    catalogue = _catalogue(str(items)) if items is not None else None
-    check_output(out, overwrite=overwrite, inputs=[source] + ([Path(items)] if items is not None and not counted else []))
+    parsed = lay.parse(**options)
+    check_output(out, overwrite=overwrite, inputs=[source, *lay.inputs(parsed)])
     fmt = fmt or detect_format(source)
+    if lay.formats is not None and fmt not in lay.formats:
+        raise UserError(f"{source} is a {fmt} file and --layout {lay.name} reads {' or '.join(lay.formats)} files",
+                        "pass such a file, or use another --layout")
     say(f"reading {source} as {fmt}")
-    torchrec = layout == "torchrec"
-    if torchrec and fmt not in ("movielens", "movielens-dat"):
-        raise UserError(f"{source} is a {fmt} file; TorchRec's example reads MovieLens ratings only (ml-20m's "
-                        "ratings.csv, ml-1m's ratings.dat)", "pass a ratings file, or use another --layout")
-    users, item_lists, time_lists, first_seen = _events(source, fmt, recbole_order=layout == "recbole",
-                                                        quicksort=torchrec, min_rows=min_items if torchrec else 0)
-    meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": layout}
-    negatives = None
-    if layout == "torchrec":
-        users, item_lists, order, first_seen = _torchrec_order(users, item_lists, first_seen, min_items, str(source))
-        time_lists = [time_lists[i] for i in order] if time_lists is not None else None
-        row = {it: i + 1 for i, it in enumerate(first_seen)}
-        negatives = popularity_negatives(users, [[row[it] for it in s] for s in item_lists], TORCHREC_NEGATIVES,
-                                         seed or 0)
-        meta.update(sampled_negatives="stored", negatives_seed=seed or 0, protocol="sampled", order_by=sort_build())
-    if layout == "sasrec":
-        meta["sampled_negatives"] = "not in train"
-    if layout == "recbole":
-        meta["full_ranking_excludes"] = "padding"
-    if layout == "gr":
-        meta["full_ranking_excludes"] = "window"
-        meta["catalogue"] = ("the items of the file" if items is None else f"ids 1..{items}" if counted
-                             else str(Path(items).resolve()))
-        if any(it == "0" for s in item_lists for it in s):  # 0-based ids: amzn-books' DatasetV2(shift_id_by=1)
-            item_lists = [[str(int(it) + 1) if it.isdigit() else it for it in s] for s in item_lists]
-            if catalogue is not None and not counted:  # a list is in the file's numbering; a count is not
-                catalogue = [i + 1 for i in catalogue]
-            meta["id_shift"] = 1
-        elif catalogue and catalogue[0] == 0:
-            raise UserError(f"--items {items} lists item id 0, which the file does not use",
-                            "pass the catalogue in the file's numbering")
-        if catalogue is None:
-            catalogue = sorted({int(it) for s in item_lists for it in s if it.isdigit()})
-    write_sequences(out, users, item_lists, time_lists, overwrite=overwrite, inputs=[source], meta=meta,
-                    max_len=max_len, min_items=min_items, keep_ids=layout in ("sasrec", "gr"), where=str(source),
-                    item_order=first_seen if layout in ("recbole", "torchrec") else None, catalogue=catalogue,
-                    negatives=negatives)
+    read = Read(source, fmt, *_events(source, fmt, sort=lay.order, min_rows=min_items if lay.first_seen_of_kept else 0))
+    plan = lay.plan(read, min_items=min_items, **parsed)
+    meta = {"source": str(source.resolve()), "format": fmt, "synthetic": False, "layout": lay.name, **plan.meta}
+    write_sequences(out, plan.users, plan.item_lists, plan.time_lists, overwrite=overwrite, inputs=[source], meta=meta,
+                    max_len=max_len, min_items=min_items, keep_ids=plan.keep_ids, where=str(source),
+                    item_order=plan.item_order, catalogue=plan.catalogue, negatives=plan.negatives)
     return Path(out)
 
 
