@@ -43,7 +43,7 @@ def code_fingerprint() -> str:
     h = hashlib.sha256()
     for pkg in CODE_PACKAGES:
         for folder in importlib.util.find_spec(pkg).submodule_search_locations:
-            for f in sorted(Path(folder).glob("*.py")) + sorted(Path(folder).glob("*/*.py")):
+            for f in sorted(Path(folder).rglob("*.py")):  # every module, however deep (data/sequence_layouts/)
                 h.update(f"{pkg}:{f.relative_to(folder)}".encode())
                 h.update(f.read_bytes())
     for lib in LIBRARIES:

@@ -100,6 +100,13 @@ def test_code_fingerprint_changes_with_any_source_file(tmp_path, monkeypatch):
     (pkg / "a.py").write_text("x = 2\n")
     pipeline.code_fingerprint.cache_clear()
     assert pipeline.code_fingerprint() != first
+    (pkg / "sub" / "deeper").mkdir(parents=True)  # a module two folders down (data/sequence_layouts/*.py) counts too
+    (pkg / "sub" / "deeper" / "b.py").write_text("y = 1\n")
+    pipeline.code_fingerprint.cache_clear()
+    second = pipeline.code_fingerprint()
+    (pkg / "sub" / "deeper" / "b.py").write_text("y = 2\n")
+    pipeline.code_fingerprint.cache_clear()
+    assert pipeline.code_fingerprint() != second
     pipeline.code_fingerprint.cache_clear()
 
 
