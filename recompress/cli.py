@@ -711,7 +711,8 @@ def _run_and_report(recipe_arg: str, out: str | None, overwrite: bool, sets: tup
     extra = [v for s in sweep for v in parse_sweep(s)]
     folder = Path(out or f"runs/{r['name']}")
     parts = r.get("parts", [r])
-    inputs = [recipe_arg if Path(recipe_arg).exists() else None, *[p["data"].get("path") for p in parts], *extra_inputs]
+    inputs = [recipe_arg if Path(recipe_arg).exists() else None, *[p["data"].get("path") for p in parts],
+              *[p.get("baseline", {}).get("checkpoint") for p in parts], *extra_inputs]
     with run_folder(folder, overwrite=overwrite, inputs=inputs) as work:
         summary = run_recipe(r, work, extra)
         files = write_reports(summary, work)

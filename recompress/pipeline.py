@@ -54,12 +54,31 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def files_key(path: Path) -> list[tuple[str, int, int]]:
-    """What identifies a checkpoint on disk for the cache: each file's name, size and modification time (as
-    make does; hashing gigabytes of tables on every run would cost more than most steps)."""
+SAMPLE = 1 << 20  # bytes hashed from each end of a checkpoint file for the cache key
+
+
+def files_key(path: Path, skip: Path | None = None) -> list[tuple[str, int, int, str]]:
+    """What identifies a checkpoint on disk for the cache: each file's name, size, modification time and a
+    sha256 of its first and last MiB (whole, when smaller): a copy that kept the times (``cp -p``, ``rsync -a``)
+    of other weights of the same size is told apart, while gigabytes of tables are not read on every run.
+    ``skip``: a folder inside it whose files do not count (the run's own)."""
     path = path.resolve()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if skip is not None:
+        files = [f for f in files if skip.resolve() not in f.parents]
+    out = []
+    for f in files:
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(SAMPLE))
+            if st.st_size > 2 * SAMPLE:
+                fh.seek(-SAMPLE, os.SEEK_END)
+                h.update(fh.read(SAMPLE))
+            elif st.st_size > SAMPLE:
+                h.update(fh.read())
+        out.append((str(f), st.st_size, st.st_mtime_ns, h.hexdigest()[:16]))
+    return out
 
 
 def key(step: str, /, **settings: Any) -> str:
@@ -154,11 +173,20 @@ class Pipeline:
         """``[baseline] checkpoint``: the trained model a run starts from instead of training one (its format
         read without building it, so what it lacks is named before any step runs)."""
         from .adapters import describe, parse_hp
+        from .families import FAMILIES, all_hparams
         base = recipe.get("baseline", {})
         if "checkpoint" not in base:
             return None
         hp = parse_hp(base.get("hp", []))
         found = describe(base["checkpoint"], hp)
+        if found.family not in FAMILIES:  # described, not rebuilt: the adapter's own refusal says why
+            found.build(dict(found.hparams))
+            raise UserError(f"baseline.checkpoint {base['checkpoint']} holds no model recompress rebuilds",
+                            "'recompress inspect' describes it")
+        shape = sorted(k for k in recipe["train"] if k in all_hparams() or k in ("mlet_hidden", "mlet_min_rows"))
+        if shape:
+            raise UserError(f"train.{shape[0]} shapes a model trained here, and this run starts from "
+                            f"baseline.checkpoint, whose shapes are its own", f"drop {', '.join(shape)} from [train]")
         if found.missing:
             need = ", ".join(f'"{k}={"|".join(v) if v else "VALUE"}"' for k, v in found.missing.items())
             raise UserError(f"baseline.checkpoint {base['checkpoint']} does not say {', '.join(found.missing)} "
@@ -172,7 +200,8 @@ class Pipeline:
             raise UserError(f"variant {scratch[0]!r} trains from scratch, and this run starts from a trained "
                             "checkpoint (baseline.checkpoint)", "compress the trained model (drop from_scratch), or "
                             "train the baseline here with [train] instead of [baseline]")
-        return {"path": Path(base["checkpoint"]), "hp": hp, "family": found.family}
+        return {"path": Path(base["checkpoint"]), "hp": hp, "family": found.family,
+                "read": {k: [v, found.sources.get(k)] for k, v in found.hparams.items()}}  # sidecars (args.txt) too
 
     def baseline_text(self) -> str:
         if self.source is None:
@@ -229,8 +258,9 @@ class Pipeline:
         base_cfg = TrainConfig(**{k: t[k] for k in TRAIN_KEYS if k in t})
         hparams = {p.name: t[p.name] for p in self.family.info.hparams if p.name in t}
         scratch = v.method is None or v.from_scratch
-        if v.method is None and self.source is not None:
-            k = key("ckpt", data=data_key, source=files_key(self.source["path"]), hp=self.source["hp"])
+        if v.method is None and self.source is not None:  # [train] still budgets the fine-tunes built on it
+            k = key("ckpt", data=data_key, source=files_key(self.source["path"], skip=self.out),
+                    read=self.source["read"], train=t)
         elif scratch:
             k = key("ckpt", data=data_key, train=t, variant=v.describe())
         else:
@@ -300,6 +330,8 @@ def run_recipe(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -> 
     names = [p["name"] for p in recipe["parts"]]
     if len(set(names)) != len(names):
         raise UserError(f"recipe {recipe['name']} has parts with the same name", "give each part a unique name")
+    for part in recipe["parts"]:  # every part's trained checkpoint checked before any part runs
+        Pipeline._source(part)
     studies = []
     for part in recipe["parts"]:
         sub = out / part["name"]

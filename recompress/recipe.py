@@ -30,7 +30,7 @@ SCHEMA: dict[str, Any] = {
     "name": str, "description": str, "parts": list,
     "data": {"kind": str, "path": str, "samples": int, "tables": list, "zipf": float, "true_dim": int,
              "seed": int, "min_count": int, "max_rows": int, "limit": int, "format": str, "max_len": int,
-             "min_items": int, "users": int, "items": int, "mean_len": int, "clusters": int},
+             "min_items": int, "users": int, "items": int, "mean_len": int, "clusters": int, "layout": str},
     "train": {"model": str, "mlet_hidden": int, "mlet_min_rows": int, **TRAIN_KEYS},
     "baseline": {"checkpoint": str, "hp": list},
     "variants": [{"name": str, "method": str, "tables": list, "min_rows": int, "from_scratch": bool,
@@ -137,19 +137,25 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = (), base: Path | 
         _override(recipe, o)
     _check(recipe, SCHEMA, "")
     if "parts" in recipe:
+        if "baseline" in recipe:
+            raise UserError(f"recipe {path} has parts and a [baseline]", "give each part its own [baseline]")
         if "name" not in recipe or not recipe["parts"]:
             raise UserError(f"recipe {path} has parts but no name (or an empty parts list)", "see recipes/ci-smoke.toml")
         recipe["parts"] = [load_recipe(part, overrides, folder) for part in recipe["parts"]]
         return recipe
+    if "baseline" in recipe and "checkpoint" not in recipe["baseline"]:
+        raise UserError(f"recipe {path}: [baseline] without a checkpoint", 'name it: checkpoint = "model.pth"')
     baseline = recipe.get("baseline", {}).get("checkpoint")
+    if baseline == "" or (baseline is not None and Path(baseline) == folder):
+        raise UserError(f"recipe {path}: baseline.checkpoint is empty", "name the trained checkpoint's file or folder")
     for k in ("name", "data") if baseline else ("name", "data", "train"):
         if k not in recipe:
             raise UserError(f"recipe {path} has no {k!r}", "see recipes/quickstart.toml")
     recipe.setdefault("train", {})
     if baseline and not Path(baseline).exists():
         raise UserError(f"recipe {recipe['name']}: baseline.checkpoint {baseline} does not exist",
-                        "point it at a trained checkpoint (relative paths are read from the recipe's folder), or pass "
-                        "--set baseline.checkpoint=PATH")
+                        "point it at a trained checkpoint (in the recipe, relative to its folder; in --set, to the "
+                        "working directory)")
     bad = [h for h in recipe.get("baseline", {}).get("hp", []) if not isinstance(h, str) or "=" not in h]
     if bad:
         raise UserError(f"baseline.hp {bad[0]!r} is not 'KEY=VALUE'", 'e.g. hp = ["heads=2"]')
@@ -160,6 +166,10 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] = (), base: Path | 
     kind = recipe["data"].get("kind", "synthetic")
     if kind not in DATA_KINDS:
         raise UserError(f"data.kind {kind!r} is unknown", f"use one of {', '.join(DATA_KINDS)}")
+    if "layout" in recipe["data"] and kind != "sequences":
+        raise UserError(f"data.layout is for kind = \"sequences\" (whose ids and rules a file is prepared with), "
+                        f"and this data is {kind}", "drop data.layout, or prepare the data yourself and use "
+                        'kind = "prepared"')
     if kind not in ("synthetic", "synthetic-sequences"):
         where = recipe["data"].get("path")
         if not where or not Path(where).exists():

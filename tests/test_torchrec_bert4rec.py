@@ -310,6 +310,14 @@ def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path)
     (tmp_path / "p.txt").write_text("".join(f"{u} {i}\n" for u in range(3) for i in range(1, 7)))
     res = cli("data", "sequences", tmp_path / "p.txt", "--layout", "torchrec", "-o", tmp_path / "d")
     assert res.exit_code == 2 and "is a pairs file and --layout torchrec reads movielens or movielens-dat" in res.output
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "--seed", -1, "-o", tmp_path / "g")
+    assert res.exit_code == 2 and "--seed -1 is not a seed of NumPy's legacy generator" in res.output, res.output
+    res = cli("data", "sequences", tmp_path / "ratings.csv", "--layout", "torchrec", "--min-items", 1000,
+              "-o", tmp_path / "h")
+    assert res.exit_code == 2 and "has the 1000 ratings the example keeps a user for" in res.output, res.output
+    from recompress.data.sequences import prepare_sequences
+    with pytest.raises(UserError, match="sequence files take no setting 'samples'"):
+        prepare_sequences(tmp_path / "ratings.csv", tmp_path / "i", samples=5)
     res = cli("data", "sequences", tmp_path / "ratings.csv", "--seed", 3, "-o", tmp_path / "e")
     assert res.exit_code == 2 and "--seed draws the negatives of --layout torchrec" in res.output, res.output
     rows = [(u, i, 4.0, i) for u in (1, 2) for i in range(1, 206)] + [(3, i, 4.0, i) for i in range(1, 250)]
@@ -317,7 +325,7 @@ def test_the_torchrec_layout_refuses_what_the_example_cannot_reproduce(tmp_path)
                                                                                      for u, i, r, t in rows))
     res = cli("data", "sequences", tmp_path / "all.csv", "--layout", "torchrec", "-o", tmp_path / "f")
     assert res.exit_code == 2 and "user 3 has had every one of the 249 items" in res.output, res.output
-    assert not any((tmp_path / x).exists() for x in "cdef")
+    assert not any((tmp_path / x).exists() for x in "cdefghi")
 
 
 @pytest.mark.parametrize("damage", ["rows", "value"])
@@ -441,7 +449,21 @@ latency = false
     position = (L + 1) * D * 4
     assert base[0]["emb_bytes"] == 2 * VOCAB * D * 4 + position
     assert int8["emb_bytes"] == 2 * VOCAB * (D + 8) + position  # both id tables: int8 rows, fp32 scale and offset
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [x["cached"] for x in summary["steps"] if x["label"] == "baseline" and x["step"] == "ckpt"] == [False]
+    for sets, reused in (((), True), (("--set", "train.lr=0.002"), False)):  # [train] budgets fine-tunes: in the key
+        assert run_cli("run", tmp_path / "r.toml", "-o", tmp_path / "run", *sets).exit_code == 0
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert [x["cached"] for x in summary["steps"] if x["label"] == "baseline" and x["step"] == "ckpt"] == [reused]
+    torch.save({"embedding_bags.t0.weight": torch.zeros(4, 2)}, tmp_path / "bare.pth")  # tables, no model
+    (tmp_path / "parts.toml").write_text('name = "p"\nparts = ["r.toml"]\n[baseline]\ncheckpoint = "x"\n')
     for wrong, said in ((recipe.replace('hp = ["heads=2"]\n', ""), 'does not say heads'),
+                        (recipe.replace('checkpoint = "epoch_10_model.pth"\n', ""), "[baseline] without a checkpoint"),
+                        (recipe.replace("epoch_10_model.pth", "bare.pth").replace('hp = ["heads=2"]\n', ""),
+                         "no model recompress can rebuild"),
+                        (recipe + "[train]\ndim = 16\n", "train.dim shapes a model trained here"),
+                        (recipe.replace('checkpoint = "epoch_10_model.pth"', 'checkpoint = ""'), "checkpoint is empty"),
+                        (recipe.replace("[data]", '[data]\nlayout = "torchrec"'), "data.layout is for kind"),
                         (recipe.replace("[[variants]]\nmethod = \"int8\"", "[[variants]]\nmethod = \"int8\"\n"
                                         "from_scratch = true"), "trains from scratch"),
                         (recipe + "[train]\nmodel = \"sasrec\"\n", "holds a bert4rec model"),
@@ -450,6 +472,30 @@ latency = false
         res = CliRunner().invoke(main, ["run", str(tmp_path / "w.toml"), "-o", str(tmp_path / "w")])
         assert_user_error(res, said)
         assert not (tmp_path / "w").exists()
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "parts.toml"), "-o", str(tmp_path / "w")])
+    assert_user_error(res, "has parts and a [baseline]")
+    inside = tmp_path / "run" / "model.pth"  # a checkpoint inside the run folder is an input: never replaced
+    (tmp_path / "epoch_10_model.pth").rename(inside)
+    (tmp_path / "in.toml").write_text(recipe.replace("epoch_10_model.pth", "run/model.pth"))
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "in.toml"), "-o", str(tmp_path / "run"), "--overwrite"])
+    assert res.exit_code == 2 and inside.exists(), res.output
+
+
+def test_the_cache_tells_same_size_weights_apart(tmp_path):
+    """A copy of other weights of the same size that kept the file's times (cp -p, rsync -a) is another key."""
+    import os
+
+    from recompress.pipeline import files_key
+    f = tmp_path / "w.bin"
+    for size in (1000, 3 << 20):  # small: hashed whole; large: its first and last MiB
+        data = bytearray(size)
+        f.write_bytes(bytes(data))
+        os.utime(f, ns=(10**18, 10**18))
+        before = files_key(f)
+        data[-5] = 1
+        f.write_bytes(bytes(data))
+        os.utime(f, ns=(10**18, 10**18))
+        assert files_key(f) != before and files_key(f)[0][1:3] == before[0][1:3]
 
 
 def test_evaluate_scores_the_stored_candidates_by_default(tmp_path):

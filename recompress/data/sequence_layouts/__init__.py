@@ -91,7 +91,11 @@ def get_layout(name: str) -> Layout:
 
 
 def check_options(layout: Layout, given: dict[str, Any]) -> None:
-    """Refuse an option the layout does not take, naming the layouts that do."""
+    """Refuse an option the layout does not take, naming the layouts that do, and any other setting."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise UserError(f"sequence files take no setting {unknown[0]!r}", "settings of sequence files: format, "
+                        f"max_len, min_items, layout, {', '.join(OPTIONS)}")
     for opt in OPTIONS:
         if given.get(opt) is not None and opt not in layout.options:
             owners = [n for n in names() if opt in get_layout(n).options]

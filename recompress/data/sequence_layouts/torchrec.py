@@ -39,7 +39,15 @@ class TorchRecBERT4Rec(Layout):
     cuts = False
     first_seen_of_kept = True
 
+    def parse(self, seed: int | None = None, **options: Any) -> dict[str, Any]:
+        if seed is not None and not 0 <= seed < 2**32:
+            raise UserError(f"--seed {seed} is not a seed of NumPy's legacy generator", "pass 0 to 4294967295")
+        return {"seed": seed, **options}
+
     def plan(self, read: Read, *, min_items: int, seed: int | None = None, **options: Any) -> Plan:
+        if not any(len(s) >= min_items for s in read.item_lists):
+            raise UserError(f"no user of {read.source} has the {min_items} ratings the example keeps a user for",
+                            "pass a smaller --min-items (the example's --min_user_count)")
         users, item_lists, order, first_seen = _torchrec_order(read.users, read.item_lists, read.first_seen,
                                                                min_items, str(read.source))
         times = [read.time_lists[i] for i in order] if read.time_lists is not None else None
