@@ -28,6 +28,13 @@ class FoundTable:
     parts: tuple[str, ...] = ()  # the upstream keys or files that hold it
     stored: Any = field(default=None, repr=False, compare=False)  # left in its file: read by row blocks (``stored``)
 
+    @classmethod
+    def of(cls, name: str, w: Any, key: str, role: str = "sparse_feature", rows: int | None = None) -> FoundTable:
+        """The table a ``[rows, dim]`` tensor stored under ``key`` holds (``rows``: when the model's table has more
+        rows than the tensor, e.g. a padding row recompress adds)."""
+        return cls(name, int(w.shape[0]) if rows is None else rows, int(w.shape[-1]),
+                   str(w.dtype).removeprefix("torch."), w.numel() * w.element_size(), role=role, parts=(key,))
+
 
 @dataclass
 class Found:

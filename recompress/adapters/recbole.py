@@ -42,14 +42,9 @@ def _config(obj: Mapping[str, Any], path: Path) -> dict[str, Any]:
     return final
 
 
-def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
-    return FoundTable(name, int(w.shape[0]), int(w.shape[1]), str(w.dtype).removeprefix("torch."),
-                      w.numel() * w.element_size(), role=name, parts=(key,))
-
-
 def _item_and_position(sd: dict[str, torch.Tensor]) -> list[FoundTable]:
-    return [_table("item", sd["item_embedding.weight"], "item_embedding.weight"),
-            _table("position", sd["position_embedding.weight"], "position_embedding.weight")]
+    return [FoundTable.of("item", sd["item_embedding.weight"], "item_embedding.weight", "item"),
+            FoundTable.of("position", sd["position_embedding.weight"], "position_embedding.weight", "position")]
 
 
 def _need(sd: dict[str, torch.Tensor], keys: tuple[str, ...], model: str, where: Path | str) -> None:
@@ -159,7 +154,7 @@ def _gru4rec(path: Path, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> Re
                  **{k: v for k, v in sd.items() if k.startswith("gru_layers.")}}
         return build_sequential(hp, ("dim", "hidden", "layers", "max_len", "dropout"), {"loss": "sampled-softmax"},
                                 state, str(path), family="gru4rec")
-    found = Found(NAME, "gru4rec", [_table("item", item, "item_embedding.weight")], build=build)
+    found = Found(NAME, "gru4rec", [FoundTable.of("item", item, "item_embedding.weight", "item")], build=build)
     if cfg.get("MAX_ITEM_LIST_LENGTH") is None:
         raise UserError(f"{path}: its config has no MAX_ITEM_LIST_LENGTH", "the file is damaged")
     shapes = {"dim": int(item.shape[1]), "hidden": int(sd["gru_layers.weight_hh_l0"].shape[1]),

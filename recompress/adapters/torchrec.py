@@ -81,7 +81,8 @@ def describe(path: Path, obj: Any) -> Found:
             found.need("quantized_rows", ("int8", "int4"), f"tables {', '.join(ambiguous)} are uint8 rows of width {d}, "
                        "which int8 and int4 pad to the same bytes; TorchRec keeps the type in its configs")
         return found
-    found = Found(NAME, "none", [_table(name, sd[k], k) for name, k in bags + seqs], build=lambda hp: _no_model(path))
+    found = Found(NAME, "none", [FoundTable.of(name, sd[k], k) for name, k in bags + seqs],
+                  build=lambda hp: _no_model(path))
     found.notes.append("a TorchRec embedding collection without the DLRM around it (or with sequence embeddings): "
                        "its tables are listed; recompress builds TorchRec's DLRM only")
     return found
@@ -110,11 +111,6 @@ def _build_quantized(hp: dict[str, Any], bags: list[tuple[str, str]], sd: dict[s
     tables = [_up_table(name, sd[k], k, dim, tbe_rows.formats_of(int(sd[k].shape[1]), dim) if sd[k].dtype == torch.uint8
                         else None, fmt) for name, k in bags]
     return dlrm_found(NAME, tables, dense, over, where=str(path), top_columns=columns).build(hp)
-
-
-def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
-    return FoundTable(name, int(w.shape[0]), int(w.shape[1]), str(w.dtype).removeprefix("torch."),
-                      w.numel() * w.element_size(), parts=(key,))
 
 
 def _no_model(path: Path) -> Any:

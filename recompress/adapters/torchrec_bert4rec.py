@@ -41,11 +41,6 @@ def sniff(path: Path, obj: Any) -> bool:
     return bool(sd) and {ITEM, POS, f"{OUT}.weight"} <= set(sd)
 
 
-def _table(name: str, w: torch.Tensor, key: str) -> FoundTable:
-    return FoundTable(name, int(w.shape[0]), int(w.shape[-1]), str(w.dtype).removeprefix("torch."),
-                      w.numel() * w.element_size(), role=name, parts=(key,))
-
-
 def describe(path: Path, obj: Any) -> Found:
     sd = _state(obj)
     assert sd is not None
@@ -68,10 +63,10 @@ def describe(path: Path, obj: Any) -> Found:
     if problems:
         raise UserError(f"{path}: a TorchRec BERT4Rec state dict that contradicts itself ({'; '.join(problems)})",
                         "the file is damaged")
-    position = FoundTable("position", length + 1, d, str(pos.dtype).removeprefix("torch."),
-                          pos.numel() * pos.element_size(), role="position", parts=(POS,))
-    found = Found(NAME, "bert4rec", [_table("item", item, ITEM), position, _table("output", out, f"{OUT}.weight")],
-                  build=lambda hp: _build(hp, sd, str(path)))
+    tables = [FoundTable.of("item", item, ITEM, "item"),
+              FoundTable.of("position", pos, POS, "position", rows=length + 1),  # recompress's padding row added
+              FoundTable.of("output", out, f"{OUT}.weight", "output")]
+    found = Found(NAME, "bert4rec", tables, build=lambda hp: _build(hp, sd, str(path)))
     found.set("flavor", "torchrec", "checkpoint")
     found.set("num_items", vocab - 2, "shapes")
     found.set("dim", d, "shapes")

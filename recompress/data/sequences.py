@@ -40,13 +40,12 @@ from recompress.outputs import check_output, output_dir
 from recompress.progress import progress, say
 
 from .arrays import load_array
-from .sequence_layouts import Read, check_options, get_layout
+from .sequence_layouts import MAX_ID, Read, check_options, get_layout
 from .textfiles import open_text, read_csv
 from .vocabularies import fingerprint
 
 META = "meta.json"
 FORMATS = ("lines", "pairs", "recbole", "movielens", "movielens-dat", "gr")
-MAX_ID = 2**31 - 1  # items are stored as int32
 SPLITS = ("train", "val", "test")
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the CLI lists the layouts at start-up, before numpy is need
     import numpy as np
 
 MODULES = ("native", "sasrec", "recbole", "gr", "torchrec")  # the default first
+MAX_ID = 2**31 - 1  # items are stored as int32
 OPTIONS = {"items": "names the catalogue of", "seed": "draws the negatives of"}  # settings only some layouts take
 
 

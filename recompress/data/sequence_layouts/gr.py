@@ -13,10 +13,9 @@ from typing import Any
 from recompress.errors import UserError
 
 from ..textfiles import read_csv
-from . import Layout, Plan, Read
+from . import MAX_ID, Layout, Plan, Read
 
 CATALOGUE_COLUMNS = ("movie_id", "movieId", "item_id")
-MAX_ID = 2**31 - 1  # items are stored as int32 (recompress.data.sequences)
 
 
 class GenerativeRecommenders(Layout):
