@@ -46,7 +46,8 @@ def results_table(r: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     split = d.get("split", "test")
     where = split if d.get("protocol") in (None, "pointwise") else \
-        f"{split}, {d['protocol']} ranking" + (f" vs {d['negatives']} negatives" if d.get("negatives") else "")
+        f"{split}, {d['protocol']}" + (" ranking" if d["protocol"] in ("full", "sampled") else "") + \
+        (f" vs {d['negatives']} negatives" if d.get("negatives") else "")
     for backend, a in r["accuracy"].items():
         for name, v in a.items():
             if name in METRICS:

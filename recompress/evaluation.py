@@ -23,7 +23,7 @@ Predict = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 @dataclass
 class Scored:
-    """Per-row values of kind ``kind`` (``scores`` or ``ranks``) with their truth, under ``protocol``."""
+    """Per-row values of kind ``kind`` (``scores``, ``ranks`` or ``predictions``) with their truth, under ``protocol``."""
 
     kind: str
     values: np.ndarray
@@ -62,7 +62,7 @@ def score(family: Any, predict: Predict, hparams: dict[str, Any], data: Any, spl
             v, tr = family.reduce(predict(inputs), t)
             values.append(v)
             truth.append(tr)
-            advance(len(v))
+            advance(len(next(iter(inputs.values()))))  # the batch's rows (users), however many records
     return Scored(family.record, np.concatenate(values), np.concatenate(truth), protocol)
 
 

@@ -1,9 +1,10 @@
 """The metric registry: every accuracy metric recompress reports, for click models and for rankers.
 
-A metric reads one of two kinds of per-row records:
+A metric reads one of three kinds of per-row records:
 - ``scores``: a click probability per test row, with the 0/1 labels as truth (AUC, logloss);
 - ``ranks``: the 0-based rank of each test user's true next item among its candidates, with the number
-  of candidates as truth (HR@k, NDCG@k, MRR, and the per-user AUC ``uauc``).
+  of candidates as truth (HR@k, NDCG@k, MRR, and the per-user AUC ``uauc``);
+- ``predictions``: a regression output per test row, with the target value as truth (MSE, MAE).
 Each metric can also be computed under row weights (bootstrap resamples as multiplicities), which is
 how ``recompress.stats`` gives every difference a paired confidence interval.
 """
@@ -58,7 +59,7 @@ class Metric:
     """``per_row(truth, values)`` for metrics that are means over rows; AUC is the one that is not."""
 
     name: str
-    kind: str  # "scores" | "ranks"
+    kind: str  # "scores" | "ranks" | "predictions"
     higher_is_better: bool
     help: str
     per_row: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
@@ -96,6 +97,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            lambda n, r: np.where(np.asarray(r) < 10, 1.0 / (np.asarray(r) + 1.0), 0.0)),
     Metric("uauc", "ranks", True, "per-user AUC of the next item against the other candidates",
            lambda n, r: 1.0 - np.asarray(r, np.float64) / np.maximum(np.asarray(n) - 1, 1)),
+    Metric("mse", "predictions", False, "mean squared error of the prediction (torchrec's MSE with unit weights)",
+           lambda y, p: (np.asarray(p, np.float64) - np.asarray(y, np.float64)) ** 2),
+    Metric("mae", "predictions", False, "mean absolute error of the prediction",
+           lambda y, p: np.abs(np.asarray(p, np.float64) - np.asarray(y, np.float64))),
 ]}
 
 

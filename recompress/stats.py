@@ -81,6 +81,9 @@ def median_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = BOOTSTRAP, se
     return {"ratio": ratio, "lo": float(lo), "hi": float(hi)}
 
 
+DTYPES = {"scores": "<f4", "ranks": "<i4", "predictions": "<f4"}  # how each kind of record is stored
+
+
 def kept_rows(n: int) -> np.ndarray | None:
     """Which of ``n`` test rows a results file keeps predictions for (all, or a fixed sample of large splits)."""
     if n <= KEEP_PREDICTIONS:
@@ -90,14 +93,14 @@ def kept_rows(n: int) -> np.ndarray | None:
 
 def predictions_record(values: np.ndarray, kind: str, backend: str, truth: np.ndarray | None = None) -> dict[str, Any]:
     """What a results file stores of a model's test output, for later paired comparisons: click
-    probabilities (``scores``; truth = the labels, read from the dataset) or each user's ``ranks``
-    (truth = candidates per user, stored alongside)."""
+    probabilities (``scores``; truth = the labels, read from the dataset), each user's ``ranks`` (truth =
+    candidates per user, stored alongside) or regression ``predictions`` (truth = targets, stored alongside)."""
     keep = kept_rows(len(values))
     pick = (lambda x: x) if keep is None else (lambda x: x[keep])
     rec = {"kind": kind, "backend": backend, "rows": int(len(values)), "sampled": keep is not None,
-           "base64": encode(pick(values), "<f4" if kind == "scores" else "<i4")}
-    if kind == "ranks":
-        rec["truth_base64"] = encode(pick(truth), "<i4")
+           "base64": encode(pick(values), DTYPES[kind])}
+    if kind != "scores":
+        rec["truth_base64"] = encode(pick(truth), DTYPES[kind])
     return rec
 
 
@@ -106,12 +109,12 @@ def paired_from_records(metric: str, new: dict[str, Any], base: dict[str, Any],
     """Paired Δmetric of two stored records of the same test rows (``labels``: every test label, for scores)."""
     if new["rows"] != base["rows"] or new["kind"] != base["kind"]:
         raise ValueError("prediction records cover different test rows")
-    dtype = "<f4" if new["kind"] == "scores" else "<i4"
+    dtype = DTYPES[new["kind"]]
     if new["kind"] == "scores":
         keep = kept_rows(new["rows"])
         truth = labels if keep is None else labels[keep]
     else:
-        truth = decode(new["truth_base64"], "<i4")
+        truth = decode(new["truth_base64"], dtype)
     return paired_delta(metric, truth, decode(new["base64"], dtype), decode(base["base64"], dtype))
 
 
