@@ -125,3 +125,28 @@ declare(FamilyInfo("ranker", "appended-candidate ranker: each candidate is appen
                                              "candidate's row is concatenated to every history item (early fusion, "
                                              "one history pass per candidate; the baseline)", "append",
                               ("append", "concat")))))
+declare(FamilyInfo("dlrm_hstu", "generative-recommenders' dlrm_v3 ranker (DlrmHSTU): contextual, history and candidate "
+                   "tokens through target-aware STU layers; an MLP of each candidate's item row times its output "
+                   "predicts each task", "sequences", "recompress.models.dlrm_hstu",
+                   (Param("dim", int, DIM, 256), Param("width", int, "dlrm_hstu: transducer (STU) width", 512),
+                    Param("blocks", int, "transformer blocks", 3), Param("heads", int, "attention heads", 4),
+                    Param("linear_dim", int, "dlrm_hstu: value and gate width per head", 128),
+                    Param("qk_dim", int, "dlrm_hstu: query and key width per head", 128),
+                    Param("group_norm", bool, "dlrm_hstu: group norm per head of the attention (else layer norm)",
+                          True),
+                    Param("dropout", float, "dropout rate", 0.2),
+                    Param("linear_dropout", float, "dlrm_hstu: dropout of the STU output", 0.1),
+                    Param("max_seq_len", int, "dlrm_hstu: contextual + history + candidate tokens (histories are cut "
+                                              "to the first max_seq_len - candidates - contextual items)", 2056),
+                    Param("num_candidates", int, "dlrm_hstu: candidates per sample (a user's last items)", 10),
+                    Param("item_table", str, "dlrm_hstu: the item table's name", "movie_id"),
+                    Param("contextual", str, "dlrm_hstu: contextual features, comma-separated (one table each)",
+                          "user_id"),
+                    Param("min_uih", int, "dlrm_hstu: contextual tokens are zero below this many history + "
+                                          "candidate items", 20),
+                    Param("tasks", str, "dlrm_hstu: NAME:regression|binary, comma-separated, binary first",
+                          "rating:regression"),
+                    Param("multitask_weight", float, "dlrm_hstu: loss weight (causal_multitask_weights)", 0.2),
+                    Param("kernel", str, "dlrm_hstu: whose time-bucket clamp: upstream's PyTorch kernel (width - 1, "
+                                         "what dlrm_v3 trains and evaluates with) or its Triton kernel (2048)",
+                          "pytorch", ("pytorch", "triton")))))

@@ -294,7 +294,7 @@ def test_missing_parent_folders_are_created(tiny_data, tmp_path):
 
 def test_click_usage_errors_use_the_same_one_line_style(tiny_data):
     res = cli("train", "--data", tiny_data.path, "-o", "x", "--dimm", 3)
-    assert_user_error(res, "no such option '--dimm'. (Did you mean one of: '--dim', '--ffn-dim'?)")
+    assert_user_error(res, "no such option '--dimm'. (Did you mean one of: '--dim', '--ffn-dim', '--qk-dim'?)")
     assert "recompress train --help" in res.stderr
     res = cli("export", "x", "-o", "y", "--target", "tflite")
     assert_user_error(res, "invalid value for '--target': 'tflite' is not one of 'onnx', 'trt', 'dlrm', 'torchrec'; hint:")  # no '.;'

@@ -309,7 +309,7 @@ def test_dlrm_v3_checkpoints_are_described_and_a_missing_part_is_named(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     found = describe(run)
     assert found.format == "dlrm_v3" and [(t.name, t.rows, t.dim) for t in found.tables] == [("item_id", 50, 8), ("user_id", 30, 8)]
-    with pytest.raises(UserError, match="describes but does not rebuild"):
+    with pytest.raises(UserError, match="is a dlrm_v3 checkpoint recompress does not rebuild: its tables"):
         load_any(run)
     with pytest.raises(UserError, match="is one part of a dlrm_v3 checkpoint"):
         describe(run / "sparse")
