@@ -59,11 +59,12 @@ def _lookup_summary(costs: dict[str, dict[str, float]] | None) -> dict[str, Any]
     return {"per_sample": {k: round(sum(c[k] for c in costs.values()), 2) for k in keys}, "tables": costs}
 
 
-def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 512), threads: int = 2,
+def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] | None = None, threads: int = 2,
              repeats: int = 200, latency: bool = True, protocol: str | None = None, negatives: int = 100,
              users: int | None = None, candidates: int | None = None, attention: str | None = None,
              hp: dict[str, str] | None = None, split: str = "test") -> dict[str, Any]:
-    """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch)."""
+    """Accuracy (test split), bytes and latency for a checkpoint (torch) or an ONNX export (ORT + torch); latency at
+    ``batch_sizes`` (default: the family's)."""
     path = Path(path)
     predictors: list[Predictor] = []
     ckpt: Checkpoint | None = None
@@ -96,6 +97,10 @@ def evaluate(path: str | Path, data: Any, *, batch_sizes: list[int] = (1, 64, 51
         costs = {n: t.lookup_cost() for n, t in ckpt.model.tables.items()}
     family = family_of(spec)
     family.check(spec, data)
+    batch_sizes = list(batch_sizes or family.latency_batch_sizes)
+    if latency:
+        for b in batch_sizes:
+            family.check_latency(spec.hparams, data, b)
     if ckpt is not None:
         predictors.append(TorchPredictor(ckpt.model, threads, family=family, attention=attention))
     protocol = protocol or family.default_protocol(data)

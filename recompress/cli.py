@@ -599,7 +599,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--data", "data_path", required=True, type=click.Path(), help="prepared dataset (its test split is used)")
-@click.option("--batch-sizes", default="1,64,512", show_default=True, help="latency batch sizes")
+@click.option("--batch-sizes", default=None, help="latency batch sizes [default: the family's: 1,64,512; dlrm_hstu 1]")
 @click.option("--threads", default=2, show_default=True, help="intra-op threads for every backend")
 @click.option("--repeats", default=200, show_default=True, help="timed rounds per batch size (every backend once "
               "per round; up to 4x more while the machine is noisy)")
@@ -622,7 +622,7 @@ def export(source: str, target: str, out: str, data_path: str | None, materializ
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
               help="results JSON of the baseline to compare with (this run is 'new')")
 @HP
-def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeats: int, no_latency: bool,
+def evaluate(source: str, data_path: str, batch_sizes: str | None, threads: int, repeats: int, no_latency: bool,
              split: str, protocol: str | None, negatives: int, users: int | None, candidates: int | None,
              attention: str | None, json_out: str | None, compare: str | None, hp: tuple[str, ...]) -> None:
     """Accuracy (test split, or --split val), bytes and latency of a checkpoint or an export folder."""
@@ -648,7 +648,7 @@ def evaluate(source: str, data_path: str, batch_sizes: str, threads: int, repeat
     if negatives < 1 or (users is not None and users < 1):
         raise UserError("--negatives and --users must be >= 1", "fix the option")
     from .evaluate.run import test_truth
-    r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)), threads=threads, repeats=repeats,
+    r = run_eval(source, data, batch_sizes=list(ints(batch_sizes)) or None, threads=threads, repeats=repeats,
                  latency=not no_latency, protocol=protocol, negatives=negatives, users=users, candidates=candidates,
                  attention=attention, hp=overrides, split=split)
     echo_table(results_table(r))

@@ -142,9 +142,9 @@ declare(FamilyInfo("dlrm_hstu", "generative-recommenders' dlrm_v3 ranker (DlrmHS
                     Param("item_table", str, "dlrm_hstu: the item table's name", "movie_id"),
                     Param("contextual", str, "dlrm_hstu: contextual features, comma-separated (one table each)",
                           "user_id"),
-                    Param("min_uih", int, "dlrm_hstu: contextual tokens are zero below this many history + "
-                                          "candidate items", 20),
-                    Param("tasks", str, "dlrm_hstu: NAME:regression|binary, comma-separated, binary first",
+                    Param("min_uih", int, "dlrm_hstu: contextual features are zeroed (their tokens are the bias) "
+                                          "below this many history + candidate items", 20),
+                    Param("tasks", str, "dlrm_hstu: NAME:regression|binary, comma-separated, binary ones first",
                           "rating:regression"),
                     Param("multitask_weight", float, "dlrm_hstu: loss weight (causal_multitask_weights)", 0.2),
                     Param("kernel", str, "dlrm_hstu: whose time-bucket clamp: upstream's PyTorch kernel (width - 1, "

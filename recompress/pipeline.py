@@ -384,7 +384,8 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
                                 if row["control"] else None)
     ev = recipe.get("evaluate", {})
     if ev.get("latency", True):
-        threads, batches = ev.get("threads", 2), [int(b) for b in ev.get("batch_sizes", [1, 64, 512])]
+        threads = ev.get("threads", 2)
+        batches = [int(b) for b in ev.get("batch_sizes", family.latency_batch_sizes)]
         preds: dict[str, Any] = {}
         pairs = []
         for row, path, ckpt_path in artifacts:

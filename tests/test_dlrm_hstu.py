@@ -30,7 +30,7 @@ PRE, STU = "_hstu_transducer._input_preprocessor.", "_hstu_transducer._stu_modul
 POST, POS = "_hstu_transducer._output_postprocessor.", "_hstu_transducer._positional_encoder."
 
 
-def upstream_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def upstream_weights(seed: int = 0, group_norm: bool = True) -> dict[str, torch.Tensor]:
     """A DlrmHSTU state dict under upstream's keys (movielens-20m's tables and layers, small widths)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=0.3: torch.randn(*s, generator=g) * scale
@@ -54,13 +54,14 @@ def upstream_weights(seed: int = 0) -> dict[str, torch.Tensor]:
         uvqk = (2 * LIN + 2 * QK) * HEADS
         sd.update({p + "_uvqk_weight": r(W, uvqk), p + "_uvqk_beta": r(uvqk),
                    p + "_input_norm_weight": 1 + r(W), p + "_input_norm_bias": r(W),
-                   p + "_output_weight": r(3 * LIN * HEADS, W), p + "_output_norm_weight": 1 + r(HEADS),
-                   p + "_output_norm_bias": r(HEADS)})
+                   p + "_output_weight": r(3 * LIN * HEADS, W),
+                   p + "_output_norm_weight": 1 + r(HEADS if group_norm else HEADS * LIN),
+                   p + "_output_norm_bias": r(HEADS if group_norm else HEADS * LIN)})
     return sd
 
 
 def reference(sd: dict[str, torch.Tensor], hist: list[int], ts: list[int], user: int, cands: list[int], qt: int,
-              norm: int, clamp: int = W - 1, min_uih: int = 20) -> np.ndarray:
+              norm: int, clamp: int = W - 1, min_uih: int = 20, group_norm: bool = True) -> np.ndarray:
     """Upstream's DlrmHSTU forward for one user, token by token (``norm``: the batch's max_seq_len)."""
     w = {k: v.double() for k, v in sd.items()}
     ln = lambda x, a, b, eps: F.layer_norm(x, x.shape[-1:], a, b, eps)
@@ -102,11 +103,13 @@ def reference(sd: dict[str, torch.Tensor], hist: list[int], ts: list[int], user:
             o = out[:, h * LIN:(h + 1) * LIN]
             gn = (o - o.mean(1, keepdim=True)) / torch.sqrt(o.var(1, unbiased=False, keepdim=True) + 1e-6)
             gated[:, h * LIN:(h + 1) * LIN] = gn * w[p + "_output_norm_weight"][h] + w[p + "_output_norm_bias"][h]
+        if not group_norm:  # one layer norm over every head
+            gated = ln(out, w[p + "_output_norm_weight"], w[p + "_output_norm_bias"], 1e-6)
         x = x + torch.cat([u, out, u * gated], -1) @ w[p + "_output_weight"]
-    t32 = torch.tensor([float(qt)], dtype=torch.float32).double()
     feats = []
-    for period, units in ((3600.0, 24.0), (86400.0, 7.0)):
-        angle = torch.remainder(torch.floor(t32 / period), units) / units * 2 * 3.14
+    for period, units in ((3600.0, 24.0), (86400.0, 7.0)):  # TimestampLayerNormPostprocessor, as it computes them
+        elapsed = torch.div(torch.tensor([qt]), torch.tensor([period]), rounding_mode="floor")
+        angle = (torch.remainder(elapsed, units) / units * 2 * 3.14).double()
         feats += [torch.cos(angle), torch.sin(angle)]
     user_out = torch.cat([x[-m:], torch.cat(feats).expand(m, 4)], -1)
     user_out = ln(user_out @ w[POST + "_time_feature_combiner.weight"].T + w[POST + "_time_feature_combiner.bias"],
@@ -326,3 +329,152 @@ def test_training_from_scratch_learns_the_constant_label(setup, tmp_path):
     mse = {k: evaluate_model(load_checkpoint(tmp_path / k).model, data).metrics(("mse",))["mse"]
            for k in ("none", "some")}
     assert mse["some"] < 0.5 * mse["none"], mse
+
+
+def test_latency_batches_too_big_for_memory_are_refused_before_they_run(setup, monkeypatch, capsys):
+    root, _, _, ckpt = setup
+    from recompress.models import dlrm_hstu
+    spec, data = load_any(ckpt, {"num_candidates": str(M)}).spec, open_dataset(root / "data")
+    batches = dlrm_hstu.FAMILY.latency_inputs(spec.hparams, data, 4, 2)
+    assert [b["history"].shape[0] for b in batches] == [4, 4]
+    monkeypatch.setattr(dlrm_hstu.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 16)  # 64 KiB
+    with pytest.raises(UserError, match=r"latency at batch 4: test histories reach \d+ tokens.*pass smaller --batch"):
+        dlrm_hstu.FAMILY.latency_inputs(spec.hparams, data, 4, 2)
+    from recompress.evaluate.run import evaluate
+    with pytest.raises(UserError, match="latency at batch 4"):  # before any scoring
+        evaluate(ckpt, data, batch_sizes=[1, 4], hp={"num_candidates": str(M)})
+    assert "scoring" not in capsys.readouterr().err
+
+
+def test_hour_of_day_is_upstreams_floor_division():
+    """Found by review: floor(float32(t) / 3600) is an hour late where the float32 quotient rounds up to a whole
+    number; upstream's torch.div(int64, float32, rounding_mode="floor") is exact."""
+    from recompress.models.dlrm_hstu_net import DlrmHSTU
+    t = torch.arange(1_200_000_000, 1_200_000_000 + 4_000_000, 7, dtype=torch.int64)
+    upstream = torch.div(t.unsqueeze(-1), torch.tensor([[3600.0, 86400.0]]), rounding_mode="floor")
+    rounded = torch.floor(t.unsqueeze(-1).to(torch.float32) / torch.tensor([[3600.0, 86400.0]]))
+    assert (rounded != upstream).any()  # the range holds such times
+    angle = torch.remainder(upstream, torch.tensor([[24.0, 7.0]])) / torch.tensor([[24.0, 7.0]]) * 2 * 3.14
+    want = torch.stack([torch.cos(angle), torch.sin(angle)], -1).flatten(-2)
+    assert torch.equal(DlrmHSTU.time_features(_Units(), t), want)
+
+
+class _Units:
+    period_units, units_per_period = torch.tensor([[3600.0, 86400.0]]), torch.tensor([[24.0, 7.0]])
+
+
+def test_a_layer_norm_checkpoint_takes_its_heads_from_the_user(tmp_path, setup):
+    """Found by review: with a layer norm over every head the shapes give heads x widths only; the config's 4 heads
+    do not divide these widths, and --hp heads=2 must split them (it was refused as a shape contradiction)."""
+    _, _, rows, _ = setup
+    sd = upstream_weights(seed=3, group_norm=False)
+    folder = tmp_path / "ln" / "2026_12_08_10_00_00"
+    write_checkpoint(folder, sd)
+    found = describe(folder)
+    assert found.hparams["group_norm"] is False and found.hparams["heads"] == 4 and "config" in found.sources["heads"]
+    with pytest.raises(UserError, match="4 heads do not divide its STU widths"):
+        load_any(folder)
+    model = load_any(folder, {"heads": "2"}).model
+    inputs, hists, tss = batch_inputs(rows, [1, 2])
+    half = {k: (v.half().float() if "embedding_collection" in k else v) for k, v in sd.items()}
+    with torch.no_grad():
+        got = model(**inputs)[..., 0].numpy()
+    for r, u in enumerate([1, 2]):
+        want = reference(half, hists[r], tss[r], rows[u][0], rows[u][1][-M:], max(tss[r]), 1 + max(map(len, hists)) + M,
+                         group_norm=False)
+        np.testing.assert_allclose(got[r], want, atol=1e-4)
+
+
+def test_impossible_hyper_parameters_are_refused(setup):
+    _, _, _, ckpt = setup
+    for hp, match in (({"num_candidates": "0"}, "num_candidates = 0 is impossible"),
+                      ({"num_candidates": "4", "max_seq_len": "5"}, "max_seq_len 5 leaves no history item"),
+                      ({"tasks": '["rating:regression", "click:binary"]'}, "binary tasks come before regression")):
+        with pytest.raises(UserError, match=match):
+            load_any(ckpt, hp)
+    from recompress.models.dlrm_hstu import FAMILY
+    with pytest.raises(UserError, match="no contextual feature"):  # train --contextual ""
+        FAMILY.hparams({"contextual": ""})
+    with pytest.raises(UserError, match="heads = 0 is impossible"):
+        FAMILY.hparams({"heads": 0})
+
+
+def test_padded_slots_of_a_short_history_beside_a_long_one_stay_in_range(monkeypatch):
+    """Found by review: a padded slot's position (C + length - slot) went negative beside a history longer than
+    the position table, and indexed out of range."""
+    from recompress.models import dlrm_hstu_net
+    from recompress.models.dlrm_hstu import FAMILY
+    from recompress.spec import ModelSpec
+    from recompress.tables import DenseTable
+    monkeypatch.setattr(dlrm_hstu_net, "POSITION_ROWS", 16)
+    hp = FAMILY.hparams({"dim": 4, "width": 8, "blocks": 1, "heads": 2, "linear_dim": 2, "qk_dim": 2,
+                         "num_candidates": 2})
+    model = FAMILY.build(ModelSpec(family="dlrm_hstu", hparams=hp, tables=[]),
+                         {"movie_id": DenseTable(50, 4), "user_id": DenseTable(5, 4)})
+    FAMILY.init(model, 0)
+    history = torch.randint(1, 50, (2, 30))
+    times = torch.sort(1_000_000 + torch.randint(0, 10 ** 6, (2, 30)), 1).values
+    with torch.no_grad():
+        out = model.eval()(history, times, torch.tensor([30, 1]), torch.tensor([[1], [2]]), torch.tensor([[3, 4]] * 2),
+                           times.max(1).values)
+    assert torch.isfinite(out).all()
+
+
+def test_too_few_users_and_foreign_ids_are_refused(setup, tmp_path):
+    root, _, rows, ckpt = setup
+    write_csv(tmp_path / "few.csv", rows[:20])  # 5 test users: no full batch of 16
+    prepare_sequences(tmp_path / "few.csv", tmp_path / "few", fmt="gr", layout="gr")
+    model = load_any(ckpt, {"num_candidates": str(M)}).model
+    with pytest.raises(UserError, match="5 test users, fewer than one batch of 16"):
+        evaluate_model(model, open_dataset(tmp_path / "few"))
+    prepare_sequences(root / "sasrec_format.csv", tmp_path / "renumbered", fmt="gr")  # --layout recompress
+    from recompress.models.dlrm_hstu import FAMILY
+    with pytest.raises(UserError, match="not prepared with the file's own ids"):
+        FAMILY.check(load_any(ckpt).spec, open_dataset(tmp_path / "renumbered"))
+    r = subprocess.run([sys.executable, "-m", "recompress", "train", "--model", "dlrm_hstu", "--data",
+                        str(tmp_path / "few"), "-o", str(tmp_path / "m"), "--num-candidates", str(M),
+                        "--batch-size", "64"], capture_output=True, text=True)
+    assert r.returncode != 0 and "fewer than one batch of 64" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_post_training_mlet_cuts_the_width_exactly_for_tables_of_that_rank(setup, tmp_path):
+    """reduce_width: each table times its own basis, the layers that read it take the basis in; for tables whose
+    rows span d dimensions the cut changes no prediction."""
+    from types import SimpleNamespace
+
+    from recompress.models.dlrm_hstu import FAMILY
+    root, _, rows, _ = setup
+    g = torch.Generator().manual_seed(5)
+    sd = upstream_weights(seed=5)
+    for name, n in (("movie_id", ITEMS + 1), ("user_id", USERS + 1)):  # rank-3 tables of halves: exact in fp16
+        a = torch.randint(-3, 4, (n, 3), generator=g).float()
+        b = torch.randint(-2, 3, (3, D), generator=g).float() / 4
+        sd[f"_embedding_collection.embeddings.{name}.weight"] = a @ b
+    folder = tmp_path / "lowrank" / "2026_12_08_10_00_00"
+    write_checkpoint(folder, sd)
+    ckpt = load_any(folder, {"num_candidates": str(M)})
+    inputs, _, _ = batch_inputs(rows, [0, 5, 9])
+    with torch.no_grad():
+        before = ckpt.model(**inputs)
+    ctx = SimpleNamespace(data=open_dataset(root / "data"), select=SimpleNamespace(pick=lambda c: []))
+    info = FAMILY.reduce_width(ckpt, 3, ctx)
+    assert {t.dim for t in ckpt.model.tables.values()} == {3} and info["energy_kept"] == {"movie_id": 1.0, "user_id": 1.0}
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(**inputs), before, atol=1e-4)
+    ckpt2 = load_any(folder, {"num_candidates": str(M)})
+    FAMILY.reduce_width(ckpt2, 2, ctx)  # below the rank: predictions move
+    with torch.no_grad():
+        assert not torch.allclose(ckpt2.model(**inputs), before, atol=1e-3)
+
+
+def test_mlet_from_the_command_line(setup, tmp_path):
+    root, _, _, ckpt = setup
+    out = tmp_path / "mlet"
+    r = subprocess.run([sys.executable, "-m", "recompress", "checkpoint", str(ckpt), "--method", "mlet", "--dim", "4",
+                        "--data", str(root / "data"), "--steps", "3", "--batch-size", "8", "--hp",
+                        f"num_candidates={M}", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from recompress.checkpoint import load_checkpoint
+    model = load_checkpoint(out).model
+    assert {t.dim for t in model.tables.values()} == {4} and model.hparams["dim"] == 4
+    assert np.isfinite(evaluate_model(model, open_dataset(root / "data")).metrics(("mse",))["mse"])

@@ -125,10 +125,12 @@ def _read_hparams(found: Found, sd: dict[str, Any], tables: dict[str, FoundTable
     found.set("width", width, "shapes")
     group = int(norm.shape[0]) != linear
     found.set("group_norm", group, "shapes")
-    heads = int(norm.shape[0]) if group else 4
-    found.set("heads", heads, "shapes" if group else src)
-    found.set("linear_dim", linear // heads, "shapes")
-    found.set("qk_dim", (int(uvqk.shape[1]) // 2 - linear) // heads, "shapes")
+    if group:  # one norm weight per head
+        found.set("heads", int(norm.shape[0]), "shapes")
+    else:  # a layer norm over every head: the shapes give heads x widths only (split by heads in _build)
+        found.set("heads", 4, src)
+    for key, value in _per_head(sd, found.hparams["heads"]).items():
+        found.set(key, value, "shapes" if group else src)
     head_out = sd.get("_multitask_module._prediction_module.2.weight")
     if head_out is None or head_out.shape[0] != 1:
         return ["its prediction head is not the MovieLens configs' one regression task"]
@@ -138,6 +140,14 @@ def _read_hparams(found: Found, sd: dict[str, Any], tables: dict[str, FoundTable
         found.set(key, value, src)
     found.set("kernel", "pytorch", "default:dlrm_v3 make_model (HammerKernel.PYTORCH)")
     return []
+
+
+def _per_head(sd: dict[str, Any], heads: int) -> dict[str, int]:
+    """linear_dim and qk_dim of ``heads`` heads from the first STU layer's shapes (0 where heads does not divide)."""
+    linear = int(sd[f"{STU}0._output_weight"].shape[0]) // 3
+    qk = int(sd[f"{STU}0._uvqk_weight"].shape[1]) // 2 - linear
+    return {"linear_dim": linear // heads if linear % heads == 0 else 0,
+            "qk_dim": qk // heads if qk % heads == 0 else 0}
 
 
 def _build(hp: dict[str, Any], dense: dict[str, Any], sparse: dict[str, Any], folder: Path, why: list[str]) -> Any:
@@ -150,6 +160,11 @@ def _build(hp: dict[str, Any], dense: dict[str, Any], sparse: dict[str, Any], fo
     if why:
         raise UserError(f"{folder} is a dlrm_v3 checkpoint recompress does not rebuild: {'; '.join(why)}",
                         "'recompress inspect' lists its tables and what rules a rebuild out")
+    if not hp["group_norm"]:  # heads may come from --hp: split the shapes by them
+        hp = {**hp, **_per_head(dense, hp["heads"])}
+        if not (hp["linear_dim"] and hp["qk_dim"]):
+            raise UserError(f"{folder}: {hp['heads']} heads do not divide its STU widths (a layer norm over all "
+                            "heads, so the shapes do not say how many there are)", "pass --hp heads=N")
     fam = get_family("dlrm_hstu")
     params = fam.hparams({k: v for k, v in hp.items() if k in {p.name for p in fam.info.hparams}})
     names = [params["item_table"], *params["contextual"]]

@@ -18,7 +18,10 @@ recompress's training then leaves out.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +31,9 @@ from torch import Tensor, nn
 from recompress.distributed import shard
 from recompress.errors import UserError
 from recompress.families import FAMILIES
+from recompress.linalg import principal_basis
 from recompress.spec import ModelSpec
-from recompress.tables import Table
+from recompress.tables import DenseTable, Table
 
 from .dlrm_hstu_net import DlrmHSTU
 from .family import Family, Inputs
@@ -48,6 +52,9 @@ class DlrmHSTUFamily(Family):
     output = "predictions"
     compressible = ("item", "sparse_feature")
     adam_betas = (0.95, 0.999)  # dlrm_v3's dense Adam (train/gin/movielens_*.gin)
+    # One forward of 16 users with histories of ~2,000 items takes seconds on a CPU, and every layer holds
+    # [batch, heads, N, N] scores: time single requests unless asked (--batch-sizes).
+    latency_batch_sizes = (1,)
 
     def hparams(self, given: dict[str, Any]) -> dict[str, Any]:
         out = super().hparams(given)
@@ -55,8 +62,24 @@ class DlrmHSTUFamily(Family):
             if isinstance(out[key], str):
                 out[key] = [s for s in out[key].split(",") if s]
         bad = [t for t in out["tasks"] if len(t.split(":")) != 2 or t.split(":")[1] not in ("regression", "binary")]
-        if bad:
-            raise UserError(f"tasks {bad[0]!r} is not NAME:regression or NAME:binary", "e.g. --tasks rating:regression")
+        if bad or not out["tasks"]:
+            raise UserError(f"tasks {bad[0] if bad else ''!r} is not NAME:regression or NAME:binary",
+                            "e.g. --tasks rating:regression")
+        kinds = [t.split(":")[1] for t in out["tasks"]]
+        if kinds != sorted(kinds):  # upstream's DefaultMultitaskModule asserts it
+            raise UserError(f"tasks {','.join(out['tasks'])}: binary tasks come before regression ones upstream",
+                            "list the binary tasks first")
+        if not out["contextual"]:
+            raise UserError("no contextual feature: upstream's MovieLens dataset then keeps no history item at all "
+                            "(max_uih_len 0)", "name at least one, e.g. --contextual user_id")
+        for key in ("heads", "blocks", "num_candidates", "dim", "width", "linear_dim", "qk_dim"):
+            if out[key] < 1:
+                raise UserError(f"{key} = {out[key]} is impossible", f"pass {key} >= 1")
+        room = out["max_seq_len"] - out["num_candidates"] - len(out["contextual"])
+        if room < 1:
+            raise UserError(f"max_seq_len {out['max_seq_len']} leaves no history item after {out['num_candidates']} "
+                            f"candidates and {len(out['contextual'])} contextual tokens",
+                            f"pass max_seq_len > {out['num_candidates'] + len(out['contextual'])}")
         return out
 
     # --- model ---------------------------------------------------------------------------------------
@@ -108,6 +131,12 @@ class DlrmHSTUFamily(Family):
         if binary:
             raise UserError(f"the model has binary tasks ({', '.join(binary)}) whose labels (action bitmasks) a "
                             "sequence dataset does not hold", "evaluate a config with regression tasks only")
+        if spec.provenance.get("source_format") == "dlrm_v3" and (data.meta.get("layout") != "gr"
+                                                                  or data.meta.get("id_shift")):
+            raise UserError(f"{data.path} was not prepared with the file's own ids (--layout gr, ids from 1), and a "
+                            "dlrm_v3 checkpoint's rows are those ids: its scores here would mean nothing",
+                            "prepare its sasrec_format.csv with 'recompress data sequences FILE --format gr "
+                            "--layout gr'")
         rows = {t.name: t.rows for t in spec.tables}
         if data.num_items + 1 > rows[hp["item_table"]]:
             raise UserError(f"{data.path} has item ids up to {data.num_items}, and table {hp['item_table']!r} has "
@@ -119,8 +148,43 @@ class DlrmHSTUFamily(Family):
                                 f"{rows[name]} rows", "use the dataset the model was trained on")
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
+        """How often the data looks each row up: items in histories and candidates, each user once per feature."""
         item = spec.hparams["item_table"]
-        return {item: np.bincount(np.asarray(data.items), minlength=spec.table(item).rows)}
+        out = {item: np.bincount(np.asarray(data.items), minlength=spec.table(item).rows)}
+        users = _user_ids(data)
+        out.update({name: np.bincount(users, minlength=spec.table(name).rows) for name in spec.hparams["contextual"]})
+        return out
+
+    def reduce_width(self, ckpt: Any, d: int, ctx: Any, make_table: Any = None) -> dict[str, Any]:
+        """Post-training MLET's width cut. Every table feeds linear maps only (the content and item MLPs' first
+        layers, its contextual slot's weight), so each table gets its own basis Q [D, d]: the top-d principal
+        directions of its rows, weighted by how often the data looks them up. The table becomes
+        ``make_table(W, Q)`` (selected) or W Q, and each layer that reads it takes Q in (its weight times Q, or
+        Q^T times it): exact for tables whose rows lie in the span of Q."""
+        model = ckpt.model
+        hp = model.hparams
+        counts = self.table_counts(ckpt.spec, ctx.data)
+        selected = set(ctx.select.pick(ckpt))
+        bases, kept, tables = {}, {}, {}
+        for name, t in model.tables.items():
+            w = t.dense_weight()
+            weights = torch.from_numpy(counts[name][:t.rows]).double().unsqueeze(1)
+            basis, vals = principal_basis((w.double() * weights).T @ w.double(), d)
+            bases[name] = q = basis.float()
+            kept[name] = round(float(vals[:d].sum() / vals.sum()), 6) if float(vals.sum()) > 0 else 1.0
+            tables[name] = make_table(w, q) if make_table is not None and name in selected else DenseTable(t.rows, d, w @ q)
+        new = DlrmHSTU({**hp, "dim": d}, tables)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("tables.")}
+        item = bases[hp["item_table"]]
+        for key in ("content_mlp.0.weight", "item_mlp.0.weight"):
+            state[key] = state[key] @ item
+        state["contextual_weight"] = torch.stack([bases[name].T @ state["contextual_weight"][i]
+                                                  for i, name in enumerate(hp["contextual"])])
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("tables.") for k in missing), (missing, unexpected)
+        ckpt.model = new.train(model.training)
+        ckpt.spec.hparams = new.hparams
+        return {"energy_kept": kept, "two_layer_tables": sorted(selected)}
 
     # --- samples ---------------------------------------------------------------------------------------
     def split_users(self, data: Any, split: str) -> np.ndarray:
@@ -155,7 +219,8 @@ class DlrmHSTUFamily(Family):
         data.check_items(cands)
         data.check_items(history, padding=True)
         user = _user_ids(data)[np.asarray(users)]
-        query = np.where(lengths > 0, times.max(axis=1, initial=np.iinfo(np.int64).min), 0)
+        real = np.arange(width)[None, :] < lengths[:, None]
+        query = np.where(real, times, np.iinfo(np.int64).min).max(axis=1)
         return {"history": history, "timestamps": times, "lengths": lengths.astype(np.int64),
                 "context": np.repeat(user[:, None], c, axis=1).astype(np.int64), "candidates": cands,
                 "query_time": query.astype(np.int64)}
@@ -167,6 +232,9 @@ class DlrmHSTUFamily(Family):
     def batches(self, model: nn.Module, data: Any, batch_size: int, seed: int,
                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
         users = self.split_users(data, "train")
+        if len(users) < batch_size:
+            raise UserError(f"{data.path} has {len(users)} training users, fewer than one batch of {batch_size}",
+                            f"pass --batch-size {max(1, len(users))} or less")
         order = users[np.random.default_rng(seed).permutation(len(users))]
         for s in range(0, len(order) - batch_size + 1, batch_size):
             rows = order[s:s + batch_size][shard(batch_size, part)]
@@ -190,6 +258,10 @@ class DlrmHSTUFamily(Family):
         who = self.split_users(data, split)
         size = batch_size or EVAL_BATCH
         if split == "test":  # drop_last, as upstream's loader
+            if len(who) < size:
+                raise UserError(f"{data.path} has {len(who)} test users, fewer than one batch of {size} (upstream's "
+                                "loader drops the last partial batch, so it would score none)",
+                                "evaluate a dataset with more users")
             who = who[:len(who) - len(who) % size]
         if users is not None:
             who = who[:users]
@@ -212,8 +284,10 @@ class DlrmHSTUFamily(Family):
                 "candidates": (1, hp["num_candidates"], hp["num_candidates"])}
 
     def example_inputs(self, model: nn.Module, n: int, data: Any | None, seed: int = 0) -> dict[str, Tensor]:
+        """``n`` random rows of valid inputs, or with ``data`` the first test batch (at most ``n`` users: a batch
+        of long histories holds ``[batch, heads, N, N]`` attention scores per layer)."""
         if data is not None:
-            inputs = self.samples(model.hparams, data, self.split_users(data, "test")[:n])
+            inputs = self.samples(model.hparams, data, self.split_users(data, "test")[:min(n, EVAL_BATCH)])
             return {k: torch.from_numpy(v) for k, v in inputs.items()}
         hp = model.hparams
         gen = torch.Generator().manual_seed(seed)
@@ -229,29 +303,56 @@ class DlrmHSTUFamily(Family):
                 if c else torch.zeros(n, 0, dtype=torch.long),
                 "candidates": torch.randint(1, items, (n, m), generator=gen), "query_time": times.max(1).values}
 
+    def parity_batches(self, model: nn.Module, n: int, data: Any | None) -> dict[str, dict[str, Tensor]]:
+        """Random rows (short histories, some of them below min_uih), and with ``data`` the protocol's first test
+        batches (up to ``n`` users, 16 per batch, as evaluated)."""
+        out = {"random rows": self.example_inputs(model, min(n, 256), None)}
+        if data is not None:
+            users = self.split_users(data, "test")[:n]
+            for s in range(0, min(len(users), 4 * EVAL_BATCH), EVAL_BATCH):
+                inputs = self.samples(model.hparams, data, users[s:s + EVAL_BATCH])
+                out[f"test batch {s // EVAL_BATCH + 1}"] = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        return out
+
+    def check_latency(self, hparams: dict[str, Any], data: Any, batch: int) -> None:
+        """Refuse a batch whose attention scores would not fit: the longest test history sets N for some batch."""
+        users = self.split_users(data, "test")
+        longest = int((data.offsets[users + 1] - data.offsets[users]).max()) - hparams["num_candidates"]
+        n = len(hparams["contextual"]) + min(longest, hparams["max_seq_len"] - hparams["num_candidates"]
+                                             - len(hparams["contextual"])) + hparams["num_candidates"]
+        need = (8 * hparams["heads"] + 1) * batch * n * n  # per layer: float32 scores twice, a bool mask
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have // 2:
+            raise UserError(f"latency at batch {batch}: test histories reach {n} tokens, and every STU layer holds "
+                            f"[batch, heads, {n}, {n}] attention scores: about {need / 2 ** 30:.1f} GiB, more than "
+                            f"half of this machine's {have / 2 ** 30:.1f} GiB",
+                            "pass smaller --batch-sizes (e.g. 1,16), or --no-latency")
+
     def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
                        candidates: int | None = None) -> list[Inputs]:
         if candidates is not None and candidates != hparams["num_candidates"]:
             raise UserError(f"a dlrm_hstu sample has the last {hparams['num_candidates']} items as its candidates",
                             f"drop --candidates, or pass {hparams['num_candidates']}")
-        users = self.split_users(data, "test")
-        picks = np.resize(users, batch * count)
+        self.check_latency(hparams, data, batch)
+        picks = np.resize(self.split_users(data, "test"), batch * count)
         return [self.samples(hparams, data, picks[i * batch:(i + 1) * batch]) for i in range(count)]
 
 
 def _user_ids(data: Any) -> np.ndarray:
     """The dataset's user ids as integers (the contextual feature upstream looks up), or a clear refusal."""
-    ids = getattr(data, "_dlrm_hstu_users", None)
-    if ids is None:
-        raw = np.load(data.path / "user_ids.npy")
-        try:
-            ids = np.asarray([int(u) for u in raw], dtype=np.int64)
-        except ValueError:
-            raise UserError(f"{data.path}: user ids are not integers, and a dlrm_hstu model looks each up as a row",
-                            "prepare the data with --layout gr, which keeps the file's own ids") from None
-        if len(ids) and ids.min() < 0:
-            raise UserError(f"{data.path}: a user id is negative", "prepare the data again")
-        data._dlrm_hstu_users = ids
+    return _read_user_ids(data.path, data.fingerprint)
+
+
+@lru_cache(maxsize=4)
+def _read_user_ids(path: Path, fingerprint: str) -> np.ndarray:
+    try:
+        ids = np.asarray([int(u) for u in np.load(path / "user_ids.npy")], dtype=np.int64)
+    except ValueError:
+        raise UserError(f"{path}: user ids are not integers, and a dlrm_hstu model looks each up as a row",
+                        "prepare the data with --layout gr, which keeps the file's own ids") from None
+    if len(ids) and ids.min() < 0:
+        raise UserError(f"{path}: a user id is negative", "prepare the data again")
+    ids.flags.writeable = False
     return ids
 
 

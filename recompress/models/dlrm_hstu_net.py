@@ -119,7 +119,12 @@ class DlrmHSTU(nn.Module):
 
     def time_features(self, t: Tensor) -> Tensor:
         """``[..., 2 * features]``: cos and sin of the phase of each period at int64 times ``t``."""
-        units = torch.floor(t.unsqueeze(-1).to(torch.float32) / self.period_units)  # upstream's int64 / float32
+        # upstream: torch.div(int64 t, float32 period, rounding_mode="floor"): t rounded to float32 (an integer at
+        # these magnitudes), then the exact floor of the quotient, which integer division gives (floor of a rounded
+        # float32 quotient is off by one hour where it rounds up to a whole number). Written with //: torch.div with
+        # a rounding mode exports inexactly for int64 (the dynamo exporter, opset 18: off by one at 1e9 seconds).
+        whole = t.unsqueeze(-1).to(torch.float32).to(torch.int64)
+        units = (whole // self.period_units.to(torch.int64)).to(torch.float32)
         angle = torch.remainder(units, self.units_per_period) / self.units_per_period * 2 * 3.14
         return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1).flatten(-2)
 
@@ -146,7 +151,7 @@ class DlrmHSTU(nn.Module):
         eye = torch.eye(n, dtype=torch.bool, device=history.device).unsqueeze(0)
         allowed = (eye | (order.unsqueeze(2) > order.unsqueeze(1))) & key_real.unsqueeze(1)
         pos = torch.cat([torch.arange(c, device=history.device).expand(b, c),
-                         (c + lengths.unsqueeze(1) - slot).clamp(max=POSITION_ROWS - 1),
+                         (c + lengths.unsqueeze(1) - slot).clamp(0, POSITION_ROWS - 1),  # padding: any row
                          torch.full((b, m), c, dtype=torch.long, device=history.device)], dim=1)
         times = torch.cat([torch.zeros(b, c, dtype=timestamps.dtype, device=history.device), timestamps,
                            query_time.unsqueeze(1).expand(b, m)], dim=1)

@@ -41,6 +41,7 @@ class Family(ABC):
     compressible: ClassVar[tuple[str, ...]] = ("sparse_feature", "item")
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     scorings: ClassVar[tuple[str, ...]] = ()  # serving graphs a family can write, the default first
+    latency_batch_sizes: ClassVar[tuple[int, ...]] = (1, 64, 512)  # evaluate's default latency batches
     layouts: ClassVar[tuple[str, ...]] = ()  # serving input layouts it can export, the default first
 
     @property
@@ -197,6 +198,9 @@ class Family(ABC):
     def parity_batches(self, model: nn.Module, n: int, data: Any | None) -> dict[str, dict[str, torch.Tensor]]:
         """The batches an export must reproduce, by label."""
         return {"example inputs": self.example_inputs(model, n, data)}
+
+    def check_latency(self, hparams: dict[str, Any], data: Any, batch: int) -> None:
+        """Refuse, before anything runs, a latency batch size a model with ``hparams`` cannot run on ``data`` here."""
 
     @abstractmethod
     def latency_inputs(self, hparams: dict[str, Any], data: Any, batch: int, count: int, seed: int = 0,
