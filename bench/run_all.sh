@@ -18,7 +18,9 @@
 #                                          checkout, and HSTU_PYTHON, an interpreter with torch, gin-config, pandas)
 #                                          upstream-hstu-accuracy (the same two; upstream trains ~20 min)
 #                                          upstream-dlrm-v3 (needs GR_REPO and GR_PYTHON, this project's
-#                                          interpreter with TorchRec and gin-config)
+#                                          interpreter with TorchRec and gin-config) upstream-dlrm-hstu (the same
+#                                          two, GR_PYTHON also with pandas, tensorboard, torchmetrics 1.0.3 and
+#                                          lightning-utilities; upstream trains ~7 min)
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 #                                          upstream-torchrec-bert4rec (needs TORCHREC_REPO, a pytorch/torchrec
@@ -104,6 +106,11 @@ for s in $sections; do
     upstream-dlrm-v3) "${GR_PYTHON:?set GR_PYTHON to a python with torchrec, gin-config and recompress}" \
                         bench/upstream_dlrm_v3.py "${GR_REPO:?set GR_REPO to a generative-recommenders checkout}" \
                         --out $r/upstream_dlrm_v3.json ;;
+    upstream-dlrm-hstu) python bench/upstream_dlrm_hstu.py \
+                          --repo "${GR_REPO:?set GR_REPO to a generative-recommenders checkout}" \
+                          --python "${GR_PYTHON:?set GR_PYTHON to a python with torchrec, gin-config, pandas, tensorboard}" \
+                          --movielens ../shared/data/movielens_latest_small --out $r/upstream_dlrm_hstu.json \
+                          --work "$w/dlrm_hstu" ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
     upstream-torchrec-bert4rec)
         "${B4R_PYTHON:?set B4R_PYTHON to a python with torchrec, fbgemm-gpu-cpu, pandas and recompress}" \

@@ -7,8 +7,8 @@ GR_PYTHON: an interpreter with torch, TorchRec (``fbgemm-gpu-cpu`` with ``--no-d
 2e81fab). The script builds ``DlrmHSTU`` with ``get_hstu_configs("movielens-1m")`` and its table configs (the tables
 cut to 1,000 rows, ``max_seq_len`` 64; STU layers, heads and widths as configured), shards its ``EmbeddingCollection`` with TorchRec's ``DistributedModelParallel`` (one gloo
 process on the CPU) and saves it with ``dlrm_v3/checkpoint.py``'s ``save_dmp_checkpoint``, as ``train_loop`` does.
-Then ``recompress inspect`` describes the folder (its tables against the upstream table configs) and the
-messages for each part given alone, and for ``export`` (which cannot rebuild it), are recorded.
+Then ``recompress inspect`` describes the folder (its tables against the upstream table configs), the messages
+for each part given alone are recorded, and ``export`` rebuilds it (family ``dlrm_hstu``) and writes ONNX.
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ def main() -> None:
         said = {name: run(*args).stderr.strip().splitlines()[-1] for name, args in {
             "sparse part given": ("inspect", folder / "sparse"),
             "dense part only": ("inspect", dense_only),
-            "sparse part only": ("inspect", sparse_only),
-            "export": ("export", folder, "-o", work / "exported")}.items()}
+            "sparse part only": ("inspect", sparse_only)}.items()}
+        exported = run("export", folder, "-o", work / "exported")  # rebuilt as dlrm_hstu: ONNX, checked for parity
+        said["export"] = {"exit": exported.returncode,
+                          "said": (exported.stdout + exported.stderr).strip().splitlines()[-1]}
         result = {
             "upstream": "facebookresearch/generative-recommenders@2e81fab, dlrm_v3 save_dmp_checkpoint",
             "config": {"dataset": "movielens-1m", "table_rows": 1000, "max_seq_len": 64,
