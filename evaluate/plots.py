@@ -23,8 +23,10 @@ OFFSETS = [(6, 6), (6, -12), (-6, 6), (-6, -12), (10, -3), (-10, -3), (0, 12), (
            (40, 24), (40, -30), (-40, 24), (-40, -30)]
 
 
-def frontier(points: list[tuple[float, float]], tie: float = TIE) -> list[int]:
-    """Indices of points no other point beats (cost no higher and accuracy higher by more than ``tie``), by cost."""
+def frontier(points: list[tuple[float, float]], tie: float = TIE, higher_is_better: bool = True) -> list[int]:
+    """Indices of points no other point beats (cost no higher and accuracy better by more than ``tie``), by cost."""
+    if not higher_is_better:
+        points = [(c, -a) for c, a in points]
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     best, out = -math.inf, []
     for i in order:
@@ -79,10 +81,10 @@ def _place_labels(fig, ax, xs: Sequence[float], ys: Sequence[float], labels: Seq
 
 def pareto_plot(labels: list[str], cost: list[float], acc: list[float], path: Path, *, xlabel: str,
                 ylabel: str = "test AUC", title: str = "", logx: bool = True, bytes_axis: bool = False,
-                err: list[tuple[float, float]] | None = None) -> Path:
+                err: list[tuple[float, float]] | None = None, higher_is_better: bool = True) -> Path:
     """Scatter of (cost, accuracy) with the Pareto frontier; ``err`` (lower, upper) accuracy error bars."""
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=130)
-    front = frontier(list(zip(cost, acc)))
+    front = frontier(list(zip(cost, acc)), higher_is_better=higher_is_better)
     if err is not None:
         lower = [max(0.0, e[0]) for e in err]
         upper = [max(0.0, e[1]) for e in err]

@@ -10,7 +10,8 @@ Every check ends in one of four states, and only ``ok`` passes:
   only if its whole interval is above it, so noise can neither pass nor fail a check by luck; how wide
   the interval may be is not fixed, but a ratio wider than ``evaluate.latency.NOISY`` is flagged.
 
-The family's primary metric (AUC for CTR models, NDCG@10 for sequential ones) may drop by at most ``metric_drop``; the difference is also given
+The family's primary metric (AUC for CTR models, NDCG@10 for sequential ones) may drop by at most ``metric_drop`` (a
+metric that is better lower, dlrm_hstu's MSE, may rise by at most that); the difference is also given
 with a paired-bootstrap interval when both summaries hold predictions for the same test rows. Stored
 embedding bytes may grow by at most ``bytes_growth`` (a ratio). Latency is compared as the variant's p50
 divided by the reference variant's p50 *in the same run*, so machine speed cancels; that ratio may grow
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .metrics import METRICS
 
 STATES = ("ok", "regression", "missing", "unchecked")
 
@@ -99,8 +101,14 @@ def compare(new: dict[str, Any], base: dict[str, Any], tol: Tolerances,
             if same and labels is not None and n.get("predictions") and b.get("predictions"):
                 d = paired_from_records(primary, n["predictions"], b["predictions"], labels.get(study))
                 note = f"Δ {d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" + ("" if d["significant"] else " (within noise)")
-            floor = want - tol.metric_drop
-            checks.append(_check(v, t, primary, want, got, f">= {floor:.4f}", "ok" if got >= floor else "regression", note))
+            if METRICS[primary].higher_is_better if primary in METRICS else True:
+                floor = want - tol.metric_drop
+                checks.append(_check(v, t, primary, want, got, f">= {floor:.4f}", "ok" if got >= floor else "regression",
+                                     note))
+            else:  # e.g. MSE: may rise by at most metric_drop
+                ceiling = want + tol.metric_drop
+                checks.append(_check(v, t, primary, want, got, f"<= {ceiling:.4f}",
+                                     "ok" if got <= ceiling else "regression", note))
         if n.get("emb_bytes") is None:
             checks.append(_check(v, t, "emb_bytes", b["emb_bytes"], None, "measured", "missing"))
         else:

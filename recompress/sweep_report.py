@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .metrics import METRICS
 from .outputs import marker, output_file
 
 
@@ -136,16 +137,17 @@ def write_reports(summary: dict[str, Any], out: Path) -> dict[str, Path]:
                else (0.0, 0.0) for r in srows]
         acc = [r["metrics"][metric] for r in srows]
         stem = (f"{name}_" if several else "") + "pareto_" + metric.replace("@", "")
+        better = {"higher_is_better": METRICS[metric].higher_is_better if metric in METRICS else True}
         mine = [plot(labels, [r["emb_bytes"] for r in srows], acc, out / f"{stem}_vs_bytes.png",
                             xlabel="embedding bytes (stored)", ylabel=f"test {metric}", bytes_axis=True, err=err,
-                            title=f"{name}: {metric} vs embedding bytes")]
+                            title=f"{name}: {metric} vs embedding bytes", **better)]
         sb = list(srows[0].get("p50_ms") or {})
         if sb:
             b = sb[-1]
             mine.append(plot(labels, [r["latency_ratio"][b]["ratio"] for r in srows], acc,
                                     out / f"{stem}_vs_latency.png", logx=False, err=err, ylabel=f"test {metric}",
                                     xlabel=f"p50 latency ÷ baseline's, batch {b} (same run)",
-                                    title=f"{name}: {metric} vs latency"))
+                                    title=f"{name}: {metric} vs latency", **better))
         plots += mine
         text = notes(study)
         md += ([f"## {name}", ""] if several else []) + [*text, "", "| " + " | ".join(cols) + " |",

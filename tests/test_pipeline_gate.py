@@ -205,3 +205,19 @@ def test_shipped_ci_baseline_is_current():
     assert {n: st["primary"] for n, st in studies(s).items()} == {"ci-smoke-dlrm": "auc", "ci-smoke-sasrec": "ndcg@10"}
     assert all("predictions" in r and r["primary"] for r in s["rows"])
     assert np.isclose(s["rows"][0]["latency_ratio"]["1"]["ratio"], 1.0)
+
+
+def test_gate_and_frontier_read_a_lower_is_better_metric_the_right_way():
+    """MSE (dlrm_hstu's primary) is better lower: a rise beyond metric_drop is the regression, a fall is not; and
+    the Pareto frontier keeps the lowest-MSE point at each cost (both treated every metric as higher-is-better)."""
+    def mse_row(variant, mse):
+        return {"variant": variant, "target": "onnx", "primary": "mse", "metrics": {"mse": mse}, "emb_bytes": 100}
+    base = [mse_row("baseline", 1.0), mse_row("int8", 1.0)]
+    got = states([mse_row("baseline", 1.0), mse_row("int8", 1.01)], base)
+    assert got["int8", "mse"] == "regression"
+    got = states([mse_row("baseline", 1.0), mse_row("int8", 0.9)], base)
+    assert got["int8", "mse"] == "ok"
+    from recompress.evaluate.plots import frontier
+    points = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.6)]  # (bytes, mse)
+    assert frontier(points, higher_is_better=False) == [0, 1]
+    assert frontier(points) == [0, 2]
