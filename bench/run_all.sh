@@ -20,7 +20,8 @@
 #                                          upstream-dlrm-v3 (needs GR_REPO and GR_PYTHON, this project's
 #                                          interpreter with TorchRec and gin-config) upstream-dlrm-hstu (the same
 #                                          two, GR_PYTHON also with pandas, tensorboard, torchmetrics 1.0.3 and
-#                                          lightning-utilities; upstream trains ~7 min)
+#                                          lightning-utilities; upstream trains ~7 min) dlrm-hstu-frontier
+#                                          (after it: its folder compressed every way by one recompress bench)
 #                                          upstream-recbole-models (needs RECBOLE_PYTHON, an interpreter with torch
 #                                          2.13, recbole 1.2.1, numpy < 2, pandas < 3; RecBole trains ~20 min)
 #                                          upstream-torchrec-bert4rec (needs TORCHREC_REPO, a pytorch/torchrec
@@ -111,6 +112,11 @@ for s in $sections; do
                           --python "${GR_PYTHON:?set GR_PYTHON to a python with torchrec, gin-config, pandas, tensorboard}" \
                           --movielens ../shared/data/movielens_latest_small --out $r/upstream_dlrm_hstu.json \
                           --work "$w/dlrm_hstu" ;;
+    dlrm-hstu-frontier)  # after upstream-dlrm-hstu: compress its folder every way, one command
+        recompress bench bench/dlrm_hstu_frontier.toml --set data.path="$w/dlrm_hstu/recompress_data" \
+            --set baseline.checkpoint="$(ls -d "$w"/dlrm_hstu/ckpt/*/ | head -1)" -o "$w/dlrm_hstu_frontier"
+        mkdir -p $r/frontier_dlrm_hstu
+        cp "$w/dlrm_hstu_frontier"/{summary.json,report.md,results.csv,*.png} $r/frontier_dlrm_hstu/ ;;
     upstream-recbole) python bench/upstream_recbole.py --out $r/upstream_recbole.json ;;
     upstream-torchrec-bert4rec)
         "${B4R_PYTHON:?set B4R_PYTHON to a python with torchrec, fbgemm-gpu-cpu, pandas and recompress}" \

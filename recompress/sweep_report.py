@@ -66,6 +66,9 @@ def notes(study: dict[str, Any]) -> list[str]:
                    "in short alternating turns in one run; ratios are medians' ratios with a bootstrap 95% interval.")
     out.append(f"Δ{metric}: paired bootstrap over the same test rows (1,000 resamples); '~' marks a difference inside "
                "the 95% interval of zero (noise).")
+    if metric in METRICS and not METRICS[metric].higher_is_better:
+        out.append(f"{metric} is better lower: a positive Δ is a loss, and the Pareto frontier keeps the lowest "
+                   f"{metric} at each cost.")
     if any(r["trained"] for r in rows):
         out.append(f"{TRAINED} trains after compressing, so part of its change is extra training: compare it with its "
                    "same-budget control, the baseline fine-tuned with the same budget (the 'vs same-budget control' "
