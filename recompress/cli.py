@@ -761,7 +761,8 @@ def run(recipe: str, out: str | None, overwrite: bool, sets: tuple[str, ...]) ->
               "(a regression, a missing measurement or one too noisy to decide all fail)")
 @click.option("--save-baseline", type=click.Path(dir_okay=False), default=None, help="also copy summary.json here")
 @click.option("--max-metric-drop", type=float, default=None,
-              help="gate: allowed drop of the primary metric, AUC for DLRM (default: recipe [gate] or 0.002)")
+              help="gate: allowed drop of the primary metric, AUC for DLRM (rise, for one better lower such as MSE; "
+                   "default: recipe [gate] or 0.002)")
 @click.option("--max-bytes-growth", type=float, default=None, help="gate: allowed embedding-bytes ratio (default 1.01)")
 @click.option("--max-latency-growth", type=float, default=None,
               help="gate: allowed growth of latency-÷-baseline ratios (default 1.5)")

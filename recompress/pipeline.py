@@ -363,6 +363,11 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
     family = pipe.family
     data, data_key = pipe.data()
     base_path, base_key = pipe.checkpoint(variants[0], data, data_key, None)
+    ev = recipe.get("evaluate", {})
+    if ev.get("latency", True):  # a latency batch the machine cannot run is refused before the variants run
+        base_hp = load_any(base_path).spec.hparams
+        for b in ev.get("batch_sizes", family.latency_batch_sizes):
+            family.check_latency(base_hp, data, int(b))
     targets = pipe.targets()
     rows: list[dict[str, Any]] = []
     evals: dict[tuple[str, str], dict[str, Any]] = {}
@@ -382,7 +387,6 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
                         paired_delta(mine, evals[REFERENCE, row["target"]], truth))
         row["delta_control"] = (paired_delta(mine, evals[row["control"], row["target"]], truth)
                                 if row["control"] else None)
-    ev = recipe.get("evaluate", {})
     if ev.get("latency", True):
         threads = ev.get("threads", 2)
         batches = [int(b) for b in ev.get("batch_sizes", family.latency_batch_sizes)]

@@ -478,3 +478,29 @@ def test_mlet_from_the_command_line(setup, tmp_path):
     model = load_checkpoint(out).model
     assert {t.dim for t in model.tables.values()} == {4} and model.hparams["dim"] == 4
     assert np.isfinite(evaluate_model(model, open_dataset(root / "data")).metrics(("mse",))["mse"])
+
+
+def test_a_recipe_refuses_a_latency_batch_too_big_before_its_variants_run(setup, tmp_path, monkeypatch):
+    """Found by review: the pipeline checked latency batches only after training, exporting and scoring everything."""
+    from click.testing import CliRunner
+
+    from recompress.cli import main
+    from recompress.models import dlrm_hstu
+    root, _, _, ckpt = setup
+    (tmp_path / "r.toml").write_text(f'''name = "t"
+[data]
+kind = "prepared"
+path = "{root / "data"}"
+[baseline]
+checkpoint = "{ckpt}"
+hp = ["num_candidates={M}"]
+[[variants]]
+name = "int8"
+method = "int8"
+[evaluate]
+batch_sizes = [1, 4]
+''')
+    monkeypatch.setattr(dlrm_hstu.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 16)  # 64 KiB
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "latency at batch 4" in res.output, res.output
+    assert "int8" not in res.output.split("latency at batch")[0]  # no variant ran before the refusal

@@ -148,10 +148,13 @@ class DlrmHSTUFamily(Family):
                                 f"{rows[name]} rows", "use the dataset the model was trained on")
 
     def table_counts(self, spec: ModelSpec, data: Any) -> dict[str, np.ndarray]:
-        """How often the data looks each row up: items in histories and candidates, each user once per feature."""
+        """How often the training users' samples look each row up: items in histories and candidates, each user
+        once per feature (the test users' ids stay out of frequency-aware methods and MLET's basis)."""
         item = spec.hparams["item_table"]
-        out = {item: np.bincount(np.asarray(data.items), minlength=spec.table(item).rows)}
-        users = _user_ids(data)
+        train = self.split_users(data, "train")
+        items = np.concatenate([np.asarray(data.items[data.offsets[u]:data.offsets[u + 1]]) for u in train])
+        out = {item: np.bincount(items, minlength=spec.table(item).rows)}
+        users = _user_ids(data)[train]
         out.update({name: np.bincount(users, minlength=spec.table(name).rows) for name in spec.hparams["contextual"]})
         return out
 
@@ -317,6 +320,8 @@ class DlrmHSTUFamily(Family):
     def check_latency(self, hparams: dict[str, Any], data: Any, batch: int) -> None:
         """Refuse a batch whose attention scores would not fit: the longest test history sets N for some batch."""
         users = self.split_users(data, "test")
+        if not len(users):
+            return  # nothing to time: the evaluation refuses the dataset
         longest = int((data.offsets[users + 1] - data.offsets[users]).max()) - hparams["num_candidates"]
         n = len(hparams["contextual"]) + min(longest, hparams["max_seq_len"] - hparams["num_candidates"]
                                              - len(hparams["contextual"])) + hparams["num_candidates"]
