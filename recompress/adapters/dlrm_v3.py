@@ -23,7 +23,7 @@ from recompress.errors import UserError
 
 from . import shards
 from .found import Found, FoundTable
-from .stored import as_float32, check, materialize, unshared
+from .stored import materialize
 from .torch_files import is_torch_file, safe_torch_load
 
 NAME = "dlrm_v3"
@@ -154,7 +154,8 @@ def _build(hp: dict[str, Any], dense: dict[str, Any], sparse: dict[str, Any], fo
     from recompress.checkpoint import Checkpoint
     from recompress.families import get_family
     from recompress.spec import ModelSpec, TableSpec
-    from recompress.tables import empty_table
+
+    from .sequential_build import load_checked
 
     where = str(folder)
     if why:
@@ -172,19 +173,7 @@ def _build(hp: dict[str, Any], dense: dict[str, Any], sparse: dict[str, Any], fo
     state = {f"tables.{n}.weight": sparse[k] for n, k in keys.items()}
     state.update({_ours(k): v for k, v in dense.items()})
     state = materialize(state)
-    for k, v in state.items():
-        check(k, v, where)
     spec = ModelSpec(family="dlrm_hstu", hparams=params, tables=[
         TableSpec(n, int(state[f"tables.{n}.weight"].shape[0]), params["dim"],
                   role="item" if n == params["item_table"] else "sparse_feature") for n in names])
-    model = fam.build(spec, {t.name: empty_table(t, unallocated=True) for t in spec.tables})
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(want[wrong[0]].shape)}")
-        raise UserError(f"{where} does not fit dlrm_hstu with these hyper-parameters ({what})",
-                        "the checkpoint is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
-    model.load_state_dict(unshared({k: as_float32(k, v, where) for k, v in state.items()}), assign=True)
-    return Checkpoint(model.eval(), spec)
+    return Checkpoint(load_checked(spec, state, where), spec)

@@ -27,8 +27,15 @@ def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str,
     params.update({"num_items": hp["num_items"], "has_times": False, "tied_output": True, **extra})
     rows = fam.table_rows(params)
     spec = ModelSpec(family=family, hparams=params, tables=[TableSpec(n, r, hp["dim"], role=n) for n, r in rows.items()])
+    return Checkpoint(load_checked(spec, state, where), spec)
+
+
+def load_checked(spec: ModelSpec, state: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """The model of ``spec`` holding ``state`` (recompress's keys), every tensor checked for NaN/Inf and every key and
+    shape against the model, or one message naming the first that does not fit."""
     for k, v in state.items():
         check(k, v, where)
+    fam = get_family(spec.family)
     model = fam.build(spec, {t.name: empty_table(t, unallocated=True) for t in spec.tables})  # tables: shapes only
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     wrong = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
@@ -37,7 +44,7 @@ def build_sequential(hp: dict[str, Any], keys: tuple[str, ...], extra: dict[str,
             f"missing {sorted(missing)[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
             f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(model.state_dict()[wrong[0]].shape)}" if wrong else "")
             if part)
-        raise UserError(f"{where} does not fit {family} with these hyper-parameters ({what})",
+        raise UserError(f"{where} does not fit {spec.family} with these hyper-parameters ({what})",
                         "the file is damaged, or a --hp value contradicts it ('recompress inspect' lists them)")
     model.load_state_dict(unshared({k: as_float32(k, v, where) for k, v in state.items()}), assign=True)  # the tensors read, a big one mapped
-    return Checkpoint(model.eval(), spec)
+    return model.eval()
