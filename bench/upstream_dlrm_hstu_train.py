@@ -31,45 +31,31 @@ What differs from train_ranker.py's _main_func (which is CUDA-only):
 """
 
 import argparse
-import gzip
 import json
 import os
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-GR = ML_DIR = WORK = ""  # set from the command line in main()
+def prepare_data(work: str, movielens: str) -> str:
+    """Upstream's research MovielensDataProcessor (its ml-20m branch) over ``movielens``; its
+    tmp/ml-20m/sasrec_format.csv is copied to ``work``/data/ml-20m/sasrec_format.csv, where dlrm_v3's
+    get_dataset("movielens-20m") reads it."""
+    from gr_movielens import movielens_processor
 
-
-def prepare_data() -> str:
-    """Upstream's research MovielensDataProcessor (its ml-20m branch) over ml-latest-small's ratings.csv +
-    movies.csv, zipped as its download() expects; its output tmp/ml-20m/sasrec_format.csv is copied to
-    WORK/data/ml-20m/sasrec_format.csv, where dlrm_v3's get_dataset("movielens-20m") reads it."""
-    out = os.path.join(WORK, "data/ml-20m/sasrec_format.csv")
+    out = os.path.join(work, "data/ml-20m/sasrec_format.csv")
     if os.path.exists(out):
         return out
-    import generative_recommenders.research.data.preprocessor as preprocessor
-    import pandas as pd
-
-    prep = os.path.join(WORK, "prep")
-    os.makedirs(os.path.join(prep, "tmp"), exist_ok=True)
+    prep = os.path.join(work, "prep")
+    os.makedirs(prep, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(prep)  # the processor writes under ./tmp
     try:
-        with zipfile.ZipFile("tmp/movielens20m.zip", "w") as z:
-            for name in ("ratings.csv", "movies.csv"):
-                path = os.path.join(ML_DIR, name)
-                with (open(path, "rb") if os.path.exists(path) else gzip.open(path + ".gz")) as f:
-                    z.writestr(f"ml-20m/{name}", f.read())
-        movies = pd.read_csv(os.path.join(ML_DIR, "movies.csv"))
         np.random.seed(0)  # the processor's user shuffle (DataFrame.sample(frac=1))
-        dp = preprocessor.MovielensDataProcessor(
-            "(local)", "tmp/movielens20m.zip", prefix="ml-20m", convert_timestamp=False,
-            expected_max_item_id=int(movies["movieId"].max()))
+        dp = movielens_processor(movielens)
         dp.preprocess_rating()
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(dp.output_format_csv(), "rb") as src, open(out, "wb") as dst:
@@ -162,9 +148,8 @@ def main() -> None:
     ap.add_argument("--upstream-uih-kjt", action="store_true",
                     help="keep upstream's misaligned batched uih features (see fix_movielens_uih_kjt)")
     a = ap.parse_args()
-    global GR, ML_DIR, WORK
-    GR, ML_DIR, WORK = os.path.abspath(a.repo), os.path.abspath(a.movielens), os.path.abspath(a.out)
-    sys.path.insert(0, GR)
+    gr, work = os.path.abspath(a.repo), os.path.abspath(a.out)
+    sys.path.insert(0, gr)
     import gin
     torch.set_num_threads(os.cpu_count() or 1)
     t_start = time.time()
@@ -179,7 +164,7 @@ def main() -> None:
     if not a.upstream_uih_kjt:
         fix_movielens_uih_kjt()
 
-    csv_path = prepare_data()
+    csv_path = prepare_data(work, os.path.abspath(a.movielens))
     ids = max_ids(csv_path)
     print(f"data: {csv_path}; largest ids: {ids}", flush=True)
 
@@ -191,9 +176,9 @@ def main() -> None:
     rank = 0
 
     # --- gin: upstream's movielens-20m config, then this machine's overrides ---
-    gin.parse_config_file(os.path.join(GR, "generative_recommenders/dlrm_v3/train/gin/movielens_20m.gin"))
+    gin.parse_config_file(os.path.join(gr, "generative_recommenders/dlrm_v3/train/gin/movielens_20m.gin"))
     gin.parse_config([
-        f"make_train_test_dataloaders.new_path_prefix = '{WORK}'",
+        f"make_train_test_dataloaders.new_path_prefix = '{work}'",
         "make_train_test_dataloaders.num_workers = 0",
         "make_train_test_dataloaders.prefetch_factor = None",
         f"train_loop.num_epochs = {a.epochs}",

@@ -20,14 +20,12 @@ and OUT/upstream_eval.json: per user (upstream's user id), the target and its ND
 training over the eval set in file order (the same model in eval mode: the same numbers train.py printed).
 """
 
-import gzip
 import json
 import logging
 import os
 import random
 import sys
 import types
-import zipfile
 
 REPO, MOVIELENS, OUT = sys.argv[1], os.path.abspath(sys.argv[2]), os.path.abspath(sys.argv[3])
 EPOCHS = int(sys.argv[4]) if len(sys.argv) > 4 else 40
@@ -35,6 +33,7 @@ EPOCHS = int(sys.argv[4]) if len(sys.argv) > 4 else 40
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fbgemm_shim  # noqa: F401,E402  (torch.ops.fbgemm.* stand-ins; fbgemm-gpu-cpu does not load on torch 2.13)
+from gr_movielens import movielens_processor  # noqa: E402
 
 import gin  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,20 +48,6 @@ CONFIG = os.path.join(REPO, "configs/ml-1m/hstu-sampled-softmax-n128-final.gin")
 CPU_LINES = (('dist.init_process_group("nccl"', 'dist.init_process_group("gloo"'),
              ("device = rank\n", 'device = "cpu"\n'),
              ("DDP(model, device_ids=[rank], broadcast_buffers=False)", "DDP(model, broadcast_buffers=False)"))
-
-
-def processor() -> preprocessor.MovielensDataProcessor:
-    """Upstream's ml-20m processor over MOVIELENS's files (zipped where its download() extracts from)."""
-    os.makedirs("tmp", exist_ok=True)
-    with zipfile.ZipFile("tmp/movielens20m.zip", "w") as z:
-        for name in ("ratings.csv", "movies.csv"):
-            path = os.path.join(MOVIELENS, name)
-            with (open(path, "rb") if os.path.exists(path) else gzip.open(path + ".gz")) as f:
-                z.writestr(f"ml-20m/{name}", f.read())
-    movies = pd.read_csv(os.path.join(MOVIELENS, "movies.csv"))
-    return preprocessor.MovielensDataProcessor("(local)", "tmp/movielens20m.zip", prefix="ml-20m",
-                                               convert_timestamp=False,
-                                               expected_max_item_id=int(movies["movieId"].max()))
 
 
 def untitled(path: str) -> None:
@@ -93,7 +78,7 @@ def main() -> None:
     np.random.seed(0)  # DataProcessor's shuffle of the users (DataFrame.sample)
     torch.manual_seed(0)
     random.seed(0)
-    dp = processor()
+    dp = movielens_processor(MOVIELENS)
     dp.preprocess_rating()
     untitled(dp.processed_item_csv())
     preprocessor.get_common_preprocessors = reco_dataset.get_common_preprocessors = lambda: {"ml-20m": dp}
