@@ -402,8 +402,7 @@ def run_pipeline(recipe: dict[str, Any], out: Path, extra: list[Variant] = ()) -
                 preds[torch_tag] = TorchPredictor(load_any(ckpt_path).model, threads, torch_tag, family=family)
             pairs.append((tag, f"{REFERENCE}|{row['target']}"))
         say(f"latency: {len(preds)} backends x {len(batches)} batch sizes, in turns, {ev.get('repeats', 100)} calls each")
-        hp = load_any(base_path).spec.hparams
-        lat = measure(list(preds.values()), lambda b: family.latency_inputs(hp, data, b, ROTATE), batches, ev.get("repeats", 100),
+        lat = measure(list(preds.values()), lambda b: family.latency_inputs(base_hp, data, b, ROTATE), batches, ev.get("repeats", 100),
                       [p for p in pairs if p[0] != p[1]])
         for row in rows:
             tag = f"{row['variant']}|{row['target']}"
